@@ -1,0 +1,277 @@
+"""Meta's checkpoint layout, and reading it safely onto any number of model-parallel ranks.
+
+A checkpoint directory holds `params.json` and `consolidated.NN.pth`, one shard per
+model-parallel rank it was saved with. Each tensor is split across shards along the dimension
+fairscale splits it (`split_dim`), or replicated. A run on W processes may use a checkpoint of
+N shards for any W that divides the heads: each rank memory-maps the shards and copies out only
+its own slice of every tensor.
+"""
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from llama.model import ModelArgs
+
+# The one extra tensor real shards carry; the model computes its own rotary table.
+IGNORED_KEYS = ("rope.freqs",)
+
+_PARAMS_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                  "ffn_dim_multiplier", "norm_eps", "rope_theta"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be used, with what to do about it."""
+
+
+def split_dim(name: str) -> Optional[int]:
+    """The dimension along which fairscale splits tensor `name` across ranks (None: every rank
+    holds all of it). Column-parallel weights split their rows (dim 0), row-parallel weights
+    and the embedding (ParallelEmbedding splits the embedding dim) their columns (dim 1)."""
+    if name == "tok_embeddings.weight":
+        return 1
+    if name == "output.weight":
+        return 0
+    if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                      "feed_forward.w1.weight", "feed_forward.w3.weight")):
+        return 0
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    if name.endswith("norm.weight"):
+        return None
+    raise KeyError(name)
+
+
+def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """Every checkpoint tensor's unsharded shape, in Meta's names."""
+    hd, dim, hidden = args.head_dim, args.dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,),
+              "output.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention.wq.weight"] = (args.n_heads * hd, dim)
+        shapes[p + "attention.wk.weight"] = (args.n_kv_heads * hd, dim)
+        shapes[p + "attention.wv.weight"] = (args.n_kv_heads * hd, dim)
+        shapes[p + "attention.wo.weight"] = (dim, args.n_heads * hd)
+        shapes[p + "feed_forward.w1.weight"] = (hidden, dim)
+        shapes[p + "feed_forward.w2.weight"] = (dim, hidden)
+        shapes[p + "feed_forward.w3.weight"] = (hidden, dim)
+        shapes[p + "attention_norm.weight"] = (dim,)
+        shapes[p + "ffn_norm.weight"] = (dim,)
+    return shapes
+
+
+def shard_shape(name: str, shape: Tuple[int, ...], n_shards: int) -> Tuple[int, ...]:
+    dim = split_dim(name)
+    if dim is None:
+        return tuple(shape)
+    out = list(shape)
+    out[dim] //= n_shards
+    return tuple(out)
+
+
+def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
+    """Process counts a model of this shape can be split across."""
+    sizes = (args.n_heads, args.n_kv_heads, args.dim, args.ffn_hidden_dim, args.vocab_size)
+    return [w for w in range(1, limit + 1) if all(size % w == 0 for size in sizes)]
+
+
+def check_world_size(args: ModelArgs, world_size: int) -> None:
+    if world_size not in valid_world_sizes(args, limit=max(world_size, 64)):
+        raise CheckpointError(
+            f"this model (n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, dim={args.dim}, "
+            f"ffn hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) cannot be split across "
+            f"{world_size} processes; use one of {valid_world_sizes(args)} "
+            f"(torchrun --nproc_per_node W)")
+
+
+def slice_plan(full_size: int, n_src: int, n_dst: int, dst_rank: int
+               ) -> List[Tuple[int, int, int]]:
+    """Where destination rank `dst_rank` of `n_dst` finds its part of an axis of `full_size`
+    stored as `n_src` equal shards: [(source shard, start, stop)] in that shard's coordinates."""
+    src_size, dst_size = full_size // n_src, full_size // n_dst
+    begin, end = dst_rank * dst_size, (dst_rank + 1) * dst_size
+    plan = []
+    for src in range(n_src):
+        lo, hi = max(begin, src * src_size), min(end, (src + 1) * src_size)
+        if lo < hi:
+            plan.append((src, lo - src * src_size, hi - src * src_size))
+    return plan
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / "params.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a checkpoint directory holds params.json and "
+                              f"consolidated.NN.pth files (see download.sh)")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); re-download it") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} must hold a JSON object of model hyper-parameters")
+    unknown = sorted(set(params) - _PARAMS_FIELDS)
+    if unknown:
+        raise CheckpointError(f"{path} has fields this library does not know: {unknown}; "
+                              f"known fields are {sorted(_PARAMS_FIELDS)}")
+    return params
+
+
+def model_args(ckpt_dir: Path, max_seq_len: int, max_batch_size: int,
+               vocab_size: int) -> ModelArgs:
+    """ModelArgs from params.json, with the vocabulary size taken from the tokenizer as the
+    reference does (params.json says -1)."""
+    params = read_params(ckpt_dir)
+    declared = params.pop("vocab_size", -1)
+    if declared not in (-1, None) and declared != vocab_size:
+        raise CheckpointError(
+            f"params.json in {ckpt_dir} says vocab_size={declared} but the tokenizer has "
+            f"{vocab_size} pieces: use the tokenizer.model that came with these weights")
+    try:
+        return ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                         vocab_size=vocab_size, **params)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{Path(ckpt_dir) / 'params.json'}: {error}") from None
+
+
+def find_shards(ckpt_dir: Path) -> List[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass "
+                              f"--ckpt_dir pointing at e.g. llama-2-7b/")
+    shards = sorted(ckpt_dir.glob("*.pth"))
+    if not shards:
+        raise CheckpointError(f"no *.pth checkpoint files in {ckpt_dir}")
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if [p.name for p in shards] != expected:
+        raise CheckpointError(f"{ckpt_dir} holds {[p.name for p in shards]}; expected shards "
+                              f"named {expected} (one per model-parallel rank, none missing)")
+    return shards
+
+
+def load_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """Memory-map a shard. Only tensors are unpickled (weights_only): a file that would run
+    code or build other objects is refused, never loaded another way."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} was refused: it is not a plain tensor checkpoint and loading it could run "
+            f"arbitrary code ({str(error).splitlines()[0]}). Use the files from Meta's "
+            f"download, verified with --verify") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is truncated or corrupted ({str(error).splitlines()[0]}); re-download it "
+            f"(download.sh resumes) and check it with verify=True / --verify") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
+                n_shards: int) -> None:
+    """Strict key and shape check of one shard against params.json."""
+    expected = full_shapes(args)
+    keys = set(state) - set(IGNORED_KEYS)
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match params.json ({args.n_layers} layers): "
+            + (f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+               if missing else "")
+            + (f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
+               if unexpected else "")
+            + "is this the right checkpoint directory?")
+    for name, shape in expected.items():
+        want = shard_shape(name, shape, n_shards)
+        if tuple(state[name].shape) != want:
+            extra = ""
+            if name == "tok_embeddings.weight" and state[name].shape[0] != want[0]:
+                extra = (f": the checkpoint has {state[name].shape[0]} vocabulary rows but the "
+                         f"tokenizer has {want[0]} pieces; use the tokenizer.model that came "
+                         f"with these weights")
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(state[name].shape)}, expected {want} "
+                f"for a {n_shards}-shard checkpoint of params.json's shape{extra}")
+
+
+def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
+                    args: ModelArgs, rank: int, world_size: int,
+                    dtype: Optional[torch.dtype] = None, device=None
+                    ) -> Dict[str, torch.Tensor]:
+    """The tensors model-parallel rank `rank` of `world_size` needs, cut from checked shards.
+    `shards` maps shard index to its tensors and must hold every shard the rank's slices touch
+    (`shards_for_rank`). A slice of a single shard is not copied unless the dtype or device
+    changes; slices spanning shards are concatenated once."""
+    any_shard = next(iter(shards.values()))
+    out = {}
+    for name, shape in full_shapes(args).items():
+        dim = split_dim(name)
+        if dim is None:
+            tensor = any_shard[name]
+        elif n_shards == world_size:
+            tensor = shards[rank][name]
+        else:
+            pieces = [shards[src][name].narrow(dim, start, stop - start)
+                      for src, start, stop in slice_plan(shape[dim], n_shards, world_size, rank)]
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    return out
+
+
+def shards_for_rank(n_shards: int, world_size: int, rank: int) -> List[int]:
+    """Indices of the shards whose slices rank `rank` of `world_size` needs."""
+    first = rank * n_shards // world_size
+    last = ((rank + 1) * n_shards - 1) // world_size
+    return list(range(first, last + 1))
+
+
+def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int
+                     ) -> List[Dict[str, torch.Tensor]]:
+    """Cut an unsharded state dict into Meta's per-rank shards (copies, so each saves alone).
+    Tensors outside the model, such as rope.freqs, are copied into every shard."""
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for name, tensor in full.items():
+        dim = None if name in IGNORED_KEYS else split_dim(name)
+        for index in range(n_shards):
+            piece = tensor if dim is None else tensor.chunk(n_shards, dim=dim)[index]
+            shards[index][name] = piece.clone()
+    return shards
+
+
+def save_checkpoint(out_dir: Path, shards: List[Dict[str, torch.Tensor]], params: dict) -> None:
+    """Write params.json, consolidated.NN.pth and a checklist.chk of their md5s."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.json").write_text(json.dumps(params))
+    names = ["params.json"]
+    for index, shard in enumerate(shards):
+        name = f"consolidated.{index:02d}.pth"
+        torch.save(shard, out_dir / name)
+        names.append(name)
+    write_checklist(out_dir, names)
+
+
+def write_checklist(out_dir: Path, names: List[str]) -> None:
+    from llama.checklist import md5_file
+
+    lines = [f"{md5_file(str(Path(out_dir) / name))}  {name}\n" for name in sorted(names)]
+    (Path(out_dir) / "checklist.chk").write_text("".join(lines))
+
+
+def verify_files(ckpt_dir: Path) -> None:
+    """Check every file named in ckpt_dir/checklist.chk against its md5."""
+    from llama.checklist import ChecklistError, verify_checklist
+
+    checklist = Path(ckpt_dir) / "checklist.chk"
+    if not checklist.is_file():
+        raise CheckpointError(f"verify was requested but {checklist} does not exist")
+    try:
+        verify_checklist(str(checklist))
+    except ChecklistError as error:
+        raise CheckpointError(str(error)) from None

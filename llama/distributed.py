@@ -1,0 +1,78 @@
+"""Process group, model-parallel group and device choice: the one place that decides them."""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+
+def choose_device(device: Optional[str] = None) -> torch.device:
+    """The requested device, else this process's GPU when CUDA is available, else the CPU."""
+    if device is not None:
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but CUDA is not available; "
+                             f"use device='cpu'")
+    elif torch.cuda.is_available():
+        chosen = torch.device("cuda")
+    else:
+        chosen = torch.device("cpu")
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return chosen
+
+
+def choose_dtype(device: torch.device, dtype=None) -> torch.dtype:
+    """Half precision on GPUs (bfloat16 where supported, the checkpoints' own type), float32
+    on the CPU, unless asked otherwise."""
+    if dtype is not None:
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            dtype = getattr(torch, dtype)
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def init_process_groups(device: torch.device, model_parallel_size: Optional[int] = None
+                        ) -> Tuple[int, int]:
+    """Join (or create) the process group and fairscale's model-parallel group.
+
+    Under torchrun the environment names the rendezvous; as a plain `python` process we form a
+    group of one. Returns (model-parallel rank, model-parallel size)."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:  # a plain python process: a group of one, no rendezvous needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world_size = dist.get_world_size()
+    if not fs_init.model_parallel_is_initialized():
+        if model_parallel_size is None:
+            model_parallel_size = world_size
+        if model_parallel_size != world_size:
+            raise ValueError(
+                f"model_parallel_size={model_parallel_size} but {world_size} processes were "
+                f"started: run one process per model-parallel rank (torchrun "
+                f"--nproc_per_node {model_parallel_size}), or leave model_parallel_size unset")
+        fs_init.initialize_model_parallel(model_parallel_size)
+    return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable value from rank `src` to every rank (e.g. a line typed on rank 0)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

@@ -1,0 +1,80 @@
+"""Small stand-ins for Meta's files, built on the spot: a SentencePiece tokenizer with Llama's
+special ids trained on text that ships with Python, and random weights in Meta's checkpoint
+layout. Used by the tests, the benchmarks and the demo-model trainer."""
+
+import io
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from llama.checkpoint import IGNORED_KEYS, full_shapes, save_checkpoint, split_state_dict
+from llama.model import ModelArgs, precompute_freqs_cis
+
+
+def python_docs_text() -> str:
+    """English prose available offline: the topic pages of Python's documentation."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def train_tokenizer(model_path: Path, vocab_size: int = 1000, text: Optional[str] = None
+                    ) -> Path:
+    """Train a BPE SentencePiece model with Llama's conventions: unk 0, bos 1, eos 2, no pad,
+    byte fallback (so any text, Chinese and emoji included, round-trips), split digits."""
+    import sentencepiece as spm
+
+    text = text if text is not None else python_docs_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, character_coverage=0.9995, num_threads=1, minloglevel=2,
+        add_dummy_prefix=True, normalization_rule_name="identity",
+        max_sentence_length=1 << 16, train_extremely_large_corpus=False)
+    model_path = Path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(model.getvalue())
+    return model_path
+
+
+def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16
+                   ) -> Dict[str, torch.Tensor]:
+    """An unsharded state dict of the model's shape, with the rope.freqs extra real shards
+    carry. Norm weights are near 1, as in trained models; the output layer is scaled so that
+    logits spread over several units, like a trained model's, rather than sit in near-ties."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in full_shapes(args).items():
+        if name.endswith("norm.weight"):
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            scale = (4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5
+            tensor = scale * torch.randn(shape, generator=generator)
+        state[name] = tensor.to(dtype)
+    freqs = precompute_freqs_cis(args.head_dim, 2).angle()[1]  # rotation of position 1
+    state[IGNORED_KEYS[0]] = freqs.to(dtype)
+    return state
+
+
+def params_json(args: ModelArgs) -> dict:
+    """params.json as Meta writes it: the shape, with vocab_size -1."""
+    params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
+              "n_layers": args.n_layers, "norm_eps": args.norm_eps, "vocab_size": -1}
+    if args.n_kv_heads != args.n_heads:
+        params["n_kv_heads"] = args.n_kv_heads
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    return params
+
+
+def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int = 1, seed: int = 0,
+                            dtype=torch.bfloat16) -> Dict[str, torch.Tensor]:
+    """Save random weights as an n_shards checkpoint; returns the unsharded state dict."""
+    full = random_weights(args, seed, dtype)
+    save_checkpoint(Path(out_dir), split_state_dict(full, n_shards), params_json(args))
+    return full

@@ -1,0 +1,550 @@
+"""Llama: build a model from Meta's files, then complete text and chats (as lists or streams).
+
+One decode loop (`Llama._generate`) serves every API. Prompts of different lengths are
+left-padded and prefilled in one forward pass; each step then samples one token per row,
+feeds it back, and syncs with the host once, to decide whether every row is done.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from llama import checkpoint
+from llama.chat_format import (
+    UNSAFE_ERROR,
+    Dialog,
+    Message,
+    dialog_to_tokens,
+    has_special_tags,
+    validate_dialog,
+)
+from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
+from llama.model import KVCache, Transformer
+from llama.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+    finish_reason: FinishReason
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+    finish_reason: FinishReason
+
+
+def log(message: str) -> None:
+    """Progress for people, on stderr of rank 0, so stdout stays clean for scripts."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Row:
+    """One prompt's generation, as it is built up."""
+    prompt: List[int]
+    limit: int  # tokens this row may generate (max_gen_len, or what is left of max_seq_len)
+    tokens: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    text: Optional[str] = None  # decoded text, kept only when streaming or checking stops
+    emitted: int = 0  # characters of `text` already streamed
+    stopped_by: Optional[str] = None  # the stop string found, if any
+    finish_reason: FinishReason = "length"
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Optional[str] = None,
+        dtype=None,
+        verify: bool = False,
+        verbose: bool = True,
+    ) -> "Llama":
+        """Load a checkpoint directory (params.json + consolidated.NN.pth) and a tokenizer.
+
+        Runs as a plain process or under torchrun; the checkpoint's shard count need not equal
+        the number of processes (shards are split or merged while loading). `device` defaults
+        to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs and float32
+        on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
+        the same on every rank: all ranks sample the same tokens.
+        """
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        start_time = time.time()
+        device = choose_device(device)
+        dtype = choose_dtype(device, dtype)
+        shard_paths = checkpoint.find_shards(Path(ckpt_dir))
+        tokenizer = Tokenizer(model_path=tokenizer_path)
+        args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size,
+                                     tokenizer.n_words)
+        rank, world_size = init_process_groups(device, model_parallel_size)
+        checkpoint.check_world_size(args, world_size)
+        torch.manual_seed(seed)
+        if verify:
+            log(f"Verifying {ckpt_dir} against checklist.chk ...")
+            checkpoint.verify_files(Path(ckpt_dir))
+
+        shards = {}
+        for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
+            log(f"Reading shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)})")
+            shards[index] = checkpoint.load_shard(shard_paths[index])
+            checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
+        state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
+                                           dtype, device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        _report_memory(args, weight_bytes, device, dtype, world_size)
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        # Strict: every tensor of the model must come from the checkpoint (checked above too).
+        model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True,
+                              assign=True)
+        del state, shards
+        log(f"Loaded in {time.time() - start_time:.2f} seconds "
+            f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
+            f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
+            f"{str(dtype).replace('torch.', '')})")
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._cache: Optional[KVCache] = None
+
+    # ------------------------------------------------------------------ reference API
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate from token ids. Returns (tokens, logprobs) per prompt, as the reference:
+        tokens exclude the prompt unless `echo`, stop before EOS, and number at most
+        max_gen_len; logprobs (if asked) are each token's log-probability."""
+        rows = _drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                     echo))
+        return ([row.tokens for row in rows],
+                [row.logprobs for row in rows] if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop: Optional[Sequence[str]] = None,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt. Returns [{"generation": str, "finish_reason": ...}] (plus
+        "tokens" and "logprobs" with logprobs=True). Batches larger than max_batch_size run
+        in chunks. Generation ends at EOS, at `max_gen_len` tokens (default max_seq_len - 1),
+        or before the first of the `stop` strings."""
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError("text_completion expects a list of prompt strings")
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
+                                        logprobs, echo, stop)
+        return [self._prediction(row, logprobs, lambda text: text) for row in rows]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        stop: Optional[Sequence[str]] = None,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant, in the Llama 2 chat format. Returns
+        [{"generation": {"role": "assistant", "content": str}, "finish_reason": ...}] (plus
+        "tokens" and "logprobs" with logprobs=True). A dialog that contains the format's
+        special tags is not run; its answer is the reference's error text."""
+        if not isinstance(dialogs, (list, tuple)):
+            raise TypeError("chat_completion expects a list of dialogs")
+        for index, dialog in enumerate(dialogs):
+            validate_dialog(dialog, index)
+        unsafe = [has_special_tags(dialog) for dialog in dialogs]
+        safe_tokens = [dialog_to_tokens(dialog, self.tokenizer.encode, index)
+                       for index, dialog in enumerate(dialogs) if not unsafe[index]]
+        safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
+                                                  top_p, logprobs, False, stop))
+        results: List[ChatPrediction] = []
+        for is_unsafe in unsafe:
+            if is_unsafe:
+                row = _Row(prompt=[], limit=0, text=UNSAFE_ERROR, finish_reason="stop")
+                results.append(self._prediction(row, logprobs, _as_assistant))
+            else:
+                results.append(self._prediction(next(safe_rows), logprobs, _as_assistant))
+        return results
+
+    # ------------------------------------------------------------------ streaming
+    def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None,
+                    stop: Optional[Sequence[str]] = None) -> "TextStream":
+        """Complete one prompt, yielding text pieces as tokens arrive. Joined, the pieces equal
+        text_completion's "generation" for the same arguments and seed. After iteration the
+        stream's `text` and `finish_reason` are set. Every rank must iterate; pieces are
+        yielded on rank 0 only."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream_text expects a str prompt, got {type(prompt).__name__}")
+        tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop)
+
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None,
+                    stop: Optional[Sequence[str]] = None) -> "TextStream":
+        """Answer one dialog, yielding the assistant's text as it is generated (see
+        stream_text). A dialog with special tags yields the reference's error text."""
+        validate_dialog(dialog, 0)
+        if has_special_tags(dialog):
+            return TextStream(self, None, max_gen_len, temperature, top_p, stop)
+        tokens = dialog_to_tokens(dialog, self.tokenizer.encode)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop)
+
+    def free_cache(self) -> None:
+        """Release the KV cache kept between calls."""
+        self._cache = None
+
+    # ------------------------------------------------------------------ the decode loop
+    def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                            echo, stop) -> List[_Row]:
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        size = self.model.params.max_batch_size
+        rows: List[_Row] = []
+        for begin in range(0, len(prompt_tokens), size):
+            rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
+                                          temperature, top_p, logprobs, echo, stop,
+                                          index_offset=begin))
+        return rows
+
+    @torch.inference_mode()
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
+                  stop=None, stream=False, index_offset=0) -> Iterator[str]:
+        """Yields text pieces of row 0 when `stream`; returns the finished rows."""
+        params = self.model.params
+        stop = _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params,
+                                self.tokenizer.n_words, index_offset)
+        track_text = stream or bool(stop)
+        bsz = len(prompt_tokens)
+        if bsz == 0:
+            return []
+        device = self.model.output.weight.device
+        lens = [len(t) for t in prompt_tokens]
+        max_len, min_len = max(lens), min(lens)
+        total_len = min(params.max_seq_len, max_gen_len + max_len)
+        rows = [_Row(prompt=list(t), limit=min(max_gen_len, total_len - len(t)),
+                     text="" if track_text else None) for t in prompt_tokens]
+        n_steps = max(row.limit for row in rows)
+
+        # Prefill: all prompts in one pass, left-padded to the longest.
+        cache = self._cache_for(bsz, max_len + n_steps)
+        pads = None if max_len == min_len else torch.tensor([max_len - n for n in lens],
+                                                            device=device)
+        tokens = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, max_len - len(t):] = torch.tensor(t, dtype=torch.long, device=device)
+        want_prompt_logprobs = logprobs and echo
+        logits = self.model.forward(tokens, 0, cache, pads,
+                                    last_logits_only=not want_prompt_logprobs)
+        if want_prompt_logprobs:
+            _set_prompt_logprobs(rows, logits, tokens, unshifted=min_len == total_len)
+        last_logits = logits[:, -1]  # (bsz, vocab): every row's prompt ends at the last slot
+
+        # Decode: one token per row per step.
+        generated = torch.empty((bsz, n_steps), dtype=torch.long, device=device)
+        token_logprobs = torch.zeros((bsz, n_steps), device=device) if logprobs else None
+        limits = torch.tensor([row.limit for row in rows], device=device)
+        done = limits == 0
+        steps_run = 0
+        for step in range(n_steps):
+            next_token = _sample(last_logits, temperature, top_p)  # (bsz,)
+            generated[:, step] = next_token
+            if logprobs:
+                token_logprobs[:, step] = torch.log_softmax(last_logits, dim=-1).gather(
+                    1, next_token[:, None])[:, 0]
+            steps_run = step + 1
+            done |= (next_token == self.tokenizer.eos_id) | (limits <= steps_run)
+            if track_text:  # needs this step's tokens on the host
+                for i, token in enumerate(next_token.tolist()):
+                    if self._track_row(rows[i], token, steps_run, stop):
+                        done[i] = True
+                if stream:
+                    piece = _stream_piece(rows[0], stop)
+                    if piece:
+                        yield piece
+            if bool(done.all()):  # the one host sync of a step
+                break
+            logits = self.model.forward(next_token[:, None], max_len + step, cache, pads,
+                                        last_logits_only=True)
+            last_logits = logits[:, -1]
+
+        _finish_rows(rows, generated[:, :steps_run].tolist(),
+                     token_logprobs[:, :steps_run].tolist() if logprobs else None,
+                     echo, self.tokenizer)
+        if stream:
+            rest = rows[0].text[rows[0].emitted:]
+            if rest:
+                yield rest
+        return rows
+
+    def _track_row(self, row: _Row, token: int, steps_run: int, stop) -> bool:
+        """Add a token to a row's running text; True when a stop string has just ended it."""
+        if row.finish_reason == "stop" or len(row.tokens) >= row.limit:
+            return False  # finished earlier; later tokens of this row are discarded
+        row.tokens.append(token)
+        if token == self.tokenizer.eos_id:
+            row.tokens.pop()
+            row.finish_reason = "stop"
+            return False
+        row.text = self.tokenizer.decode(row.tokens)
+        for s in stop:
+            at = row.text.find(s)
+            if at != -1:
+                row.text = row.text[:at]
+                row.stopped_by = s
+                row.finish_reason = "stop"
+                return True
+        return False
+
+    def _cache_for(self, bsz: int, length: int) -> KVCache:
+        """A KV cache of at least bsz rows and `length` slots, reused across calls and grown
+        only when a call needs more."""
+        cache = self._cache
+        if cache is None or cache.k.shape[1] < bsz or cache.k.shape[3] < length:
+            if cache is not None:
+                bsz, length = max(bsz, cache.k.shape[1]), max(length, cache.k.shape[3])
+            self._cache = None  # release the old one before allocating
+            self._cache = self.model.new_cache(bsz, length)
+        return self._cache
+
+    def _prediction(self, row: _Row, logprobs: bool, wrap):
+        text = row.text if row.text is not None else self.tokenizer.decode(row.tokens)
+        prediction = {"generation": wrap(text)}
+        if logprobs:
+            prediction["tokens"] = [self.tokenizer.decode(x) for x in row.tokens]
+            prediction["logprobs"] = row.logprobs
+        prediction["finish_reason"] = row.finish_reason
+        return prediction
+
+
+class TextStream:
+    """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
+
+    def __init__(self, llama: Llama, prompt_tokens, max_gen_len, temperature, top_p, stop):
+        self._llama, self._prompt_tokens = llama, prompt_tokens
+        if max_gen_len is None:
+            max_gen_len = llama.model.params.max_seq_len - 1
+        self._args = (max_gen_len, temperature, top_p, stop)
+        self.text: Optional[str] = None
+        self.tokens: Optional[List[int]] = None
+        self.finish_reason: Optional[FinishReason] = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._prompt_tokens is None:  # refused dialog
+            self.text, self.tokens, self.finish_reason = UNSAFE_ERROR, [], "stop"
+            if is_main_process():
+                yield UNSAFE_ERROR
+            return
+        max_gen_len, temperature, top_p, stop = self._args
+        rows = yield from _only_on_main(self._llama._generate(
+            [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
+            stream=True))
+        self.text, self.tokens, self.finish_reason = rows[0].text, rows[0].tokens, \
+            rows[0].finish_reason
+
+
+def _only_on_main(pieces):
+    """Run a piece generator to its end on every rank; yield its pieces on rank 0 only."""
+    main = is_main_process()
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as finished:
+            return finished.value
+        if main:
+            yield piece
+
+
+def _drain(generator):
+    while True:
+        try:
+            next(generator)
+        except StopIteration as finished:
+            return finished.value
+
+
+def _as_assistant(text: str) -> Message:
+    return {"role": "assistant", "content": text}
+
+
+def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params, n_words,
+                     index_offset) -> List[str]:
+    if not isinstance(prompt_tokens, (list, tuple)):
+        raise TypeError("prompt_tokens must be a list of lists of token ids")
+    if len(prompt_tokens) > params.max_batch_size:
+        raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size="
+                         f"{params.max_batch_size}: pass fewer prompts per call, or build with "
+                         f"a larger max_batch_size")
+    for index, tokens in enumerate(prompt_tokens):
+        where = f"prompt {index + index_offset}"
+        if not isinstance(tokens, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise TypeError(f"{where} must be a list of int token ids")
+        if len(tokens) == 0:
+            raise ValueError(f"{where} is empty: it needs at least one token (e.g. BOS)")
+        if len(tokens) > params.max_seq_len:
+            raise ValueError(f"{where} has {len(tokens)} tokens, more than max_seq_len="
+                             f"{params.max_seq_len}: shorten it, or build with a larger "
+                             f"max_seq_len")
+        bad = [t for t in tokens if not 0 <= t < n_words]
+        if bad:
+            raise ValueError(f"{where} has token ids outside the vocabulary [0, {n_words}): "
+                             f"{bad[:5]}")
+    if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return list(stop)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability mass reaches p.
+    probs: (bsz, vocab). Returns (bsz, 1) token ids."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p  # tokens outside the nucleus: the mass before them is p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p).reshape(-1)
+    return torch.argmax(logits, dim=-1)
+
+
+def _set_prompt_logprobs(rows: List[_Row], logits: torch.Tensor, tokens: torch.Tensor,
+                         unshifted: bool) -> None:
+    """Each prompt token's log-probability given the tokens before it (0 for the first), for
+    echo. logits: (bsz, max_len, vocab) over the left-padded prompts in `tokens`."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if unshifted:
+        # The reference, when no token is generated at all (every prompt fills the run),
+        # scores each prompt token against the logits of its own position; kept as it is so
+        # results match it.
+        scores = logp.gather(2, tokens[:, :, None])[:, :, 0]
+    else:
+        scores = torch.zeros(tokens.shape, device=logits.device)
+        scores[:, 1:] = logp[:, :-1].gather(2, tokens[:, 1:, None])[:, :, 0]
+    max_len = tokens.shape[1]
+    for row, row_scores in zip(rows, scores.tolist()):
+        pad = max_len - len(row.prompt)
+        row.logprobs = row_scores[pad:]
+        if not unshifted:
+            row.logprobs[0] = 0.0
+
+
+def _finish_rows(rows: List[_Row], generated: List[List[int]],
+                 logprobs: Optional[List[List[float]]], echo: bool, tokenizer) -> None:
+    """Cut each row to its limit and first EOS, as the reference does; mark finish reasons."""
+    eos = tokenizer.eos_id
+    for i, row in enumerate(rows):
+        tokens = generated[i][: row.limit]
+        probs = logprobs[i][: row.limit] if logprobs is not None else []
+        if row.stopped_by is not None:
+            tokens, probs = _tokens_before_stop(tokens, probs, row.text, tokenizer)
+        prompt_probs = row.logprobs
+        if echo:
+            tokens = row.prompt + tokens
+            probs = prompt_probs + probs if logprobs is not None else []
+        if eos in tokens:
+            cut = tokens.index(eos)
+            tokens, probs = tokens[:cut], probs[:cut]
+            row.finish_reason = "stop"
+        elif row.stopped_by is not None:
+            row.finish_reason = "stop"
+        row.tokens, row.logprobs = tokens, probs
+        if row.text is not None and row.stopped_by is None:
+            row.text = tokenizer.decode(tokens)
+
+
+def _tokens_before_stop(tokens, probs, text, tokenizer):
+    """The longest run of tokens whose text fits before a stop string."""
+    keep = 0
+    while keep < len(tokens) and len(tokenizer.decode(tokens[: keep + 1])) <= len(text):
+        keep += 1
+    return tokens[:keep], probs[:keep]
+
+
+def _stream_piece(row: _Row, stop: List[str]) -> str:
+    """The part of a row's text that is safe to emit now: it will not change as tokens arrive
+    (no trailing half of a multi-byte character) and cannot be the start of a stop string."""
+    text = row.text
+    if row.stopped_by is not None:
+        safe = len(text)  # already cut before the stop string
+    else:
+        end = len(text.rstrip("\ufffd"))
+        held = max((k for s in stop for k in range(1, min(len(s) - 1, end) + 1)
+                    if text[end - k: end] == s[:k]), default=0)
+        safe = end - held
+    if safe <= row.emitted:
+        return ""
+    piece = text[row.emitted: safe]
+    row.emitted = safe
+    return piece
+
+
+def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int):
+    cache_bytes = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
+                   * args.max_seq_len)
+    gib = 1024 ** 3
+    log(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB; KV cache at most "
+        f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
+        f"{args.max_seq_len}), allocated per call for the tokens it needs")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if weight_bytes > free:
+            raise MemoryError(
+                f"the weights need {weight_bytes / gib:.2f} GiB on {device} but only "
+                f"{free / gib:.2f} GiB is free: run on more GPUs (torchrun --nproc_per_node), "
+                f"or use a smaller model")

@@ -1,0 +1,335 @@
+"""The Llama 2 transformer, model-parallel through fairscale's layers.
+
+Parameter names and per-rank shapes are exactly those of Meta's `consolidated.NN.pth` shards,
+so a shard loads strictly. For speed the q/k/v and w1/w3 weights are fused into one matrix
+each after loading (`Transformer.fuse_projections`); the modules keep views into the fused
+matrix, so `state_dict()` still has Meta's names and no byte is stored twice.
+
+The KV cache is not part of the model: generation allocates a `KVCache` sized to each call.
+Prompts of different lengths are left-padded: `pads[i]` cache slots at the start of row i hold
+padding that no real token attends to, and rotary positions start after them.
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1 in Meta's params.json: taken from the tokenizer
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+                     "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary "
+                f"embeddings")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # The reference's rule: 2/3 of 4*dim, optionally scaled, rounded up to multiple_of.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
+    return weight  # every weight is loaded from a checkpoint
+
+
+@contextmanager
+def _without_fairscale_init():
+    """fairscale builds and scatters a full-size master weight per layer when the model-parallel
+    size is above 1, and creates its weights on the CPU whatever the default device; loading
+    replaces every weight anyway. Inside this context its layers get empty weights on the
+    default device (the meta device when loading), with no master weight."""
+    original_init, original_parameter = fs_layers._initialize_affine_weight, fs_layers.Parameter
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    fs_layers.Parameter = lambda tensor: nn.Parameter(torch.empty(tensor.shape),
+                                                      requires_grad=False)
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original_init
+        fs_layers.Parameter = original_parameter
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, as the reference does.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=freqs.device)
+    freqs = torch.outer(t, freqs).float()
+    return torch.polar(torch.ones_like(freqs), freqs)  # (end, dim // 2) complex64
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    # xq: (bsz, seqlen, n_heads, head_dim); freqs_cis: (bsz, seqlen, head_dim // 2)
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.unsqueeze(2)  # (bsz, seqlen, 1, head_dim // 2)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class KVCache:
+    """Keys and values of every layer for one generation call.
+
+    Layout (n_layers, bsz, n_local_kv_heads, length, head_dim): attention reads a prefix of the
+    length axis in place, so no copy is made per step.
+    """
+
+    def __init__(self, n_layers: int, bsz: int, n_kv_heads: int, length: int, head_dim: int,
+                 device, dtype):
+        shape = (n_layers, bsz, n_kv_heads, length, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
+        """Cache bytes one token costs on one rank (keys and values of every layer)."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * args.n_layers * (args.n_kv_heads // model_parallel_size) * args.head_dim * element
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // world
+        self.n_local_kv_heads = args.n_kv_heads // world
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep_uninitialised)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep_uninitialised)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=_keep_uninitialised)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
+                                    input_is_parallel=True, init_method=_keep_uninitialised)
+        self.wqkv: Optional[torch.Tensor] = None  # set by fuse(): rows of wq, wk, wv
+
+    def fuse(self):
+        self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
+
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask):
+        # x: (bsz, seqlen, dim); cache_k/v: (bsz, n_kv, cache_len, head_dim)
+        bsz, seqlen, _ = x.shape
+        n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
+        xqkv = F.linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
+        xq, xk, xv = xqkv.split([n_kv * n_rep * hd, n_kv * hd, n_kv * hd], dim=-1)
+        xq = xq.view(bsz, seqlen, n_kv * n_rep, hd)
+        xk = xk.view(bsz, seqlen, n_kv, hd)
+        xv = xv.view(bsz, seqlen, n_kv, hd)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        end_pos = start_pos + seqlen
+        cache_k[:, :, start_pos:end_pos] = xk.transpose(1, 2)
+        cache_v[:, :, start_pos:end_pos] = xv.transpose(1, 2)
+        keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
+        values = cache_v[:, :, :end_pos]
+
+        # Grouped-query attention without repeating keys: the n_rep query heads that share a
+        # kv head are stacked along the query axis. Head h uses kv head h // n_rep, as the
+        # reference's repeat_kv does.
+        xq = xq.view(bsz, seqlen, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
+        xq = xq.reshape(bsz, n_kv, n_rep * seqlen, hd)  # (bsz, n_kv, n_rep * seqlen, hd)
+        if mask is not None and n_rep > 1:
+            mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * seqlen, end_pos)
+        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask,
+                                             scale=1.0 / math.sqrt(hd))
+        out = out.view(bsz, n_kv, n_rep, seqlen, hd).permute(0, 3, 1, 2, 4)
+        out = out.reshape(bsz, seqlen, n_kv * n_rep * hd)  # (bsz, seqlen, n_local_heads * hd)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden_dim = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=_keep_uninitialised)
+        self.w2 = RowParallelLinear(hidden_dim, args.dim, bias=False, input_is_parallel=True,
+                                    init_method=_keep_uninitialised)
+        self.w3 = ColumnParallelLinear(args.dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=_keep_uninitialised)
+        self.w13: Optional[torch.Tensor] = None  # set by fuse(): rows of w1 then w3
+
+    def fuse(self):
+        self.w13 = _fuse_rows(self.w1, self.w3)
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
+        return self.w2(F.silu(gate) * up)
+
+
+def _fuse_rows(*linears: nn.Module) -> torch.Tensor:
+    """Concatenate the weights of column-parallel layers into one matrix and make each layer's
+    weight a view of its rows, so one matrix product serves all of them without a copy."""
+    fused = torch.cat([linear.weight.detach() for linear in linears], dim=0)
+    row = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(fused[row: row + rows], requires_grad=False)
+        row += rows
+    return fused
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be set (from the tokenizer) before "
+                             "building the model")
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        with _without_fairscale_init():
+            self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim,
+                                                    init_method=_keep_uninitialised)
+            self.layers = nn.ModuleList(
+                TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
+            self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
+                                               init_method=_keep_uninitialised)
+        # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
+        with torch.device("cpu"):  # also when the model is built on the meta device
+            self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
+                                                  params.rope_theta)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.fuse_projections())
+
+    def fuse_projections(self):
+        """Build the fused q/k/v and w1/w3 matrices; call again after replacing weights."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        self.freqs_cis = self.freqs_cis.to(self.output.weight.device)
+
+    def new_cache(self, bsz: int, length: int) -> KVCache:
+        attention = self.layers[0].attention
+        weight = self.output.weight
+        return KVCache(self.n_layers, bsz, attention.n_local_kv_heads, length,
+                       attention.head_dim, weight.device, weight.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache,
+                pads: Optional[torch.Tensor] = None, last_logits_only: bool = False):
+        """Logits (float32) for `tokens` (bsz, seqlen) placed at cache slots
+        start_pos..start_pos+seqlen-1. `pads` (bsz,) holds each row's count of left-padding
+        slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab)."""
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        if pads is None:
+            freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen].expand(bsz, -1, -1)
+        else:
+            positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
+            freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
+        mask = attention_mask(slots, start_pos + seqlen, pads)
+
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, cache.k[layer_id, :bsz], cache.v[layer_id, :bsz],
+                      start_pos, mask)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+
+def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):
+    """Boolean mask (True = attend), (bsz or 1, 1, len(slots), kv_len); None when nothing is
+    masked (one unpadded query). A padding slot attends to itself only, so its (unused)
+    hidden state stays finite and cannot poison real rows with NaN."""
+    seqlen = slots.shape[0]
+    if seqlen == 1 and pads is None:
+        return None
+    keys = torch.arange(kv_len, device=slots.device)
+    allowed = keys[None, :] <= slots[:, None]  # causal: (seqlen, kv_len)
+    if pads is None:
+        return allowed[None, None]
+    real_key = keys[None, None, :] >= pads[:, None, None]  # (bsz, 1, kv_len)
+    itself = keys[None, :] == slots[:, None]  # (seqlen, kv_len)
+    return ((allowed[None] & real_key) | itself[None])[:, None]
+
+
+def count_parameters(params: ModelArgs) -> int:
+    """Parameters of the full (unsharded) model, without building it."""
+    hd, dim = params.head_dim, params.dim
+    attention = dim * params.n_heads * hd * 2 + dim * params.n_kv_heads * hd * 2
+    ffn = 3 * dim * params.ffn_hidden_dim
+    per_layer = attention + ffn + 2 * dim
+    return params.n_layers * per_layer + 2 * params.vocab_size * dim + dim
+
+
+__all__: List[str] = ["ModelArgs", "Transformer", "KVCache", "RMSNorm", "precompute_freqs_cis",
+                      "apply_rotary_emb", "attention_mask", "count_parameters"]

@@ -1,0 +1,37 @@
+"""SentencePiece tokenizer with Llama's special ids (unk 0, bos 1, eos 2, no pad)."""
+
+import os
+from typing import List
+
+from sentencepiece import SentencePieceProcessor
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(
+                f"tokenizer model not found: {model_path!r}; pass --tokenizer_path pointing at "
+                f"the tokenizer.model downloaded with the weights")
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as error:
+            raise ValueError(
+                f"{model_path!r} is not a SentencePiece model ({error}); re-download "
+                f"tokenizer.model and check it against tokenizer_checklist.chk") from None
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()  # -1: Llama's tokenizer has no pad piece
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}")
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t) -> str:
+        return self.sp_model.decode(t)

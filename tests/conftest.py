@@ -1,0 +1,117 @@
+"""Fixtures built at test time: a tokenizer trained on Python's own documentation and random
+checkpoints in Meta's exact layout (one file per model-parallel rank)."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama.checkpoint import save_checkpoint, split_state_dict
+from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint
+from llama.model import ModelArgs
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 1000
+
+SHAPES = {
+    # grouped-query attention, as in 70B: 4 query heads share 2 kv heads
+    "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
+    # multi-head attention, as in 7B/13B
+    "mha": dict(dim=64, n_layers=2, n_heads=4, multiple_of=32),
+}
+SEEDS = {"gqa": 11, "mha": 12}
+
+
+@pytest.fixture(scope="session")
+def fixture_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("llama-fixtures")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(fixture_root):
+    return str(train_tokenizer(fixture_root / "tokenizer.model", VOCAB))
+
+
+def model_args(kind: str, **overrides) -> ModelArgs:
+    return ModelArgs(vocab_size=VOCAB, **{**SHAPES[kind], **overrides})
+
+
+class Checkpoints:
+    """Checkpoint directories by (shape, shard count); the same weights for every count."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.full = {}
+
+    def __call__(self, kind: str, n_shards: int = 1) -> str:
+        out = self.root / f"{kind}-mp{n_shards}"
+        if not out.exists():
+            self.full[kind] = write_random_checkpoint(out, model_args(kind), n_shards,
+                                                      seed=SEEDS[kind])
+        return str(out)
+
+    def state(self, kind: str):
+        self(kind, 1)
+        return self.full[kind]
+
+    def params(self, kind: str) -> dict:
+        return json.loads((Path(self(kind, 1)) / "params.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def checkpoints(fixture_root, tokenizer_path):
+    return Checkpoints(fixture_root)
+
+
+@pytest.fixture(scope="session")
+def build(checkpoints, tokenizer_path):
+    """Llama.build in this process (one model-parallel rank) with small defaults."""
+    from llama import Llama
+
+    def _build(kind="gqa", n_shards=1, max_seq_len=64, max_batch_size=4, **kwargs):
+        return Llama.build(checkpoints(kind, n_shards), tokenizer_path, max_seq_len=max_seq_len,
+                           max_batch_size=max_batch_size, verbose=False, **kwargs)
+
+    return _build
+
+
+@pytest.fixture(scope="session")
+def eos_checkpoint(checkpoints, fixture_root, build):
+    """The gqa weights with EOS made likely: its output row copies (and slightly outweighs) the
+    row of the token greedy decoding picks most often, so rows stop at different steps."""
+    generator = build("gqa")
+    prompts = [generator.tokenizer.encode(p, bos=True, eos=False)
+               for p in ["The", "In Python, a class", "Return the", "x = 1"]]
+    tokens, _ = generator.generate(prompts, max_gen_len=24, temperature=0)
+    most_common = Counter(t for row in tokens for t in row).most_common(1)[0][0]
+    state = {k: v.clone() for k, v in checkpoints.state("gqa").items()}
+    state["output.weight"][2] = state["output.weight"][most_common] * 1.1
+    out_dir = fixture_root / "gqa-eos"
+    save_checkpoint(out_dir, split_state_dict(state, 1), params_json(model_args("gqa")))
+    return str(out_dir), state
+
+
+def run_script(args, nproc=None, timeout=240, env=None, cwd=REPO):
+    """Run a Python script as plain `python` or under torchrun; returns CompletedProcess."""
+    if nproc is None:
+        command = [sys.executable] + list(args)
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                   str(nproc), "--master_port", str(free_port())] + list(args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

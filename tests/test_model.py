@@ -1,0 +1,133 @@
+"""The transformer: Meta's layout, parameter counts, and the KV cache against full passes."""
+
+import pytest
+import torch
+
+from llama.checkpoint import IGNORED_KEYS, full_shapes, shard_shape, split_dim
+from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
+from tests.meta_reference import ReferenceModel
+
+META_SHAPES = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                ffn_dim_multiplier=1.3),
+}
+META_COUNTS = {"7B": 6_738_415_616, "13B": 13_015_864_320, "70B": 68_976_648_192}
+
+
+@pytest.fixture(scope="module")
+def model_parallel_group(build):
+    build("gqa")  # joins a one-process group, as Llama.build does
+
+
+@pytest.mark.parametrize("name", sorted(META_SHAPES))
+def test_parameter_counts_of_meta_shapes_on_meta_device(name, model_parallel_group):
+    args = ModelArgs(vocab_size=32000, **META_SHAPES[name])
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == META_COUNTS[name]
+    assert count_parameters(args) == META_COUNTS[name]
+
+
+def test_names_and_shapes_equal_meta_layout(model_parallel_group):
+    args = ModelArgs(vocab_size=32000, **META_SHAPES["70B"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == full_shapes(args)
+    # 70B layer 0 as Meta's consolidated.00.pth of 8 holds it:
+    assert shard_shape("layers.0.attention.wq.weight", shapes["layers.0.attention.wq.weight"], 8) \
+        == (1024, 8192)
+    assert shard_shape("layers.0.attention.wk.weight", shapes["layers.0.attention.wk.weight"], 8) \
+        == (128, 8192)
+    assert shard_shape("layers.0.feed_forward.w2.weight",
+                       shapes["layers.0.feed_forward.w2.weight"], 8) == (8192, 3584)
+    assert shard_shape("tok_embeddings.weight", (32000, 8192), 8) == (32000, 1024)
+    assert shard_shape("output.weight", (32000, 8192), 8) == (4000, 8192)
+    assert split_dim("layers.3.ffn_norm.weight") is None
+
+
+def test_ffn_hidden_sizes_follow_the_reference_rule():
+    assert ModelArgs(**META_SHAPES["7B"]).ffn_hidden_dim == 11008
+    assert ModelArgs(**META_SHAPES["13B"]).ffn_hidden_dim == 13824
+    assert ModelArgs(**META_SHAPES["70B"]).ffn_hidden_dim == 28672
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dim=64, n_heads=5), "divisible by n_heads"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
+    (dict(n_layers=0), "positive integer"),
+])
+def test_impossible_shapes_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**bad)
+
+
+def _full_logits(generator, tokens):
+    cache = generator.model.new_cache(tokens.shape[0], tokens.shape[1])
+    return generator.model.forward(tokens, 0, cache)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_cached_decoding_equals_full_forward(kind, build):
+    generator = build(kind)
+    torch.manual_seed(0)
+    tokens = torch.randint(3, 1000, (2, 20))
+    full = _full_logits(generator, tokens)
+    cache = generator.model.new_cache(2, 20)
+    # a chunk, then single tokens, then a chunk after a non-empty cache
+    pieces = [(0, 7), (7, 8), (8, 9), (9, 15), (15, 20)]
+    got = torch.cat([generator.model.forward(tokens[:, a:b], a, cache) for a, b in pieces], 1)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_forward_equals_independent_reference_math(kind, build, checkpoints):
+    generator = build(kind)
+    reference = ReferenceModel(checkpoints.state(kind), checkpoints.params(kind), 2, 64)
+    tokens = torch.randint(3, 1000, (2, 17), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_full_logits(generator, tokens), reference.forward(tokens, 0),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_rows_equal_unpadded_rows(build):
+    generator = build("gqa")
+    rows = [torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(n))
+            for n in (5, 12)]
+    tokens = torch.zeros((2, 12), dtype=torch.long)
+    tokens[0, 7:] = rows[0]
+    tokens[1] = rows[1]
+    pads = torch.tensor([7, 0])
+    cache = generator.model.new_cache(2, 14)
+    padded = generator.model.forward(tokens, 0, cache, pads)
+    step = generator.model.forward(torch.tensor([[5], [6]]), 12, cache, pads)
+    for i, row in enumerate(rows):
+        alone = _full_logits(generator, torch.cat([row, torch.tensor([5 + i])])[None])
+        n = len(row)
+        torch.testing.assert_close(padded[i, 12 - n:], alone[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step[i, 0], alone[0, n], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(padded[i]).all()
+
+
+def test_attention_mask_hides_padding_and_the_future():
+    mask = attention_mask(torch.arange(0, 3), 3, torch.tensor([2, 0]))
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].tolist() == [[True, False, False], [False, True, False],
+                                   [False, False, True]]
+    assert mask[1, 0].tolist() == [[True, False, False], [True, True, False],
+                                   [True, True, True]]
+    assert attention_mask(torch.arange(4, 5), 5, None) is None
+
+
+def test_state_dict_keeps_meta_names_after_fusing(build, checkpoints):
+    generator = build("gqa")
+    state = generator.model.state_dict()
+    expected = checkpoints.state("gqa")
+    assert set(state) == set(expected) - set(IGNORED_KEYS)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, expected[name].float(), atol=0, rtol=0)
+    attention = generator.model.layers[0].attention
+    # the fused matrix and the named weights share memory
+    assert attention.wq.weight.data_ptr() == attention.wqkv.data_ptr()
