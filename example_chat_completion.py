@@ -1,0 +1,73 @@
+"""Answer four dialogs as the assistant, as Meta's example does.
+
+    python example_chat_completion.py                      # the bundled demo model
+    torchrun --nproc_per_node 1 example_chat_completion.py \
+        --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model --max_seq_len 512 --max_batch_size 4
+"""
+
+from typing import List, Optional
+
+import fire
+
+from llama import Dialog, Llama
+from llama.cli import quiet_other_ranks, resolve_model_paths
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    verify: bool = False,
+):
+    """Prints every message as `Role: content`, then `> Assistant: ...`."""
+    quiet_other_ranks()
+    ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
+    generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
+                            max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                            device=device, dtype=dtype, verify=verify)
+
+    dialogs: List[Dialog] = [
+        [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
+        [
+            {"role": "user", "content": "I am going to Paris, what should I see?"},
+            {
+                "role": "assistant",
+                "content": """\
+Paris, the capital of France, is known for its stunning architecture, art museums, historical landmarks, and romantic atmosphere. Here are some of the top attractions to see in Paris:
+
+1. The Eiffel Tower: The iconic Eiffel Tower is one of the most recognizable landmarks in the world and offers breathtaking views of the city.
+2. The Louvre Museum: The Louvre is one of the world's largest and most famous museums, housing an impressive collection of art and artifacts, including the Mona Lisa.
+3. Notre-Dame Cathedral: This beautiful cathedral is one of the most famous landmarks in Paris and is known for its Gothic architecture and stunning stained glass windows.
+
+These are just a few of the many attractions that Paris has to offer. With so much to see and do, it's no wonder that Paris is one of the most popular tourist destinations in the world.""",
+            },
+            {"role": "user", "content": "What is so great about #1?"},
+        ],
+        [
+            {"role": "system", "content": "Always answer with Haiku"},
+            {"role": "user", "content": "I am going to Paris, what should I see?"},
+        ],
+        [
+            {"role": "system", "content": "Always answer with emojis"},
+            {"role": "user", "content": "How to go from Beijing to NY?"},
+        ],
+    ]
+    results = generator.chat_completion(dialogs, max_gen_len=max_gen_len,
+                                        temperature=temperature, top_p=top_p)
+
+    for dialog, result in zip(dialogs, results):
+        for msg in dialog:
+            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print(f"> {result['generation']['role'].capitalize()}: "
+              f"{result['generation']['content']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
