@@ -176,3 +176,34 @@ def test_kv_cache_is_sized_to_the_call(build):
     assert k.shape[1] == 1 and k.shape[3] == prompt_len + 3
     generator.text_completion(["Hi", "there"], temperature=0, max_gen_len=10)
     assert generator._cache.k.shape[1] == 2  # grown when a call needs more
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda g: g.generate([[1] * 65], 4), ValueError,
+     "prompt 0 has 65 tokens, more than max_seq_len=64"),
+    (lambda g: g.text_completion(["ok", "word " * 80]), ValueError,
+     "prompt 1 has .* tokens, more than max_seq_len=64"),
+    (lambda g: g.generate([[1]] * 5, 4), ValueError, "5 prompts exceed max_batch_size=4"),
+    (lambda g: g.generate([[1], []], 4), ValueError, "prompt 1 is empty"),
+    (lambda g: g.generate([[1, 5000]], 4), ValueError, "outside the vocabulary"),
+    (lambda g: g.text_completion(["a"], temperature=-0.1), ValueError, "temperature must be"),
+    (lambda g: g.text_completion(["a"], top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
+    (lambda g: g.text_completion(["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (lambda g: g.text_completion(["a"], max_gen_len=-1), ValueError, "max_gen_len must be"),
+    (lambda g: g.text_completion(["a", 3]), TypeError, "prompt 1 must be a str"),
+    (lambda g: g.text_completion("a"), TypeError, "list of prompt strings"),
+    (lambda g: g.chat_completion([[]]), ValueError, "dialog 0 is empty"),
+])
+def test_bad_input_gets_a_clear_error(call, error, message, build):
+    generator = build("gqa")
+    with pytest.raises(error, match=message):
+        call(generator)
+
+
+def test_bad_build_arguments(checkpoints, tokenizer_path):
+    from llama import Llama
+
+    with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
+        Llama.build(checkpoints("gqa"), tokenizer_path, max_seq_len=0, max_batch_size=1)
+    with pytest.raises(ValueError, match="unknown dtype 'float33'"):
+        Llama.build(checkpoints("gqa"), tokenizer_path, 8, 1, dtype="float33")

@@ -1,0 +1,77 @@
+"""Rewrite a checkpoint for another model-parallel size, in Meta's layout.
+
+    python -m llama.reshard llama-2-13b/ llama-2-13b-mp1/ --mp 1
+
+Writes consolidated.00.pth ... consolidated.{W-1}.pth, params.json and a fresh checklist.chk.
+Source shards are memory-mapped and one output shard is built at a time, so peak memory stays
+near the size of one output shard.
+"""
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llama import checkpoint
+from llama.model import ModelArgs
+
+
+def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise checkpoint.CheckpointError("the destination must be a different directory")
+    if dst.exists() and any(dst.glob("*.pth")):
+        raise checkpoint.CheckpointError(f"{dst} already holds .pth files; choose an empty "
+                                         f"directory")
+    paths = checkpoint.find_shards(src)
+    shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
+    vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+    params = checkpoint.read_params(src)
+    args = ModelArgs(**{**params, "vocab_size": vocab_size})
+    checkpoint.check_world_size(args, world_size)
+    for i, path in enumerate(paths):
+        checkpoint.check_shard(path, shards[i], args, len(paths))
+    dst.mkdir(parents=True, exist_ok=True)
+    names = ["params.json"]
+    for rank in range(world_size):
+        start = time.time()
+        state = checkpoint.rank_state_dict(shards, len(paths), args, rank, world_size)
+        # clone: a slice of a memory-mapped shard would otherwise save that whole shard
+        state = {name: tensor.clone() for name, tensor in state.items()}
+        for extra in checkpoint.IGNORED_KEYS:
+            if extra in shards[0]:
+                state[extra] = shards[0][extra].clone()
+        name = f"consolidated.{rank:02d}.pth"
+        torch.save(state, dst / name)
+        names.append(name)
+        del state
+        if verbose:
+            print(f"wrote {dst / name} ({time.time() - start:.1f} s)", file=sys.stderr)
+    shutil.copyfile(src / "params.json", dst / "params.json")
+    checkpoint.write_checklist(dst, names)
+    if verbose:
+        print(f"{len(paths)} shards -> {world_size}; wrote {dst / 'checklist.chk'}",
+              file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="checkpoint directory (params.json, consolidated.NN.pth)")
+    parser.add_argument("dst", help="new directory to write")
+    parser.add_argument("--mp", type=int, required=True,
+                        help="model-parallel size (number of shards) to write")
+    args = parser.parse_args(argv)
+    try:
+        reshard(Path(args.src), Path(args.dst), args.mp)
+    except checkpoint.CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
