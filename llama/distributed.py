@@ -1,6 +1,8 @@
 """Process group, model-parallel group and device choice: the one place that decides them."""
 
+import contextlib
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -61,7 +63,9 @@ def init_process_groups(device: torch.device, model_parallel_size: Optional[int]
                 f"model_parallel_size={model_parallel_size} but {world_size} processes were "
                 f"started: run one process per model-parallel rank (torchrun "
                 f"--nproc_per_node {model_parallel_size}), or leave model_parallel_size unset")
-        fs_init.initialize_model_parallel(model_parallel_size)
+        # fairscale announces its groups with print(); keep stdout for the generations.
+        with contextlib.redirect_stdout(sys.stderr):
+            fs_init.initialize_model_parallel(model_parallel_size)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
 
 

@@ -91,6 +91,7 @@ class Llama:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         start_time = time.time()
+        say = log if verbose else (lambda message: None)
         device = choose_device(device)
         dtype = choose_dtype(device, dtype)
         shard_paths = checkpoint.find_shards(Path(ckpt_dir))
@@ -101,18 +102,18 @@ class Llama:
         checkpoint.check_world_size(args, world_size)
         torch.manual_seed(seed)
         if verify:
-            log(f"Verifying {ckpt_dir} against checklist.chk ...")
+            say(f"Verifying {ckpt_dir} against checklist.chk ...")
             checkpoint.verify_files(Path(ckpt_dir))
 
         shards = {}
         for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
-            log(f"Reading shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)})")
+            say(f"Reading shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)})")
             shards[index] = checkpoint.load_shard(shard_paths[index])
             checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
         state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
                                            dtype, device)
         weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-        _report_memory(args, weight_bytes, device, dtype, world_size)
+        _report_memory(args, weight_bytes, device, dtype, world_size, say)
 
         with torch.device("meta"):
             model = Transformer(args)
@@ -120,7 +121,7 @@ class Llama:
         model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True,
                               assign=True)
         del state, shards
-        log(f"Loaded in {time.time() - start_time:.2f} seconds "
+        say(f"Loaded in {time.time() - start_time:.2f} seconds "
             f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
             f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
             f"{str(dtype).replace('torch.', '')})")
@@ -534,11 +535,11 @@ def _stream_piece(row: _Row, stop: List[str]) -> str:
     return piece
 
 
-def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int):
+def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say):
     cache_bytes = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
                    * args.max_seq_len)
     gib = 1024 ** 3
-    log(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB; KV cache at most "
+    say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB; KV cache at most "
         f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
         f"{args.max_seq_len}), allocated per call for the tokens it needs")
     if device.type == "cuda":
