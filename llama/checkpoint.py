@@ -7,8 +7,12 @@ N shards for any W that divides the heads: each rank memory-maps the shards and 
 its own slice of every tensor.
 """
 
+import ctypes
+import functools
 import json
+import mmap
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -202,26 +206,58 @@ def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
 
 def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
                     args: ModelArgs, rank: int, world_size: int,
-                    dtype: Optional[torch.dtype] = None, device=None
-                    ) -> Dict[str, torch.Tensor]:
+                    dtype: Optional[torch.dtype] = None, device=None,
+                    release_copied: bool = False) -> Dict[str, torch.Tensor]:
     """The tensors model-parallel rank `rank` of `world_size` needs, cut from checked shards.
     `shards` maps shard index to its tensors and must hold every shard the rank's slices touch
     (`shards_for_rank`). A slice of a single shard is not copied unless the dtype or device
-    changes; slices spanning shards are concatenated once."""
+    changes; slices spanning shards are concatenated once. With `release_copied` (only for
+    memory-mapped shards, as load_shard gives), the file pages behind each copied slice are
+    dropped from memory once copied."""
     any_shard = next(iter(shards.values()))
     out = {}
     for name, shape in full_shapes(args).items():
         dim = split_dim(name)
         if dim is None:
-            tensor = any_shard[name]
+            pieces = [any_shard[name]]
         elif n_shards == world_size:
-            tensor = shards[rank][name]
+            pieces = [shards[rank][name]]
         else:
             pieces = [shards[src][name].narrow(dim, start, stop - start)
                       for src, start, stop in slice_plan(shape[dim], n_shards, world_size, rank)]
-            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-        out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+        copied = out[name].untyped_storage().data_ptr() != pieces[0].untyped_storage().data_ptr()
+        if release_copied and copied:
+            for piece in pieces:  # copied out: the file's pages behind it are not needed again
+                release_file_pages(piece)
     return out
+
+
+def release_file_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped checkpoint tensor from this process (they
+    are clean file pages; touching them again would re-read the file). Keeps peak memory near
+    the converted weights' size instead of converted + original. Only for tensors of
+    load_shard's memory maps: on ordinary memory this would zero the data. Linux only; a
+    no-op elsewhere or if the kernel refuses."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start, end = tensor.data_ptr(), tensor.data_ptr() + span * tensor.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the range
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def shards_for_rank(n_shards: int, world_size: int, rank: int) -> List[int]:

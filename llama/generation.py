@@ -26,7 +26,7 @@ from llama.chat_format import (
     validate_dialog,
 )
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
-from llama.model import KVCache, Transformer
+from llama.model import KVCache, Transformer, pack_fused_weights
 from llama.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -87,44 +87,9 @@ class Llama:
         on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
         the same on every rank: all ranks sample the same tokens.
         """
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        start_time = time.time()
-        say = log if verbose else (lambda message: None)
-        device = choose_device(device)
-        dtype = choose_dtype(device, dtype)
-        shard_paths = checkpoint.find_shards(Path(ckpt_dir))
         tokenizer = Tokenizer(model_path=tokenizer_path)
-        args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size,
-                                     tokenizer.n_words)
-        rank, world_size = init_process_groups(device, model_parallel_size)
-        checkpoint.check_world_size(args, world_size)
-        torch.manual_seed(seed)
-        if verify:
-            say(f"Verifying {ckpt_dir} against checklist.chk ...")
-            checkpoint.verify_files(Path(ckpt_dir))
-
-        shards = {}
-        for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
-            say(f"Reading shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)})")
-            shards[index] = checkpoint.load_shard(shard_paths[index])
-            checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
-        state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
-                                           dtype, device)
-        weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-        _report_memory(args, weight_bytes, device, dtype, world_size, say)
-
-        with torch.device("meta"):
-            model = Transformer(args)
-        # Strict: every tensor of the model must come from the checkpoint (checked above too).
-        model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True,
-                              assign=True)
-        del state, shards
-        say(f"Loaded in {time.time() - start_time:.2f} seconds "
-            f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
-            f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
-            f"{str(dtype).replace('torch.', '')})")
+        model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
+                           model_parallel_size, seed, device, dtype, verify, verbose)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -355,6 +320,62 @@ class Llama:
             prediction["logprobs"] = row.logprobs
         prediction["finish_reason"] = row.finish_reason
         return prediction
+
+
+def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
+               model_parallel_size: Optional[int] = None, seed: int = 1,
+               device: Optional[str] = None, dtype=None, verify: bool = False,
+               verbose: bool = True) -> Transformer:
+    """The Transformer of a checkpoint directory, for this process's model-parallel rank (see
+    Llama.build, which adds the tokenizer). `vocab_size` is the tokenizer's."""
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    start_time = time.time()
+    say = log if verbose else (lambda message: None)
+    device = choose_device(device)
+    dtype = choose_dtype(device, dtype)
+    shard_paths = checkpoint.find_shards(Path(ckpt_dir))
+    args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size, vocab_size)
+    rank, world_size = init_process_groups(device, model_parallel_size)
+    checkpoint.check_world_size(args, world_size)
+    torch.manual_seed(seed)
+    if verify:
+        say(f"Verifying {ckpt_dir} against checklist.chk ...")
+        checkpoint.verify_files(Path(ckpt_dir))
+
+    shards = {}
+    for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
+        shard_start = time.time()
+        shards[index] = checkpoint.load_shard(shard_paths[index])
+        checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
+        say(f"Opened shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)}) in "
+            f"{time.time() - shard_start:.2f} s")
+    # Copies leave the memory-mapped files' pages behind; drop those as we go.
+    state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
+                                       dtype, device, release_copied=True)
+    mapped = {t.untyped_storage().data_ptr() for shard in shards.values()
+              for t in shard.values()}
+    del shards
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    _report_memory(args, weight_bytes, device, dtype, world_size, say)
+
+    def release_if_mapped(tensor):
+        if tensor.untyped_storage().data_ptr() in mapped:
+            checkpoint.release_file_pages(tensor)
+
+    # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
+    pack_fused_weights(state, args.n_layers, after_copy=release_if_mapped)
+    with torch.device("meta"):
+        model = Transformer(args)
+    # Strict: every tensor of the model must come from the checkpoint (checked above too).
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    say(f"Loaded in {time.time() - start_time:.2f} seconds "
+        f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
+        f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
+        f"{str(dtype).replace('torch.', '')})")
+    return model
 
 
 class TextStream:

@@ -220,10 +220,47 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+
+
+def _adjacent_rows(weights: List[torch.Tensor]) -> bool:
+    """Whether the matrices already lie one after another in one block of memory."""
+    first = weights[0]
+    if not all(w.is_contiguous() and w.dtype == first.dtype and w.device == first.device
+               and w.shape[1] == first.shape[1] for w in weights):
+        return False
+    address = first.data_ptr()
+    for w in weights:
+        if w.data_ptr() != address:
+            return False
+        address += w.numel() * w.element_size()
+    return True
+
+
+def pack_fused_weights(state: dict, n_layers: int, after_copy=None) -> None:
+    """Lay each layer's wq/wk/wv (and w1/w3) rows out in one matrix, in place in a state dict,
+    one layer at a time: loading it then needs no second copy of the weights to fuse them.
+    `after_copy(tensor)` is called on each original once it has been copied."""
+    for layer in range(n_layers):
+        for module, names in FUSED_WEIGHTS.items():
+            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
+            originals = [state.pop(key) for key in keys]
+            fused = torch.cat(originals, dim=0)
+            for key, piece in zip(keys, fused.split([w.shape[0] for w in originals], dim=0)):
+                state[key] = piece
+            for original in originals if after_copy else ():
+                after_copy(original)
+
+
 def _fuse_rows(*linears: nn.Module) -> torch.Tensor:
-    """Concatenate the weights of column-parallel layers into one matrix and make each layer's
-    weight a view of its rows, so one matrix product serves all of them without a copy."""
-    fused = torch.cat([linear.weight.detach() for linear in linears], dim=0)
+    """One matrix holding the weights of column-parallel layers, each layer's weight a view of
+    its rows, so one matrix product serves all of them. No copy when the weights already lie
+    that way (pack_fused_weights)."""
+    weights = [linear.weight.detach() for linear in linears]
+    if _adjacent_rows(weights):
+        rows = sum(w.shape[0] for w in weights)
+        return weights[0].as_strided((rows, weights[0].shape[1]), (weights[0].shape[1], 1))
+    fused = torch.cat(weights, dim=0)
     row = 0
     for linear in linears:
         rows = linear.weight.shape[0]

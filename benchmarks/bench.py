@@ -1,0 +1,248 @@
+"""Speed of loading and generation on random-weight checkpoints in Meta's layout.
+
+    python benchmarks/bench.py --shape S                     # this library alone
+    python benchmarks/bench.py --shape S --compare reference hf
+    python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
+
+Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
+decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
+reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
+and for Hugging Face transformers on the same weights, with ratios. Medians of --runs runs.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llama.fixtures import write_random_checkpoint  # noqa: E402
+from llama.model import KVCache, ModelArgs, count_parameters  # noqa: E402
+
+SHAPES = {
+    "S": dict(dim=768, n_layers=12, n_heads=12),
+    "M": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                ffn_dim_multiplier=1.3),
+}
+VOCAB = 32000
+
+
+class NoEosTokenizer:
+    """Random prompts need no text; an EOS id no token has keeps every run the same length."""
+    n_words, bos_id, eos_id, pad_id = VOCAB, 1, -1, -1
+
+    def decode(self, ids):
+        return ""
+
+
+def checkpoint_dir(shape: str, root: Path) -> Path:
+    out = root / f"{shape}-mp1"
+    if not (out / "checklist.chk").exists():
+        args = ModelArgs(vocab_size=VOCAB, **SHAPES[shape])
+        print(f"writing a random {shape} checkpoint ({count_parameters(args) / 1e6:.0f} M "
+              f"parameters) to {out} ...", file=sys.stderr)
+        write_random_checkpoint(out, args, 1, seed=0)
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_only(ckpt: Path, device, dtype) -> dict:
+    """Run in a fresh process: load time and peak RSS against the weights' bytes."""
+    from llama.generation import load_model
+
+    baseline = rss_bytes()
+    start = time.time()
+    model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False)
+    seconds = time.time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    return {"load_s": seconds, "baseline_rss": baseline, "peak_rss": peak, "weights": weights}
+
+
+def measure_load(ckpt: Path, device, dtype) -> dict:
+    command = [sys.executable, __file__, "--load-only", str(ckpt)]
+    if device:
+        command += ["--device", device]
+    if dtype:
+        command += ["--dtype", dtype]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, VOCAB, (n - 1,), generator=generator).tolist()
+            for n in lengths]
+
+
+class Ours:
+    name = "this library"
+
+    def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
+        from llama.generation import Llama, load_model
+
+        model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, device=device,
+                           dtype=dtype, verbose=False)
+        self.llama = Llama(model, NoEosTokenizer())
+        if compile_decode:
+            self.llama.compile_decode()
+
+    def generate(self, prompt_tokens, n):
+        return self.llama.generate(prompt_tokens, n, temperature=0)[0]
+
+
+class Reference:
+    name = "reference algorithm"
+
+    def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
+        from tests.meta_reference import ReferenceModel
+
+        state = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
+        params = json.loads((ckpt / "params.json").read_text())
+        self.model = ReferenceModel(state, params, max_batch_size, max_seq_len)
+
+    def generate(self, prompt_tokens, n):
+        from tests.meta_reference import reference_generate
+
+        return reference_generate(self.model, prompt_tokens, n, eos_id=-1)[0]
+
+
+class HuggingFace:
+    name = "transformers"
+
+    def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
+        from llama.hf import hf_model
+
+        state = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
+        params = json.loads((ckpt / "params.json").read_text())
+        params.pop("vocab_size")
+        args = ModelArgs(vocab_size=VOCAB, max_seq_len=max_seq_len, **params)
+        self.model = hf_model(state, args, getattr(torch, dtype or "float32"))
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens, n):
+        # left-padded batch with an attention mask, as transformers expects for generation
+        width = max(len(p) for p in prompt_tokens)
+        ids = torch.zeros((len(prompt_tokens), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_tokens):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, width:].tolist()
+
+
+def bench(impl, batches, prompt_len, gen_len, mixed, runs):
+    """Figures for one implementation: prefill and decode per batch size."""
+    rows = {}
+    for bsz in batches:
+        batch = prompts([prompt_len] * bsz)
+        impl.generate(batch, 2)  # warm-up
+        ttft = median_time(lambda: impl.generate(batch, 1), runs)
+        total = median_time(lambda: impl.generate(batch, gen_len), runs)
+        rows[f"batch {bsz}"] = {
+            "time to first token (s)": ttft,
+            "prefill tok/s": bsz * prompt_len / ttft,
+            "decode tok/s": bsz * (gen_len - 1) / (total - ttft),
+        }
+    if mixed:
+        batch = prompts(mixed)
+        ttft = median_time(lambda: impl.generate(batch, 1), runs)
+        rows[f"mixed {'/'.join(map(str, mixed))}"] = {
+            "time to first token (s)": ttft, "prefill tok/s": sum(mixed) / ttft}
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="S", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--mixed", type=int, nargs="*", default=[16, 48, 96, 128],
+                        help="prompt lengths of a mixed batch for prefill (none: skip)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compare", nargs="*", default=[], choices=["reference", "hf"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--compile", action="store_true", help="compiled decode step")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
+    parser.add_argument("--load-only", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.load_only:
+        print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype)))
+        return
+
+    ckpt = checkpoint_dir(args.shape, Path(args.root))
+    model_args = ModelArgs(vocab_size=VOCAB, **SHAPES[args.shape])
+    load = measure_load(ckpt, args.device, args.dtype)
+    gib = 1024 ** 3
+    print(f"shape {args.shape}: {count_parameters(model_args) / 1e6:.0f} M parameters, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {args.device or 'auto'}, dtype {args.dtype or 'auto'}")
+    print(f"load: {load['load_s']:.2f} s; weights {load['weights'] / gib:.3f} GiB; peak RSS "
+          f"{load['peak_rss'] / gib:.3f} GiB = {load['baseline_rss'] / gib:.3f} GiB before "
+          f"loading + {(load['peak_rss'] - load['baseline_rss']) / load['weights']:.2f} x the "
+          f"weights")
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if args.device == "cuda" else torch.float32)
+    per_token = KVCache.bytes_per_token(model_args, dtype)
+    print(f"KV cache: {per_token / 1024:.0f} KiB per token; a call of batch {max(args.batch)} "
+          f"x {args.prompt_len + args.gen_len} tokens allocates "
+          f"{per_token * max(args.batch) * (args.prompt_len + args.gen_len) / 2**20:.0f} MiB")
+
+    max_seq_len = args.prompt_len + args.gen_len
+    max_batch = max(args.batch + [len(args.mixed or [])])
+    results = {}
+    for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
+                                for c in args.compare]:
+        impl = impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
+        results[impl.name] = bench(impl, args.batch, args.prompt_len, args.gen_len, args.mixed,
+                                   args.runs)
+        del impl
+    ours = results["this library"]
+    for case, figures in ours.items():
+        for metric, value in figures.items():
+            line = f"{case:>22} {metric:>24}: {value:9.3f}"
+            for name, other in results.items():
+                if name != "this library":
+                    theirs = other[case][metric]
+                    faster = theirs / value if "(s)" in metric else value / theirs
+                    line += f" | {name} {theirs:9.3f} (we are {faster:.2f}x)"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
