@@ -101,9 +101,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference does.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in float32 whatever the model dtype, as the reference
+        # does, in one fused kernel.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return normed.type_as(x) * self.weight
 
 
@@ -114,14 +114,18 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
     return torch.polar(torch.ones_like(freqs), freqs)  # (end, dim // 2) complex64
 
 
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x0, x1), (x2, x3), ... of every head by its position's angle,
+    as complex multiplication in float32 (the reference's arithmetic).
+    x: (bsz, seqlen, n_heads, head_dim); freqs_cis: (bsz, seqlen, head_dim // 2)."""
+    x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    out = torch.view_as_real(x_ * freqs_cis.unsqueeze(2)).flatten(3)
+    return out.type_as(x)
+
+
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    # xq: (bsz, seqlen, n_heads, head_dim); freqs_cis: (bsz, seqlen, head_dim // 2)
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis.unsqueeze(2)  # (bsz, seqlen, 1, head_dim // 2)
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    """The reference's two-tensor form of apply_rotary."""
+    return apply_rotary(xq, freqs_cis), apply_rotary(xk, freqs_cis)
 
 
 class KVCache:
@@ -173,12 +177,13 @@ class Attention(nn.Module):
         # x: (bsz, seqlen, dim); cache_k/v: (bsz, n_kv, cache_len, head_dim)
         bsz, seqlen, _ = x.shape
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
+        n_heads = n_kv * n_rep
         xqkv = F.linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
-        xq, xk, xv = xqkv.split([n_kv * n_rep * hd, n_kv * hd, n_kv * hd], dim=-1)
-        xq = xq.view(bsz, seqlen, n_kv * n_rep, hd)
-        xk = xk.view(bsz, seqlen, n_kv, hd)
-        xv = xv.view(bsz, seqlen, n_kv, hd)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        # q and k are adjacent columns: rotate them in one go.
+        xqk = xqkv[..., : (n_heads + n_kv) * hd].view(bsz, seqlen, n_heads + n_kv, hd)
+        xqk = apply_rotary(xqk, freqs_cis)
+        xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
+        xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
 
         end_pos = start_pos + seqlen
         cache_k[:, :, start_pos:end_pos] = xk.transpose(1, 2)
@@ -369,4 +374,4 @@ def count_parameters(params: ModelArgs) -> int:
 
 
 __all__: List[str] = ["ModelArgs", "Transformer", "KVCache", "RMSNorm", "precompute_freqs_cis",
-                      "apply_rotary_emb", "attention_mask", "count_parameters"]
+                      "apply_rotary", "apply_rotary_emb", "attention_mask", "count_parameters"]
