@@ -197,6 +197,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="compiled decode step")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
+    parser.add_argument("--load", action="store_true", help="only the loading figures")
     parser.add_argument("--load-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -216,6 +217,8 @@ def main():
           f"{load['peak_rss'] / gib:.3f} GiB = {load['baseline_rss'] / gib:.3f} GiB before "
           f"loading + {(load['peak_rss'] - load['baseline_rss']) / load['weights']:.2f} x the "
           f"weights")
+    if args.load:
+        return
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device == "cuda" else torch.float32)
     per_token = KVCache.bytes_per_token(model_args, dtype)

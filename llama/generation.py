@@ -96,6 +96,14 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self._cache: Optional[KVCache] = None
+        self._decode_forward = model.forward  # the one-token step; see compile_decode
+
+    def compile_decode(self, **compile_options) -> None:
+        """Compile the one-token decode step with torch.compile (dynamic shapes: the cache
+        length grows each step). The first calls are slow while it compiles; results equal
+        the eager path's. Options go to torch.compile."""
+        options = {"dynamic": True, **compile_options}
+        self._decode_forward = torch.compile(self.model.forward, **options)
 
     # ------------------------------------------------------------------ reference API
     @torch.inference_mode()
@@ -269,8 +277,8 @@ class Llama:
                         yield piece
             if bool(done.all()):  # the one host sync of a step
                 break
-            logits = self.model.forward(next_token[:, None], max_len + step, cache, pads,
-                                        last_logits_only=True)
+            logits = self._decode_forward(next_token[:, None], max_len + step, cache, pads,
+                                          last_logits_only=True)
             last_logits = logits[:, -1]
 
         _finish_rows(rows, generated[:, :steps_run].tolist(),

@@ -207,3 +207,17 @@ def test_bad_build_arguments(checkpoints, tokenizer_path):
         Llama.build(checkpoints("gqa"), tokenizer_path, max_seq_len=0, max_batch_size=1)
     with pytest.raises(ValueError, match="unknown dtype 'float33'"):
         Llama.build(checkpoints("gqa"), tokenizer_path, 8, 1, dtype="float33")
+
+
+def test_compiled_decode_step_equals_eager(build):
+    generator = build("gqa")
+    eager = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=10, logprobs=True)
+    generator.compile_decode()
+    try:
+        compiled = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=10,
+                                             logprobs=True)
+    finally:
+        generator._decode_forward = generator.model.forward  # the generator is shared
+    for a, b in zip(eager, compiled):
+        assert a["tokens"] == b["tokens"]
+        assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(a["logprobs"], b["logprobs"]))
