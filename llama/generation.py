@@ -26,7 +26,7 @@ from llama.chat_format import (
     validate_dialog,
 )
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
-from llama.model import KVCache, Transformer, pack_fused_weights
+from llama.model import KVCache, Transformer, pack_weights
 from llama.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -373,7 +373,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
             checkpoint.release_file_pages(tensor)
 
     # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
-    pack_fused_weights(state, args.n_layers, after_copy=release_if_mapped)
+    pack_weights(state, args.n_layers, column_major=device.type == "cpu",
+                 after_copy=release_if_mapped)
     with torch.device("meta"):
         model = Transformer(args)
     # Strict: every tensor of the model must come from the checkpoint (checked above too).

@@ -228,43 +228,59 @@ class FeedForward(nn.Module):
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
 
 
-def _adjacent_rows(weights: List[torch.Tensor]) -> bool:
-    """Whether the matrices already lie one after another in one block of memory."""
-    first = weights[0]
-    if not all(w.is_contiguous() and w.dtype == first.dtype and w.device == first.device
-               and w.shape[1] == first.shape[1] for w in weights):
-        return False
-    address = first.data_ptr()
-    for w in weights:
-        if w.data_ptr() != address:
-            return False
-        address += w.numel() * w.element_size()
-    return True
+def _packed(weights: List[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The one matrix the weights are consecutive row blocks of, if they already lie that way
+    in memory: row-major (each weight contiguous, one after another) or column-major (each a
+    column block of one contiguous (in, out) matrix, seen transposed). None otherwise."""
+    first, rows = weights[0], sum(w.shape[0] for w in weights)
+    cols = first.shape[1]
+    if not all(w.dtype == first.dtype and w.device == first.device and w.shape[1] == cols
+               for w in weights):
+        return None
+    for stride, step in (((cols, 1), cols), ((1, rows), 1)):  # row-major, column-major
+        address = first.data_ptr()
+        for w in weights:
+            if w.stride() != stride or w.data_ptr() != address:
+                break
+            address += w.shape[0] * step * w.element_size()
+        else:
+            return first.as_strided((rows, cols), stride)
+    return None
 
 
-def pack_fused_weights(state: dict, n_layers: int, after_copy=None) -> None:
-    """Lay each layer's wq/wk/wv (and w1/w3) rows out in one matrix, in place in a state dict,
-    one layer at a time: loading it then needs no second copy of the weights to fuse them.
+def pack_weights(state: dict, n_layers: int, column_major: bool, after_copy=None) -> None:
+    """Lay a state dict's matrices out as the model computes with them, in place, one tensor
+    group at a time (so loading needs no second copy of the weights): each layer's wq/wk/wv
+    and w1/w3 as consecutive row blocks of one matrix; with `column_major`, every matrix
+    stored transposed (F.linear then streams it in the order the CPU's matrix-vector kernel
+    reads fastest). Entries stay (out, in)-shaped views under Meta's names.
     `after_copy(tensor)` is called on each original once it has been copied."""
-    for layer in range(n_layers):
-        for module, names in FUSED_WEIGHTS.items():
-            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
-            originals = [state.pop(key) for key in keys]
-            fused = torch.cat(originals, dim=0)
-            for key, piece in zip(keys, fused.split([w.shape[0] for w in originals], dim=0)):
-                state[key] = piece
-            for original in originals if after_copy else ():
-                after_copy(original)
+    groups = [[f"layers.{layer}.{module}.{name}.weight" for name in names]
+              for layer in range(n_layers) for module, names in FUSED_WEIGHTS.items()]
+    if column_major:
+        grouped = {key for group in groups for key in group}
+        groups += [[key] for key, value in state.items()
+                   if value.dim() == 2 and key not in grouped and key != "tok_embeddings.weight"]
+    for keys in groups:
+        originals = [state.pop(key) for key in keys]
+        rows = [w.shape[0] for w in originals]
+        if column_major:  # (in, sum of outs), each weight a transposed column block
+            pieces = [p.t() for p in torch.cat([w.t() for w in originals], 1).split(rows, 1)]
+        else:
+            pieces = torch.cat(originals, dim=0).split(rows, dim=0)
+        state.update(zip(keys, pieces))
+        for original in originals if after_copy else ():
+            after_copy(original)
 
 
 def _fuse_rows(*linears: nn.Module) -> torch.Tensor:
     """One matrix holding the weights of column-parallel layers, each layer's weight a view of
     its rows, so one matrix product serves all of them. No copy when the weights already lie
-    that way (pack_fused_weights)."""
+    that way (pack_weights)."""
     weights = [linear.weight.detach() for linear in linears]
-    if _adjacent_rows(weights):
-        rows = sum(w.shape[0] for w in weights)
-        return weights[0].as_strided((rows, weights[0].shape[1]), (weights[0].shape[1], 1))
+    packed = _packed(weights)
+    if packed is not None:
+        return packed
     fused = torch.cat(weights, dim=0)
     row = 0
     for linear in linears:
