@@ -160,13 +160,34 @@ def find_shards(ckpt_dir: Path) -> List[Path]:
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map a shard. Only tensors are unpickled (weights_only): a file that would run
     code or build other objects is refused, never loaded another way."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as error:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise CheckpointError(f"{path} is empty: its download did not complete; re-download it "
+                              f"(download.sh resumes)")
+    if head.lstrip()[:1] == b"<":
         raise CheckpointError(
-            f"{path} was refused: it is not a plain tensor checkpoint and loading it could run "
-            f"arbitrary code ({str(error).splitlines()[0]}). Use the files from Meta's "
-            f"download, verified with --verify") from None
+            f"{path} is a web page, not a checkpoint: the download saved an error page (often "
+            f"HTTP 403 from an expired link); request a new link and re-download it")
+    # Meta's shards are zip archives (torch.save's format since 1.6), which can be mapped;
+    # the older format is read into memory instead, still as tensors only.
+    mmap = head[:4] == b"PK\x03\x04"
+    try:
+        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # The tensors-only unpickler names what it refused; say which kind of problem it is.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if not line.startswith(
+            ("Please file", "Check the documentation"))), lines[0] if lines else "")
+        detail = detail.replace("WeightsUnpickler error:", "").strip()
+        if "global" in detail.lower() or "reduce" in detail.lower():
+            raise CheckpointError(
+                f"{path} was refused: it is not a plain tensor checkpoint and loading it could "
+                f"run arbitrary code ({detail}). Use the files from Meta's download, verified "
+                f"with --verify") from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupted (unreadable pickle: {detail}); re-download it "
+            f"(download.sh resumes) and check it with verify=True / --verify") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(
             f"{path} is truncated or corrupted ({str(error).splitlines()[0]}); re-download it "

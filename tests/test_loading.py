@@ -77,6 +77,26 @@ def test_truncated_shard_names_the_file(copy_of, tokenizer_path):
         _build(ckpt, tokenizer_path)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty: its download did not complete"),
+    (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "is a web page"),
+    (b"\x80\x02garbage that is no checkpoint", "is truncated or corrupted"),
+])
+def test_files_that_are_no_checkpoint(content, message, copy_of, tokenizer_path):
+    ckpt = copy_of()
+    (ckpt / "consolidated.00.pth").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"consolidated.00.pth {message}"):
+        _build(ckpt, tokenizer_path)
+
+
+def test_legacy_format_shards_still_load(copy_of, tokenizer_path, build):
+    ckpt = copy_of()
+    state = torch.load(ckpt / "consolidated.00.pth")
+    torch.save(state, ckpt / "consolidated.00.pth", _use_new_zipfile_serialization=False)
+    legacy = _build(ckpt, tokenizer_path).text_completion(["Hi"], temperature=0, max_gen_len=4)
+    assert legacy == build("gqa").text_completion(["Hi"], temperature=0, max_gen_len=4)
+
+
 def test_flipped_byte_is_caught_by_verify(copy_of, tokenizer_path):
     ckpt = copy_of()
     shard = ckpt / "consolidated.00.pth"
