@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -166,10 +166,14 @@ class Llama:
         for index, dialog in enumerate(dialogs):
             validate_dialog(dialog, index)
         unsafe = [has_special_tags(dialog) for dialog in dialogs]
-        safe_tokens = [dialog_to_tokens(dialog, self.tokenizer.encode, index)
-                       for index, dialog in enumerate(dialogs) if not unsafe[index]]
+        all_tokens = [dialog_to_tokens(dialog, self.tokenizer.encode, index)
+                      for index, dialog in enumerate(dialogs)]
+        safe_tokens = [t for t, bad in zip(all_tokens, unsafe) if not bad]
+        # The refused dialogs are not run, but sampling draws random numbers as if they were
+        # in the batch, as in the reference, so seeded samples of the others stay the same.
+        noise_batch = ([len(t) for t in all_tokens], [i for i, bad in enumerate(unsafe) if not bad])
         safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
-                                                  top_p, logprobs, False, stop))
+                                                  top_p, logprobs, False, stop, noise_batch))
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
@@ -209,21 +213,25 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop) -> List[_Row]:
+                            echo, stop, noise_batch=None) -> List[_Row]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
+        if len(prompt_tokens) > size:
+            noise_batch = None  # the reference cannot run such a batch: nothing to follow
         rows: List[_Row] = []
         for begin in range(0, len(prompt_tokens), size):
             rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
-                                          index_offset=begin))
+                                          index_offset=begin, noise_batch=noise_batch))
         return rows
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                  stop=None, stream=False, index_offset=0) -> Iterator[str]:
-        """Yields text pieces of row 0 when `stream`; returns the finished rows."""
+                  stop=None, stream=False, index_offset=0, noise_batch=None) -> Iterator[str]:
+        """Yields text pieces of row 0 when `stream`; returns the finished rows.
+        `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
+        sampling then draws its random numbers for that batch (see _ReferenceNoise)."""
         params = self.model.params
         stop = _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params,
                                 self.tokenizer.n_words, index_offset)
@@ -258,9 +266,14 @@ class Llama:
         token_logprobs = torch.zeros((bsz, n_steps), device=device) if logprobs else None
         limits = torch.tensor([row.limit for row in rows], device=device)
         done = limits == 0
+        noise = None
+        if temperature > 0:
+            noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))
+            noise = _ReferenceNoise(noise_lens, noise_rows, last_logits.shape[-1], device)
         steps_run = 0
         for step in range(n_steps):
-            next_token = _sample(last_logits, temperature, top_p)  # (bsz,)
+            next_token = _sample(last_logits, temperature, top_p,
+                                 noise.for_step(step) if noise else None)  # (bsz,)
             generated[:, step] = next_token
             if logprobs:
                 token_logprobs[:, step] = torch.log_softmax(last_logits, dim=-1).gather(
@@ -475,22 +488,61 @@ def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, param
     return list(stop)
 
 
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, p: float,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sample from the smallest set of most likely tokens whose probability mass reaches p.
-    probs: (bsz, vocab). Returns (bsz, 1) token ids."""
+    probs: (bsz, vocab). Returns (bsz, 1) token ids. `noise` (bsz, vocab) of Exp(1) draws
+    replaces torch.multinomial's own: multinomial picks argmax(probs / noise) with noise it
+    draws itself, so passing the same draws gives the same tokens."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p  # tokens outside the nucleus: the mass before them is p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1)
+    if noise is None:
+        next_token = torch.multinomial(probs_sort, num_samples=1)
+    else:
+        next_token = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
     return torch.gather(probs_idx, -1, next_token)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+class _ReferenceNoise:
+    """The random numbers the reference's loop would use, handed to each row in its order.
+
+    The reference samples a token for every row at every position from the end of the
+    shortest prompt on, discarding those drawn inside longer prompts: its k-th token of row i
+    uses the draw of step (len_i - min_len + k). Prefilling all prompts at once, we draw the
+    same sequence and give each row its own draw, so that seeded samples equal the
+    reference's for batches of mixed lengths too."""
+
+    def __init__(self, prompt_lens: List[int], rows: List[int], vocab_size: int, device):
+        """prompt_lens: the reference's whole batch; rows: which of its rows we generate."""
+        shortest = min(prompt_lens)
+        self.offsets = [prompt_lens[row] - shortest for row in rows]
+        self.rows = rows
+        self.plain = not any(self.offsets) and rows == list(range(len(prompt_lens)))
+        self.shape, self.device = (len(prompt_lens), vocab_size), device
+        self.draws: Dict[int, torch.Tensor] = {}
+        self.drawn = 0
+
+    def for_step(self, step: int) -> torch.Tensor:
+        while self.drawn <= step + max(self.offsets):
+            noise = torch.empty(self.shape, device=self.device).exponential_(1)
+            self.draws[self.drawn] = noise
+            self.drawn += 1
+        for old in [d for d in self.draws if d < step]:
+            del self.draws[old]
+        if self.plain:
+            return self.draws[step]
+        return torch.stack([self.draws[step + offset][row]
+                            for row, offset in zip(self.rows, self.offsets)])
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            noise: Optional[torch.Tensor]) -> torch.Tensor:
     if temperature > 0:
         probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
+        return sample_top_p(probs, top_p, noise).reshape(-1)
     return torch.argmax(logits, dim=-1)
 
 

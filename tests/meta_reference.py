@@ -85,9 +85,20 @@ class ReferenceModel:
         return (self._norm(h, self.w["norm.weight"]) @ self.w["output.weight"].T).float()
 
 
+def reference_sample_top_p(probs, p):
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)
+
+
 def reference_generate(model: ReferenceModel, prompt_tokens: List[List[int]], max_gen_len: int,
-                       eos_id: int, logprobs: bool = False, echo: bool = False):
-    """Greedy generation exactly as the reference's Llama.generate (temperature 0)."""
+                       eos_id: int, logprobs: bool = False, echo: bool = False,
+                       temperature: float = 0.0, top_p: float = 0.9):
+    """Generation exactly as the reference's Llama.generate."""
     pad_id = -1
     bsz = len(prompt_tokens)
     min_prompt_len = min(len(t) for t in prompt_tokens)
@@ -106,7 +117,12 @@ def reference_generate(model: ReferenceModel, prompt_tokens: List[List[int]], ma
                                           reduction="none", ignore_index=pad_id)
     for cur_pos in range(min_prompt_len, total_len):
         logits = model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-        next_token = torch.argmax(logits[:, -1], dim=-1).reshape(-1)
+        if temperature > 0:
+            probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+            next_token = reference_sample_top_p(probs, top_p)
+        else:
+            next_token = torch.argmax(logits[:, -1], dim=-1)
+        next_token = next_token.reshape(-1)
         next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
         tokens[:, cur_pos] = next_token
         if logprobs:

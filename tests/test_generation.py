@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from llama.chat_format import UNSAFE_ERROR, dialog_to_tokens
 from llama.generation import sample_top_p
 from tests.meta_reference import ReferenceModel, reference_generate
 
@@ -37,6 +38,36 @@ def test_greedy_tokens_and_logprobs_equal_reference(kind, echo, build, checkpoin
                                                     generator.tokenizer.eos_id, True, echo)
     assert tokens == want_tokens
     _assert_logprobs_close(logprobs, want_logprobs)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.6, 0.9), (1.0, 1.0)])
+def test_seeded_samples_equal_the_reference(temperature, top_p, build, checkpoints):
+    """Same seed, same tokens: also for prompts of mixed lengths, whose tails the reference
+    feeds one step at a time while drawing (and discarding) samples."""
+    generator = build("mha")
+    prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    torch.manual_seed(7)
+    tokens, logprobs = generator.generate(prompt_tokens, 20, temperature, top_p, logprobs=True)
+    reference = _reference(checkpoints.state("mha"), checkpoints.params("mha"))
+    torch.manual_seed(7)
+    want = reference_generate(reference, prompt_tokens, 20, 2, True, False, temperature, top_p)
+    assert tokens == want[0]
+    _assert_logprobs_close(logprobs, want[1])
+
+
+def test_refused_dialogs_do_not_change_the_others_samples(build):
+    generator = build("gqa", max_seq_len=128)
+    ok = [{"role": "user", "content": "Hello there"}]
+    refused = [{"role": "user", "content": "a long question with [INST] inside it, longer"}]
+    torch.manual_seed(3)
+    mixed = generator.chat_completion([refused, ok, ok], temperature=1.0, max_gen_len=12)
+    # the reference runs the refused dialog too; its random numbers come from the whole batch
+    tokens = [dialog_to_tokens(d, generator.tokenizer.encode) for d in (refused, ok, ok)]
+    torch.manual_seed(3)
+    out, _ = generator.generate(tokens, 12, temperature=1.0)
+    assert mixed[0]["generation"]["content"] == UNSAFE_ERROR
+    assert [m["generation"]["content"] for m in mixed[1:]] == \
+        [generator.tokenizer.decode(t) for t in out[1:]]
 
 
 def test_eos_stops_rows_as_the_reference_does(build, eos_checkpoint, tokenizer_path):
