@@ -8,6 +8,8 @@ Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ct
 When the conversation outgrows max_seq_len, the oldest exchanges are dropped, and it says so.
 """
 
+import sys
+import time
 from typing import Optional
 
 import fire
@@ -41,7 +43,9 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     seed: int = 1,
+    show_speed: bool = False,
 ):
+    """--show_speed reports each answer's tokens per second on stderr."""
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
@@ -78,11 +82,16 @@ def main(
                   f"max_seq_len={max_seq_len})", flush=True)
             history = fitted
         print("Assistant: ", end="", flush=True)
+        start = time.time()
         answer = generator.stream_chat(history, temperature=temperature, top_p=top_p,
                                        max_gen_len=max_gen_len)
         for piece in answer:
             print(piece, end="", flush=True)
         print(flush=True)
+        if show_speed and is_rank0():
+            seconds = time.time() - start
+            print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} tokens/s)",
+                  file=sys.stderr, flush=True)
         history.append({"role": "assistant", "content": answer.text})
 
 
