@@ -109,7 +109,7 @@ class Terminal:
 def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     script = ["example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa", nproc or 1),
               "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len", "96",
-              "--max_gen_len", "12", "--system", "Answer briefly"]
+              "--max_gen_len", "12", "--system", "Answer briefly", "--show_speed"]
     if nproc:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                    str(nproc), "--master_port", str(free_port())] + script
@@ -127,6 +127,7 @@ def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     term.type("Tell me more about dictionaries and sets and tuples and lists in Python")
     term.expect("User: ", count=4)
     assert "(dropped the" in term.screen  # the history outgrew max_seq_len
+    assert "tokens/s)" in term.screen
     term.type("/reset")
     term.expect("(conversation reset)")
     term.type("Hello there, what is a list?")
