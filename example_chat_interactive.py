@@ -52,20 +52,20 @@ def main(
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
                             dtype=dtype, seed=seed)
     encode = generator.tokenizer.encode
-    start = [{"role": "system", "content": system}] if system else []
+    system_turn = [{"role": "system", "content": system}] if system else []
     # Keep room for an answer: the prompt may use what is left after it.
     reply_room = max_gen_len or max(16, max_seq_len // 4)
     if reply_room >= max_seq_len:
         raise SystemExit(f"max_gen_len ({max_gen_len}) must be below max_seq_len ({max_seq_len})")
     print("Chatting. /reset starts over, /exit or Ctrl-D quits.", flush=True)
-    history = list(start)
+    history = list(system_turn)
     while True:
         line = read_user_turn()
         if line is None or line.strip() == "/exit":
             print("Bye.", flush=True)
             break
         if line.strip() == "/reset":
-            history = list(start)
+            history = list(system_turn)
             print("(conversation reset)", flush=True)
             continue
         if not line.strip():
@@ -82,14 +82,14 @@ def main(
                   f"max_seq_len={max_seq_len})", flush=True)
             history = fitted
         print("Assistant: ", end="", flush=True)
-        start = time.time()
+        answer_start = time.time()
         answer = generator.stream_chat(history, temperature=temperature, top_p=top_p,
                                        max_gen_len=max_gen_len)
         for piece in answer:
             print(piece, end="", flush=True)
         print(flush=True)
         if show_speed and is_rank0():
-            seconds = time.time() - start
+            seconds = time.time() - answer_start
             print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} tokens/s)",
                   file=sys.stderr, flush=True)
         history.append({"role": "assistant", "content": answer.text})

@@ -3,6 +3,7 @@ driven through a real pseudo-terminal as a person would type into it."""
 
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -105,6 +106,12 @@ class Terminal:
             os.close(self.master)
 
 
+def _answer(screen_after_prompt: str) -> str:
+    """The answer text, without the speed report that follows it."""
+    answer = screen_after_prompt.split("User: ")[0]
+    return re.sub(r"\(\d+ tokens, [\d.]+ tokens/s\)", "", answer).strip()
+
+
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     script = ["example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa", nproc or 1),
@@ -121,7 +128,7 @@ def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     term.type("Hello there, what is a list?")
     term.expect("Assistant: ")
     term.expect("User: ", count=2)
-    first_answer = term.screen.split("Assistant: ")[1].split("User: ")[0].strip()
+    first_answer = _answer(term.screen.split("Assistant: ")[1])
     term.type("And a dictionary, explained at some length please?")
     term.expect("User: ", count=3)
     term.type("Tell me more about dictionaries and sets and tuples and lists in Python")
@@ -132,7 +139,7 @@ def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     term.expect("(conversation reset)")
     term.type("Hello there, what is a list?")
     term.expect("User: ", count=6)
-    after_reset = term.screen.split("Assistant: ")[-1].split("User: ")[0].strip()
+    after_reset = _answer(term.screen.split("Assistant: ")[-1])
     assert after_reset == first_answer  # a fresh conversation answers as the first did
     term.type("/exit")
     term.expect("Bye.")
