@@ -160,25 +160,31 @@ class HuggingFace:
         return out[:, width:].tolist()
 
 
-def bench(impl, batches, prompt_len, gen_len, mixed, runs):
-    """Figures for one implementation: prefill and decode per batch size."""
-    rows = {}
-    for bsz in batches:
-        batch = prompts([prompt_len] * bsz)
-        impl.generate(batch, 2)  # warm-up
-        ttft = median_time(lambda: impl.generate(batch, 1), runs)
-        total = median_time(lambda: impl.generate(batch, gen_len), runs)
-        rows[f"batch {bsz}"] = {
-            "time to first token (s)": ttft,
-            "prefill tok/s": bsz * prompt_len / ttft,
-            "decode tok/s": bsz * (gen_len - 1) / (total - ttft),
-        }
+def bench(impls, batches, prompt_len, gen_len, mixed, runs):
+    """Figures per implementation: prefill and decode per batch size. The implementations
+    take turns run by run, so a slower or busier spell of the machine hits them alike."""
+    cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), True) for bsz in batches]
     if mixed:
-        batch = prompts(mixed)
-        ttft = median_time(lambda: impl.generate(batch, 1), runs)
-        rows[f"mixed {'/'.join(map(str, mixed))}"] = {
-            "time to first token (s)": ttft, "prefill tok/s": sum(mixed) / ttft}
-    return rows
+        cases.append((f"mixed {'/'.join(map(str, mixed))}", prompts(mixed), False))
+    results = {impl.name: {} for impl in impls}
+    for case, batch, decode in cases:
+        first, total = {impl.name: [] for impl in impls}, {impl.name: [] for impl in impls}
+        for impl in impls:
+            impl.generate(batch, 2)  # warm-up
+        for _ in range(runs):
+            for impl in impls:
+                first[impl.name].append(median_time(lambda: impl.generate(batch, 1), 1))
+                if decode:
+                    total[impl.name].append(median_time(lambda: impl.generate(batch, gen_len), 1))
+        tokens = sum(len(p) for p in batch)
+        for impl in impls:
+            ttft = statistics.median(first[impl.name])
+            figures = {"time to first token (s)": ttft, "prefill tok/s": tokens / ttft}
+            if decode:
+                decode_s = statistics.median(total[impl.name]) - ttft
+                figures["decode tok/s"] = len(batch) * (gen_len - 1) / decode_s
+            results[impl.name][case] = figures
+    return results
 
 
 def main():
@@ -228,13 +234,10 @@ def main():
 
     max_seq_len = args.prompt_len + args.gen_len
     max_batch = max(args.batch + [len(args.mixed or [])])
-    results = {}
-    for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
-                                for c in args.compare]:
-        impl = impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
-        results[impl.name] = bench(impl, args.batch, args.prompt_len, args.gen_len, args.mixed,
-                                   args.runs)
-        del impl
+    impls = [impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
+             for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
+                                         for c in args.compare]]
+    results = bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs)
     ours = results["this library"]
     for case, figures in ours.items():
         for metric, value in figures.items():
