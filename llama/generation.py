@@ -282,7 +282,7 @@ class Llama:
             done |= (next_token == self.tokenizer.eos_id) | (limits <= steps_run)
             if track_text:  # needs this step's tokens on the host
                 for i, token in enumerate(next_token.tolist()):
-                    if self._track_row(rows[i], token, steps_run, stop):
+                    if self._track_row(rows[i], token, stop):
                         done[i] = True
                 if stream:
                     piece = _stream_piece(rows[0], stop)
@@ -303,7 +303,7 @@ class Llama:
                 yield rest
         return rows
 
-    def _track_row(self, row: _Row, token: int, steps_run: int, stop) -> bool:
+    def _track_row(self, row: _Row, token: int, stop: List[str]) -> bool:
         """Add a token to a row's running text; True when a stop string has just ended it."""
         if row.finish_reason == "stop" or len(row.tokens) >= row.limit:
             return False  # finished earlier; later tokens of this row are discarded
