@@ -11,6 +11,7 @@ import fire
 
 from llama import Dialog, Llama
 from llama.cli import quiet_other_ranks, resolve_model_paths
+from llama.distributed import shutdown
 
 
 def main(
@@ -71,3 +72,4 @@ These are just a few of the many attractions that Paris has to offer. With so mu
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

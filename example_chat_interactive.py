@@ -17,7 +17,7 @@ import fire
 from llama import Llama
 from llama.chat_format import truncate_dialog
 from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths
-from llama.distributed import broadcast_object
+from llama.distributed import broadcast_object, shutdown
 
 
 def read_user_turn() -> Optional[str]:
@@ -97,3 +97,4 @@ def main(
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

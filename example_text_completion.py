@@ -13,6 +13,7 @@ import fire
 
 from llama import Llama
 from llama.cli import quiet_other_ranks, resolve_model_paths
+from llama.distributed import shutdown
 
 
 def main(
@@ -83,3 +84,4 @@ def main(
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

@@ -80,3 +80,12 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a script: every rank waits for the others,
+    then the group is destroyed (exiting with live gloo threads can abort the process)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

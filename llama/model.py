@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -71,6 +75,18 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear, except for a few rows (a decode step of a small batch) on the CPU with a
+    column-major weight: there one matrix-vector product per row, as a batched product over
+    the broadcast weight, beats MKL's small-matrix GEMM (measured 1.3-1.6x on 2 cores)."""
+    rows = x.numel() // x.shape[-1]
+    if 1 < rows <= 16 and x.device.type == "cpu" and weight.stride(0) == 1:
+        weight_t = weight.t()  # (in, out), contiguous
+        out = torch.bmm(x.reshape(rows, 1, x.shape[-1]), weight_t.expand(rows, *weight_t.shape))
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
 
 
 def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
@@ -178,7 +194,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
-        xqkv = F.linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
+        xqkv = linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
         # q and k are adjacent columns: rotate them in one go.
         xqk = xqkv[..., : (n_heads + n_kv) * hd].view(bsz, seqlen, n_heads + n_kv, hd)
         xqk = apply_rotary(xqk, freqs_cis)
@@ -202,7 +218,7 @@ class Attention(nn.Module):
                                              scale=1.0 / math.sqrt(hd))
         out = out.view(bsz, n_kv, n_rep, seqlen, hd).permute(0, 3, 1, 2, 4)
         out = out.reshape(bsz, seqlen, n_kv * n_rep * hd)  # (bsz, seqlen, n_local_heads * hd)
-        return self.wo(out)
+        return reduce_from_model_parallel_region(linear(out, self.wo.weight))  # RowParallel
 
 
 class FeedForward(nn.Module):
@@ -221,8 +237,8 @@ class FeedForward(nn.Module):
         self.w13 = _fuse_rows(self.w1, self.w3)
 
     def forward(self, x):
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
-        return self.w2(F.silu(gate) * up)
+        gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
+        return reduce_from_model_parallel_region(linear(F.silu(gate) * up, self.w2.weight))
 
 
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
@@ -361,7 +377,8 @@ class Transformer(nn.Module):
                       start_pos, mask)
         if last_logits_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
+        return gather_from_model_parallel_region(linear(self.norm(h), self.output.weight)).float()
 
 
 def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from llama import Llama
 from llama.checkpoint import full_shapes, shard_shape
+from llama.distributed import shutdown
 
 PROMPTS = ["The meaning of life is", "Simply put, the theory of relativity states that ",
            "x", "上下五千年，英雄万万千。"]
@@ -39,3 +40,4 @@ def main(ckpt_dir: str, tokenizer_path: str, out_path: str):
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    shutdown()
