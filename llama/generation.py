@@ -5,8 +5,6 @@ left-padded and prefilled in one forward pass; each step then samples one token 
 feeds it back, and syncs with the host once, to decide whether every row is done.
 """
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +12,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
-import torch.nn.functional as F
 
 from llama import checkpoint
 from llama.chat_format import (

@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama.checkpoint import save_checkpoint, split_state_dict
 from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint
