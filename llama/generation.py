@@ -93,14 +93,21 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self._cache: Optional[KVCache] = None
-        self._decode_forward = model.forward  # the one-token step; see compile_decode
+        self._compiled_step = None  # see compile_decode
 
-    def compile_decode(self, **compile_options) -> None:
-        """Compile the one-token decode step with torch.compile (dynamic shapes: the cache
-        length grows each step). The first calls are slow while it compiles; results equal
-        the eager path's. Options go to torch.compile."""
-        options = {"dynamic": True, **compile_options}
-        self._decode_forward = torch.compile(self.model.forward, **options)
+    def compile_decode(self, cuda_graphs: Optional[bool] = None, **compile_options) -> None:
+        """Compile the one-token decode step with torch.compile. The compiled step has static
+        shapes: it writes its token's keys at a position held on the device and attends over
+        the whole KV cache of the call under a mask, so it compiles once per (batch size,
+        cache size) and, with `cuda_graphs` (default: on when the model is on a CUDA device),
+        is captured as a CUDA graph and replayed every step (torch.compile's
+        "reduce-overhead" mode). The first calls are slow while it compiles; results equal
+        the eager path's. Other options go to torch.compile."""
+        if cuda_graphs is None:
+            cuda_graphs = self.model.output.weight.device.type == "cuda"
+        if cuda_graphs:
+            compile_options.setdefault("mode", "reduce-overhead")
+        self._compiled_step = torch.compile(self.model.forward, **compile_options)
 
     # ------------------------------------------------------------------ reference API
     @torch.inference_mode()
@@ -267,6 +274,11 @@ class Llama:
         if temperature > 0:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))
             noise = _ReferenceNoise(noise_lens, noise_rows, last_logits.shape[-1], device)
+        if self._compiled_step is not None:
+            position = torch.tensor(max_len, device=device)  # advanced on the device
+            # The cache is written in place by a captured graph: its address must not change.
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
         steps_run = 0
         for step in range(n_steps):
             next_token = _sample(last_logits, temperature, top_p,
@@ -287,8 +299,13 @@ class Llama:
                         yield piece
             if bool(done.all()):  # the one host sync of a step
                 break
-            logits = self._decode_forward(next_token[:, None], max_len + step, cache, pads,
-                                          last_logits_only=True)
+            if self._compiled_step is None:
+                logits = self.model.forward(next_token[:, None], max_len + step, cache, pads,
+                                            last_logits_only=True)
+            else:
+                logits = self._compiled_step(next_token[:, None], position, cache, pads,
+                                             last_logits_only=True)
+                position += 1
             last_logits = logits[:, -1]
 
         _finish_rows(rows, generated[:, :steps_run].tolist(),

@@ -226,11 +226,18 @@ class Attention(nn.Module):
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
 
-        end_pos = start_pos + seqlen
-        cache_k[:, :, start_pos:end_pos] = xk.transpose(1, 2)
-        cache_v[:, :, start_pos:end_pos] = xv.transpose(1, 2)
-        keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
-        values = cache_v[:, :, :end_pos]
+        if isinstance(start_pos, torch.Tensor):
+            # The static-shape step (Transformer.forward): one slot written at a position held
+            # on the device, the whole cache read; the mask hides the slots not yet written.
+            cache_k.index_copy_(2, start_pos.view(1), xk.transpose(1, 2))
+            cache_v.index_copy_(2, start_pos.view(1), xv.transpose(1, 2))
+            keys, values = cache_k, cache_v
+        else:
+            end_pos = start_pos + seqlen
+            cache_k[:, :, start_pos:end_pos] = xk.transpose(1, 2)
+            cache_v[:, :, start_pos:end_pos] = xv.transpose(1, 2)
+            keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
+            values = cache_v[:, :, :end_pos]
 
         # Grouped-query attention without repeating keys: the n_rep query heads that share a
         # kv head are stacked along the query axis. Head h uses kv head h // n_rep, as the
@@ -386,16 +393,29 @@ class Transformer(nn.Module):
                 pads: Optional[torch.Tensor] = None, last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at cache slots
         start_pos..start_pos+seqlen-1. `pads` (bsz,) holds each row's count of left-padding
-        slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab)."""
+        slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab).
+
+        `start_pos` may also be a 0-d integer tensor, for one token per row (seqlen 1): then
+        attention reads the whole cache under a mask rather than its first start_pos + 1
+        slots, so every shape stays the same from step to step. That is the form to compile
+        and capture once as a CUDA graph; the logits are the same."""
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        static = isinstance(start_pos, torch.Tensor)
+        if static:
+            if seqlen != 1:
+                raise ValueError("a tensor start_pos takes one token per row")
+            slots, kv_len = start_pos.view(1), cache.k.shape[3]
+        else:
+            slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            kv_len = start_pos + seqlen
         if pads is None:
-            freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen].expand(bsz, -1, -1)
+            freqs_cis = self.freqs_cis[slots].expand(bsz, -1, -1)
         else:
             positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
             freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
-        mask = attention_mask(slots, start_pos + seqlen, pads)
+        needs_mask = static or seqlen > 1 or pads is not None  # else: one query, sees all
+        mask = attention_mask(slots, kv_len, pads) if needs_mask else None
 
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, cache.k[layer_id, :bsz], cache.v[layer_id, :bsz],
@@ -407,12 +427,9 @@ class Transformer(nn.Module):
 
 
 def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):
-    """Boolean mask (True = attend), (bsz or 1, 1, len(slots), kv_len); None when nothing is
-    masked (one unpadded query). A padding slot attends to itself only, so its (unused)
-    hidden state stays finite and cannot poison real rows with NaN."""
-    seqlen = slots.shape[0]
-    if seqlen == 1 and pads is None:
-        return None
+    """Boolean mask (True = attend), (bsz or 1, 1, len(slots), kv_len). A padding slot attends
+    to itself only, so its (unused) hidden state stays finite and cannot poison real rows with
+    NaN."""
     keys = torch.arange(kv_len, device=slots.device)
     allowed = keys[None, :] <= slots[:, None]  # causal: (seqlen, kv_len)
     if pads is None:

@@ -118,7 +118,28 @@ def test_attention_mask_hides_padding_and_the_future():
                                    [False, False, True]]
     assert mask[1, 0].tolist() == [[True, False, False], [True, True, False],
                                    [True, True, True]]
-    assert attention_mask(torch.arange(4, 5), 5, None) is None
+    # one query at a position held in a tensor, over a longer cache: the later slots hidden
+    assert attention_mask(torch.tensor([2]), 5, None).tolist() == [[[[True] * 3 + [False] * 2]]]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_shape_step_equals_the_growing_step(build, padded):
+    """The compiled decode step's form (position as a tensor, whole cache read under a mask)
+    gives the logits of the ordinary step, which reads only the slots written so far."""
+    model = build("gqa").model
+    prompts = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(3))
+    pads = torch.tensor([2, 0]) if padded else None
+    growing, static = model.new_cache(2, 12), model.new_cache(2, 12)
+    model.forward(prompts, 0, growing, pads)
+    model.forward(prompts, 0, static, pads)
+    position = torch.tensor(6)
+    for step, token in enumerate([7, 8, 9]):
+        tokens = torch.full((2, 1), token)
+        expected = model.forward(tokens, 6 + step, growing, pads, last_logits_only=True)
+        got = model.forward(tokens, position, static, pads, last_logits_only=True)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        position += 1
+    torch.testing.assert_close(static.k, growing.k, atol=1e-5, rtol=1e-5)
 
 
 def test_state_dict_keeps_meta_names_after_fusing(build, checkpoints):
