@@ -400,8 +400,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
             checkpoint.release_file_pages(tensor)
 
     # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
-    pack_weights(state, args.n_layers, column_major=device.type == "cpu",
-                 after_copy=release_if_mapped)
+    pack_weights(state, args.n_layers, after_copy=release_if_mapped)
     with torch.device("meta"):
         model = Transformer(args)
     # Strict: every tensor of the model must come from the checkpoint (checked above too).

@@ -78,38 +78,44 @@ class ModelArgs:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear, with two CPU paths for decode steps, where the weight is column-major
-    (contiguous as (in, out)) and reading it is the whole cost:
+    """F.linear, with faster paths for float32 on the CPU (measured on 2 cores; README):
 
-    - one row: the reduction is split into blocks, one matrix-vector product each (a batched
-      product, so each thread streams its own contiguous slab of the weight), then summed;
-      1.4-1.7x the weight-read rate of MKL's threaded matrix-vector product on 2 cores;
-    - 2 to 16 rows: one matrix-vector product per row over the broadcast weight, which beats
-      MKL's small-matrix GEMM (1.3-1.6x on 2 cores).
+    - one row (a decode step at batch 1, where reading the weight is the whole cost): the
+      weight's rows are split into blocks, each a matrix-vector product of its own, run as
+      one batched product so each thread streams its own contiguous slab of the weight.
+      MKL's threaded matrix-vector product reads weights about 1.5x slower;
+    - more rows: oneDNN's matrix product, about 1.5-2x MKL's (F.linear's) for the 4 to 16
+      rows of a batched decode step, and a little faster for prefill.
 
     Only the order of the float32 additions differs from F.linear."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or weight.stride(0) != 1 or rows > 16:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous()
+            or torch.compiler.is_compiling()):
         return F.linear(x, weight)
-    weight_t = weight.t()  # (in, out), contiguous
-    n_in, n_out = weight_t.shape
+    n_out, n_in = weight.shape
     if rows == 1:
-        blocks = _reduction_blocks(n_in)
+        blocks = _row_blocks(n_out)
         if blocks == 1:
             return F.linear(x, weight)
-        partial = torch.bmm(x.reshape(blocks, 1, n_in // blocks),
-                            weight_t.view(blocks, n_in // blocks, n_out))
-        return partial.sum(0).view(*x.shape[:-1], n_out)
-    out = torch.bmm(x.reshape(rows, 1, n_in), weight_t.expand(rows, n_in, n_out))
+        out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in),
+                        weight.view(blocks, n_out // blocks, n_in).transpose(1, 2))
+    elif _ONEDNN:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, n_in), weight, None, "none",
+                                                 [], "")
+    else:
+        return F.linear(x, weight)
     return out.view(*x.shape[:-1], n_out)
 
 
-def _reduction_blocks(n_in: int) -> int:
-    """How many blocks to split a matrix-vector reduction of length n_in into: two per thread
-    measured best on 2 cores; 1 when no block count divides n_in into blocks of >= 64."""
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _row_blocks(n_out: int) -> int:
+    """How many row blocks to split a matrix-vector product into: one or two per thread
+    (measured alike on 2 cores); 1 when neither divides the rows into blocks of >= 64."""
     threads = torch.get_num_threads()
-    for blocks in (2 * threads, threads, 2):
-        if blocks > 1 and n_in % blocks == 0 and n_in // blocks >= 64:
+    for blocks in (2 * threads, threads):
+        if blocks > 1 and n_out % blocks == 0 and n_out // blocks >= 64:
             return blocks
     return 1
 
@@ -278,47 +284,31 @@ FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
 
 def _packed(weights: List[torch.Tensor]) -> Optional[torch.Tensor]:
     """The one matrix the weights are consecutive row blocks of, if they already lie that way
-    in memory: row-major (each weight contiguous, one after another) or column-major (each a
-    column block of one contiguous (in, out) matrix, seen transposed). None otherwise."""
+    in memory (each contiguous, one right after another); None otherwise."""
     first, rows = weights[0], sum(w.shape[0] for w in weights)
     cols = first.shape[1]
-    if not all(w.dtype == first.dtype and w.device == first.device and w.shape[1] == cols
-               for w in weights):
-        return None
-    for stride, step in (((cols, 1), cols), ((1, rows), 1)):  # row-major, column-major
-        address = first.data_ptr()
-        for w in weights:
-            if w.stride() != stride or w.data_ptr() != address:
-                break
-            address += w.shape[0] * step * w.element_size()
-        else:
-            return first.as_strided((rows, cols), stride)
-    return None
+    address = first.data_ptr()
+    for w in weights:
+        if (w.dtype != first.dtype or w.device != first.device or w.shape[1] != cols
+                or not w.is_contiguous() or w.data_ptr() != address):
+            return None
+        address += w.numel() * w.element_size()
+    return first.as_strided((rows, cols), (cols, 1))
 
 
-def pack_weights(state: dict, n_layers: int, column_major: bool, after_copy=None) -> None:
-    """Lay a state dict's matrices out as the model computes with them, in place, one tensor
-    group at a time (so loading needs no second copy of the weights): each layer's wq/wk/wv
-    and w1/w3 as consecutive row blocks of one matrix; with `column_major`, every matrix
-    stored transposed (F.linear then streams it in the order the CPU's matrix-vector kernel
-    reads fastest). Entries stay (out, in)-shaped views under Meta's names.
-    `after_copy(tensor)` is called on each original once it has been copied."""
-    groups = [[f"layers.{layer}.{module}.{name}.weight" for name in names]
-              for layer in range(n_layers) for module, names in FUSED_WEIGHTS.items()]
-    if column_major:
-        grouped = {key for group in groups for key in group}
-        groups += [[key] for key, value in state.items()
-                   if value.dim() == 2 and key not in grouped and key != "tok_embeddings.weight"]
-    for keys in groups:
-        originals = [state.pop(key) for key in keys]
-        rows = [w.shape[0] for w in originals]
-        if column_major:  # (in, sum of outs), each weight a transposed column block
-            pieces = [p.t() for p in torch.cat([w.t() for w in originals], 1).split(rows, 1)]
-        else:
-            pieces = torch.cat(originals, dim=0).split(rows, dim=0)
-        state.update(zip(keys, pieces))
-        for original in originals if after_copy else ():
-            after_copy(original)
+def pack_weights(state: dict, n_layers: int, after_copy=None) -> None:
+    """Lay each layer's wq/wk/wv and w1/w3 out as consecutive row blocks of one matrix, in
+    place, one group at a time (so loading needs no second copy of the weights). Entries stay
+    views under Meta's names. `after_copy(tensor)` is called on each original once it has
+    been copied."""
+    for layer in range(n_layers):
+        for module, names in FUSED_WEIGHTS.items():
+            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
+            originals = [state.pop(key) for key in keys]
+            pieces = torch.cat(originals, dim=0).split([w.shape[0] for w in originals], dim=0)
+            state.update(zip(keys, pieces))
+            for original in originals if after_copy else ():
+                after_copy(original)
 
 
 def _fuse_rows(*linears: nn.Module) -> torch.Tensor:
