@@ -89,8 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     Only the order of the float32 additions differs from F.linear."""
     rows = x.numel() // x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous()
-            or torch.compiler.is_compiling()):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)
     n_out, n_in = weight.shape
     if rows == 1:
@@ -99,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return F.linear(x, weight)
         out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in),
                         weight.view(blocks, n_out // blocks, n_in).transpose(1, 2))
-    elif _ONEDNN:
+    elif _ONEDNN and not torch.compiler.is_compiling():  # inductor cannot lower this op
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, n_in), weight, None, "none",
                                                  [], "")
     else:
@@ -220,12 +219,15 @@ class Attention(nn.Module):
     def fuse(self):
         self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask):
-        # x: (bsz, seqlen, dim); cache_k/v: (bsz, n_kv, cache_len, head_dim)
-        bsz, seqlen, _ = x.shape
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None):
+        # x: (bsz, seqlen, dim), or (real tokens, dim) with `packing`;
+        # cache_k/v: (bsz, n_kv, cache_len, head_dim)
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
         xqkv = linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
+        if packing is not None:
+            xqkv = packing.unpack(xqkv)  # zeros in the padding slots
+        bsz, seqlen, _ = xqkv.shape
         # q and k are adjacent columns: rotate them in one go.
         xqk = xqkv[..., : (n_heads + n_kv) * hd].view(bsz, seqlen, n_heads + n_kv, hd)
         xqk = apply_rotary(xqk, freqs_cis)
@@ -256,6 +258,8 @@ class Attention(nn.Module):
                                              scale=1.0 / math.sqrt(hd))
         out = out.view(bsz, n_kv, n_rep, seqlen, hd).permute(0, 3, 1, 2, 4)
         out = out.reshape(bsz, seqlen, n_kv * n_rep * hd)  # (bsz, seqlen, n_local_heads * hd)
+        if packing is not None:
+            out = packing.pack(out)
         return reduce_from_model_parallel_region(linear(out, self.wo.weight))  # RowParallel
 
 
@@ -337,8 +341,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v, start_pos, mask)
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v, start_pos,
+                               mask, packing)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -407,13 +412,39 @@ class Transformer(nn.Module):
         needs_mask = static or seqlen > 1 or pads is not None  # else: one query, sees all
         mask = attention_mask(slots, kv_len, pads) if needs_mask else None
 
+        # A left-padded prefill computes only the real tokens' rows in every per-token step
+        # (projections, feed-forward, norms); attention sees them back in their slots.
+        packing = PackedTokens(slots, pads) if pads is not None and seqlen > 1 else None
+        if packing is not None:
+            h = packing.pack(h)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, cache.k[layer_id, :bsz], cache.v[layer_id, :bsz],
-                      start_pos, mask)
+                      start_pos, mask, packing)
+        if packing is not None:
+            h = packing.unpack(h)
         if last_logits_only:
             h = h[:, -1:]
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
         return gather_from_model_parallel_region(linear(self.norm(h), self.output.weight)).float()
+
+
+class PackedTokens:
+    """Moves a left-padded batch between its padded form (bsz, seqlen, d) and its real tokens
+    only (n_real, d), so per-token work skips the padding slots."""
+
+    def __init__(self, slots: torch.Tensor, pads: torch.Tensor):
+        real = slots[None, :] >= pads[:, None]  # (bsz, seqlen)
+        self.shape = real.shape
+        self.index = real.flatten().nonzero().squeeze(1)  # flat slots of the real tokens
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(bsz, seqlen, d) -> (n_real, d)"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_real, d) -> (bsz, seqlen, d), zeros in the padding slots"""
+        out = x.new_zeros(self.shape.numel(), x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(*self.shape, x.shape[-1])
 
 
 def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):
