@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama.checkpoint import IGNORED_KEYS, full_shapes, shard_shape, split_dim
-from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
+from llama.model import ModelArgs, Transformer, attention_mask, count_parameters, linear
 from tests.meta_reference import ReferenceModel
 
 META_SHAPES = {
@@ -109,6 +109,22 @@ def test_left_padded_rows_equal_unpadded_rows(build):
         torch.testing.assert_close(padded[i, 12 - n:], alone[0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step[i, 0], alone[0, n], atol=1e-5, rtol=1e-5)
         assert torch.isfinite(padded[i]).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 130])
+@pytest.mark.parametrize("n_out", [256, 250, 7])  # split in blocks; not splittable
+def test_linear_fast_paths_equal_f_linear(rows, n_out):
+    """linear() takes its own route per row count (row blocks for one row, oneDNN for more);
+    each must give F.linear's result up to float32 summation order."""
+    generator = torch.Generator().manual_seed(rows * 1000 + n_out)
+    weight = torch.randn(n_out, 192, generator=generator)
+    x = torch.randn(1, rows, 192, generator=generator)
+    expected = torch.nn.functional.linear(x, weight)
+    got = linear(x, weight)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # a non-contiguous weight (a view of every other row) takes the plain path
+    torch.testing.assert_close(linear(x, weight[::2]), x @ weight[::2].t(), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_mask_hides_padding_and_the_future():
