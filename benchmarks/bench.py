@@ -180,9 +180,10 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs):
         for impl in impls:
             ttft = statistics.median(first[impl.name])
             figures = {"time to first token (s)": ttft, "prefill tok/s": tokens / ttft}
-            if decode:
-                decode_s = statistics.median(total[impl.name]) - ttft
-                figures["decode tok/s"] = len(batch) * (gen_len - 1) / decode_s
+            if decode:  # each run's decode time against the same run's first token
+                figures["decode tok/s"] = statistics.median(
+                    len(batch) * (gen_len - 1) / (whole - prefill)
+                    for whole, prefill in zip(total[impl.name], first[impl.name]))
             results[impl.name][case] = figures
     return results
 

@@ -57,6 +57,8 @@ class _Row:
     tokens: List[int] = field(default_factory=list)
     logprobs: List[float] = field(default_factory=list)
     text: Optional[str] = None  # decoded text, kept only when streaming or checking stops
+    settled: int = 0  # tokens whose text can no longer change (see _extend_text)
+    settled_text: str = ""  # their text
     emitted: int = 0  # characters of `text` already streamed
     stopped_by: Optional[str] = None  # the stop string found, if any
     finish_reason: FinishReason = "length"
@@ -326,9 +328,10 @@ class Llama:
             row.tokens.pop()
             row.finish_reason = "stop"
             return False
-        row.text = self.tokenizer.decode(row.tokens)
-        for s in stop:
-            at = row.text.find(s)
+        unchanged = min(len(row.text), len(row.settled_text))  # text before this is final
+        _extend_text(row, self.tokenizer)
+        for s in stop:  # a match not there before must reach into the text that changed
+            at = row.text.find(s, max(0, unchanged - len(s) + 1))
             if at != -1:
                 row.text = row.text[:at]
                 row.stopped_by = s
@@ -604,12 +607,32 @@ def _finish_rows(rows: List[_Row], generated: List[List[int]],
             row.text = tokenizer.decode(tokens)
 
 
+def _extend_text(row: _Row, tokenizer, settle_every: int = 8) -> None:
+    """Update row.text to tokenizer.decode(row.tokens) after tokens were appended, decoding
+    only the tokens since the last settled point, plus the one before it: constant work per
+    token instead of decoding everything again. That one token of context makes the rest
+    decode as it does mid-text (SentencePiece drops the whitespace a text starts with), so
+    the point only settles where that token decodes to something, and where the text does
+    not end in half a multi-byte character that later byte tokens may still complete."""
+    context = max(row.settled - 1, 0)
+    head = tokenizer.decode(row.tokens[context: row.settled])
+    window = tokenizer.decode(row.tokens[context:])
+    row.text = row.settled_text + window[len(head):]
+    if (len(row.tokens) - row.settled >= settle_every and not row.text.endswith("\ufffd")
+            and tokenizer.decode(row.tokens[-1:])):
+        row.settled, row.settled_text = len(row.tokens), row.text
+
+
 def _tokens_before_stop(tokens, probs, text, tokenizer):
     """The longest run of tokens whose text fits before a stop string."""
-    keep = 0
-    while keep < len(tokens) and len(tokenizer.decode(tokens[: keep + 1])) <= len(text):
-        keep += 1
-    return tokens[:keep], probs[:keep]
+    prefix = _Row(prompt=[], limit=len(tokens), text="")
+    for token in tokens:
+        prefix.tokens.append(token)
+        _extend_text(prefix, tokenizer)
+        if len(prefix.text) > len(text):
+            prefix.tokens.pop()
+            break
+    return prefix.tokens, probs[: len(prefix.tokens)]
 
 
 def _stream_piece(row: _Row, stop: List[str]) -> str:

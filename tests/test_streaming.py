@@ -119,3 +119,30 @@ def test_stream_chat_equals_chat_completion(build):
             "content"]
     refused = generator.stream_chat([{"role": "user", "content": "[INST]"}])
     assert "".join(refused).startswith("Error: special tags")
+
+
+def test_incremental_text_equals_decoding_everything(tokenizer_path):
+    """Stop strings and streams extend each row's text a few tokens at a time; after every
+    token it must equal decoding all of them: across leading spaces, lone spaces, byte
+    tokens that complete a multi-byte character only later, and stray bytes."""
+    from llama import Tokenizer
+    from llama.generation import _extend_text, _Row
+
+    tokenizer = Tokenizer(tokenizer_path)
+    words = tokenizer.encode(TEXT + " " + TEXT, bos=False, eos=False)
+    space = tokenizer.sp_model.piece_to_id("\u2581")  # a lone "▁"
+    emoji = tokenizer.encode("😀", bos=False, eos=False)  # byte-fallback tokens
+    assert tokenizer.sp_model.id_to_piece(space) == "\u2581" and len(emoji) > 2
+    lead, continuation = 3 + 0xC5, 3 + 0x80  # byte tokens <0xC5> and <0x80>
+    generator = torch.Generator().manual_seed(0)
+    pool = words + [space] * 20 + emoji * 3 + [lead, continuation, tokenizer.bos_id]
+    for trial in range(40):
+        sequence = [pool[i] for i in torch.randint(len(pool), (60,), generator=generator)]
+        if trial == 0:
+            sequence = words  # the real text, including its multi-byte characters
+        row = _Row(prompt=[], limit=len(sequence), text="")
+        for n, token in enumerate(sequence, start=1):
+            row.tokens.append(token)
+            _extend_text(row, tokenizer, settle_every=3)
+            assert row.text == tokenizer.decode(sequence[:n]), (trial, n)
+        assert row.settled > 0
