@@ -5,6 +5,7 @@ left-padded and prefilled in one forward pass; each step then samples one token 
 feeds it back, and syncs with the host once, to decide whether every row is done.
 """
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,7 +110,15 @@ class Llama:
             cuda_graphs = self.model.output.weight.device.type == "cuda"
         if cuda_graphs:
             compile_options.setdefault("mode", "reduce-overhead")
-        self._compiled_step = torch.compile(self.model.forward, **compile_options)
+        # Traced without inference mode: torch.compile cannot take views of tensors inside
+        # it (torch 2.13); the step runs under no_grad instead (_run_compiled_step).
+        step = functools.partial(type(self.model).forward.__wrapped__, self.model)
+        self._compiled_step = torch.compile(step, **compile_options)
+
+    def _run_compiled_step(self, tokens, position, cache, pads):
+        with torch.inference_mode(False), torch.no_grad():
+            return self._compiled_step(tokens.clone(), position, cache, pads,
+                                       last_logits_only=True)
 
     # ------------------------------------------------------------------ reference API
     @torch.inference_mode()
@@ -277,7 +286,10 @@ class Llama:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))
             noise = _ReferenceNoise(noise_lens, noise_rows, last_logits.shape[-1], device)
         if self._compiled_step is not None:
-            position = torch.tensor(max_len, device=device)  # advanced on the device
+            with torch.inference_mode(False):  # a compiled graph cannot take views of
+                # inference tensors given as inputs
+                position = torch.tensor([max_len], device=device)  # advanced on the device
+                pads = pads.clone() if pads is not None else None
             # The cache is written in place by a captured graph: its address must not change.
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
@@ -305,8 +317,7 @@ class Llama:
                 logits = self.model.forward(next_token[:, None], max_len + step, cache, pads,
                                             last_logits_only=True)
             else:
-                logits = self._compiled_step(next_token[:, None], position, cache, pads,
-                                             last_logits_only=True)
+                logits = self._run_compiled_step(next_token[:, None], position, cache, pads)
                 position += 1
             last_logits = logits[:, -1]
 

@@ -119,6 +119,21 @@ def _row_blocks(n_out: int) -> int:
     return 1
 
 
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """RowParallelLinear's all-reduce of the partial products (fairscale's mapping). Skipped
+    on a single rank, where it does nothing but costs an autograd Function call per layer."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return x
+    return reduce_from_model_parallel_region(x)
+
+
+def _gather_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """ColumnParallelLinear's gather of each rank's output slice (fairscale's mapping)."""
+    if fs_init.get_model_parallel_world_size() == 1:
+        return x
+    return gather_from_model_parallel_region(x)
+
+
 def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
     return weight  # every weight is loaded from a checkpoint
 
@@ -184,8 +199,9 @@ class KVCache:
     def __init__(self, n_layers: int, bsz: int, n_kv_heads: int, length: int, head_dim: int,
                  device, dtype):
         shape = (n_layers, bsz, n_kv_heads, length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        with torch.inference_mode(False):  # ordinary tensors, which a compiled step can take
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
@@ -237,8 +253,8 @@ class Attention(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             # The static-shape step (Transformer.forward): one slot written at a position held
             # on the device, the whole cache read; the mask hides the slots not yet written.
-            cache_k.index_copy_(2, start_pos.view(1), xk.transpose(1, 2))
-            cache_v.index_copy_(2, start_pos.view(1), xv.transpose(1, 2))
+            cache_k.index_copy_(2, start_pos, xk.transpose(1, 2))
+            cache_v.index_copy_(2, start_pos, xv.transpose(1, 2))
             keys, values = cache_k, cache_v
         else:
             end_pos = start_pos + seqlen
@@ -260,7 +276,7 @@ class Attention(nn.Module):
         out = out.reshape(bsz, seqlen, n_kv * n_rep * hd)  # (bsz, seqlen, n_local_heads * hd)
         if packing is not None:
             out = packing.pack(out)
-        return reduce_from_model_parallel_region(linear(out, self.wo.weight))  # RowParallel
+        return _sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
 
 
 class FeedForward(nn.Module):
@@ -280,7 +296,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
-        return reduce_from_model_parallel_region(linear(F.silu(gate) * up, self.w2.weight))
+        return _sum_over_ranks(linear(F.silu(gate) * up, self.w2.weight))
 
 
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
@@ -390,7 +406,7 @@ class Transformer(nn.Module):
         start_pos..start_pos+seqlen-1. `pads` (bsz,) holds each row's count of left-padding
         slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab).
 
-        `start_pos` may also be a 0-d integer tensor, for one token per row (seqlen 1): then
+        `start_pos` may also be a 1-element integer tensor, for one token per row (seqlen 1): then
         attention reads the whole cache under a mask rather than its first start_pos + 1
         slots, so every shape stays the same from step to step. That is the form to compile
         and capture once as a CUDA graph; the logits are the same."""
@@ -400,7 +416,7 @@ class Transformer(nn.Module):
         if static:
             if seqlen != 1:
                 raise ValueError("a tensor start_pos takes one token per row")
-            slots, kv_len = start_pos.view(1), cache.k.shape[3]
+            slots, kv_len = start_pos, cache.k.shape[3]
         else:
             slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
             kv_len = start_pos + seqlen
@@ -425,7 +441,7 @@ class Transformer(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
-        return gather_from_model_parallel_region(linear(self.norm(h), self.output.weight)).float()
+        return _gather_over_ranks(linear(self.norm(h), self.output.weight)).float()
 
 
 class PackedTokens:

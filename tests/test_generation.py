@@ -240,10 +240,11 @@ def test_bad_build_arguments(checkpoints, tokenizer_path):
         Llama.build(checkpoints("gqa"), tokenizer_path, 8, 1, dtype="float33")
 
 
-def test_compiled_decode_step_equals_eager(build):
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # on the CPU, True only sets the mode
+def test_compiled_decode_step_equals_eager(build, cuda_graphs):
     generator = build("gqa")
     eager = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=10, logprobs=True)
-    generator.compile_decode()
+    generator.compile_decode(cuda_graphs=cuda_graphs)
     try:
         compiled = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=10,
                                              logprobs=True)

@@ -148,7 +148,7 @@ def test_static_shape_step_equals_the_growing_step(build, padded):
     growing, static = model.new_cache(2, 12), model.new_cache(2, 12)
     model.forward(prompts, 0, growing, pads)
     model.forward(prompts, 0, static, pads)
-    position = torch.tensor(6)
+    position = torch.tensor([6])
     for step, token in enumerate([7, 8, 9]):
         tokens = torch.full((2, 1), token)
         expected = model.forward(tokens, 6 + step, growing, pads, last_logits_only=True)
