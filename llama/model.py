@@ -84,8 +84,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       weight's rows are split into blocks, each a matrix-vector product of its own, run as
       one batched product so each thread streams its own contiguous slab of the weight.
       MKL's threaded matrix-vector product reads weights about 1.5x slower;
-    - more rows: oneDNN's matrix product, about 1.5-2x MKL's (F.linear's) for the 4 to 16
-      rows of a batched decode step, and a little faster for prefill.
+    - 2 to 256 rows: oneDNN's matrix product, about 1.5-2x MKL's (F.linear's) for the 4 to
+      16 rows of a batched decode step, and ~10% faster for a 128-token prefill. From about
+      512 rows on, MKL is the faster again.
 
     Only the order of the float32 additions differs from F.linear."""
     rows = x.numel() // x.shape[-1]
@@ -98,7 +99,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return F.linear(x, weight)
         out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in),
                         weight.view(blocks, n_out // blocks, n_in).transpose(1, 2))
-    elif _ONEDNN and not torch.compiler.is_compiling():  # inductor cannot lower this op
+    elif rows <= 256 and _ONEDNN and not torch.compiler.is_compiling():  # (not lowerable)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, n_in), weight, None, "none",
                                                  [], "")
     else:

@@ -111,7 +111,7 @@ def test_left_padded_rows_equal_unpadded_rows(build):
         assert torch.isfinite(padded[i]).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 130])
+@pytest.mark.parametrize("rows", [1, 2, 5, 130, 300])
 @pytest.mark.parametrize("n_out", [256, 250, 7])  # split in blocks; not splittable
 def test_linear_fast_paths_equal_f_linear(rows, n_out):
     """linear() takes its own route per row count (row blocks for one row, oneDNN for more);
