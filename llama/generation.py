@@ -110,8 +110,9 @@ class Llama:
             cuda_graphs = self.model.output.weight.device.type == "cuda"
         if cuda_graphs:
             compile_options.setdefault("mode", "reduce-overhead")
-        # Traced without inference mode: torch.compile cannot take views of tensors inside
-        # it (torch 2.13); the step runs under no_grad instead (_run_compiled_step).
+        # Traced without inference mode: torch 2.13's inductor fails on views of input tensors
+        # traced inside it. The step runs under no_grad instead (_run_compiled_step), on
+        # ordinary (non-inference) tensors: hence the clones there and in _generate.
         step = functools.partial(type(self.model).forward.__wrapped__, self.model)
         self._compiled_step = torch.compile(step, **compile_options)
 
@@ -286,8 +287,7 @@ class Llama:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))
             noise = _ReferenceNoise(noise_lens, noise_rows, last_logits.shape[-1], device)
         if self._compiled_step is not None:
-            with torch.inference_mode(False):  # a compiled graph cannot take views of
-                # inference tensors given as inputs
+            with torch.inference_mode(False):  # ordinary tensors (see compile_decode)
                 position = torch.tensor([max_len], device=device)  # advanced on the device
                 pads = pads.clone() if pads is not None else None
             # The cache is written in place by a captured graph: its address must not change.
