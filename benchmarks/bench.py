@@ -2,15 +2,23 @@
 
     python benchmarks/bench.py --shape S                     # this library alone
     python benchmarks/bench.py --shape S --compare reference hf
+    python benchmarks/bench.py --shape S --meta ~/src/llama   # a checkout of Meta's repository
     python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
 
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
 reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
 and for Hugging Face transformers on the same weights, with ratios. Medians of --runs runs.
+
+--meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
+github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
+fairscale's model parallelism of size 1, its `.cuda()` calls made no-ops while the model is
+built, and its generate loop as restated in tests/meta_reference.py (Meta's own generate
+creates its tensors on "cuda" only).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -19,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -134,6 +143,40 @@ class Reference:
         return reference_generate(self.model, prompt_tokens, n, eos_id=-1)[0]
 
 
+class MetaOriginal:
+    name = "Meta's model code"
+
+    def __init__(self, meta_repo, ckpt, max_seq_len, max_batch_size):
+        from llama.distributed import init_process_groups
+
+        source = Path(meta_repo).expanduser() / "llama" / "model.py"
+        if not source.exists():
+            raise SystemExit(f"--meta {meta_repo}: no llama/model.py there; give the path of a "
+                             f"checkout of github.com/meta-llama/llama")
+        spec = importlib.util.spec_from_file_location("meta_llama_model", source)
+        meta = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(meta)
+        init_process_groups(torch.device("cpu"), 1)
+        params = json.loads((ckpt / "params.json").read_text())
+        params["vocab_size"] = VOCAB
+        args = meta.ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        # its caches are created with .cuda(); on the CPU they stay where they are
+        with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor):
+            self.model = meta.Transformer(args)
+        state = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
+        self.model.load_state_dict(state, strict=False)  # as Meta's Llama.build does
+        self.max_seq_len = max_seq_len
+
+    def forward(self, tokens, start_pos):
+        return self.model.forward(tokens, start_pos)
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens, n):
+        from tests.meta_reference import reference_generate
+
+        return reference_generate(self, prompt_tokens, n, eos_id=-1)[0]
+
+
 class HuggingFace:
     name = "transformers"
 
@@ -199,6 +242,8 @@ def main():
                         help="prompt lengths of a mixed batch for prefill (none: skip)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", nargs="*", default=[], choices=["reference", "hf"])
+    parser.add_argument("--meta", default=None, metavar="PATH",
+                        help="also time Meta's llama/model.py from this checkout (CPU only)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compiled decode step")
@@ -238,6 +283,10 @@ def main():
     impls = [impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
              for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
                                          for c in args.compare]]
+    if args.meta:
+        if (args.device or "cpu") != "cpu" or args.dtype not in (None, "float32"):
+            raise SystemExit("--meta runs Meta's code on the CPU in float32 only")
+        impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
     results = bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs)
     ours = results["this library"]
     for case, figures in ours.items():
