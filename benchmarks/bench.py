@@ -8,7 +8,8 @@
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
 reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
-and for Hugging Face transformers on the same weights, with ratios. Medians of --runs runs.
+and for Hugging Face transformers on the same weights, with ratios. Medians of --runs runs;
+a ratio is the median of run-by-run ratios.
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
 github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
@@ -204,8 +205,9 @@ class HuggingFace:
 
 
 def bench(impls, batches, prompt_len, gen_len, mixed, runs):
-    """Figures per implementation: prefill and decode per batch size. The implementations
-    take turns run by run, so a slower or busier spell of the machine hits them alike."""
+    """Per implementation and case, each run's figures: prefill and decode per batch size.
+    The implementations take turns run by run, so a slower or busier spell of the machine
+    hits them alike, and ratios are taken run by run."""
     cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), True) for bsz in batches]
     if mixed:
         cases.append((f"mixed {'/'.join(map(str, mixed))}", prompts(mixed), False))
@@ -221,14 +223,30 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs):
                     total[impl.name].append(median_time(lambda: impl.generate(batch, gen_len), 1))
         tokens = sum(len(p) for p in batch)
         for impl in impls:
-            ttft = statistics.median(first[impl.name])
-            figures = {"time to first token (s)": ttft, "prefill tok/s": tokens / ttft}
+            figures = {"time to first token (s)": first[impl.name],
+                       "prefill tok/s": [tokens / ttft for ttft in first[impl.name]]}
             if decode:  # each run's decode time against the same run's first token
-                figures["decode tok/s"] = statistics.median(
+                figures["decode tok/s"] = [
                     len(batch) * (gen_len - 1) / (whole - prefill)
-                    for whole, prefill in zip(total[impl.name], first[impl.name]))
+                    for whole, prefill in zip(total[impl.name], first[impl.name])]
             results[impl.name][case] = figures
     return results
+
+
+def report(results, ours="this library"):
+    """Medians of each figure, and how many times faster we are: the median of the run-by-run
+    ratios (each run's figures were taken back to back)."""
+    for case, figures in results[ours].items():
+        for metric, values in figures.items():
+            line = f"{case:>22} {metric:>24}: {statistics.median(values):9.3f}"
+            for name, other in results.items():
+                if name != ours:
+                    theirs = other[case][metric]
+                    faster = statistics.median(
+                        (b / a if "(s)" in metric else a / b) for a, b in zip(values, theirs))
+                    line += (f" | {name} {statistics.median(theirs):9.3f} "
+                             f"(we are {faster:.2f}x)")
+            print(line)
 
 
 def main():
@@ -288,17 +306,7 @@ def main():
             raise SystemExit("--meta runs Meta's code on the CPU in float32 only")
         impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
     results = bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs)
-    ours = results["this library"]
-    for case, figures in ours.items():
-        for metric, value in figures.items():
-            line = f"{case:>22} {metric:>24}: {value:9.3f}"
-            for name, other in results.items():
-                if name != "this library":
-                    theirs = other[case][metric]
-                    faster = theirs / value if "(s)" in metric else value / theirs
-                    line += f" | {name} {theirs:9.3f} (we are {faster:.2f}x)"
-            print(line)
-
+    report(results)
 
 if __name__ == "__main__":
     main()

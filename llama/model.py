@@ -412,7 +412,8 @@ class Transformer(nn.Module):
         slots, so every shape stays the same from step to step. That is the form to compile
         and capture once as a CUDA graph; the logits are the same."""
         bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        # ParallelEmbedding: each rank holds a slice of the embedding dimension
+        h = _gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
         static = isinstance(start_pos, torch.Tensor)
         if static:
             if seqlen != 1:
