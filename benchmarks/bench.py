@@ -8,7 +8,7 @@
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
 reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
-and for Hugging Face transformers on the same weights, with ratios. Medians of --runs runs;
+and for Hugging Face transformers on the same weights, with ratios, and whether their greedy tokens equal ours. Medians of --runs runs;
 a ratio is the median of run-by-run ratios.
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
@@ -39,6 +39,7 @@ from llama.fixtures import write_random_checkpoint  # noqa: E402
 from llama.model import KVCache, ModelArgs, count_parameters  # noqa: E402
 
 SHAPES = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),  # smoke runs
     "S": dict(dim=768, n_layers=12, n_heads=12),
     "M": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4),
     "7B": dict(dim=4096, n_layers=32, n_heads=32),
@@ -95,15 +96,13 @@ def measure_load(ckpt: Path, device, dtype) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
 
 
 def prompts(lengths, seed=0):
@@ -205,22 +204,26 @@ class HuggingFace:
 
 
 def bench(impls, batches, prompt_len, gen_len, mixed, runs):
-    """Per implementation and case, each run's figures: prefill and decode per batch size.
-    The implementations take turns run by run, so a slower or busier spell of the machine
-    hits them alike, and ratios are taken run by run."""
+    """Per implementation and case, each run's figures (prefill, and decode per batch size),
+    and the greedy tokens of its last run. The implementations take turns run by run, so a
+    slower or busier spell of the machine hits them alike, and ratios are taken run by run."""
     cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), True) for bsz in batches]
     if mixed:
         cases.append((f"mixed {'/'.join(map(str, mixed))}", prompts(mixed), False))
     results = {impl.name: {} for impl in impls}
+    tokens_out = {}
     for case, batch, decode in cases:
         first, total = {impl.name: [] for impl in impls}, {impl.name: [] for impl in impls}
         for impl in impls:
             impl.generate(batch, 2)  # warm-up
         for _ in range(runs):
             for impl in impls:
-                first[impl.name].append(median_time(lambda: impl.generate(batch, 1), 1))
+                seconds, out = timed(lambda: impl.generate(batch, 1))
+                first[impl.name].append(seconds)
                 if decode:
-                    total[impl.name].append(median_time(lambda: impl.generate(batch, gen_len), 1))
+                    seconds, out = timed(lambda: impl.generate(batch, gen_len))
+                    total[impl.name].append(seconds)
+                tokens_out.setdefault(case, {})[impl.name] = out
         tokens = sum(len(p) for p in batch)
         for impl in impls:
             figures = {"time to first token (s)": first[impl.name],
@@ -230,12 +233,13 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs):
                     len(batch) * (gen_len - 1) / (whole - prefill)
                     for whole, prefill in zip(total[impl.name], first[impl.name])]
             results[impl.name][case] = figures
-    return results
+    return results, tokens_out
 
 
-def report(results, ours="this library"):
+def report(results, tokens_out=None, ours="this library"):
     """Medians of each figure, and how many times faster we are: the median of the run-by-run
-    ratios (each run's figures were taken back to back)."""
+    ratios (each run's figures were taken back to back). Then whether each implementation's
+    greedy tokens equal ours."""
     for case, figures in results[ours].items():
         for metric, values in figures.items():
             line = f"{case:>22} {metric:>24}: {statistics.median(values):9.3f}"
@@ -247,6 +251,20 @@ def report(results, ours="this library"):
                     line += (f" | {name} {statistics.median(theirs):9.3f} "
                              f"(we are {faster:.2f}x)")
             print(line)
+    for case, outputs in (tokens_out or {}).items():
+        verdicts = [f"{name} {agreement(outputs[ours], theirs)}"
+                    for name, theirs in outputs.items() if name != ours]
+        if verdicts:
+            print(f"{case:>22} {'greedy tokens':>24}: " + "; ".join(verdicts))
+
+
+def agreement(ours, theirs) -> str:
+    """'identical', or where the first difference is."""
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"DIFFER (row {row}, new token {at})"
+    return "identical" if len(ours) == len(theirs) else "DIFFER (row count)"
 
 
 def main():
@@ -305,8 +323,7 @@ def main():
         if (args.device or "cpu") != "cpu" or args.dtype not in (None, "float32"):
             raise SystemExit("--meta runs Meta's code on the CPU in float32 only")
         impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
-    results = bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs)
-    report(results)
+    report(*bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,111 @@
+"""The benchmark program runs end to end and computes its ratios as it says."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench  # noqa: E402
+
+# A stand-in for Meta's llama/model.py: its ModelArgs fields and Transformer(args) /
+# load_state_dict / forward(tokens, start_pos) protocol, the math restated in
+# tests/meta_reference.py, and a .cuda() call while building, as Meta's caches make.
+STAND_IN = textwrap.dedent('''
+    from dataclasses import dataclass
+    from typing import Optional
+
+    import torch
+
+    from tests.meta_reference import ReferenceModel
+
+
+    @dataclass
+    class ModelArgs:
+        dim: int = 4096
+        n_layers: int = 32
+        n_heads: int = 32
+        n_kv_heads: Optional[int] = None
+        vocab_size: int = -1
+        multiple_of: int = 256
+        ffn_dim_multiplier: Optional[float] = None
+        norm_eps: float = 1e-5
+        max_batch_size: int = 32
+        max_seq_len: int = 2048
+
+
+    class Transformer(torch.nn.Module):
+        def __init__(self, args):
+            super().__init__()
+            self.args = args
+            self.cache = torch.zeros(1).cuda()
+
+        def load_state_dict(self, state, strict=True):
+            assert not strict and "rope.freqs" in state
+            self.model = ReferenceModel(state, vars(self.args), self.args.max_batch_size,
+                                        self.args.max_seq_len)
+
+        def forward(self, tokens, start_pos):
+            return self.model.forward(tokens, start_pos)
+''')
+
+
+def test_ratio_is_the_median_of_run_by_run_ratios(capsys):
+    results = {
+        "this library": {"batch 1": {"time to first token (s)": [1.0, 2.0, 3.0],
+                                     "decode tok/s": [10.0, 10.0, 30.0]}},
+        "other": {"batch 1": {"time to first token (s)": [2.0, 2.0, 9.0],
+                              "decode tok/s": [5.0, 20.0, 10.0]}},
+    }
+    bench.report(results)
+    ttft, decode = capsys.readouterr().out.splitlines()
+    # medians 2.0 against 2.0, but run by run the other took 2x, 1x and 3x as long
+    assert "time to first token (s):     2.000 | other     2.000 (we are 2.00x)" in ttft
+    # run by run we were 2x, 0.5x and 3x as fast
+    assert "decode tok/s:    10.000 | other    10.000 (we are 2.00x)" in decode
+
+
+def test_bench_runs_every_comparison(tmp_path):
+    meta = tmp_path / "meta-llama"
+    (meta / "llama").mkdir(parents=True)
+    (meta / "llama" / "model.py").write_text(STAND_IN)
+    command = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape", "tiny",
+               "--runs", "1", "--batch", "1", "2", "--prompt-len", "8", "--gen-len", "4",
+               "--mixed", "3", "8", "--compare", "reference", "hf", "--meta", str(meta),
+               "--root", str(tmp_path)]
+    if not bench_can_compare_hf():
+        command.remove("hf")
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("shape tiny:")
+    for case in ("batch 1", "batch 2", "mixed 3/8"):
+        line = next(line for line in lines if case in line and "time to first token" in line)
+        assert "reference algorithm" in line and "Meta's model code" in line
+    decode = [line for line in lines if "decode tok/s" in line]
+    assert len(decode) == 2  # not for the mixed batch
+    agree = [line for line in lines if "greedy tokens" in line]
+    assert len(agree) == 3 and all("DIFFER" not in line for line in agree), agree
+    assert all("Meta's model code identical" in line for line in agree)
+
+
+def test_meta_path_without_model_file_is_explained(tmp_path):
+    with pytest.raises(SystemExit, match="no llama/model.py there"):
+        bench.MetaOriginal(tmp_path, tmp_path, 16, 1)
+
+
+def test_agreement_names_the_first_difference():
+    assert bench.agreement([[1, 2], [3, 4]], [[1, 2], [3, 4]]) == "identical"
+    assert bench.agreement([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == "DIFFER (row 1, new token 1)"
+    assert bench.agreement([[1, 2]], [[1, 2], [3]]) == "DIFFER (row count)"
+
+
+def bench_can_compare_hf() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
