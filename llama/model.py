@@ -99,7 +99,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return F.linear(x, weight)
         out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in),
                         weight.view(blocks, n_out // blocks, n_in).transpose(1, 2))
-    elif rows <= 256 and _ONEDNN and not torch.compiler.is_compiling():  # (not lowerable)
+    elif rows <= FEW_ROWS and _ONEDNN and not torch.compiler.is_compiling():  # (not lowerable)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, n_in), weight, None, "none",
                                                  [], "")
     else:
@@ -107,6 +107,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
+# Up to this many rows a product is "small" (a decode step, a short prefill): oneDNN, and
+# fused q/k/v and w1/w3 products. Above it MKL, and separate w1 and w3 products (FeedForward).
+FEW_ROWS = 256
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -296,8 +299,14 @@ class FeedForward(nn.Module):
         self.w13 = _fuse_rows(self.w1, self.w3)
 
     def forward(self, x):
-        gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
-        return _sum_over_ranks(linear(F.silu(gate) * up, self.w2.weight))
+        if x.numel() // x.shape[-1] <= FEW_ROWS:
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
+            hidden = F.silu(gate) * up
+        else:  # a long prefill: two products give contiguous halves, updated in place
+            # (measured ~4% faster prefill on S and M than the fused product's strided halves)
+            hidden = F.silu(linear(x, self.w1.weight), inplace=True)
+            hidden.mul_(linear(x, self.w3.weight))
+        return _sum_over_ranks(linear(hidden, self.w2.weight))
 
 
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}

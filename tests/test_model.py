@@ -84,10 +84,11 @@ def test_cached_decoding_equals_full_forward(kind, build):
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_forward_equals_independent_reference_math(kind, build, checkpoints):
+@pytest.mark.parametrize("shape", [(2, 17), (3, 100)])  # 300 rows: the long-prefill products
+def test_forward_equals_independent_reference_math(kind, shape, build, checkpoints):
     generator = build(kind)
-    reference = ReferenceModel(checkpoints.state(kind), checkpoints.params(kind), 2, 64)
-    tokens = torch.randint(3, 1000, (2, 17), generator=torch.Generator().manual_seed(1))
+    reference = ReferenceModel(checkpoints.state(kind), checkpoints.params(kind), 3, 100)
+    tokens = torch.randint(3, 1000, shape, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_full_logits(generator, tokens), reference.forward(tokens, 0),
                                atol=1e-4, rtol=1e-4)
 
