@@ -8,8 +8,8 @@
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
 reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
-and for Hugging Face transformers on the same weights, with ratios, and whether their greedy tokens equal ours. Medians of --runs runs;
-a ratio is the median of run-by-run ratios.
+and for Hugging Face transformers on the same weights, with ratios, and whether their greedy
+tokens equal ours. Medians of --runs runs; a ratio is the median of run-by-run ratios.
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
 github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
@@ -324,6 +324,7 @@ def main():
             raise SystemExit("--meta runs Meta's code on the CPU in float32 only")
         impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
     report(*bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs))
+
 
 if __name__ == "__main__":
     main()
