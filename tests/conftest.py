@@ -72,9 +72,13 @@ def build(checkpoints, tokenizer_path):
     """Llama.build in this process (one model-parallel rank) with small defaults."""
     from llama import Llama
 
-    def _build(kind="gqa", n_shards=1, max_seq_len=64, max_batch_size=4, **kwargs):
+    def _build(kind="gqa", n_shards=1, max_seq_len=64, max_batch_size=4, device="cpu",
+               **kwargs):
+        # the CPU unless a test asks for a GPU (tests/test_cuda.py): the expected values are
+        # float32 computations
         return Llama.build(checkpoints(kind, n_shards), tokenizer_path, max_seq_len=max_seq_len,
-                           max_batch_size=max_batch_size, verbose=False, **kwargs)
+                           max_batch_size=max_batch_size, verbose=False, device=device,
+                           **kwargs)
 
     return _build
 
@@ -96,13 +100,16 @@ def eos_checkpoint(checkpoints, fixture_root, build):
 
 
 def run_script(args, nproc=None, timeout=240, env=None, cwd=REPO):
-    """Run a Python script as plain `python` or under torchrun; returns CompletedProcess."""
+    """Run a Python script as plain `python` or under torchrun; returns CompletedProcess.
+    GPUs are hidden from it unless `env` names CUDA_VISIBLE_DEVICES (the scripts would pick
+    a GPU and half precision, and the tests expect float32 results)."""
     if nproc is None:
         command = [sys.executable] + list(args)
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                    str(nproc), "--master_port", str(free_port())] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "CUDA_VISIBLE_DEVICES": "",
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                 **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,

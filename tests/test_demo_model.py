@@ -36,7 +36,7 @@ WINDOW = 128  # held-out text is scored in windows of BOS + 127 tokens (56 of th
 @pytest.fixture(scope="module")
 def demo():
     return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=128, max_batch_size=2,
-                       verbose=False)
+                       verbose=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_heldout_perplexity_is_far_below_random_and_unigram(demo, windows, tmp_p
     args = model_args(DEMO_DIR, WINDOW, len(windows), demo.tokenizer.n_words)
     write_random_checkpoint(tmp_path, args, 1, seed=0)
     random_model = Llama.build(str(tmp_path), DEMO_TOKENIZER_PATH, max_seq_len=WINDOW,
-                               max_batch_size=len(windows), verbose=False)
+                               max_batch_size=len(windows), verbose=False,
+                               device="cpu")
     random_ppl = perplexity(random_model, windows)
 
     tokens, _ = encode_pages(split_topics()[0], demo.tokenizer)

@@ -74,7 +74,7 @@ def test_eos_stops_rows_as_the_reference_does(build, eos_checkpoint, tokenizer_p
     from llama import Llama
 
     path, state = eos_checkpoint
-    generator = Llama.build(path, tokenizer_path, 64, 4, verbose=False)
+    generator = Llama.build(path, tokenizer_path, 64, 4, verbose=False, device="cpu")
     prompt_tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = generator.generate(prompt_tokens, 30, temperature=0, logprobs=True)
     params = json.loads(open(f"{path}/params.json").read())

@@ -26,6 +26,7 @@ def copy_of(checkpoints, tmp_path):
 
 
 def _build(ckpt_dir, tokenizer_path, **kwargs):
+    kwargs.setdefault("device", "cpu")
     return Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len=32, max_batch_size=2,
                        verbose=False, **kwargs)
 
