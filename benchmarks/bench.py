@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llama.distributed import choose_device, choose_dtype  # noqa: E402
 from llama.fixtures import write_random_checkpoint  # noqa: E402
 from llama.model import KVCache, ModelArgs, count_parameters  # noqa: E402
 
@@ -58,13 +59,17 @@ class NoEosTokenizer:
         return ""
 
 
-def checkpoint_dir(shape: str, root: Path) -> Path:
+def checkpoint_dir(shape: str, root: Path, device: torch.device) -> Path:
+    """A random checkpoint of the shape, written once (numbers drawn on `device`; no md5
+    checklist, which would take half a minute for 7B)."""
     out = root / f"{shape}-mp1"
-    if not (out / "checklist.chk").exists():
+    done = out / "written"
+    if not done.exists():
         args = ModelArgs(vocab_size=VOCAB, **SHAPES[shape])
         print(f"writing a random {shape} checkpoint ({count_parameters(args) / 1e6:.0f} M "
               f"parameters) to {out} ...", file=sys.stderr)
-        write_random_checkpoint(out, args, 1, seed=0)
+        write_random_checkpoint(out, args, 1, seed=0, device=device, checklist=False)
+        done.touch()
     return out
 
 
@@ -80,6 +85,8 @@ def load_only(ckpt: Path, device, dtype) -> dict:
     baseline = rss_bytes()
     start = time.time()
     model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False)
+    if model.output.weight.is_cuda:
+        torch.cuda.synchronize()
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -187,26 +194,29 @@ class HuggingFace:
         params = json.loads((ckpt / "params.json").read_text())
         params.pop("vocab_size")
         args = ModelArgs(vocab_size=VOCAB, max_seq_len=max_seq_len, **params)
-        self.model = hf_model(state, args, getattr(torch, dtype or "float32"))
+        self.model = hf_model(state, args, getattr(torch, dtype), device)
+        self.device = device
 
     @torch.inference_mode()
     def generate(self, prompt_tokens, n):
         # left-padded batch with an attention mask, as transformers expects for generation
         width = max(len(p) for p in prompt_tokens)
-        ids = torch.zeros((len(prompt_tokens), width), dtype=torch.long)
+        ids = torch.zeros((len(prompt_tokens), width), dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompt_tokens):
-            ids[i, width - len(p):] = torch.tensor(p)
+            ids[i, width - len(p):] = torch.tensor(p, device=self.device)
             mask[i, width - len(p):] = 1
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[:, width:].tolist()
 
 
-def bench(impls, batches, prompt_len, gen_len, mixed, runs):
+def bench(impls, batches, prompt_len, gen_len, mixed, runs, warmup_len=2):
     """Per implementation and case, each run's figures (prefill, and decode per batch size),
     and the greedy tokens of its last run. The implementations take turns run by run, so a
-    slower or busier spell of the machine hits them alike, and ratios are taken run by run."""
+    slower or busier spell of the machine hits them alike, and ratios are taken run by run.
+    Each case starts with a warm-up generation of warmup_len tokens per implementation (a
+    compiled step needs the full length: it compiles once per cache size)."""
     cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), True) for bsz in batches]
     if mixed:
         cases.append((f"mixed {'/'.join(map(str, mixed))}", prompts(mixed), False))
@@ -215,7 +225,7 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs):
     for case, batch, decode in cases:
         first, total = {impl.name: [] for impl in impls}, {impl.name: [] for impl in impls}
         for impl in impls:
-            impl.generate(batch, 2)  # warm-up
+            impl.generate(batch, warmup_len if decode else 1)
         for _ in range(runs):
             for impl in impls:
                 seconds, out = timed(lambda: impl.generate(batch, 1))
@@ -294,22 +304,28 @@ def main():
         print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype)))
         return
 
-    ckpt = checkpoint_dir(args.shape, Path(args.root))
+    # one choice for every implementation: the library's own defaults
+    device = choose_device(args.device)
+    args.device, args.dtype = str(device), str(choose_dtype(device, args.dtype))[len("torch."):]
+    if (args.meta or "reference" in args.compare) and (
+            device.type != "cpu" or args.dtype != "float32"):
+        raise SystemExit("--meta and --compare reference run on the CPU in float32 only")
+    ckpt = checkpoint_dir(args.shape, Path(args.root), device)
     model_args = ModelArgs(vocab_size=VOCAB, **SHAPES[args.shape])
     load = measure_load(ckpt, args.device, args.dtype)
     gib = 1024 ** 3
     print(f"shape {args.shape}: {count_parameters(model_args) / 1e6:.0f} M parameters, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device or 'auto'}, dtype {args.dtype or 'auto'}")
+          f"device {args.device}"
+          f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
+          f"dtype {args.dtype}{', compiled decode step' if args.compile else ''}")
     print(f"load: {load['load_s']:.2f} s; weights {load['weights'] / gib:.3f} GiB; peak RSS "
           f"{load['peak_rss'] / gib:.3f} GiB = {load['baseline_rss'] / gib:.3f} GiB before "
           f"loading + {(load['peak_rss'] - load['baseline_rss']) / load['weights']:.2f} x the "
           f"weights")
     if args.load:
         return
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if args.device == "cuda" else torch.float32)
-    per_token = KVCache.bytes_per_token(model_args, dtype)
+    per_token = KVCache.bytes_per_token(model_args, getattr(torch, args.dtype))
     print(f"KV cache: {per_token / 1024:.0f} KiB per token; a call of batch {max(args.batch)} "
           f"x {args.prompt_len + args.gen_len} tokens allocates "
           f"{per_token * max(args.batch) * (args.prompt_len + args.gen_len) / 2**20:.0f} MiB")
@@ -320,10 +336,9 @@ def main():
              for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
                                          for c in args.compare]]
     if args.meta:
-        if (args.device or "cpu") != "cpu" or args.dtype not in (None, "float32"):
-            raise SystemExit("--meta runs Meta's code on the CPU in float32 only")
         impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
-    report(*bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs))
+    report(*bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs,
+                  warmup_len=args.gen_len if args.compile else 2))
 
 
 if __name__ == "__main__":

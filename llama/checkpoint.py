@@ -301,8 +301,10 @@ def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int
     return shards
 
 
-def save_checkpoint(out_dir: Path, shards: List[Dict[str, torch.Tensor]], params: dict) -> None:
-    """Write params.json, consolidated.NN.pth and a checklist.chk of their md5s."""
+def save_checkpoint(out_dir: Path, shards: List[Dict[str, torch.Tensor]], params: dict,
+                    checklist: bool = True) -> None:
+    """Write params.json, consolidated.NN.pth and (unless not `checklist`: hashing 7B's files
+    takes half a minute) a checklist.chk of their md5s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params))
@@ -311,7 +313,8 @@ def save_checkpoint(out_dir: Path, shards: List[Dict[str, torch.Tensor]], params
         name = f"consolidated.{index:02d}.pth"
         torch.save(shard, out_dir / name)
         names.append(name)
-    write_checklist(out_dir, names)
+    if checklist:
+        write_checklist(out_dir, names)
 
 
 def write_checklist(out_dir: Path, names: List[str]) -> None:

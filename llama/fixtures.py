@@ -40,20 +40,22 @@ def train_tokenizer(model_path: Path, vocab_size: int = 1000, text: Optional[str
     return model_path
 
 
-def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16
+def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16, device="cpu"
                    ) -> Dict[str, torch.Tensor]:
-    """An unsharded state dict of the model's shape, with the rope.freqs extra real shards
-    carry. Norm weights are near 1, as in trained models; the output layer is scaled so that
-    logits spread over several units, like a trained model's, rather than sit in near-ties."""
-    generator = torch.Generator().manual_seed(seed)
+    """An unsharded state dict of the model's shape (on the CPU), with the rope.freqs extra
+    real shards carry. Norm weights are near 1, as in trained models; the output layer is
+    scaled so that logits spread over several units, like a trained model's, rather than sit
+    in near-ties. `device` draws the numbers there (a GPU draws 7B's in a second rather than a
+    minute; other numbers than the CPU's for the same seed)."""
+    generator = torch.Generator(device).manual_seed(seed)
     state = {}
     for name, shape in full_shapes(args).items():
         if name.endswith("norm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator, device=device)
         else:
             scale = (4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5
-            tensor = scale * torch.randn(shape, generator=generator)
-        state[name] = tensor.to(dtype)
+            tensor = scale * torch.randn(shape, generator=generator, device=device)
+        state[name] = tensor.to(dtype).cpu()
     freqs = precompute_freqs_cis(args.head_dim, 2).angle()[1]  # rotation of position 1
     state[IGNORED_KEYS[0]] = freqs.to(dtype)
     return state
@@ -73,8 +75,11 @@ def params_json(args: ModelArgs) -> dict:
 
 
 def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int = 1, seed: int = 0,
-                            dtype=torch.bfloat16) -> Dict[str, torch.Tensor]:
-    """Save random weights as an n_shards checkpoint; returns the unsharded state dict."""
-    full = random_weights(args, seed, dtype)
-    save_checkpoint(Path(out_dir), split_state_dict(full, n_shards), params_json(args))
+                            dtype=torch.bfloat16, device="cpu", checklist: bool = True
+                            ) -> Dict[str, torch.Tensor]:
+    """Save random weights as an n_shards checkpoint; returns the unsharded state dict.
+    `device`: see random_weights; `checklist`: see save_checkpoint."""
+    full = random_weights(args, seed, dtype, device)
+    save_checkpoint(Path(out_dir), split_state_dict(full, n_shards), params_json(args),
+                    checklist)
     return full

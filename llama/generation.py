@@ -110,6 +110,7 @@ class Llama:
             cuda_graphs = self.model.output.weight.device.type == "cuda"
         if cuda_graphs:
             compile_options.setdefault("mode", "reduce-overhead")
+        compile_options.setdefault("dynamic", False)  # one static graph per shape
         # Traced without inference mode: torch 2.13's inductor fails on views of input tensors
         # traced inside it. The step runs under no_grad instead (_run_compiled_step), on
         # ordinary (non-inference) tensors: hence the clones there and in _generate.

@@ -36,8 +36,11 @@ def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[st
     return out
 
 
-def hf_model(state: Dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32):
-    """A transformers LlamaForCausalLM holding the same weights (unsharded Meta state dict)."""
+def hf_model(state: Dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float32,
+             device="cpu"):
+    """A transformers LlamaForCausalLM holding the same weights (unsharded Meta state dict),
+    on `device` (built there: transformers' random initialisation of a 7B model takes
+    minutes on a CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -47,7 +50,8 @@ def hf_model(state: Dict[str, torch.Tensor], args: ModelArgs, dtype=torch.float3
         max_position_embeddings=args.max_seq_len, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, rope_theta=args.rope_theta)
     config.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
-    model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
     hf_state = {k: v.to(dtype) for k, v in to_hf_state_dict(state, args).items()}
     model.load_state_dict(hf_state, strict=True)
     return model.eval()
