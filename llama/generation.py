@@ -265,7 +265,9 @@ class Llama:
         n_steps = max(row.limit for row in rows)
 
         # Prefill: all prompts in one pass, left-padded to the longest.
-        cache = self._cache_for(bsz, max_len + n_steps)
+        # a compiled step takes the cache whole: a slice of its rows would be copied each step
+        cache = self._cache_for(bsz, max_len + n_steps,
+                                exact_rows=self._compiled_step is not None and n_steps > 1)
         pads = None if max_len == min_len else torch.tensor([max_len - n for n in lens],
                                                             device=device)
         tokens = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
@@ -292,8 +294,7 @@ class Llama:
                 position = torch.tensor([max_len], device=device)  # advanced on the device
                 pads = pads.clone() if pads is not None else None
             # The cache is written in place by a captured graph: its address must not change.
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            cache.mark_static()
         steps_run = 0
         for step in range(n_steps):
             next_token = _sample(last_logits, temperature, top_p,
@@ -351,13 +352,15 @@ class Llama:
                 return True
         return False
 
-    def _cache_for(self, bsz: int, length: int) -> KVCache:
-        """A KV cache of at least bsz rows and `length` slots, reused across calls and grown
-        only when a call needs more."""
+    def _cache_for(self, bsz: int, length: int, exact_rows: bool = False) -> KVCache:
+        """A KV cache of at least bsz rows (exactly bsz with exact_rows) and `length` slots,
+        reused across calls and grown only when a call needs more."""
         cache = self._cache
-        if cache is None or cache.k.shape[1] < bsz or cache.k.shape[3] < length:
+        if exact_rows and cache is not None and cache.rows != bsz:
+            cache = self._cache = None
+        if cache is None or cache.rows < bsz or cache.length < length:
             if cache is not None:
-                bsz, length = max(bsz, cache.k.shape[1]), max(length, cache.k.shape[3])
+                bsz, length = max(bsz, cache.rows), max(length, cache.length)
             self._cache = None  # release the old one before allocating
             self._cache = self.model.new_cache(bsz, length)
         return self._cache

@@ -8,6 +8,7 @@ import torch
 
 from llama.chat_format import UNSAFE_ERROR, dialog_to_tokens
 from llama.generation import sample_top_p
+from llama.model import KVCache
 from tests.meta_reference import ReferenceModel, reference_generate
 
 PROMPTS = ["The meaning of life is", "Simply put, the theory of relativity states that ",
@@ -202,11 +203,15 @@ def test_kv_cache_is_sized_to_the_call(build):
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
     generator.free_cache()
     generator.text_completion(["Hi"], temperature=0, max_gen_len=3)
-    k = generator._cache.k  # (layers, bsz, kv heads, slots, head_dim)
+    cache = generator._cache
     prompt_len = len(generator.tokenizer.encode("Hi", bos=True, eos=False))
-    assert k.shape[1] == 1 and k.shape[3] == prompt_len + 3
+    params = generator.model.params
+    assert len(cache.k) == len(cache.v) == params.n_layers
+    assert cache.k[0].shape == (1, params.n_kv_heads, prompt_len + 3, params.head_dim)
+    assert cache.nbytes == (KVCache.bytes_per_token(params, torch.float32)
+                            * 1 * (prompt_len + 3))
     generator.text_completion(["Hi", "there"], temperature=0, max_gen_len=10)
-    assert generator._cache.k.shape[1] == 2  # grown when a call needs more
+    assert generator._cache.rows == 2  # grown when a call needs more
 
 
 @pytest.mark.parametrize("call, error, message", [
