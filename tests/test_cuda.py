@@ -68,6 +68,10 @@ def test_compiled_decode_step_runs_as_cuda_graphs_with_eager_results(build):
                                        logprobs=True)
         _assert_same_completions(compiled, eager, abs_tol=1e-5)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    # a new cache of the same shape (new addresses): the graph must write the new one
+    gpu.free_cache()
+    _assert_same_completions(gpu.text_completion(PROMPTS[:3], temperature=0, max_gen_len=10,
+                                                 logprobs=True), eager, abs_tol=1e-5)
     # another batch size compiles its own graph; results stay the eager ones
     gpu._compiled_step = None
     eager_one = gpu.text_completion(PROMPTS[3:], temperature=0, max_gen_len=10, logprobs=True)
