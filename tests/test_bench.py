@@ -109,3 +109,14 @@ def bench_can_compare_hf() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_profile_step_runs_on_the_cpu():
+    """benchmarks/profile_step.py is a GPU tool; its --device cpu dry run keeps it working."""
+    command = [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--shape", "tiny",
+               "--device", "cpu", "--batch", "2", "--layers", "1", "--position", "6"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    for step in ("eager step at batch 2", "compiled step at batch 2"):
+        assert step in out.stdout, out.stdout
+    assert "2 rows:" in out.stdout  # the weight-read table
