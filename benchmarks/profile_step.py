@@ -27,7 +27,7 @@ from llama.checkpoint import IGNORED_KEYS  # noqa: E402
 from llama.distributed import choose_device, choose_dtype, init_process_groups  # noqa: E402
 from llama.fixtures import random_weights  # noqa: E402
 from llama.generation import Llama  # noqa: E402
-from llama.model import ModelArgs, Transformer, pack_weights  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
 
 
 def random_model(args: ModelArgs, device, dtype) -> Transformer:
@@ -35,11 +35,7 @@ def random_model(args: ModelArgs, device, dtype) -> Transformer:
     state = random_weights(args, 0, dtype, device)
     state = {name: tensor.to(device) for name, tensor in state.items()
              if name not in IGNORED_KEYS}
-    pack_weights(state, args.n_layers)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return Transformer.from_state_dict(args, state)
 
 
 def median_ms(fn, reps=50) -> float:

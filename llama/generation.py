@@ -24,7 +24,7 @@ from llama.chat_format import (
     validate_dialog,
 )
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
-from llama.model import KVCache, Transformer, pack_weights
+from llama.model import KVCache, Transformer
 from llama.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -417,12 +417,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         if tensor.untyped_storage().data_ptr() in mapped:
             checkpoint.release_file_pages(tensor)
 
-    # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
-    pack_weights(state, args.n_layers, after_copy=release_if_mapped)
-    with torch.device("meta"):
-        model = Transformer(args)
-    # Strict: every tensor of the model must come from the checkpoint (checked above too).
-    model.load_state_dict(state, strict=True, assign=True)
+    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
     del state
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "

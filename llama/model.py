@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       512 rows on, MKL is the faster again.
 
     Only the order of the float32 additions differs from F.linear."""
-    rows = x.numel() // x.shape[-1]
+    rows = row_count(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)
     n_out, n_in = weight.shape
@@ -105,6 +105,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         return F.linear(x, weight)
     return out.view(*x.shape[:-1], n_out)
+
+
+def row_count(x: torch.Tensor) -> int:
+    """The rows a product over x's last dimension has: its tokens, however batched."""
+    return x.numel() // x.shape[-1]
 
 
 # Up to this many rows a product is "small" (a decode step, a short prefill): oneDNN, and
@@ -316,7 +321,7 @@ class FeedForward(nn.Module):
         self.w13 = _fuse_rows(self.w1, self.w3)
 
     def forward(self, x):
-        if x.numel() // x.shape[-1] <= FEW_ROWS:
+        if row_count(x) <= FEW_ROWS:
             gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
             hidden = F.silu(gate) * up
         else:  # a long prefill: two products give contiguous halves, updated in place
@@ -413,6 +418,19 @@ class Transformer(nn.Module):
                                                   params.rope_theta)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.fuse_projections())
 
+    @classmethod
+    def from_state_dict(cls, params: ModelArgs, state: dict, after_copy=None) -> "Transformer":
+        """The model holding a state dict's tensors themselves (this rank's, on their device
+        and in their dtype), with no second copy of the weights. The state dict is rearranged
+        in place (see pack_weights, which also explains `after_copy`)."""
+        # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
+        pack_weights(state, params.n_layers, after_copy)
+        with torch.device("meta"):
+            model = cls(params)
+        # Strict: every tensor of the model must come from the state dict.
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
     def fuse_projections(self):
         """Build the fused q/k/v and w1/w3 matrices; call again after replacing weights."""
         for layer in self.layers:
@@ -433,8 +451,8 @@ class Transformer(nn.Module):
         start_pos..start_pos+seqlen-1. `pads` (bsz,) holds each row's count of left-padding
         slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab).
 
-        `start_pos` may also be a 1-element integer tensor, for one token per row (seqlen 1): then
-        attention reads the whole cache under a mask rather than its first start_pos + 1
+        `start_pos` may also be a 1-element integer tensor, for one token per row (seqlen 1):
+        then attention reads the whole cache under a mask rather than its first start_pos + 1
         slots, so every shape stays the same from step to step. That is the form to compile
         and capture once as a CUDA graph; the logits are the same."""
         bsz, seqlen = tokens.shape
