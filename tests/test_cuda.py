@@ -11,11 +11,9 @@ import torch
 
 from llama.model import KVCache
 from tests.conftest import REPO, run_script
+from tests.test_generation import PROMPTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-PROMPTS = ["The meaning of life is", "Simply put, the theory of relativity states that ",
-           "x", "Translate English to French:\n\nsea otter => loutre de mer\ncheese =>"]
 
 
 def _assert_same_completions(got, want, abs_tol=1e-4):
