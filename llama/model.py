@@ -261,9 +261,12 @@ class Attention(nn.Module):
     def fuse(self):
         self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None):
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None,
+                last_only=False):
         # x: (bsz, seqlen, dim), or (real tokens, dim) with `packing`;
-        # cache_k/v: (bsz, n_kv, cache_len, head_dim)
+        # cache_k/v: (bsz, n_kv, cache_len, head_dim). With last_only, every token's keys and
+        # values go to the cache but only each row's last position is attended from: the
+        # output is (bsz, 1, dim).
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
         xqkv = linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
@@ -289,17 +292,20 @@ class Attention(nn.Module):
             keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
             values = cache_v[:, :, :end_pos]
 
+        if last_only:
+            xq, mask, packing = xq[:, -1:], mask[:, :, -1:], None
+        q_len = xq.shape[1]
         # Grouped-query attention without repeating keys: the n_rep query heads that share a
         # kv head are stacked along the query axis. Head h uses kv head h // n_rep, as the
         # reference's repeat_kv does.
-        xq = xq.view(bsz, seqlen, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
-        xq = xq.reshape(bsz, n_kv, n_rep * seqlen, hd)  # (bsz, n_kv, n_rep * seqlen, hd)
+        xq = xq.view(bsz, q_len, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
+        xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
         if mask is not None and n_rep > 1:
-            mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * seqlen, end_pos)
+            mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, end_pos)
         out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask,
                                              scale=1.0 / math.sqrt(hd))
-        out = out.view(bsz, n_kv, n_rep, seqlen, hd).permute(0, 3, 1, 2, 4)
-        out = out.reshape(bsz, seqlen, n_kv * n_rep * hd)  # (bsz, seqlen, n_local_heads * hd)
+        out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
+        out = out.reshape(bsz, q_len, n_kv * n_rep * hd)  # (bsz, q_len, n_local_heads * hd)
         if packing is not None:
             out = packing.pack(out)
         return _sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
@@ -389,9 +395,14 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v, start_pos,
-                               mask, packing)
+    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None,
+                last_only=False):
+        """With last_only, only each row's last position comes out: (bsz, 1, dim)."""
+        attended = self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v,
+                                  start_pos, mask, packing, last_only)
+        if last_only:
+            x = packing.last_rows(x) if packing is not None else x[:, -1:]
+        h = x + attended
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -479,10 +490,15 @@ class Transformer(nn.Module):
         packing = PackedTokens(slots, pads) if pads is not None and seqlen > 1 else None
         if packing is not None:
             h = packing.pack(h)
+        # When only the last position's logits are wanted, the last layer needs every token's
+        # keys and values but nothing else of the positions before it: its attention output,
+        # wo and feed-forward run for the last position alone (1/n_layers of a prefill saved).
+        last_layer_only_last = last_logits_only and seqlen > 1
         for layer_id, layer in enumerate(self.layers):
+            last_only = last_layer_only_last and layer_id == self.n_layers - 1
             h = layer(h, freqs_cis, cache.k[layer_id][:bsz], cache.v[layer_id][:bsz],
-                      start_pos, mask, packing)
-        if packing is not None:
+                      start_pos, mask, packing, last_only)
+        if packing is not None and not last_layer_only_last:
             h = packing.unpack(h)
         if last_logits_only:
             h = h[:, -1:]
@@ -498,10 +514,16 @@ class PackedTokens:
         real = slots[None, :] >= pads[:, None]  # (bsz, seqlen)
         self.shape = real.shape
         self.index = real.flatten().nonzero().squeeze(1)  # flat slots of the real tokens
+        # Each row's last slot is real (left-padding): its place among the packed tokens.
+        self.last_index = real.sum(dim=1).cumsum(dim=0) - 1
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(bsz, seqlen, d) -> (n_real, d)"""
         return x.flatten(0, 1).index_select(0, self.index)
+
+    def last_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_real, d) -> (bsz, 1, d): each row's last token"""
+        return x.index_select(0, self.last_index)[:, None]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(n_real, d) -> (bsz, seqlen, d), zeros in the padding slots"""

@@ -112,6 +112,29 @@ def test_left_padded_rows_equal_unpadded_rows(build):
         assert torch.isfinite(padded[i]).all()
 
 
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+@pytest.mark.parametrize("lengths", [(9, 9), (4, 9), (90, 120, 120)])  # 330 rows: long-prefill path
+def test_last_logits_only_prefill_equals_the_full_prefill(kind, lengths, build):
+    """With last_logits_only the last layer runs its attention output and feed-forward for the
+    last position alone: the logits are the full pass's last ones, the cache is the same, and
+    so is the next step read from it."""
+    model = build(kind).model
+    bsz, longest = len(lengths), max(lengths)
+    tokens = torch.randint(3, 1000, (bsz, longest), generator=torch.Generator().manual_seed(4))
+    pads = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths])
+    full_cache, last_cache = model.new_cache(bsz, longest + 1), model.new_cache(bsz, longest + 1)
+    full = model.forward(tokens, 0, full_cache, pads)
+    last = model.forward(tokens, 0, last_cache, pads, last_logits_only=True)
+    assert last.shape == (bsz, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(last_cache.k + last_cache.v, full_cache.k + full_cache.v):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    step = torch.tensor([[5]] * bsz)
+    torch.testing.assert_close(model.forward(step, longest, last_cache, pads),
+                               model.forward(step, longest, full_cache, pads),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 130, 300])
 @pytest.mark.parametrize("n_out", [256, 250, 7])  # split in blocks; not splittable
 def test_linear_fast_paths_equal_f_linear(rows, n_out):
