@@ -293,18 +293,28 @@ class Attention(nn.Module):
             values = cache_v[:, :, :end_pos]
 
         if last_only:
-            xq, mask, packing = xq[:, -1:], mask[:, :, -1:], None
+            xq, packing = xq[:, -1:], None
+            mask = mask[:, :, -1:] if mask is not None else None  # None: the last sees all
         q_len = xq.shape[1]
-        # Grouped-query attention without repeating keys: the n_rep query heads that share a
-        # kv head are stacked along the query axis. Head h uses kv head h // n_rep, as the
-        # reference's repeat_kv does.
-        xq = xq.view(bsz, q_len, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
-        xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
-        if mask is not None and n_rep > 1:
-            mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, end_pos)
-        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask,
-                                             scale=1.0 / math.sqrt(hd))
-        out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
+        scale = 1.0 / math.sqrt(hd)
+        if mask is None and q_len > 1:
+            # A prefill from slot 0 with no padding (Transformer.forward passes no mask): plain
+            # causal attention, so the kernel skips the blocks above the diagonal (half the
+            # work on long prompts). Head h uses kv head h // n_rep, as the reference's
+            # repeat_kv does.
+            out = F.scaled_dot_product_attention(xq.transpose(1, 2), keys, values,
+                                                 is_causal=True, enable_gqa=n_rep > 1,
+                                                 scale=scale)  # (bsz, heads, q_len, hd)
+            out = out.transpose(1, 2)
+        else:
+            # Grouped-query attention without repeating keys: the n_rep query heads that
+            # share a kv head are stacked along the query axis (kv head h // n_rep, as above).
+            xq = xq.view(bsz, q_len, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
+            xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
+            if mask is not None and n_rep > 1:
+                mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, end_pos)
+            out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=scale)
+            out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
         out = out.reshape(bsz, q_len, n_kv * n_rep * hd)  # (bsz, q_len, n_local_heads * hd)
         if packing is not None:
             out = packing.pack(out)
@@ -482,7 +492,10 @@ class Transformer(nn.Module):
         else:
             positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
             freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
-        needs_mask = static or seqlen > 1 or pads is not None  # else: one query, sees all
+        # No mask for one query that sees every slot, nor for a prefill from slot 0 without
+        # padding: Attention then applies plain causal attention.
+        plain_causal = not static and start_pos == 0 and pads is None
+        needs_mask = static or pads is not None or (seqlen > 1 and not plain_causal)
         mask = attention_mask(slots, kv_len, pads) if needs_mask else None
 
         # A left-padded prefill computes only the real tokens' rows in every per-token step
