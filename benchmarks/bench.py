@@ -217,7 +217,7 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs, warmup_len=2):
     slower or busier spell of the machine hits them alike, and ratios are taken run by run.
     Each case starts with a warm-up generation of warmup_len tokens per implementation (a
     compiled step needs the full length: it compiles once per cache size)."""
-    cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), True) for bsz in batches]
+    cases = [(f"batch {bsz}", prompts([prompt_len] * bsz), gen_len > 1) for bsz in batches]
     if mixed:
         cases.append((f"mixed {'/'.join(map(str, mixed))}", prompts(mixed), False))
     results = {impl.name: {} for impl in impls}
@@ -283,7 +283,9 @@ def main():
     parser.add_argument("--shape", default="S", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128,
+                        help="new tokens per generation; 1: prefill only (decode figures "
+                             "from a few tokens are mostly noise)")
     parser.add_argument("--mixed", type=int, nargs="*", default=[16, 48, 96, 128],
                         help="prompt lengths of a mixed batch for prefill (none: skip)")
     parser.add_argument("--runs", type=int, default=3)
@@ -304,6 +306,8 @@ def main():
         print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype)))
         return
 
+    if args.gen_len < 1 or args.prompt_len < 1:
+        raise SystemExit("--gen-len and --prompt-len must be at least 1")
     # one choice for every implementation: the library's own defaults
     device = choose_device(args.device)
     args.device, args.dtype = str(device), str(choose_dtype(device, args.dtype))[len("torch."):]

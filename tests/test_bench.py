@@ -92,6 +92,19 @@ def test_bench_runs_every_comparison(tmp_path):
     assert all("Meta's model code identical" in line for line in agree)
 
 
+def test_gen_len_one_times_prefill_only(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape",
+                          "tiny", "--runs", "1", "--batch", "1", "--prompt-len", "8",
+                          "--gen-len", "1", "--mixed", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "time to first token" in out.stdout and "decode tok/s" not in out.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gen-len",
+                          "0", "--root", str(tmp_path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert bad.returncode != 0 and "--gen-len and --prompt-len must be at least 1" in bad.stderr
+
+
 def test_meta_path_without_model_file_is_explained(tmp_path):
     with pytest.raises(SystemExit, match="no llama/model.py there"):
         bench.MetaOriginal(tmp_path, tmp_path, 16, 1)
