@@ -292,33 +292,51 @@ class Attention(nn.Module):
             keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
             values = cache_v[:, :, :end_pos]
 
-        if last_only:
-            xq, packing = xq[:, -1:], None
-            mask = mask[:, :, -1:] if mask is not None else None  # None: the last sees all
-        q_len = xq.shape[1]
         scale = 1.0 / math.sqrt(hd)
-        if mask is None and q_len > 1:
-            # A prefill from slot 0 with no padding (Transformer.forward passes no mask): plain
-            # causal attention, so the kernel skips the blocks above the diagonal (half the
-            # work on long prompts). Head h uses kv head h // n_rep, as the reference's
-            # repeat_kv does.
-            out = F.scaled_dot_product_attention(xq.transpose(1, 2), keys, values,
-                                                 is_causal=True, enable_gqa=n_rep > 1,
-                                                 scale=scale)  # (bsz, heads, q_len, hd)
-            out = out.transpose(1, 2)
+        if mask is None and seqlen > 1:  # a prefill from slot 0 (see Transformer.forward)
+            out = self._causal_prefill(xq, keys, values, packing, last_only, scale)
         else:
+            if last_only:
+                xq, mask = xq[:, -1:], mask[:, :, -1:]
+            q_len = xq.shape[1]
             # Grouped-query attention without repeating keys: the n_rep query heads that
-            # share a kv head are stacked along the query axis (kv head h // n_rep, as above).
+            # share a kv head are stacked along the query axis. Head h uses kv head
+            # h // n_rep, as the reference's repeat_kv does.
             xq = xq.view(bsz, q_len, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
             xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
             if mask is not None and n_rep > 1:
                 mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, end_pos)
             out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=scale)
             out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
-        out = out.reshape(bsz, q_len, n_kv * n_rep * hd)  # (bsz, q_len, n_local_heads * hd)
-        if packing is not None:
-            out = packing.pack(out)
+            out = out.reshape(bsz, q_len, n_heads * hd)  # (bsz, q_len, n_local_heads * hd)
+            if packing is not None and not last_only:
+                out = packing.pack(out)
         return _sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
+
+    def _causal_prefill(self, xq, keys, values, packing, last_only, scale):
+        """Attention of a prefill from slot 0, as plain causal attention: the kernel skips the
+        blocks above the diagonal (half the work on long prompts). A left-padded batch goes
+        row by row over each row's real slots, so padding is neither computed nor attended.
+        xq: (bsz, seqlen, heads, hd). Returns (bsz, 1, heads * hd) with last_only, else one
+        row per token as x came in: (bsz, seqlen, heads * hd), or packed (real tokens, ...)."""
+        if packing is None:
+            parts = [(slice(None), 0)]
+        else:
+            parts = [(slice(row, row + 1), pad) for row, pad in enumerate(packing.pads)]
+        outs = []
+        for rows, pad in parts:
+            q = xq[rows, -1:] if last_only else xq[rows, pad:]
+            # is_causal sets the first query against the first key: right here, where the
+            # queries sit in the keys' own slots. A lone last query sees every key. Head h
+            # uses kv head h // n_rep, as the reference's repeat_kv does.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[rows, :, pad:],
+                                                 values[rows, :, pad:],
+                                                 is_causal=q.shape[1] > 1,
+                                                 enable_gqa=self.n_rep > 1, scale=scale)
+            outs.append(out.transpose(1, 2).flatten(2))  # (rows, queries, heads * hd)
+        if packing is None or last_only:
+            return torch.cat(outs)
+        return torch.cat([out[0] for out in outs])  # the packed order: row by row
 
 
 class FeedForward(nn.Module):
@@ -492,10 +510,10 @@ class Transformer(nn.Module):
         else:
             positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
             freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
-        # No mask for one query that sees every slot, nor for a prefill from slot 0 without
-        # padding: Attention then applies plain causal attention.
-        plain_causal = not static and start_pos == 0 and pads is None
-        needs_mask = static or pads is not None or (seqlen > 1 and not plain_causal)
+        # No mask for one query that sees every slot, nor for a prefill from slot 0: Attention
+        # then applies plain causal attention (row by row over the real slots when padded).
+        from_slot_0 = not static and start_pos == 0
+        needs_mask = static or (pads is not None if seqlen == 1 else not from_slot_0)
         mask = attention_mask(slots, kv_len, pads) if needs_mask else None
 
         # A left-padded prefill computes only the real tokens' rows in every per-token step
@@ -527,6 +545,7 @@ class PackedTokens:
         real = slots[None, :] >= pads[:, None]  # (bsz, seqlen)
         self.shape = real.shape
         self.index = real.flatten().nonzero().squeeze(1)  # flat slots of the real tokens
+        self.pads = pads.tolist()  # each row's padding slots, on the host
         # Each row's last slot is real (left-padding): its place among the packed tokens.
         self.last_index = real.sum(dim=1).cumsum(dim=0) - 1
 
