@@ -334,7 +334,8 @@ def main():
           f"x {args.prompt_len + args.gen_len} tokens allocates "
           f"{per_token * max(args.batch) * (args.prompt_len + args.gen_len) / 2**20:.0f} MiB")
 
-    max_seq_len = args.prompt_len + args.gen_len
+    # the mixed batch generates one token after its prompts, which may be the longer ones
+    max_seq_len = max([args.prompt_len + args.gen_len] + [n + 1 for n in args.mixed or []])
     max_batch = max(args.batch + [len(args.mixed or [])])
     impls = [impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
              for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]

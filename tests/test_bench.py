@@ -93,12 +93,14 @@ def test_bench_runs_every_comparison(tmp_path):
 
 
 def test_gen_len_one_times_prefill_only(tmp_path):
+    """Also: a mixed batch may hold prompts longer than --prompt-len."""
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape",
                           "tiny", "--runs", "1", "--batch", "1", "--prompt-len", "8",
-                          "--gen-len", "1", "--mixed", "--root", str(tmp_path)],
+                          "--gen-len", "1", "--mixed", "5", "20", "--root", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert "time to first token" in out.stdout and "decode tok/s" not in out.stdout
+    assert "mixed 5/20  time to first token" in out.stdout
+    assert "batch 1  time to first token" in out.stdout and "decode tok/s" not in out.stdout
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gen-len",
                           "0", "--root", str(tmp_path)], capture_output=True, text=True,
                          cwd=REPO, timeout=600)
