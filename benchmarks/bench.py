@@ -330,9 +330,12 @@ def main():
     if args.load:
         return
     per_token = KVCache.bytes_per_token(model_args, getattr(torch, args.dtype))
-    print(f"KV cache: {per_token / 1024:.0f} KiB per token; a call of batch {max(args.batch)} "
-          f"x {args.prompt_len + args.gen_len} tokens allocates "
-          f"{per_token * max(args.batch) * (args.prompt_len + args.gen_len) / 2**20:.0f} MiB")
+    calls = [(bsz, args.prompt_len + args.gen_len) for bsz in args.batch]
+    if args.mixed:  # one new token after the longest prompt
+        calls.append((len(args.mixed), max(args.mixed) + 1))
+    bsz, length = max(calls, key=lambda call: call[0] * call[1])
+    print(f"KV cache: {per_token / 1024:.0f} KiB per token; the largest call, batch {bsz} x "
+          f"{length} tokens, allocates {per_token * bsz * length / 2**20:.0f} MiB")
 
     # the mixed batch generates one token after its prompts, which may be the longer ones
     max_seq_len = max([args.prompt_len + args.gen_len] + [n + 1 for n in args.mixed or []])

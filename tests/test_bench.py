@@ -100,6 +100,7 @@ def test_gen_len_one_times_prefill_only(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "mixed 5/20  time to first token" in out.stdout
+    assert "the largest call, batch 2 x 21 tokens" in out.stdout
     assert "batch 1  time to first token" in out.stdout and "decode tok/s" not in out.stdout
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gen-len",
                           "0", "--root", str(tmp_path)], capture_output=True, text=True,
