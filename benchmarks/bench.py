@@ -329,17 +329,18 @@ def main():
           f"weights")
     if args.load:
         return
-    per_token = KVCache.bytes_per_token(model_args, getattr(torch, args.dtype))
+    # (rows, tokens) of each case's calls: the mixed batch generates one token after its
+    # prompts, which may be longer than --prompt-len
     calls = [(bsz, args.prompt_len + args.gen_len) for bsz in args.batch]
-    if args.mixed:  # one new token after the longest prompt
+    if args.mixed:
         calls.append((len(args.mixed), max(args.mixed) + 1))
+    per_token = KVCache.bytes_per_token(model_args, getattr(torch, args.dtype))
     bsz, length = max(calls, key=lambda call: call[0] * call[1])
     print(f"KV cache: {per_token / 1024:.0f} KiB per token; the largest call, batch {bsz} x "
           f"{length} tokens, allocates {per_token * bsz * length / 2**20:.0f} MiB")
 
-    # the mixed batch generates one token after its prompts, which may be the longer ones
-    max_seq_len = max([args.prompt_len + args.gen_len] + [n + 1 for n in args.mixed or []])
-    max_batch = max(args.batch + [len(args.mixed or [])])
+    max_batch = max(rows for rows, _ in calls)
+    max_seq_len = max(tokens for _, tokens in calls)
     impls = [impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
              for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
                                          for c in args.compare]]
