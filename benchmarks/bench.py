@@ -80,7 +80,7 @@ def rss_bytes() -> int:
 
 def load_only(ckpt: Path, device, dtype) -> dict:
     """Run in a fresh process: load time and peak RSS against the weights' bytes."""
-    from llama.generation import load_model
+    from llama.loading import load_model
 
     baseline = rss_bytes()
     start = time.time()
@@ -122,7 +122,8 @@ class Ours:
     name = "this library"
 
     def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
-        from llama.generation import Llama, load_model
+        from llama.generation import Llama
+        from llama.loading import load_model
 
         model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, device=device,
                            dtype=dtype, verbose=False)

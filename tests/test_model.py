@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama.checkpoint import IGNORED_KEYS, full_shapes, shard_shape, split_dim
-from llama.model import ModelArgs, Transformer, attention_mask, count_parameters, linear
+from llama.linear import linear
+from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
 from tests.meta_reference import ReferenceModel
 
 META_SHAPES = {

@@ -1,0 +1,86 @@
+"""Loading a checkpoint directory onto this process's model-parallel rank: the one path from
+files on disk to a `Transformer` (format rules live in checkpoint.py)."""
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama import checkpoint
+from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
+from llama.model import KVCache, Transformer
+
+
+def log(message: str) -> None:
+    """Progress for people, on stderr of rank 0, so stdout stays clean for scripts."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
+               model_parallel_size: Optional[int] = None, seed: int = 1,
+               device: Optional[str] = None, dtype=None, verify: bool = False,
+               verbose: bool = True) -> Transformer:
+    """The Transformer of a checkpoint directory, for this process's model-parallel rank (see
+    Llama.build, which adds the tokenizer). `vocab_size` is the tokenizer's."""
+    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    start_time = time.time()
+    say = log if verbose else (lambda message: None)
+    device = choose_device(device)
+    dtype = choose_dtype(device, dtype)
+    shard_paths = checkpoint.find_shards(Path(ckpt_dir))
+    args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size, vocab_size)
+    rank, world_size = init_process_groups(device, model_parallel_size)
+    checkpoint.check_world_size(args, world_size)
+    torch.manual_seed(seed)
+    if verify:
+        say(f"Verifying {ckpt_dir} against checklist.chk ...")
+        checkpoint.verify_files(Path(ckpt_dir))
+
+    shards = {}
+    for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
+        shard_start = time.time()
+        shards[index] = checkpoint.load_shard(shard_paths[index])
+        checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
+        say(f"Opened shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)}) in "
+            f"{time.time() - shard_start:.2f} s")
+    # Copies leave the memory-mapped files' pages behind; drop those as we go.
+    state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
+                                       dtype, device, release_copied=True)
+    mapped = {t.untyped_storage().data_ptr() for shard in shards.values()
+              for t in shard.values()}
+    del shards
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    _report_memory(args, weight_bytes, device, dtype, world_size, say)
+
+    def release_if_mapped(tensor):
+        if tensor.untyped_storage().data_ptr() in mapped:
+            checkpoint.release_file_pages(tensor)
+
+    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
+    del state
+    say(f"Loaded in {time.time() - start_time:.2f} seconds "
+        f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
+        f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
+        f"{str(dtype).replace('torch.', '')})")
+    return model
+
+
+def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say):
+    cache_bytes = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
+                   * args.max_seq_len)
+    gib = 1024 ** 3
+    say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB; KV cache at most "
+        f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
+        f"{args.max_seq_len}), allocated per call for the tokens it needs")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if weight_bytes > free:
+            raise MemoryError(
+                f"the weights need {weight_bytes / gib:.2f} GiB on {device} but only "
+                f"{free / gib:.2f} GiB is free: run on more GPUs (torchrun --nproc_per_node), "
+                f"or use a smaller model")
