@@ -6,15 +6,23 @@ feeds it back, and syncs with the host once, to decide whether every row is done
 """
 
 import functools
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
 from llama.chat_format import (
+    B_INST,
+    B_SYS,
+    E_INST,
+    E_SYS,
+    SPECIAL_TAGS,
     UNSAFE_ERROR,
     Dialog,
     Message,
+    Role,
     dialog_to_tokens,
     has_special_tags,
     validate_dialog,
@@ -23,6 +31,12 @@ from llama.distributed import is_main_process
 from llama.loading import load_model
 from llama.model import KVCache, Transformer
 from llama.tokenizer import Tokenizer
+
+# The reference's module-level names are importable from here, as they were from its
+# llama/generation.py.
+__all__ = ["Llama", "TextStream", "CompletionPrediction", "ChatPrediction", "FinishReason",
+           "Role", "Message", "Dialog", "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS",
+           "UNSAFE_ERROR", "sample_top_p"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -69,6 +83,7 @@ class Llama:
         dtype=None,
         verify: bool = False,
         verbose: bool = True,
+        quiet_other_ranks: bool = True,
     ) -> "Llama":
         """Load a checkpoint directory (params.json + consolidated.NN.pth) and a tokenizer.
 
@@ -77,10 +92,16 @@ class Llama:
         to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs and float32
         on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
         the same on every rank: all ranks sample the same tokens.
+
+        As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
+        os.devnull, so that a script run under torchrun prints its results once;
+        `quiet_other_ranks=False` leaves stdout alone (for programs that manage their output).
         """
         tokenizer = Tokenizer(model_path=tokenizer_path)
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
                            model_parallel_size, seed, device, dtype, verify, verbose)
+        if quiet_other_ranks and not is_main_process():
+            sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -216,8 +237,10 @@ class Llama:
         return TextStream(self, tokens, max_gen_len, temperature, top_p, stop)
 
     def free_cache(self) -> None:
-        """Release the KV cache kept between calls."""
+        """Release the KV caches kept between calls (generation's, and the one the model
+        keeps for forward(tokens, start_pos))."""
         self._cache = None
+        self.model.free_cache()
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,

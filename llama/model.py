@@ -1,40 +1,41 @@
 """The Llama 2 transformer, model-parallel through fairscale's layers.
 
-Parameter names and per-rank shapes are exactly those of Meta's `consolidated.NN.pth` shards,
-so a shard loads strictly. For speed the q/k/v and w1/w3 weights are fused into one matrix
-each after loading (`Transformer.fuse_projections`); the modules keep views into the fused
-matrix, so `state_dict()` still has Meta's names and no byte is stored twice.
-
-The KV cache is not part of the model: generation allocates a `KVCache` sized to each call.
-Prompts of different lengths are left-padded: `pads[i]` cache slots at the start of row i hold
-padding that no real token attends to, and rotary positions start after them.
+Names, signatures and per-rank shapes are those of Meta's `llama/model.py`, so a shard of
+`consolidated.NN.pth` loads strictly and code written against the original runs unchanged:
+`model.forward(tokens, start_pos)` keeps its keys and values in a cache the model owns
+(`Attention.cache_k` / `cache_v`), allocated on first use. Generation passes a `KVCache` of its
+own instead, sized to each call. For speed, the q/k/v and w1/w3 weights are used as one matrix
+each (linear.FusedRows), and matrix products take the routes of linear.py.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel.mappings import (
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-)
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
 )
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from llama.linear import FEW_ROWS, linear, row_count
+from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask
+from llama.linear import FEW_ROWS, FusedRows, linear, pack_weights, row_count
+from llama.parallel import (
+    fairscale_layers_without_init,
+    gather_over_ranks,
+    keep_uninitialised,
+    sum_over_ranks,
+    world_size,
+)
 
 
 @dataclass
 class ModelArgs:
+    # Meta's fields, in Meta's order (code builds ModelArgs positionally); ours after them.
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -43,9 +44,9 @@ class ModelArgs:
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
     max_batch_size: int = 32
     max_seq_len: int = 2048
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -72,47 +73,24 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        # The reference's rule: 2/3 of 4*dim, optionally scaled, rounded up to multiple_of.
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return ffn_hidden_dim(self.dim, 4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
 
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """RowParallelLinear's all-reduce of the partial products (fairscale's mapping). Skipped
-    on a single rank, where it does nothing but costs an autograd Function call per layer."""
-    if fs_init.get_model_parallel_world_size() == 1:
-        return x
-    return reduce_from_model_parallel_region(x)
+def ffn_hidden_dim(dim: int, hidden_dim: int, multiple_of: int,
+                   ffn_dim_multiplier: Optional[float]) -> int:
+    """The reference's rule: 2/3 of hidden_dim (4 * dim), optionally scaled, rounded up to a
+    multiple of multiple_of."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _gather_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """ColumnParallelLinear's gather of each rank's output slice (fairscale's mapping)."""
-    if fs_init.get_model_parallel_world_size() == 1:
-        return x
-    return gather_from_model_parallel_region(x)
-
-
-def _keep_uninitialised(weight: torch.Tensor) -> torch.Tensor:
-    return weight  # every weight is loaded from a checkpoint
-
-
-@contextmanager
-def _without_fairscale_init():
-    """fairscale builds and scatters a full-size master weight per layer when the model-parallel
-    size is above 1, and creates its weights on the CPU whatever the default device; loading
-    replaces every weight anyway. Inside this context its layers get empty weights on the
-    default device (the meta device when loading), with no master weight."""
-    original_init, original_parameter = fs_layers._initialize_affine_weight, fs_layers.Parameter
-    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
-    fs_layers.Parameter = lambda tensor: nn.Parameter(torch.empty(tensor.shape),
-                                                      requires_grad=False)
-    try:
-        yield
-    finally:
-        fs_layers._initialize_affine_weight = original_init
-        fs_layers.Parameter = original_parameter
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module would run forward hooks (its own or global ones): then the
+    model calls it rather than taking a faster route around it, so the hooks fire."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks)
 
 
 class RMSNorm(nn.Module):
@@ -121,11 +99,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # x * rsqrt(mean(x^2) + eps), in one fused kernel
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in float32 whatever the model dtype, as the reference
-        # does, in one fused kernel.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return normed.type_as(x) * self.weight
+        # in float32 whatever the model dtype, as the reference does
+        return self._norm(x.float()).type_as(x) * self.weight
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
@@ -135,92 +115,108 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
     return torch.polar(torch.ones_like(freqs), freqs)  # (end, dim // 2) complex64
 
 
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The reference's helper: (seqlen, head_dim // 2) -> (1, seqlen, 1, head_dim // 2) for x of
+    (bsz, seqlen, n_heads, head_dim // 2)."""
+    if freqs_cis.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"freqs_cis has shape {tuple(freqs_cis.shape)}, expected "
+                         f"{(x.shape[1], x.shape[-1])} (seqlen, head_dim // 2)")
+    return freqs_cis.view(*[d if i in (1, x.ndim - 1) else 1 for i, d in enumerate(x.shape)])
+
+
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate each adjacent pair (x0, x1), (x2, x3), ... of every head by its position's angle,
     as complex multiplication in float32 (the reference's arithmetic).
-    x: (bsz, seqlen, n_heads, head_dim); freqs_cis: (bsz, seqlen, head_dim // 2)."""
+    x: (bsz, seqlen, n_heads, head_dim); freqs_cis: (bsz, seqlen, head_dim // 2), one row of
+    positions per batch row, or the reference's (seqlen, head_dim // 2) shared by all rows."""
     x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    if freqs_cis.dim() == 2:
+        freqs_cis = freqs_cis[None]  # (1, seqlen, head_dim // 2)
     out = torch.view_as_real(x_ * freqs_cis.unsqueeze(2)).flatten(3)
     return out.type_as(x)
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor,
+                     freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The reference's two-tensor form of apply_rotary."""
     return apply_rotary(xq, freqs_cis), apply_rotary(xk, freqs_cis)
 
 
-class KVCache:
-    """Keys and values of every layer for one generation call: per layer, a tensor of
-    (bsz, n_local_kv_heads, length, head_dim). Attention reads a prefix of the length axis in
-    place, so no copy is made per step.
-
-    One tensor per layer rather than one for all: a compiled step writes a token's keys into
-    each in place, whereas writes into slices of one shared tensor are compiled into copies of
-    the whole cache every step (measured on an H100, 7B at batch 8: a 23 ms step instead of
-    ~8 ms; README).
-    """
-
-    def __init__(self, n_layers: int, bsz: int, n_kv_heads: int, length: int, head_dim: int,
-                 device, dtype):
-        shape = (bsz, n_kv_heads, length, head_dim)
-        with torch.inference_mode(False):  # ordinary tensors, which a compiled step can take
-            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-
-    @property
-    def rows(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def mark_static(self) -> None:
-        """Tell torch.compile the tensors keep their addresses (a CUDA graph writes them)."""
-        for tensor in self.k + self.v:
-            torch._dynamo.mark_static_address(tensor)
-
-    @staticmethod
-    def bytes_per_token(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
-        """Cache bytes one token costs on one rank (keys and values of every layer)."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * args.n_layers * (args.n_kv_heads // model_parallel_size) * args.head_dim * element
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """The reference's helper: torch.repeat_interleave(x, dim=2, repeats=n_rep) for x of
+    (bsz, seqlen, n_kv_heads, head_dim). (Attention here does not need it: it groups the
+    query heads instead of repeating keys.)"""
+    if n_rep == 1:
+        return x
+    bs, slen, n_kv_heads, head_dim = x.shape
+    # (bsz, seqlen, n_kv_heads, n_rep, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim)
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(
+        bs, slen, n_kv_heads * n_rep, head_dim)
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        world = fs_init.get_model_parallel_world_size()
+        world = world_size()
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         self.n_local_heads = args.n_heads // world
-        self.n_local_kv_heads = args.n_kv_heads // world
+        self.n_local_kv_heads = self.n_kv_heads // world
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
-        self.head_dim = args.head_dim
+        self.head_dim = args.dim // args.n_heads
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep_uninitialised)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep_uninitialised)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False,
-                                       gather_output=False, init_method=_keep_uninitialised)
+                                       gather_output=False, init_method=keep_uninitialised)
+        self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=keep_uninitialised)
+        self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False,
+                                       gather_output=False, init_method=keep_uninitialised)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
-                                    input_is_parallel=True, init_method=_keep_uninitialised)
-        self.wqkv: Optional[torch.Tensor] = None  # set by fuse(): rows of wq, wk, wv
+                                    input_is_parallel=True, init_method=keep_uninitialised)
+        self._qkv = FusedRows("wq", "wk", "wv")
+        # The reference's cache, for forward(tokens, start_pos): allocated on first use.
+        self.own_cache = OwnCache(args.max_batch_size, args.max_seq_len)
 
-    def fuse(self):
-        self.wqkv = _fuse_rows(self.wq, self.wk, self.wv)
+    @property
+    def wqkv(self) -> torch.Tensor:
+        """wq, wk and wv as one matrix (their rows, in that order)."""
+        return self._qkv.weight(self)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None,
+    # The reference's cache_k / cache_v, (max_batch_size, max_seq_len, n_local_kv_heads,
+    # head_dim): views of the cache this module keeps for calls without a cache.
+    @property
+    def cache_k(self) -> torch.Tensor:
+        return self._own_cache(1, 1)[0].transpose(1, 2)
+
+    @cache_k.setter
+    def cache_k(self, value: torch.Tensor) -> None:
+        self.own_cache.tensors = (value.transpose(1, 2), self._own_cache(1, 1)[1])
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        return self._own_cache(1, 1)[1].transpose(1, 2)
+
+    @cache_v.setter
+    def cache_v(self, value: torch.Tensor) -> None:
+        self.own_cache.tensors = (self._own_cache(1, 1)[0], value.transpose(1, 2))
+
+    def _own_cache(self, bsz: int, end_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        weight = self.wq.weight
+        return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
+                                  weight.device, weight.dtype)
+
+    def forward(self, x, start_pos, freqs_cis, mask, cache=None, packing=None,
                 last_only=False):
-        # x: (bsz, seqlen, dim), or (real tokens, dim) with `packing`;
-        # cache_k/v: (bsz, n_kv, cache_len, head_dim). With last_only, every token's keys and
-        # values go to the cache but only each row's last position is attended from: the
-        # output is (bsz, 1, dim).
+        """x: (bsz, seqlen, dim), or (real tokens, dim) with `packing`; freqs_cis: see
+        apply_rotary; mask: a boolean (True = attend) or additive mask over the keys, None
+        for none, or CAUSAL. `cache`: this layer's (keys, values), each (bsz, n_local_kv_heads,
+        cache length, head_dim); None for this module's own cache. With last_only, every
+        token's keys and values go to the cache but only each row's last position is attended
+        from: the output is (bsz, 1, dim)."""
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
-        xqkv = linear(x, self.wqkv)  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
+        if _hooked(self.wq) or _hooked(self.wk) or _hooked(self.wv):
+            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        else:
+            xqkv = linear(x, self.wqkv)  # (..., (n_heads + 2 * n_kv) * hd)
         if packing is not None:
             xqkv = packing.unpack(xqkv)  # zeros in the padding slots
         bsz, seqlen, _ = xqkv.shape
@@ -230,7 +226,11 @@ class Attention(nn.Module):
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
 
-        if isinstance(start_pos, torch.Tensor):
+        static = isinstance(start_pos, torch.Tensor)
+        if cache is None:
+            cache = self._own_cache(bsz, 1 if static else start_pos + seqlen)
+        cache_k, cache_v = cache[0][:bsz], cache[1][:bsz]
+        if static:
             # The static-shape step (Transformer.forward): one slot written at a position held
             # on the device, the whole cache read; the mask hides the slots not yet written.
             cache_k[:, :, start_pos] = xk.transpose(1, 2)  # compiled as an in-place write
@@ -244,11 +244,13 @@ class Attention(nn.Module):
             values = cache_v[:, :, :end_pos]
 
         scale = 1.0 / math.sqrt(hd)
-        if mask is None and seqlen > 1:  # a prefill from slot 0 (see Transformer.forward)
+        if isinstance(mask, str):  # CAUSAL: a prefill from slot 0
             out = self._causal_prefill(xq, keys, values, packing, last_only, scale)
         else:
+            if mask is not None and mask.dim() == 2:  # the reference's (seqlen, keys)
+                mask = mask[None, None]
             if last_only:
-                xq, mask = xq[:, -1:], mask[:, :, -1:]
+                xq, mask = xq[:, -1:], (mask[:, :, -1:] if mask is not None else None)
             q_len = xq.shape[1]
             # Grouped-query attention without repeating keys: the n_rep query heads that
             # share a kv head are stacked along the query axis. Head h uses kv head
@@ -262,7 +264,9 @@ class Attention(nn.Module):
             out = out.reshape(bsz, q_len, n_heads * hd)  # (bsz, q_len, n_local_heads * hd)
             if packing is not None and not last_only:
                 out = packing.pack(out)
-        return _sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
+        if _hooked(self.wo):
+            return self.wo(out)
+        return sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
 
     def _causal_prefill(self, xq, keys, values, packing, last_only, scale):
         """Attention of a prefill from slot 0, as plain causal attention: the kernel skips the
@@ -291,94 +295,58 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int,
+                 ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        hidden_dim = args.ffn_hidden_dim
-        self.w1 = ColumnParallelLinear(args.dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=_keep_uninitialised)
-        self.w2 = RowParallelLinear(hidden_dim, args.dim, bias=False, input_is_parallel=True,
-                                    init_method=_keep_uninitialised)
-        self.w3 = ColumnParallelLinear(args.dim, hidden_dim, bias=False, gather_output=False,
-                                       init_method=_keep_uninitialised)
-        self.w13: Optional[torch.Tensor] = None  # set by fuse(): rows of w1 then w3
+        hidden_dim = ffn_hidden_dim(dim, hidden_dim, multiple_of, ffn_dim_multiplier)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=keep_uninitialised)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True,
+                                    init_method=keep_uninitialised)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
+                                       init_method=keep_uninitialised)
+        self._w13 = FusedRows("w1", "w3")
 
-    def fuse(self):
-        self.w13 = _fuse_rows(self.w1, self.w3)
+    @property
+    def w13(self) -> torch.Tensor:
+        """w1 and w3 as one matrix (their rows, in that order)."""
+        return self._w13.weight(self)
 
     def forward(self, x):
-        if row_count(x) <= FEW_ROWS:
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)  # each (bsz, seqlen, hidden / mp)
+        if _hooked(self.w1) or _hooked(self.w3):
+            hidden = F.silu(self.w1(x)) * self.w3(x)
+        elif row_count(x) <= FEW_ROWS:
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)  # (.., hidden / mp)
             hidden = F.silu(gate) * up
         else:  # a long prefill: two products give contiguous halves, updated in place
             # (measured ~4% faster prefill on S and M than the fused product's strided halves)
             hidden = F.silu(linear(x, self.w1.weight), inplace=True)
             hidden.mul_(linear(x, self.w3.weight))
-        return _sum_over_ranks(linear(hidden, self.w2.weight))
-
-
-FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
-
-
-def _packed(weights: List[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The one matrix the weights are consecutive row blocks of, if they already lie that way
-    in memory (each contiguous, one right after another); None otherwise."""
-    first, rows = weights[0], sum(w.shape[0] for w in weights)
-    cols = first.shape[1]
-    address = first.data_ptr()
-    for w in weights:
-        if (w.dtype != first.dtype or w.device != first.device or w.shape[1] != cols
-                or not w.is_contiguous() or w.data_ptr() != address):
-            return None
-        address += w.numel() * w.element_size()
-    return first.as_strided((rows, cols), (cols, 1))
-
-
-def pack_weights(state: dict, n_layers: int, after_copy=None) -> None:
-    """Lay each layer's wq/wk/wv and w1/w3 out as consecutive row blocks of one matrix, in
-    place, one group at a time (so loading needs no second copy of the weights). Entries stay
-    views under Meta's names. `after_copy(tensor)` is called on each original once it has
-    been copied."""
-    for layer in range(n_layers):
-        for module, names in FUSED_WEIGHTS.items():
-            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
-            originals = [state.pop(key) for key in keys]
-            pieces = torch.cat(originals, dim=0).split([w.shape[0] for w in originals], dim=0)
-            state.update(zip(keys, pieces))
-            for original in originals if after_copy else ():
-                after_copy(original)
-
-
-def _fuse_rows(*modules: nn.Module) -> torch.Tensor:
-    """One matrix holding the weights of column-parallel layers, each layer's weight a view of
-    its rows, so one matrix product serves all of them. No copy when the weights already lie
-    that way (pack_weights)."""
-    weights = [module.weight.detach() for module in modules]
-    packed = _packed(weights)
-    if packed is not None:
-        return packed
-    fused = torch.cat(weights, dim=0)
-    row = 0
-    for module in modules:
-        rows = module.weight.shape[0]
-        module.weight = nn.Parameter(fused[row: row + rows], requires_grad=False)
-        row += rows
-    return fused
+        if _hooked(self.w2):
+            return self.w2(hidden)
+        return sum_over_ranks(linear(hidden, self.w2.weight))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.layer_id = layer_id
+        self.n_heads = args.n_heads
+        self.dim = args.dim
+        self.head_dim = args.dim // args.n_heads
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(dim=args.dim, hidden_dim=4 * args.dim,
+                                        multiple_of=args.multiple_of,
+                                        ffn_dim_multiplier=args.ffn_dim_multiplier)
+        self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis, cache_k, cache_v, start_pos: int, mask, packing=None,
+    def forward(self, x, start_pos, freqs_cis, mask, cache=None, packing=None,
                 last_only=False):
-        """With last_only, only each row's last position comes out: (bsz, 1, dim)."""
-        attended = self.attention(self.attention_norm(x), freqs_cis, cache_k, cache_v,
-                                  start_pos, mask, packing, last_only)
+        """The reference's (x, start_pos, freqs_cis, mask), and Attention's other arguments.
+        With last_only, only each row's last position comes out: (bsz, 1, dim)."""
+        attended = self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache,
+                                  packing, last_only)
         if last_only:
             x = packing.last_rows(x) if packing is not None else x[:, -1:]
         h = x + attended
@@ -394,39 +362,32 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        with _without_fairscale_init():
+        with fairscale_layers_without_init():
             self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim,
-                                                    init_method=_keep_uninitialised)
+                                                    init_method=keep_uninitialised)
             self.layers = nn.ModuleList(
                 TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
             self.norm = RMSNorm(params.dim, eps=params.norm_eps)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
-                                               init_method=_keep_uninitialised)
+                                               init_method=keep_uninitialised)
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         with torch.device("cpu"):  # also when the model is built on the meta device
             self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
                                                   params.rope_theta)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.fuse_projections())
 
     @classmethod
     def from_state_dict(cls, params: ModelArgs, state: dict, after_copy=None) -> "Transformer":
         """The model holding a state dict's tensors themselves (this rank's, on their device
         and in their dtype), with no second copy of the weights. The state dict is rearranged
-        in place (see pack_weights, which also explains `after_copy`)."""
+        in place (see linear.pack_weights, which also explains `after_copy`)."""
         # Fused q/k/v and w1/w3 laid out now, layer by layer, so the model copies nothing.
         pack_weights(state, params.n_layers, after_copy)
         with torch.device("meta"):
             model = cls(params)
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
+        model.freqs_cis = model.freqs_cis.to(model.output.weight.device)
         return model
-
-    def fuse_projections(self):
-        """Build the fused q/k/v and w1/w3 matrices; call again after replacing weights."""
-        for layer in self.layers:
-            layer.attention.fuse()
-            layer.feed_forward.fuse()
-        self.freqs_cis = self.freqs_cis.to(self.output.weight.device)
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention
@@ -434,38 +395,61 @@ class Transformer(nn.Module):
         return KVCache(self.n_layers, bsz, attention.n_local_kv_heads, length,
                        attention.head_dim, weight.device, weight.dtype)
 
+    def free_cache(self) -> None:
+        """Release the cache forward(tokens, start_pos) keeps (allocated again when needed)."""
+        for layer in self.layers:
+            layer.attention.own_cache.tensors = None
+
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache,
+    def forward(self, tokens: torch.Tensor, start_pos: int, cache: Optional[KVCache] = None,
                 pads: Optional[torch.Tensor] = None, last_logits_only: bool = False):
         """Logits (float32) for `tokens` (bsz, seqlen) placed at cache slots
-        start_pos..start_pos+seqlen-1. `pads` (bsz,) holds each row's count of left-padding
-        slots (None: no padding). With last_logits_only, returns (bsz, 1, vocab).
+        start_pos..start_pos+seqlen-1: (bsz, seqlen, vocab), or (bsz, 1, vocab) with
+        last_logits_only.
+
+        As in the reference, without `cache` the model's own cache is used, so consecutive
+        calls continue one sequence: forward(tokens, 0) scores a whole text, and
+        forward(tokens[:, s:e], s) feeds it in chunks. Generation passes a KVCache of its own
+        instead. `pads` (bsz,) holds each row's count of left-padding slots (None: no
+        padding).
 
         `start_pos` may also be a 1-element integer tensor, for one token per row (seqlen 1):
         then attention reads the whole cache under a mask rather than its first start_pos + 1
         slots, so every shape stays the same from step to step. That is the form to compile
         and capture once as a CUDA graph; the logits are the same."""
         bsz, seqlen = tokens.shape
-        # ParallelEmbedding: each rank holds a slice of the embedding dimension
-        h = _gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
         static = isinstance(start_pos, torch.Tensor)
         if static:
-            if seqlen != 1:
-                raise ValueError("a tensor start_pos takes one token per row")
+            if seqlen != 1 or cache is None:
+                raise ValueError("a tensor start_pos takes one token per row and a KVCache")
             slots, kv_len = start_pos, cache.length
         else:
+            if start_pos + seqlen > self.freqs_cis.shape[0]:
+                raise ValueError(
+                    f"positions up to {start_pos + seqlen} need rotary angles beyond the "
+                    f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a "
+                    f"larger max_seq_len")
             slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
             kv_len = start_pos + seqlen
+        if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        if _hooked(self.tok_embeddings):
+            h = self.tok_embeddings(tokens)
+        else:  # ParallelEmbedding: each rank holds a slice of the embedding dimension
+            h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
         if pads is None:
             freqs_cis = self.freqs_cis[slots].expand(bsz, -1, -1)
         else:
             positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
             freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
-        # No mask for one query that sees every slot, nor for a prefill from slot 0: Attention
-        # then applies plain causal attention (row by row over the real slots when padded).
-        from_slot_0 = not static and start_pos == 0
-        needs_mask = static or (pads is not None if seqlen == 1 else not from_slot_0)
-        mask = attention_mask(slots, kv_len, pads) if needs_mask else None
+        # No mask for one query that sees every slot. A prefill from slot 0 is plain causal
+        # attention (row by row over the real slots when padded).
+        if not static and start_pos == 0 and seqlen > 1:
+            mask = CAUSAL
+        elif static or (pads is not None if seqlen == 1 else True):
+            mask = attention_mask(slots, kv_len, pads)
+        else:
+            mask = None
 
         # A left-padded prefill computes only the real tokens' rows in every per-token step
         # (projections, feed-forward, norms); attention sees them back in their slots.
@@ -478,53 +462,17 @@ class Transformer(nn.Module):
         last_layer_only_last = last_logits_only and seqlen > 1
         for layer_id, layer in enumerate(self.layers):
             last_only = last_layer_only_last and layer_id == self.n_layers - 1
-            h = layer(h, freqs_cis, cache.k[layer_id][:bsz], cache.v[layer_id][:bsz],
-                      start_pos, mask, packing, last_only)
+            layer_cache = (cache.k[layer_id], cache.v[layer_id]) if cache is not None else None
+            h = layer(h, start_pos, freqs_cis, mask, layer_cache, packing, last_only)
         if packing is not None and not last_layer_only_last:
             h = packing.unpack(h)
         if last_logits_only:
             h = h[:, -1:]
+        h = self.norm(h)
+        if _hooked(self.output):
+            return self.output(h).float()
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
-        return _gather_over_ranks(linear(self.norm(h), self.output.weight)).float()
-
-
-class PackedTokens:
-    """Moves a left-padded batch between its padded form (bsz, seqlen, d) and its real tokens
-    only (n_real, d), so per-token work skips the padding slots."""
-
-    def __init__(self, slots: torch.Tensor, pads: torch.Tensor):
-        real = slots[None, :] >= pads[:, None]  # (bsz, seqlen)
-        self.shape = real.shape
-        self.index = real.flatten().nonzero().squeeze(1)  # flat slots of the real tokens
-        self.pads = pads.tolist()  # each row's padding slots, on the host
-        # Each row's last slot is real (left-padding): its place among the packed tokens.
-        self.last_index = real.sum(dim=1).cumsum(dim=0) - 1
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(bsz, seqlen, d) -> (n_real, d)"""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def last_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(n_real, d) -> (bsz, 1, d): each row's last token"""
-        return x.index_select(0, self.last_index)[:, None]
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(n_real, d) -> (bsz, seqlen, d), zeros in the padding slots"""
-        out = x.new_zeros(self.shape.numel(), x.shape[-1])
-        return out.index_copy_(0, self.index, x).view(*self.shape, x.shape[-1])
-
-
-def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):
-    """Boolean mask (True = attend), (bsz or 1, 1, len(slots), kv_len). A padding slot attends
-    to itself only, so its (unused) hidden state stays finite and cannot poison real rows with
-    NaN."""
-    keys = torch.arange(kv_len, device=slots.device)
-    allowed = keys[None, :] <= slots[:, None]  # causal: (seqlen, kv_len)
-    if pads is None:
-        return allowed[None, None]
-    real_key = keys[None, None, :] >= pads[:, None, None]  # (bsz, 1, kv_len)
-    itself = keys[None, :] == slots[:, None]  # (seqlen, kv_len)
-    return ((allowed[None] & real_key) | itself[None])[:, None]
+        return gather_over_ranks(linear(h, self.output.weight)).float()
 
 
 def count_parameters(params: ModelArgs) -> int:
@@ -536,5 +484,7 @@ def count_parameters(params: ModelArgs) -> int:
     return params.n_layers * per_layer + 2 * params.vocab_size * dim + dim
 
 
-__all__: List[str] = ["ModelArgs", "Transformer", "KVCache", "RMSNorm", "precompute_freqs_cis",
-                      "apply_rotary", "apply_rotary_emb", "attention_mask", "count_parameters"]
+__all__: List[str] = ["ModelArgs", "RMSNorm", "precompute_freqs_cis", "reshape_for_broadcast",
+                      "apply_rotary_emb", "repeat_kv", "Attention", "FeedForward",
+                      "TransformerBlock", "Transformer", "KVCache", "apply_rotary",
+                      "attention_mask", "count_parameters"]
