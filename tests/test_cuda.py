@@ -119,3 +119,19 @@ def test_torchrun_with_nccl_on_the_gpu_equals_one_cpu_process(checkpoints, token
     _assert_same_completions(got["completions"], want["completions"])
     _assert_same_completions(got["echoed"], want["echoed"])
     assert "".join(got["pieces"]) == got["stream_text"] == want["stream_text"]
+
+
+def test_a_cpu_model_moved_with_cuda_equals_one_built_there(build):
+    """Meta-style code moves a model with .cuda() / .half() and calls forward(tokens, 0)."""
+    tokens = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    moved = build("gqa").model
+    moved.forward(tokens, 0)  # its own cache and fused matrices follow the move
+    moved.cuda()
+    built = build("gqa", device="cuda", dtype="float32").model
+    torch.testing.assert_close(moved.forward(tokens.cuda(), 0), built.forward(tokens.cuda(), 0),
+                               atol=1e-5, rtol=1e-5)
+    moved.half()
+    half = build("gqa", device="cuda", dtype="float16").model
+    torch.testing.assert_close(moved.forward(tokens.cuda(), 0), half.forward(tokens.cuda(), 0),
+                               atol=0, rtol=0)
+    assert moved.layers[0].attention.cache_k.is_cuda
