@@ -32,6 +32,13 @@ class KVCache:
             self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
             self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
 
+    def view(self, rows: slice = slice(None), length: Optional[int] = None) -> "KVCache":
+        """The same tensors' `rows` and first `length` slots (views: writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[rows, :, :length] for t in self.k]
+        view.v = [t[rows, :, :length] for t in self.v]
+        return view
+
     @property
     def rows(self) -> int:
         return self.k[0].shape[0]
@@ -110,6 +117,16 @@ class PackedTokens:
         """(n_real, d) -> (bsz, seqlen, d), zeros in the padding slots"""
         out = x.new_zeros(self.shape.numel(), x.shape[-1])
         return out.index_copy_(0, self.index, x).view(*self.shape, x.shape[-1])
+
+
+def decode_mask(positions: torch.Tensor, kv_len: int, starts: Optional[torch.Tensor]):
+    """Boolean mask (True = attend), (bsz or 1, 1, 1, kv_len), for one query per row written
+    at slot positions[i] of its row: the slots from starts[i] (0 when None) to it."""
+    keys = torch.arange(kv_len, device=positions.device)
+    allowed = keys[None, :] <= positions[:, None]  # (bsz or 1, kv_len)
+    if starts is not None:
+        allowed = allowed & (keys[None, :] >= starts[:, None])
+    return allowed[:, None, None, :]
 
 
 def attention_mask(slots: torch.Tensor, kv_len: int, pads: Optional[torch.Tensor]):

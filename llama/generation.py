@@ -1,15 +1,15 @@
 """Llama: build a model from Meta's files, then complete text and chats (as lists or streams).
 
-One decode loop (`Llama._generate`) serves every API. Prompts of different lengths are
-left-padded and prefilled in one forward pass; each step then samples one token per row,
-feeds it back, and syncs with the host once, to decide whether every row is done.
+Every API runs on the decode engine (engine.py), which the server drives too: a call's prompts
+are prefilled in one left-padded pass, then each step samples one token per row and feeds it
+back, syncing with the host once.
 """
 
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
+from dataclasses import dataclass
+from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
@@ -28,8 +28,12 @@ from llama.chat_format import (
     validate_dialog,
 )
 from llama.distributed import is_main_process
+from llama.engine import Engine
+from llama.engine import Sequence as EngineSequence
 from llama.loading import load_model
 from llama.model import KVCache, Transformer
+from llama.sampling import ReferenceNoise, sample_top_p
+from llama.text import TextTracker
 from llama.tokenizer import Tokenizer
 
 # The reference's module-level names are importable from here, as they were from its
@@ -56,18 +60,12 @@ class ChatPrediction(TypedDict, total=False):
 
 
 @dataclass
-class _Row:
-    """One prompt's generation, as it is built up."""
-    prompt: List[int]
-    limit: int  # tokens this row may generate (max_gen_len, or what is left of max_seq_len)
-    tokens: List[int] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)
-    text: Optional[str] = None  # decoded text, kept only when streaming or checking stops
-    settled: int = 0  # tokens whose text can no longer change (see _extend_text)
-    settled_text: str = ""  # their text
-    emitted: int = 0  # characters of `text` already streamed
-    stopped_by: Optional[str] = None  # the stop string found, if any
-    finish_reason: FinishReason = "length"
+class _Result:
+    """One prompt's finished generation."""
+    tokens: List[int]
+    logprobs: List[float]
+    text: Optional[str]  # None: decode the tokens
+    finish_reason: FinishReason
 
 
 class Llama:
@@ -206,8 +204,8 @@ class Llama:
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
-                row = _Row(prompt=[], limit=0, text=UNSAFE_ERROR, finish_reason="stop")
-                results.append(self._prediction(row, logprobs, _as_assistant))
+                refused = _Result(tokens=[], logprobs=[], text=UNSAFE_ERROR, finish_reason="stop")
+                results.append(self._prediction(refused, logprobs, _as_assistant))
             else:
                 results.append(self._prediction(next(safe_rows), logprobs, _as_assistant))
         return results
@@ -244,13 +242,13 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None) -> List[_Row]:
+                            echo, stop, noise_batch=None) -> List[_Result]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
         if len(prompt_tokens) > size:
             noise_batch = None  # the reference cannot run such a batch: nothing to follow
-        rows: List[_Row] = []
+        rows: List[_Result] = []
         for begin in range(0, len(prompt_tokens), size):
             rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
@@ -260,111 +258,53 @@ class Llama:
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                   stop=None, stream=False, index_offset=0, noise_batch=None) -> Iterator[str]:
-        """Yields text pieces of row 0 when `stream`; returns the finished rows.
+        """Yields text pieces of row 0 when `stream`; returns a _Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
-        sampling then draws its random numbers for that batch (see _ReferenceNoise)."""
+        sampling then draws its random numbers for that batch (see ReferenceNoise)."""
         params = self.model.params
         stop = _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params,
                                 self.tokenizer.n_words, index_offset)
-        track_text = stream or bool(stop)
         bsz = len(prompt_tokens)
         if bsz == 0:
             return []
-        device = self.model.output.weight.device
         lens = [len(t) for t in prompt_tokens]
         max_len, min_len = max(lens), min(lens)
         total_len = min(params.max_seq_len, max_gen_len + max_len)
-        rows = [_Row(prompt=list(t), limit=min(max_gen_len, total_len - len(t)),
-                     text="" if track_text else None) for t in prompt_tokens]
+        track_text = stream or bool(stop)
+        rows = [EngineSequence(prompt=list(t), limit=min(max_gen_len, total_len - len(t)),
+                               temperature=temperature, top_p=top_p, logprobs=logprobs,
+                               text=TextTracker(self.tokenizer, stop) if track_text else None)
+                for t in prompt_tokens]
         n_steps = max(row.limit for row in rows)
-
-        # Prefill: all prompts in one pass, left-padded to the longest.
         # a compiled step takes the cache whole: a slice of its rows would be copied each step
-        cache = self._cache_for(bsz, max_len + n_steps,
-                                exact_rows=self._compiled_step is not None and n_steps > 1)
-        pads = None if max_len == min_len else torch.tensor([max_len - n for n in lens],
-                                                            device=device)
-        tokens = torch.zeros((bsz, max_len), dtype=torch.long, device=device)
-        for i, t in enumerate(prompt_tokens):
-            tokens[i, max_len - len(t):] = torch.tensor(t, dtype=torch.long, device=device)
-        want_prompt_logprobs = logprobs and echo
-        logits = self.model.forward(tokens, 0, cache, pads,
-                                    last_logits_only=not want_prompt_logprobs)
-        if want_prompt_logprobs:
-            _set_prompt_logprobs(rows, logits, tokens, unshifted=min_len == total_len)
-        last_logits = logits[:, -1]  # (bsz, vocab): every row's prompt ends at the last slot
-
-        # Decode: one token per row per step.
-        generated = torch.empty((bsz, n_steps), dtype=torch.long, device=device)
-        token_logprobs = torch.zeros((bsz, n_steps), device=device) if logprobs else None
-        limits = torch.tensor([row.limit for row in rows], device=device)
-        done = limits == 0
+        compiled = self._compiled_step is not None and n_steps > 1
+        cache = self._cache_for(bsz, max_len + n_steps, exact_rows=compiled)
+        engine = Engine(self.model, self.tokenizer.eos_id, cache,
+                        self._run_compiled_step if compiled else None)
         noise = None
         if temperature > 0:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))
-            noise = _ReferenceNoise(noise_lens, noise_rows, last_logits.shape[-1], device)
-        if self._compiled_step is not None:
-            with torch.inference_mode(False):  # ordinary tensors (see compile_decode)
-                position = torch.tensor([max_len], device=device)  # advanced on the device
-                pads = pads.clone() if pads is not None else None
-            # The cache is written in place by a captured graph: its address must not change.
-            cache.mark_static()
-        steps_run = 0
-        for step in range(n_steps):
-            next_token = _sample(last_logits, temperature, top_p,
-                                 noise.for_step(step) if noise else None)  # (bsz,)
-            generated[:, step] = next_token
-            if logprobs:
-                token_logprobs[:, step] = torch.log_softmax(last_logits, dim=-1).gather(
-                    1, next_token[:, None])[:, 0]
-            steps_run = step + 1
-            done |= (next_token == self.tokenizer.eos_id) | (limits <= steps_run)
-            if track_text:  # needs this step's tokens on the host
-                for i, token in enumerate(next_token.tolist()):
-                    if self._track_row(rows[i], token, stop):
-                        done[i] = True
-                if stream:
-                    piece = _stream_piece(rows[0], stop)
-                    if piece:
-                        yield piece
-            if bool(done.all()):  # the one host sync of a step
-                break
-            if self._compiled_step is None:
-                logits = self.model.forward(next_token[:, None], max_len + step, cache, pads,
-                                            last_logits_only=True)
-            else:
-                logits = self._run_compiled_step(next_token[:, None], position, cache, pads)
-                position += 1
-            last_logits = logits[:, -1]
+            noise = ReferenceNoise(noise_lens, noise_rows, self.model.params.vocab_size,
+                                   engine.device)
 
-        _finish_rows(rows, generated[:, :steps_run].tolist(),
-                     token_logprobs[:, :steps_run].tolist() if logprobs else None,
-                     echo, self.tokenizer)
+        # Prefill: all prompts in one pass, left-padded to the longest.
+        want_prompt_logprobs = logprobs and echo
+        logits = engine.add_batch(rows, noise, all_logits=want_prompt_logprobs)
+        prompt_logprobs = (_prompt_logprobs(rows, logits, unshifted=min_len == total_len)
+                           if want_prompt_logprobs else None)
+        # Decode: every row steps until all are done, as in the reference.
+        while not all(row.finished for row in rows):
+            engine.step()
+            piece = rows[0].text.piece() if stream else ""
+            if piece:
+                yield piece
+        results = [_finish(row, echo, prompt_logprobs[i] if prompt_logprobs else None,
+                           self.tokenizer.eos_id) for i, row in enumerate(rows)]
         if stream:
-            rest = rows[0].text[rows[0].emitted:]
+            rest = rows[0].text.rest()
             if rest:
                 yield rest
-        return rows
-
-    def _track_row(self, row: _Row, token: int, stop: List[str]) -> bool:
-        """Add a token to a row's running text; True when a stop string has just ended it."""
-        if row.finish_reason == "stop" or len(row.tokens) >= row.limit:
-            return False  # finished earlier; later tokens of this row are discarded
-        row.tokens.append(token)
-        if token == self.tokenizer.eos_id:
-            row.tokens.pop()
-            row.finish_reason = "stop"
-            return False
-        unchanged = min(len(row.text), len(row.settled_text))  # text before this is final
-        _extend_text(row, self.tokenizer)
-        for s in stop:  # a match not there before must reach into the text that changed
-            at = row.text.find(s, max(0, unchanged - len(s) + 1))
-            if at != -1:
-                row.text = row.text[:at]
-                row.stopped_by = s
-                row.finish_reason = "stop"
-                return True
-        return False
+        return results
 
     def _cache_for(self, bsz: int, length: int, exact_rows: bool = False) -> KVCache:
         """A KV cache of at least bsz rows (exactly bsz with exact_rows) and `length` slots,
@@ -379,13 +319,13 @@ class Llama:
             self._cache = self.model.new_cache(bsz, length)
         return self._cache
 
-    def _prediction(self, row: _Row, logprobs: bool, wrap):
-        text = row.text if row.text is not None else self.tokenizer.decode(row.tokens)
+    def _prediction(self, result: _Result, logprobs: bool, wrap):
+        text = result.text if result.text is not None else self.tokenizer.decode(result.tokens)
         prediction = {"generation": wrap(text)}
         if logprobs:
-            prediction["tokens"] = [self.tokenizer.decode(x) for x in row.tokens]
-            prediction["logprobs"] = row.logprobs
-        prediction["finish_reason"] = row.finish_reason
+            prediction["tokens"] = [self.tokenizer.decode(x) for x in result.tokens]
+            prediction["logprobs"] = result.logprobs
+        prediction["finish_reason"] = result.finish_reason
         return prediction
 
 
@@ -408,11 +348,11 @@ class TextStream:
                 yield UNSAFE_ERROR
             return
         max_gen_len, temperature, top_p, stop = self._args
-        rows = yield from _only_on_main(self._llama._generate(
+        results = yield from _only_on_main(self._llama._generate(
             [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
             stream=True))
-        self.text, self.tokens, self.finish_reason = rows[0].text, rows[0].tokens, \
-            rows[0].finish_reason
+        self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
+            results[0].finish_reason
 
 
 def _only_on_main(pieces):
@@ -477,68 +417,14 @@ def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, param
     return list(stop)
 
 
-def sample_top_p(probs: torch.Tensor, p: float,
-                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probability mass reaches p.
-    probs: (bsz, vocab). Returns (bsz, 1) token ids. `noise` (bsz, vocab) of Exp(1) draws
-    replaces torch.multinomial's own: multinomial picks argmax(probs / noise) with noise it
-    draws itself, so passing the same draws gives the same tokens."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p  # tokens outside the nucleus: the mass before them is p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    if noise is None:
-        next_token = torch.multinomial(probs_sort, num_samples=1)
-    else:
-        next_token = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
-    return torch.gather(probs_idx, -1, next_token)
-
-
-class _ReferenceNoise:
-    """The random numbers the reference's loop would use, handed to each row in its order.
-
-    The reference samples a token for every row at every position from the end of the
-    shortest prompt on, discarding those drawn inside longer prompts: its k-th token of row i
-    uses the draw of step (len_i - min_len + k). Prefilling all prompts at once, we draw the
-    same sequence and give each row its own draw, so that seeded samples equal the
-    reference's for batches of mixed lengths too."""
-
-    def __init__(self, prompt_lens: List[int], rows: List[int], vocab_size: int, device):
-        """prompt_lens: the reference's whole batch; rows: which of its rows we generate."""
-        shortest = min(prompt_lens)
-        self.offsets = [prompt_lens[row] - shortest for row in rows]
-        self.rows = rows
-        self.plain = not any(self.offsets) and rows == list(range(len(prompt_lens)))
-        self.shape, self.device = (len(prompt_lens), vocab_size), device
-        self.draws: Dict[int, torch.Tensor] = {}
-        self.drawn = 0
-
-    def for_step(self, step: int) -> torch.Tensor:
-        while self.drawn <= step + max(self.offsets):
-            noise = torch.empty(self.shape, device=self.device).exponential_(1)
-            self.draws[self.drawn] = noise
-            self.drawn += 1
-        for old in [d for d in self.draws if d < step]:
-            del self.draws[old]
-        if self.plain:
-            return self.draws[step]
-        return torch.stack([self.draws[step + offset][row]
-                            for row, offset in zip(self.rows, self.offsets)])
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float,
-            noise: Optional[torch.Tensor]) -> torch.Tensor:
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p, noise).reshape(-1)
-    return torch.argmax(logits, dim=-1)
-
-
-def _set_prompt_logprobs(rows: List[_Row], logits: torch.Tensor, tokens: torch.Tensor,
-                         unshifted: bool) -> None:
+def _prompt_logprobs(rows: List[EngineSequence], logits: torch.Tensor,
+                     unshifted: bool) -> List[List[float]]:
     """Each prompt token's log-probability given the tokens before it (0 for the first), for
-    echo. logits: (bsz, max_len, vocab) over the left-padded prompts in `tokens`."""
+    echo. logits: (bsz, max_len, vocab) over the left-padded prompts."""
+    max_len = logits.shape[1]
+    tokens = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+    for i, row in enumerate(rows):
+        tokens[i, max_len - len(row.prompt):] = torch.tensor(row.prompt, device=logits.device)
     logp = torch.log_softmax(logits, dim=-1)
     if unshifted:
         # The reference, when no token is generated at all (every prompt fills the run),
@@ -548,79 +434,28 @@ def _set_prompt_logprobs(rows: List[_Row], logits: torch.Tensor, tokens: torch.T
     else:
         scores = torch.zeros(tokens.shape, device=logits.device)
         scores[:, 1:] = logp[:, :-1].gather(2, tokens[:, 1:, None])[:, :, 0]
-    max_len = tokens.shape[1]
+    out = []
     for row, row_scores in zip(rows, scores.tolist()):
-        pad = max_len - len(row.prompt)
-        row.logprobs = row_scores[pad:]
+        probs = row_scores[max_len - len(row.prompt):]
         if not unshifted:
-            row.logprobs[0] = 0.0
+            probs[0] = 0.0
+        out.append(probs)
+    return out
 
 
-def _finish_rows(rows: List[_Row], generated: List[List[int]],
-                 logprobs: Optional[List[List[float]]], echo: bool, tokenizer) -> None:
-    """Cut each row to its limit and first EOS, as the reference does; mark finish reasons."""
-    eos = tokenizer.eos_id
-    for i, row in enumerate(rows):
-        tokens = generated[i][: row.limit]
-        probs = logprobs[i][: row.limit] if logprobs is not None else []
-        if row.stopped_by is not None:
-            tokens, probs = _tokens_before_stop(tokens, probs, row.text, tokenizer)
-        prompt_probs = row.logprobs
-        if echo:
-            tokens = row.prompt + tokens
-            probs = prompt_probs + probs if logprobs is not None else []
-        if eos in tokens:
-            cut = tokens.index(eos)
-            tokens, probs = tokens[:cut], probs[:cut]
-            row.finish_reason = "stop"
-        elif row.stopped_by is not None:
-            row.finish_reason = "stop"
-        row.tokens, row.logprobs = tokens, probs
-        if row.text is not None and row.stopped_by is None:
-            row.text = tokenizer.decode(tokens)
-
-
-def _extend_text(row: _Row, tokenizer, settle_every: int = 8) -> None:
-    """Update row.text to tokenizer.decode(row.tokens) after tokens were appended, decoding
-    only the tokens since the last settled point, plus the one before it: constant work per
-    token instead of decoding everything again. That one token of context makes the rest
-    decode as it does mid-text (SentencePiece drops the whitespace a text starts with), so
-    the point only settles where that token decodes to something, and where the text does
-    not end in half a multi-byte character that later byte tokens may still complete."""
-    context = max(row.settled - 1, 0)
-    head = tokenizer.decode(row.tokens[context: row.settled])
-    window = tokenizer.decode(row.tokens[context:])
-    row.text = row.settled_text + window[len(head):]
-    if (len(row.tokens) - row.settled >= settle_every and not row.text.endswith("\ufffd")
-            and tokenizer.decode(row.tokens[-1:])):
-        row.settled, row.settled_text = len(row.tokens), row.text
-
-
-def _tokens_before_stop(tokens, probs, text, tokenizer):
-    """The longest run of tokens whose text fits before a stop string."""
-    prefix = _Row(prompt=[], limit=len(tokens), text="")
-    for token in tokens:
-        prefix.tokens.append(token)
-        _extend_text(prefix, tokenizer)
-        if len(prefix.text) > len(text):
-            prefix.tokens.pop()
-            break
-    return prefix.tokens, probs[: len(prefix.tokens)]
-
-
-def _stream_piece(row: _Row, stop: List[str]) -> str:
-    """The part of a row's text that is safe to emit now: it will not change as tokens arrive
-    (no trailing half of a multi-byte character) and cannot be the start of a stop string."""
-    text = row.text
-    if row.stopped_by is not None:
-        safe = len(text)  # already cut before the stop string
-    else:
-        end = len(text.rstrip("\ufffd"))
-        held = max((k for s in stop for k in range(1, min(len(s) - 1, end) + 1)
-                    if text[end - k: end] == s[:k]), default=0)
-        safe = end - held
-    if safe <= row.emitted:
-        return ""
-    piece = text[row.emitted: safe]
-    row.emitted = safe
-    return piece
+def _finish(row: EngineSequence, echo: bool, prompt_logprobs: Optional[List[float]],
+            eos_id: int) -> _Result:
+    """A row's result as the reference gives it: tokens before a stop string; with echo the
+    prompt first (and its logprobs), everything cut at the first EOS."""
+    tokens = row.text.tokens_before_stop() if row.text is not None else list(row.tokens)
+    probs = row.token_logprobs[: len(tokens)]
+    text = row.text.text if row.text is not None else None
+    finish_reason = row.finish_reason
+    if echo:
+        tokens = row.prompt + tokens
+        probs = (prompt_logprobs or []) + probs if row.logprobs else []
+        text = None  # the prompt's text and the answer's, decoded together
+    if eos_id in tokens:
+        cut = tokens.index(eos_id)
+        tokens, probs, text, finish_reason = tokens[:cut], probs[:cut], None, "stop"
+    return _Result(tokens, probs, text, finish_reason)

@@ -22,7 +22,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask
+from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
 from llama.linear import FEW_ROWS, FusedRows, linear, pack_weights, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
@@ -231,10 +231,15 @@ class Attention(nn.Module):
             cache = self._own_cache(bsz, 1 if static else start_pos + seqlen)
         cache_k, cache_v = cache[0][:bsz], cache[1][:bsz]
         if static:
-            # The static-shape step (Transformer.forward): one slot written at a position held
-            # on the device, the whole cache read; the mask hides the slots not yet written.
-            cache_k[:, :, start_pos] = xk.transpose(1, 2)  # compiled as an in-place write
-            cache_v[:, :, start_pos] = xv.transpose(1, 2)
+            # The tensor-position step (Transformer.forward): one slot per row written at a
+            # position held on the device, the whole cache read under a mask.
+            if start_pos.numel() == 1:  # the same slot in every row
+                cache_k[:, :, start_pos] = xk.transpose(1, 2)  # compiled as an in-place write
+                cache_v[:, :, start_pos] = xv.transpose(1, 2)
+            else:  # each row its own slot: (bsz, n_kv, hd) written at (row, :, start_pos[row])
+                rows = torch.arange(bsz, device=start_pos.device)
+                cache_k[rows, :, start_pos] = xk[:, 0]
+                cache_v[rows, :, start_pos] = xv[:, 0]
             keys, values = cache_k, cache_v
         else:
             end_pos = start_pos + seqlen
@@ -413,47 +418,48 @@ class Transformer(nn.Module):
         instead. `pads` (bsz,) holds each row's count of left-padding slots (None: no
         padding).
 
-        `start_pos` may also be a 1-element integer tensor, for one token per row (seqlen 1):
-        then attention reads the whole cache under a mask rather than its first start_pos + 1
-        slots, so every shape stays the same from step to step. That is the form to compile
-        and capture once as a CUDA graph; the logits are the same."""
+        `start_pos` may also be an integer tensor, for one token per row (seqlen 1): one
+        position for every row, or one per row (rows then continue sequences of different
+        lengths, as a server's batch does). Attention then reads the whole of `cache` under a
+        mask rather than a prefix of it, so every shape stays the same from step to step: the
+        form to compile and capture once as a CUDA graph. The logits are the same."""
         bsz, seqlen = tokens.shape
         static = isinstance(start_pos, torch.Tensor)
         if static:
-            if seqlen != 1 or cache is None:
-                raise ValueError("a tensor start_pos takes one token per row and a KVCache")
-            slots, kv_len = start_pos, cache.length
+            if seqlen != 1 or cache is None or start_pos.numel() not in (1, bsz):
+                raise ValueError("a tensor start_pos takes one token per row, a KVCache, and "
+                                 "one position for all rows or one per row")
+            slots = start_pos.view(-1, 1)  # (1 or bsz, 1): the slot each row writes
         else:
             if start_pos + seqlen > self.freqs_cis.shape[0]:
                 raise ValueError(
                     f"positions up to {start_pos + seqlen} need rotary angles beyond the "
                     f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a "
                     f"larger max_seq_len")
-            slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            kv_len = start_pos + seqlen
+            slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None]
         if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         if _hooked(self.tok_embeddings):
             h = self.tok_embeddings(tokens)
         else:  # ParallelEmbedding: each rank holds a slice of the embedding dimension
             h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
-        if pads is None:
-            freqs_cis = self.freqs_cis[slots].expand(bsz, -1, -1)
-        else:
-            positions = (slots[None, :] - pads[:, None]).clamp(min=0)  # (bsz, seqlen)
-            freqs_cis = self.freqs_cis[positions]  # (bsz, seqlen, head_dim // 2)
+        # rotary positions count from each row's first real slot
+        positions = slots if pads is None else (slots - pads[:, None]).clamp(min=0)
+        freqs_cis = self.freqs_cis[positions].expand(bsz, -1, -1)  # (bsz, seqlen, hd // 2)
         # No mask for one query that sees every slot. A prefill from slot 0 is plain causal
         # attention (row by row over the real slots when padded).
-        if not static and start_pos == 0 and seqlen > 1:
+        if static:
+            mask = decode_mask(slots[:, 0], cache.length, pads)
+        elif start_pos == 0 and seqlen > 1:
             mask = CAUSAL
-        elif static or (pads is not None if seqlen == 1 else True):
-            mask = attention_mask(slots, kv_len, pads)
+        elif pads is not None or seqlen > 1:
+            mask = attention_mask(slots[0], start_pos + seqlen, pads)
         else:
             mask = None
 
         # A left-padded prefill computes only the real tokens' rows in every per-token step
         # (projections, feed-forward, norms); attention sees them back in their slots.
-        packing = PackedTokens(slots, pads) if pads is not None and seqlen > 1 else None
+        packing = PackedTokens(slots[0], pads) if pads is not None and seqlen > 1 else None
         if packing is not None:
             h = packing.pack(h)
         # When only the last position's logits are wanted, the last layer needs every token's

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.model import ModelArgs
+from llama.model import KVCache, ModelArgs
 
 TEXT = "上下五千年，英雄万万千。 Emoji 😀🎉 and a STOP sign, then more text."
 
@@ -21,7 +21,7 @@ class ScriptedModel:
         self.step = 0
 
     def new_cache(self, bsz, length):
-        return None
+        return KVCache(1, bsz, 1, length, 2, "cpu", torch.float32)  # unused, but has slots
 
     def forward(self, tokens, start_pos, cache, pads=None, last_logits_only=False):
         if tokens.shape[1] > 1 or start_pos == 0:
@@ -126,7 +126,7 @@ def test_incremental_text_equals_decoding_everything(tokenizer_path):
     token it must equal decoding all of them: across leading spaces, lone spaces, byte
     tokens that complete a multi-byte character only later, and stray bytes."""
     from llama import Tokenizer
-    from llama.generation import _extend_text, _Row
+    from llama.text import TextTracker
 
     tokenizer = Tokenizer(tokenizer_path)
     words = tokenizer.encode(TEXT + " " + TEXT, bos=False, eos=False)
@@ -140,9 +140,9 @@ def test_incremental_text_equals_decoding_everything(tokenizer_path):
         sequence = [pool[i] for i in torch.randint(len(pool), (60,), generator=generator)]
         if trial == 0:
             sequence = words  # the real text, including its multi-byte characters
-        row = _Row(prompt=[], limit=len(sequence), text="")
+        row = TextTracker(tokenizer)
         for n, token in enumerate(sequence, start=1):
             row.tokens.append(token)
-            _extend_text(row, tokenizer, settle_every=3)
+            row._extend(settle_every=3)
             assert row.text == tokenizer.decode(sequence[:n]), (trial, n)
         assert row.settled > 0

@@ -1,0 +1,245 @@
+"""The decode engine: a KV cache whose rows are slots, sequences prefilled into free slots, and
+one decode step for every occupied slot (sample, stop checks, then the model on the new
+tokens). The library API (Llama.generate, text_completion, chat_completion, the streams) and
+the server's continuous batching drive this same step.
+
+A library call prefills its whole batch at once, left-padded, and keeps every row in the
+batch until all are done, as the reference does (so its results are the reference's). A
+server adds sequences one by one into free slots while others decode, and frees a slot as soon
+as its sequence ends; each row then writes and reads its own cache positions.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from llama.cache import KVCache
+from llama.sampling import ReferenceNoise, RowNoise, sample
+from llama.text import TextTracker
+
+
+@dataclass
+class Sequence:
+    """One prompt's generation: what was asked, and what has come of it."""
+    prompt: List[int]
+    limit: int  # tokens it may generate (max_gen_len, or what is left of max_seq_len)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    logprobs: bool = False  # keep each token's log-probability
+    top_logprobs: int = 0  # and the most likely alternatives' at each step
+    text: Optional[TextTracker] = None  # its text, when streaming or checking stop strings
+    noise: Optional[RowNoise] = None  # its own random draws (server); None: the batch's
+    tokens: List[int] = field(default_factory=list)
+    token_logprobs: List[float] = field(default_factory=list)
+    top: List[List[Tuple[int, float]]] = field(default_factory=list)
+    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+    slot: int = -1  # its row of the cache
+    start: int = 0  # its first cache slot (left padding before it)
+    position: int = 0  # the cache slot its next token goes to
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(self, token: int, eos_id: int, logprob: float = 0.0,
+               top: Optional[List[Tuple[int, float]]] = None) -> None:
+        """Take a sampled token. EOS ends the sequence without becoming part of it; so does
+        reaching the limit, or a stop string appearing in the text (cut before it)."""
+        if self.finished:
+            return  # a finished row in a batch still steps; its tokens are discarded
+        if token == eos_id:
+            self.finish_reason = "stop"
+            return
+        self.tokens.append(token)
+        if self.logprobs:
+            self.token_logprobs.append(logprob)
+        if top is not None:
+            self.top.append(top)
+        if self.text is not None and self.text.add(token):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.limit:
+            self.finish_reason = "length"
+
+
+class Engine:
+    """Sequences in the slots of `cache`; `step()` advances every occupied slot by a token.
+
+    `compiled_step(tokens, positions, cache, pads)`, if given, is the model's forward compiled
+    for one token per row (Llama.compile_decode): it then runs every step over all the slots
+    of `cache`, whose tensors keep their addresses."""
+
+    def __init__(self, model, eos_id: int, cache: KVCache,
+                 compiled_step: Optional[Callable] = None, release_finished: bool = False):
+        self.model, self.eos_id, self.cache = model, eos_id, cache
+        self.compiled_step = compiled_step
+        self.release_finished = release_finished  # server: free a slot as its row ends
+        self.slots: List[Optional[Sequence]] = [None] * cache.rows
+        self.device = model.output.weight.device
+        with torch.inference_mode(False):  # ordinary tensors, which a compiled step can take
+            self.positions = torch.zeros(cache.rows, dtype=torch.long, device=self.device)
+            self.starts = torch.zeros(cache.rows, dtype=torch.long, device=self.device)
+            # 1 for an occupied slot: only those advance (a free slot stays at slot 0)
+            self.occupied = torch.zeros(cache.rows, dtype=torch.long, device=self.device)
+        self.logits: Optional[torch.Tensor] = None  # (rows in use, vocab): next-token logits
+        self.batch: Optional[Tuple[float, float, Optional[ReferenceNoise]]] = None
+        self.steps = 0
+        if compiled_step is not None:
+            cache.mark_static()  # a captured graph writes it in place
+
+    # ------------------------------------------------------------------ adding sequences
+    @torch.inference_mode()
+    def add_batch(self, sequences: List[Sequence], noise: Optional[ReferenceNoise] = None,
+                  all_logits: bool = False) -> torch.Tensor:
+        """Prefill sequences together into slots 0, 1, ... of an empty engine, left-padded to
+        the longest, sharing the first sequence's temperature and top_p and the batch's
+        random draws `noise` (the library's calls). Returns the prefill's logits: every
+        position's with `all_logits`, else each row's last (bsz, 1, vocab)."""
+        if any(self.slots):
+            raise RuntimeError("add_batch needs an empty engine")
+        lens = [len(s.prompt) for s in sequences]
+        longest = max(lens)
+        tokens = torch.zeros((len(sequences), longest), dtype=torch.long, device=self.device)
+        for row, seq in enumerate(sequences):
+            tokens[row, longest - lens[row]:] = torch.tensor(seq.prompt, dtype=torch.long,
+                                                            device=self.device)
+            seq.slot, seq.start, seq.position = row, longest - lens[row], longest
+            self.slots[row] = seq
+            if seq.limit == 0:
+                seq.finish_reason = "length"
+        pads = None
+        if min(lens) != longest:
+            self.starts[: len(sequences)] = torch.tensor([s.start for s in sequences])
+            pads = self.starts[: len(sequences)]
+        self.positions[: len(sequences)] = longest
+        self.occupied[: len(sequences)] = 1
+        logits = self.model.forward(tokens, 0, self.cache, pads, last_logits_only=not all_logits)
+        self.logits = logits[:, -1]
+        first = sequences[0]
+        self.batch = (first.temperature, first.top_p, noise)
+        return logits
+
+    @torch.inference_mode()
+    def add(self, seq: Sequence) -> int:
+        """Prefill one sequence alone into the lowest free slot, while the others keep their
+        places; it joins the batch at the next step. Returns its slot."""
+        slot = self.slots.index(None)
+        seq.slot, seq.start, seq.position = slot, 0, len(seq.prompt)
+        self.slots[slot] = seq
+        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        row = self.cache.view(slice(slot, slot + 1))
+        last = self.model.forward(tokens, 0, row, None, last_logits_only=True)[:, -1]
+        rows = self._rows_in_use()
+        if self.logits is None or self.logits.shape[0] < rows:
+            grown = last.new_zeros((rows, last.shape[-1]))
+            if self.logits is not None:
+                grown[: self.logits.shape[0]] = self.logits
+            self.logits = grown
+        self.logits[slot] = last[0]
+        self.positions[slot], self.starts[slot], self.occupied[slot] = seq.position, 0, 1
+        if seq.limit == 0:
+            seq.finish_reason = "length"
+        return slot
+
+    @torch.inference_mode()
+    def release(self, seq: Sequence) -> None:
+        """Free a sequence's slot (finished or cancelled); the slot is reused by the next
+        sequence added, whose prefill overwrites its cache."""
+        if seq.slot >= 0 and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+            self.positions[seq.slot], self.starts[seq.slot], self.occupied[seq.slot] = 0, 0, 0
+            seq.slot = -1
+
+    @property
+    def sequences(self) -> List[Sequence]:
+        return [seq for seq in self.slots if seq is not None]
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    def _rows_in_use(self) -> int:
+        """Rows the step computes: up to the highest occupied slot (all with a compiled step,
+        whose shapes stay fixed). Free slots below it are computed too, and ignored."""
+        if self.compiled_step is not None:
+            return len(self.slots)
+        occupied = [i for i, seq in enumerate(self.slots) if seq is not None]
+        return occupied[-1] + 1 if occupied else 0
+
+    # ------------------------------------------------------------------ one decode step
+    @torch.inference_mode()
+    def step(self) -> List[Sequence]:
+        """Sample a token for every occupied slot, apply it (EOS, limits, stop strings), then
+        run the model on the new tokens of the sequences still going. Returns the sequences
+        that took part (finished ones included); with release_finished their slots are freed.
+        """
+        sequences = self.sequences
+        rows = self._rows_in_use()
+        if not sequences:
+            return []
+        logits = self.logits[:rows]
+        tokens = self._sample(logits, sequences)  # (rows,), on the device
+        want_logprobs = any(s.logprobs or s.top_logprobs for s in sequences)
+        if want_logprobs:
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(s.top_logprobs for s in sequences)
+            top = logp.topk(k, dim=-1) if k else None
+            top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if k else ((), ())
+        host_tokens = tokens.tolist()  # the step's one host sync: stop checks need the tokens
+        for seq in sequences:
+            i = seq.slot
+            alternatives = (list(zip(top_ids[i], top_values[i]))[: seq.top_logprobs]
+                            if seq.top_logprobs else None)
+            seq.accept(host_tokens[i], self.eos_id, chosen[i] if want_logprobs else 0.0,
+                       alternatives)
+        self.steps += 1
+        if self.release_finished:
+            for seq in sequences:
+                if seq.finished:
+                    self.release(seq)
+        if any(not s.finished for s in self.sequences):
+            rows = self._rows_in_use()
+            self._forward(tokens[:rows], rows)
+        return sequences
+
+    def _sample(self, logits: torch.Tensor, sequences: List[Sequence]) -> torch.Tensor:
+        if self.batch is not None:  # a library call: one temperature, the batch's draws
+            temperature, top_p, noise = self.batch
+            return sample(logits, temperature, top_p,
+                          noise.for_step(self.steps) if noise is not None else None)
+        rows = logits.shape[0]
+        if all(s.temperature == 0 for s in sequences):
+            return torch.argmax(logits, dim=-1)
+        temperature = torch.zeros(rows, device=self.device)
+        top_p = torch.ones(rows, device=self.device)
+        noise = torch.ones_like(logits)
+        for seq in sequences:
+            if seq.temperature > 0:
+                temperature[seq.slot], top_p[seq.slot] = seq.temperature, seq.top_p
+                noise[seq.slot] = (seq.noise.draw() if seq.noise is not None else
+                                   torch.empty_like(noise[seq.slot]).exponential_(1))
+        return sample(logits, temperature, top_p, noise)
+
+    def _forward(self, tokens: torch.Tensor, rows: int) -> None:
+        """The model on each row's new token, written at that row's next cache slot."""
+        sequences = self.sequences
+        host_positions = {seq.position for seq in sequences}
+        padded = any(seq.start for seq in sequences)
+        starts = self.starts[:rows] if padded else None
+        uniform = len(sequences) == rows and len(host_positions) == 1
+        if self.compiled_step is not None:
+            positions = self.positions[:1] if uniform else self.positions[:rows]
+            logits = self.compiled_step(tokens[:, None], positions, self.cache, starts)
+        elif uniform:  # every row at the same slot: the plain step, reading a prefix
+            logits = self.model.forward(tokens[:, None], host_positions.pop(), self.cache,
+                                        starts, last_logits_only=True)
+        else:  # rows at their own slots, reading up to the furthest one
+            kv_len = max(host_positions) + 1
+            logits = self.model.forward(tokens[:, None], self.positions[:rows],
+                                        self.cache.view(slice(0, rows), kv_len), starts,
+                                        last_logits_only=True)
+        self.logits = logits[:, -1]
+        self.positions[:rows] += self.occupied[:rows]
+        for seq in sequences:
+            seq.position += 1

@@ -1,0 +1,136 @@
+"""The decode engine as a server drives it: sequences join a running batch in free slots,
+finished ones free theirs at once, and each row's tokens are those it gets alone."""
+
+import pytest
+import torch
+
+from llama.engine import Engine, Sequence
+from llama.sampling import RowNoise
+from llama.text import TextTracker
+from tests.meta_reference import ReferenceModel
+
+PROMPTS = ["The meaning of life is", "x = 1", "In Python, a class is a", "Return the",
+           "上下五千年，英雄万万千。", "import os"]
+
+
+def _encode(generator, text):
+    return generator.tokenizer.encode(text, bos=True, eos=False)
+
+
+def _server_engine(generator, slots=3, length=64):
+    return Engine(generator.model, generator.tokenizer.eos_id,
+                  generator.model.new_cache(slots, length), release_finished=True)
+
+
+def _run(engine, arrivals):
+    """Add each sequence at its step (step: [sequences]), stepping until all are done."""
+    step, pending = 0, dict(arrivals)
+    everything = [s for group in arrivals.values() for s in group]
+    while not all(s.finished for s in everything):
+        for seq in pending.pop(step, []):
+            engine.add(seq)
+        engine.step()
+        step += 1
+        assert len(engine.sequences) <= len(engine.slots)
+    return everything
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, build):
+    generator = build(kind, max_seq_len=64, max_batch_size=4)
+    limits = [12, 5, 9, 14, 7, 10]
+    alone = [generator.generate([_encode(generator, p)], limit, temperature=0,
+                                logprobs=True) for p, limit in zip(PROMPTS, limits)]
+    seqs = [Sequence(prompt=_encode(generator, p), limit=limit, logprobs=True)
+            for p, limit in zip(PROMPTS, limits)]
+    # three slots for six sequences: later ones wait for a slot and reuse its cache
+    engine = _server_engine(generator, slots=3)
+    arrivals = {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:4], 9: seqs[4:5], 13: seqs[5:]}
+    step, pending, waiting = 0, dict(arrivals), []
+    while not all(s.finished for s in seqs):
+        waiting += pending.pop(step, [])
+        while waiting and engine.free_slots:
+            engine.add(waiting.pop(0))
+        engine.step()
+        step += 1
+    for seq, (tokens, logprobs) in zip(seqs, alone):
+        assert seq.tokens == tokens[0]
+        assert seq.token_logprobs == pytest.approx(logprobs[0], abs=1e-4)
+        assert seq.finish_reason == ("length" if len(seq.tokens) == seq.limit else "stop")
+        assert seq.slot == -1  # released
+    assert engine.free_slots == 3 and not engine.sequences
+
+
+def test_each_rows_step_equals_a_full_forward_over_its_text(build, checkpoints):
+    """Rows at different cache positions (one prefilled while another decodes): each step's
+    logits are those of the restated reference run over that row's whole text."""
+    generator = build("gqa", max_seq_len=64, max_batch_size=4)
+    reference = ReferenceModel(checkpoints.state("gqa"), checkpoints.params("gqa"), 1, 64)
+    engine = _server_engine(generator, slots=2)
+    first = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=10)
+    second = Sequence(prompt=_encode(generator, PROMPTS[0]), limit=6)
+    engine.add(first)
+    for _ in range(3):
+        engine.step()
+    engine.add(second)
+    for _ in range(5):
+        engine.step()
+        for seq in engine.sequences:
+            text = torch.tensor([seq.prompt + seq.tokens])
+            expected = reference.forward(text, 0)[0, -1]
+            torch.testing.assert_close(engine.logits[seq.slot], expected, atol=1e-4,
+                                       rtol=1e-4)
+
+
+def test_seeded_samples_are_the_same_alone_or_in_a_batch(build):
+    generator = build("gqa", max_seq_len=64, max_batch_size=4)
+    vocab = generator.model.params.vocab_size
+
+    def seq(seed, prompt=PROMPTS[0]):
+        return Sequence(prompt=_encode(generator, prompt), limit=12, temperature=0.9,
+                        top_p=0.95, noise=RowNoise(seed, vocab, "cpu"))
+
+    alone = _run(_server_engine(generator), {0: [seq(5)]})[0].tokens
+    crowd = [seq(7, PROMPTS[1]), Sequence(prompt=_encode(generator, PROMPTS[3]), limit=8)]
+    joined = seq(5)
+    _run(_server_engine(generator), {0: crowd, 3: [joined]})
+    assert joined.tokens == alone
+    other_seed = _run(_server_engine(generator), {0: [seq(6)]})[0].tokens
+    assert other_seed != alone  # the seed matters
+
+
+def test_top_logprobs_are_the_most_likely_tokens(build):
+    generator = build("gqa", max_seq_len=64, max_batch_size=4)
+    seq = Sequence(prompt=_encode(generator, PROMPTS[0]), limit=4, logprobs=True,
+                   top_logprobs=3)
+    _run(_server_engine(generator), {0: [seq]})
+    full = generator.model.forward(torch.tensor([seq.prompt + seq.tokens]), 0,
+                                   generator.model.new_cache(1, 64))
+    logp = torch.log_softmax(full[0], dim=-1)
+    for k, (token, top) in enumerate(zip(seq.tokens, seq.top)):
+        position = len(seq.prompt) - 1 + k
+        values, ids = logp[position].topk(3)
+        assert [t for t, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert top[0][0] == token  # greedy: the chosen token is the most likely
+        assert seq.token_logprobs[k] == pytest.approx(values[0].item(), abs=1e-4)
+
+
+def test_stop_strings_and_limits_free_slots_for_waiting_rows(build):
+    generator = build("gqa", max_seq_len=64, max_batch_size=4)
+    reference = generator.text_completion([PROMPTS[2]], temperature=0, max_gen_len=16)[0]
+    stop = reference["generation"][4:7]
+    tracked = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=16,
+                       text=TextTracker(generator.tokenizer, [stop]))
+    engine = _server_engine(generator, slots=1)
+    engine.add(tracked)
+    while not tracked.finished:
+        engine.step()
+    assert tracked.finish_reason == "stop" and tracked.text.text == \
+        reference["generation"][:4]
+    assert engine.free_slots == 1  # the stop string freed the slot at once
+    short = Sequence(prompt=_encode(generator, PROMPTS[3]), limit=2)
+    engine.add(short)
+    engine.step()
+    engine.step()
+    assert short.finish_reason == "length" and len(short.tokens) == 2 and engine.free_slots == 1
