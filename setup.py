@@ -13,10 +13,12 @@ setup(
     description="Llama 2 inference: Meta's reference API and checkpoint format, on CPU or GPU, "
                 "any shard count on any number of processes",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["demo_model/*"]},
+    package_data={"llama": ["demo_model/*", "static/*"]},
     python_requires=">=3.9",
     install_requires=requirements("requirements.txt"),
     extras_require={"dev": requirements("requirements-dev.txt"),
-                    "hf": ["transformers"]},
-    entry_points={"console_scripts": ["llama-reshard=llama.reshard:main"]},
+                    "hf": ["transformers"],
+                    "server": ["fastapi", "uvicorn"]},
+    entry_points={"console_scripts": ["llama-reshard=llama.reshard:main",
+                                      "llama-server=llama.server:main"]},
 )

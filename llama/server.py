@@ -1,0 +1,341 @@
+"""An OpenAI-compatible HTTP server with continuous batching, and a chat page.
+
+    python -m llama.server                                  # the bundled demo model
+    python -m llama.server --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+    torchrun --nproc_per_node 2 -m llama.server --ckpt_dir llama-2-13b-chat/ ...
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and
+GET / (a chat page). Rank 0 serves HTTP; every rank steps the same batch (scheduler.py).
+Needs the server extra: pip install -e ".[server]".
+"""
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from llama.chat_format import UNSAFE_ERROR
+from llama.openai_api import (
+    ApiError,
+    Job,
+    chat_logprobs,
+    completion_logprobs,
+    envelope,
+    new_id,
+    now,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from llama.scheduler import Event, QueueFull, Request, Scheduler
+
+PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+RETRY_AFTER_S = 1
+
+
+def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
+               api_key: Optional[str] = None):
+    """The FastAPI application serving `scheduler`'s engine."""
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+    app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)
+    created = now()
+
+    def error(exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    def check_key(http: HttpRequest) -> None:
+        if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY' "
+                                "(the server's --api_key)", type="authentication_error",
+                           code="invalid_api_key")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.load}
+
+    @app.get("/v1/models")
+    async def models(http: HttpRequest):
+        try:
+            check_key(http)
+        except ApiError as exc:
+            return error(exc)
+        return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                            "created": created, "owned_by": "llama"}]}
+
+    async def complete(http: HttpRequest, parse):
+        try:
+            check_key(http)
+            try:
+                body = await http.json()
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+                raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+            job = parse(body, tokenizer, max_seq_len, model_name)
+            run = Run(scheduler, job)
+            run.submit()
+        except ApiError as exc:
+            return error(exc)
+        head = envelope(job, new_id(job.chat), now(), model_name, chunk=job.stream)
+        if job.stream:
+            return StreamingResponse(run.stream(head, tokenizer), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return await run.response(head, tokenizer, http)
+        except ApiError as exc:
+            return error(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        return await complete(http, parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        return await complete(http, parse_completion)
+
+    return app
+
+
+class Run:
+    """One HTTP request's choices on the scheduler: events arrive from its thread into an
+    asyncio queue of this request's event loop."""
+
+    def __init__(self, scheduler: Scheduler, job: Job):
+        self.scheduler, self.job = scheduler, job
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.requests: List[Request] = []
+
+    def submit(self) -> None:
+        if self.job.refused:
+            return
+        job = self.job
+        try:
+            for index, (prompt, limit) in enumerate(zip(job.prompts, job.limits)):
+                request = Request(prompt=prompt, limit=limit, temperature=job.temperature,
+                                  top_p=job.top_p, stop=job.stop,
+                                  logprobs=job.logprobs, top_logprobs=job.top_logprobs,
+                                  seed=job.seed,
+                                  on_event=self._receiver(index))
+                self.requests.append(self.scheduler.submit(request))
+        except QueueFull as exc:
+            self.cancel()
+            raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
+                           type="rate_limit_error", code="rate_limit_exceeded") from None
+
+    def _receiver(self, index: int):
+        def receive(event: Event) -> None:  # on the scheduler's thread
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+        return receive
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            self.scheduler.cancel(request)
+
+    async def events_until_done(self, http=None) -> AsyncIterator:
+        """(choice index, event) until every choice is done; a client that disconnects
+        (non-streaming: checked while waiting) cancels what is left."""
+        remaining = len(self.requests)
+        while remaining:
+            try:
+                index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            if event.done:
+                remaining -= 1
+                if event.finish_reason == "error":
+                    self.cancel()
+                    raise ApiError(500, f"generation failed: {event.error}",
+                                   type="server_error")
+            yield index, event
+
+    async def response(self, head: Dict[str, Any], tokenizer, http) -> Dict[str, Any]:
+        job = self.job
+        if job.refused:
+            return _refusal(head)
+        n = len(job.prompts)
+        texts, tokens, logprobs, top = [""] * n, [[] for _ in range(n)], \
+            [[] for _ in range(n)], [[] for _ in range(n)]
+        finish, prompt_tokens, completion_tokens = [None] * n, 0, 0
+        async for index, event in self.events_until_done(http):
+            texts[index] += event.text
+            tokens[index] += event.tokens
+            logprobs[index] += event.logprobs
+            top[index] += event.top
+            if event.done:
+                finish[index] = event.finish_reason
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+        choices = []
+        for i in range(n):
+            choice: Dict[str, Any] = {"index": i, "finish_reason": finish[i], "logprobs": None}
+            if job.chat:
+                choice["message"] = {"role": "assistant", "content": texts[i], "refusal": None}
+                if job.logprobs:
+                    choice["logprobs"] = chat_logprobs(tokenizer, tokens[i], logprobs[i], top[i])
+            else:
+                prefix = job.texts[i] if job.echo else ""
+                choice["text"] = prefix + texts[i]
+                if job.logprobs:
+                    choice["logprobs"] = completion_logprobs(tokenizer, tokens[i], logprobs[i],
+                                                             top[i], len(prefix))
+            choices.append(choice)
+        return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    async def stream(self, head: Dict[str, Any], tokenizer) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text, a last chunk with finish_reason,
+        usage if asked for, then [DONE]. The same id and created in every chunk."""
+        job = self.job
+        extra = {"usage": None} if job.include_usage else {}
+        prompt_tokens = completion_tokens = 0
+        try:
+            if job.chat:  # the first chunk carries the role
+                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"role": "assistant",
+                                                                          "content": ""})]})
+            if job.refused:
+                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"content": _REFUSAL})]})
+                yield _sse({**head, **extra, "choices": [_chat_choice(0, {}, "stop")]})
+            elif job.echo:
+                for i, text in enumerate(job.texts):
+                    yield _sse({**head, **extra, "choices": [_text_choice(i, text)]})
+            async for index, event in self.events_until_done():
+                if event.text or event.tokens:
+                    if job.chat:
+                        piece = _chat_choice(index, {"content": event.text})
+                        if job.logprobs:
+                            piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
+                                                              event.logprobs, event.top)
+                    else:
+                        piece = _text_choice(index, event.text)
+                        if job.logprobs:
+                            piece["logprobs"] = completion_logprobs(
+                                tokenizer, event.tokens, event.logprobs, event.top, 0)
+                    yield _sse({**head, **extra, "choices": [piece]})
+                if event.done:
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                    last = (_chat_choice(index, {}, event.finish_reason) if job.chat else
+                            _text_choice(index, "", event.finish_reason))
+                    yield _sse({**head, **extra, "choices": [last]})
+            if job.include_usage:
+                yield _sse({**head, "choices": [],
+                            "usage": usage(prompt_tokens, completion_tokens)})
+            yield "data: [DONE]\n\n"
+        except ApiError as exc:
+            yield _sse(exc.body())
+        finally:  # the client went away (or we are done): free the slots
+            self.cancel()
+
+
+_REFUSAL = UNSAFE_ERROR  # the reference's answer to a dialog with the format's special tags
+
+
+def _sse(payload: Dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _chat_choice(index: int, delta: Dict[str, Any], finish_reason: Optional[str] = None):
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _text_choice(index: int, text: str, finish_reason: Optional[str] = None):
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _refusal(head: Dict[str, Any]) -> Dict[str, Any]:
+    message = {"role": "assistant", "content": _REFUSAL, "refusal": None}
+    return {**head, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                 "finish_reason": "stop"}], "usage": usage(0, 0)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.server", description="Serve a Llama 2 checkpoint over HTTP with "
+        "OpenAI's API (chat completions, completions, models) and a chat page at /.")
+    parser.add_argument("--ckpt_dir", help="checkpoint directory (default: the bundled demo "
+                                           "model)")
+    parser.add_argument("--tokenizer_path", help="tokenizer.model (default: the one in or "
+                                                 "beside --ckpt_dir)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                            "127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max_batch_size", type=int, default=4,
+                        help="requests decoded together: the KV cache's slots (default 4)")
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="tokens per request, prompt and answer (default 2048; 512 for "
+                             "the demo model)")
+    parser.add_argument("--max_queue", type=int, default=64,
+                        help="requests that may wait for a slot; more get HTTP 429 "
+                             "(default 64)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on "
+                                        "GPUs, float32 on the CPU)")
+    parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY, "
+                             "else no key)")
+    parser.add_argument("--model_name", help="the model's id in the API (default: the "
+                                             "checkpoint directory's name)")
+    parser.add_argument("--seed", type=int, default=1, help="seed for requests without one")
+    args = parser.parse_args(argv)
+
+    from llama.cli import resolve_model_paths
+    from llama.distributed import is_main_process, shutdown
+    from llama.engine import Engine
+    from llama.generation import Llama
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
+              file=sys.stderr)
+        return 1
+    import torch.distributed
+    import uvicorn
+
+    demo = args.ckpt_dir is None
+    ckpt_dir, tokenizer_path = resolve_model_paths(args.ckpt_dir, args.tokenizer_path)
+    max_seq_len = args.max_seq_len or (512 if demo else 2048)
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, args.max_batch_size,
+                            device=args.device, dtype=args.dtype, seed=args.seed)
+    model, tokenizer = generator.model, generator.tokenizer
+    engine = Engine(model, tokenizer.eos_id, model.new_cache(args.max_batch_size, max_seq_len),
+                    release_finished=True)
+    scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue)
+    if not is_main_process():
+        # Ctrl-C reaches every process of the group, and torchrun passes SIGTERM on: rank 0
+        # decides when to stop, finishing or cancelling what runs, then tells this rank.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rank = torch.distributed.get_rank()
+        scheduler.follow()
+        shutdown()
+        print(f"rank {rank} stopped", file=sys.stderr, flush=True)
+        return 0
+    name = args.model_name or ("llama-demo" if demo else Path(ckpt_dir).resolve().name)
+    app = create_app(scheduler, tokenizer, name, max_seq_len, args.api_key)
+    scheduler.start()
+    print(f"Serving {name} on http://{args.host}:{args.port} (chat page at /, OpenAI API "
+          f"under /v1)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+    finally:
+        scheduler.stop()  # cancels what still runs, and stops the other ranks
+        shutdown()
+    print("rank 0 stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
