@@ -6,7 +6,10 @@ feeds it back, and syncs with the host once, to decide whether every row is done
 """
 
 import functools
+import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
@@ -19,10 +22,25 @@ from llama.chat_format import (
     has_special_tags,
     validate_dialog,
 )
-from llama.distributed import is_main_process
+from llama import checkpoint
+from llama.distributed import choose_device, is_main_process
 from llama.loading import load_model
 from llama.model import KVCache, Transformer
 from llama.tokenizer import Tokenizer
+from llama.validation import (
+    ArgumentError,
+    ArgumentFileNotFoundError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    LlamaWarning,
+    check_arguments,
+    check_int,
+    check_path,
+    check_stop,
+    check_temperature,
+    check_top_p,
+    context_warning,
+)
 
 FinishReason = Literal["stop", "length"]
 
@@ -76,9 +94,16 @@ class Llama:
         the number of processes (shards are split or merged while loading). `device` defaults
         to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs and float32
         on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
-        the same on every rank: all ranks sample the same tokens.
+        the same on every rank: all ranks sample the same tokens. Every argument, the
+        checkpoint directory and then the tokenizer file are checked before anything is loaded.
         """
-        tokenizer = Tokenizer(model_path=tokenizer_path)
+        _check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                               model_parallel_size, seed, device, dtype, verify, verbose)
+        try:
+            tokenizer = Tokenizer(model_path=tokenizer_path)
+        except ArgumentError as error:  # named as this caller knows it
+            message = "tokenizer_path" + str(error)[len(error.param):]
+            raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
                            model_parallel_size, seed, device, dtype, verify, verbose)
         return Llama(model, tokenizer)
@@ -416,42 +441,73 @@ def _as_assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
 
 
+def _check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                           model_parallel_size, seed, device, dtype, verify, verbose) -> None:
+    """Everything Llama.build can check before loading: the values, whether CUDA is there if
+    asked for, the checkpoint directory, then the tokenizer file (ArgumentError or
+    CheckpointError); warns when max_seq_len goes past the trained context."""
+    check_path("ckpt_dir", ckpt_dir)
+    check_path("tokenizer_path", tokenizer_path)
+    check_arguments(dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                         model_parallel_size=model_parallel_size, seed=seed, device=device,
+                         dtype=dtype, verify=verify, verbose=verbose))
+    choose_device(device)
+    if not os.path.isdir(ckpt_dir):
+        problem = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
+        raise ArgumentValueError(
+            "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
+                        f"directory such as llama-2-7b/, holding params.json and "
+                        f"consolidated.NN.pth (see download.sh)")
+    checkpoint.find_shards(Path(ckpt_dir))
+    params = checkpoint.read_params(Path(ckpt_dir))
+    if not os.path.exists(tokenizer_path):
+        raise ArgumentFileNotFoundError(
+            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} does not exist: it "
+                              f"should be the tokenizer.model downloaded with the weights")
+    if os.path.isdir(tokenizer_path):
+        raise ArgumentValueError(
+            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} is a directory: it "
+                              f"should be the tokenizer.model file downloaded with the weights")
+    warning = context_warning(max_seq_len, params.get("rope_theta", 10000.0))
+    if warning:
+        warnings.warn(warning, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
+
+
 def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params, n_words,
                      index_offset) -> List[str]:
+    """Raises ArgumentError (see llama.validation) for the first bad argument; returns the stop
+    strings as a list."""
+    check_int("max_gen_len", max_gen_len, 0)
+    check_temperature(temperature)
+    check_top_p(top_p)
+    stop = check_stop(stop)
     if not isinstance(prompt_tokens, (list, tuple)):
-        raise TypeError("prompt_tokens must be a list of lists of token ids")
+        raise ArgumentTypeError("prompt_tokens",
+                                "prompt_tokens must be a list of lists of token ids")
     if len(prompt_tokens) > params.max_batch_size:
-        raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size="
-                         f"{params.max_batch_size}: pass fewer prompts per call, or build with "
-                         f"a larger max_batch_size")
+        raise ArgumentValueError(
+            "prompt_tokens", f"{len(prompt_tokens)} prompts exceed max_batch_size="
+                             f"{params.max_batch_size}: pass fewer prompts per call, or build "
+                             f"with a larger max_batch_size")
     for index, tokens in enumerate(prompt_tokens):
         where = f"prompt {index + index_offset}"
         if not isinstance(tokens, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise TypeError(f"{where} must be a list of int token ids")
+            raise ArgumentTypeError("prompt_tokens", f"{where} must be a list of int token ids")
         if len(tokens) == 0:
-            raise ValueError(f"{where} is empty: it needs at least one token (e.g. BOS)")
+            raise ArgumentValueError("prompt_tokens", f"{where} is empty: it needs at least "
+                                                      f"one token (e.g. BOS)")
         if len(tokens) > params.max_seq_len:
-            raise ValueError(f"{where} has {len(tokens)} tokens, more than max_seq_len="
-                             f"{params.max_seq_len}: shorten it, or build with a larger "
-                             f"max_seq_len")
+            raise ArgumentValueError(
+                "prompt_tokens", f"{where} has {len(tokens)} tokens, more than max_seq_len="
+                                 f"{params.max_seq_len}: shorten it, or build with a larger "
+                                 f"max_seq_len")
         bad = [t for t in tokens if not 0 <= t < n_words]
         if bad:
-            raise ValueError(f"{where} has token ids outside the vocabulary [0, {n_words}): "
-                             f"{bad[:5]}")
-    if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-        raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
-    return list(stop)
+            raise ArgumentValueError(
+                "prompt_tokens", f"{where} has token ids outside the vocabulary [0, {n_words}): "
+                                 f"{bad[:5]}")
+    return stop
 
 
 def sample_top_p(probs: torch.Tensor, p: float,

@@ -11,6 +11,7 @@ import torch
 from llama import checkpoint
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
+from llama.validation import check_int
 
 
 def log(message: str) -> None:
@@ -25,16 +26,15 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
                verbose: bool = True) -> Transformer:
     """The Transformer of a checkpoint directory, for this process's model-parallel rank (see
     Llama.build, which adds the tokenizer). `vocab_size` is the tokenizer's."""
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("max_seq_len", max_seq_len, 1)
+    check_int("max_batch_size", max_batch_size, 1)
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
     shard_paths = checkpoint.find_shards(Path(ckpt_dir))
     args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size, vocab_size)
-    rank, world_size = init_process_groups(device, model_parallel_size)
+    rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
     torch.manual_seed(seed)
     if verify:
