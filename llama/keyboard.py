@@ -19,11 +19,17 @@ import os
 import select
 import signal
 import sys
-import termios
 import threading
 from typing import Callable, Iterator, Optional
 
+try:
+    import termios
+except ImportError:  # not on Windows: Ctrl-C is then left to the default SIGINT handling
+    termios = None
+
 CTRL_C = b"\x03"
+# The terminal's UTF-8 line editing flag (termios has it from Python 3.12 on; Linux's value).
+IUTF8 = getattr(termios, "IUTF8", 0o40000 if sys.platform.startswith("linux") else 0)
 
 
 class Keyboard:
@@ -34,10 +40,10 @@ class Keyboard:
         self.fd: Optional[int] = None
         self.encoding = getattr(stdin, "encoding", None) or "utf-8"
         try:
-            if stdin.isatty():
+            if termios is not None and stdin.isatty():
                 self.fd = stdin.fileno()
                 self.saved = termios.tcgetattr(self.fd)
-        except (OSError, ValueError, termios.error):
+        except (OSError, ValueError, getattr(termios, "error", OSError)):
             self.fd = None
         self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         self._old_handlers = {}
@@ -117,6 +123,8 @@ class Keyboard:
                          (termios.ECHO, canonical)):
             lflag = lflag | flag if on else lflag & ~flag
         attrs[3] = lflag
+        if canonical and self.encoding.lower().replace("-", "") == "utf8":
+            attrs[0] |= IUTF8  # backspace erases a whole character (你), not its last byte
         attrs[6] = list(attrs[6])
         attrs[6][termios.VEOL] = CTRL_C if canonical else self.saved[6][termios.VEOL]
         if not canonical:

@@ -281,3 +281,22 @@ def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
     process.stdin.close()  # Ctrl-D
     read_until(lambda: b"Bye." in screen)
     assert process.wait(timeout=60) == 0
+
+
+def test_the_chat_prompt_edits_chinese_and_quits_on_ctrl_c():
+    """The prompt's line editing (the terminal's, as with input()): backspace erases a whole
+    character of a Chinese line; Ctrl-C ends the line and means quit."""
+    program = ("from llama.keyboard import Keyboard\n"
+               "keyboard = Keyboard()\n"
+               "try:\n"
+               "    for _ in range(2): print(repr(keyboard.read_line('User: ')), flush=True)\n"
+               "finally:\n"
+               "    keyboard.close()\n")
+    term = Terminal([sys.executable, "-c", program], {**os.environ, "PYTHONPATH": str(REPO)})
+    term.expect("User: ")
+    os.write(term.master, "上下五千年，英雄万万千。你好吗\x7f\x7f\n".encode())
+    term.expect("'上下五千年，英雄万万千。你'")
+    os.write(term.master, b"abc\x03")
+    term.expect("None")
+    assert term.close() == 0
+    assert all(term.lflag & flag for flag in (termios.ISIG, termios.ICANON, termios.ECHO))
