@@ -6,10 +6,7 @@ feeds it back, and syncs with the host once, to decide whether every row is done
 """
 
 import functools
-import os
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
@@ -22,24 +19,18 @@ from llama.chat_format import (
     has_special_tags,
     validate_dialog,
 )
-from llama import checkpoint
-from llama.distributed import choose_device, is_main_process
-from llama.loading import load_model
+from llama.distributed import is_main_process
+from llama.loading import check_build_arguments, load_model
 from llama.model import KVCache, Transformer
 from llama.tokenizer import Tokenizer
 from llama.validation import (
     ArgumentError,
-    ArgumentFileNotFoundError,
     ArgumentTypeError,
     ArgumentValueError,
-    LlamaWarning,
-    check_arguments,
     check_int,
-    check_path,
     check_stop,
     check_temperature,
     check_top_p,
-    context_warning,
 )
 
 FinishReason = Literal["stop", "length"]
@@ -97,8 +88,8 @@ class Llama:
         the same on every rank: all ranks sample the same tokens. Every argument, the
         checkpoint directory and then the tokenizer file are checked before anything is loaded.
         """
-        _check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                               model_parallel_size, seed, device, dtype, verify, verbose)
+        check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                              model_parallel_size, seed, device, dtype, verify, verbose)
         try:
             tokenizer = Tokenizer(model_path=tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it
@@ -439,38 +430,6 @@ def _drain(generator):
 
 def _as_assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
-
-
-def _check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                           model_parallel_size, seed, device, dtype, verify, verbose) -> None:
-    """Everything Llama.build can check before loading: the values, whether CUDA is there if
-    asked for, the checkpoint directory, then the tokenizer file (ArgumentError or
-    CheckpointError); warns when max_seq_len goes past the trained context."""
-    check_path("ckpt_dir", ckpt_dir)
-    check_path("tokenizer_path", tokenizer_path)
-    check_arguments(dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                         model_parallel_size=model_parallel_size, seed=seed, device=device,
-                         dtype=dtype, verify=verify, verbose=verbose))
-    choose_device(device)
-    if not os.path.isdir(ckpt_dir):
-        problem = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
-        raise ArgumentValueError(
-            "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
-                        f"directory such as llama-2-7b/, holding params.json and "
-                        f"consolidated.NN.pth (see download.sh)")
-    checkpoint.find_shards(Path(ckpt_dir))
-    params = checkpoint.read_params(Path(ckpt_dir))
-    if not os.path.exists(tokenizer_path):
-        raise ArgumentFileNotFoundError(
-            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} does not exist: it "
-                              f"should be the tokenizer.model downloaded with the weights")
-    if os.path.isdir(tokenizer_path):
-        raise ArgumentValueError(
-            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} is a directory: it "
-                              f"should be the tokenizer.model file downloaded with the weights")
-    warning = context_warning(max_seq_len, params.get("rope_theta", 10000.0))
-    if warning:
-        warnings.warn(warning, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
 
 
 def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params, n_words,
