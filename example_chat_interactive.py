@@ -97,9 +97,13 @@ def main(
     # Keep room for an answer: the prompt may use what is left after it.
     reply_room = max_gen_len or max(16, max_seq_len // 4)
     if reply_room >= max_seq_len:
-        raise ArgumentValueError("max_gen_len", f"max_gen_len ({reply_room}) must be below "
-                                                f"max_seq_len ({max_seq_len}), to leave room "
-                                                f"for the conversation")
+        if max_gen_len:
+            raise ArgumentValueError("max_gen_len", f"max_gen_len ({max_gen_len}) must be below "
+                                                    f"max_seq_len ({max_seq_len}), to leave "
+                                                    f"room for the conversation")
+        raise ArgumentValueError("max_seq_len", f"max_seq_len ({max_seq_len}) leaves no room "
+                                                f"for a conversation and a {reply_room}-token "
+                                                f"answer: make it larger")
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
