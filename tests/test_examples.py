@@ -240,7 +240,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(nproc, checkpoints, tokeniz
         command = [sys.executable] + script
     term = Terminal(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     term.expect("User: ")
-    for turn in (1, 2):
+    for turn in (1, 2) if nproc is None else (1,):  # the same path twice under torchrun
         term.type("Hello there, what is a list?")
         term.expect("Assistant: ", count=turn)
         term.more(20)  # it has begun to answer
