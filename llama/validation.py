@@ -10,7 +10,8 @@ devices, no global state.
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Optional
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -148,20 +149,20 @@ def check_stop(value: Any) -> List[str]:
 
 # What each argument of the public API (and of the example scripts' flags, which take the same
 # names) must be. Arguments not named here are not checked by check_arguments.
-CHECKS = {
+CHECKS: Dict[str, Callable[[Any], Any]] = {
     "ckpt_dir": lambda v: None if v is None else check_path("ckpt_dir", v),
     "tokenizer_path": lambda v: None if v is None else check_path("tokenizer_path", v),
-    "max_seq_len": lambda v: check_int("max_seq_len", v, 1),
-    "max_batch_size": lambda v: check_int("max_batch_size", v, 1),
-    "model_parallel_size": lambda v: check_optional_int("model_parallel_size", v, 1),
-    "max_gen_len": lambda v: check_optional_int("max_gen_len", v, 0),
+    "max_seq_len": partial(check_int, "max_seq_len", minimum=1),
+    "max_batch_size": partial(check_int, "max_batch_size", minimum=1),
+    "model_parallel_size": partial(check_optional_int, "model_parallel_size", minimum=1),
+    "max_gen_len": partial(check_optional_int, "max_gen_len", minimum=0),
     "temperature": check_temperature,
     "top_p": check_top_p,
-    "seed": lambda v: check_int("seed", v),
+    "seed": partial(check_int, "seed"),
     "device": check_device,
     "dtype": check_dtype,
     "stop": check_stop,
-    **{name: (lambda name: lambda v: check_bool(name, v))(name)
+    **{name: partial(check_bool, name)
        for name in ("verify", "verbose", "logprobs", "echo", "stream", "show_speed")},
 }
 
