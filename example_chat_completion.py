@@ -7,11 +7,11 @@
 
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
-from llama.cli import quiet_other_ranks, resolve_model_paths
-from llama.distributed import shutdown
+from llama.cli import quiet_other_ranks, resolve_model_paths, run
+
+# Without --ckpt_dir: the demo model rarely ends an answer by itself (see llama.cli.run).
+DEMO_DEFAULTS = {"max_gen_len": 64}
 
 
 def main(
@@ -26,7 +26,22 @@ def main(
     dtype: Optional[str] = None,
     verify: bool = False,
 ):
-    """Prints every message as `Role: content`, then `> Assistant: ...`."""
+    """Answer four dialogs: prints every message as `Role: content`, then `> Assistant: ...`.
+
+    Args:
+        ckpt_dir: checkpoint directory, e.g. llama-2-7b-chat/ (default: the bundled demo
+            model)
+        tokenizer_path: tokenizer.model (default: the one in ckpt_dir or its parent)
+        temperature: sampling temperature; 0 always takes the likeliest token
+        top_p: sample among the likeliest tokens that add up to this probability
+        max_seq_len: most tokens of a dialog and its answer together
+        max_batch_size: most dialogs answered together
+        max_gen_len: most tokens of an answer (default: as many as max_seq_len leaves)
+        device: cpu or cuda (default: cuda if there is a GPU, else cpu)
+        dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
+            the CPU)
+        verify: check the files' md5 sums against checklist.chk before loading
+    """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
@@ -71,5 +86,4 @@ These are just a few of the many attractions that Paris has to offer. With so mu
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
-    shutdown()
+    run(main, demo_defaults=DEMO_DEFAULTS)

@@ -5,31 +5,59 @@
         --tokenizer_path tokenizer.model
 
 Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ctrl-D quits.
-When the conversation outgrows max_seq_len, the oldest exchanges are dropped, and it says so.
+Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
+prompt quits. When the conversation outgrows max_seq_len, the oldest exchanges are dropped,
+and it says so.
 """
 
+import contextlib
 import sys
 import time
 from typing import Optional
 
-import fire
+import torch.distributed as dist
 
 from llama import Llama
 from llama.chat_format import truncate_dialog
-from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths
-from llama.distributed import broadcast_object, shutdown
+from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
+from llama.distributed import broadcast_object
+from llama.keyboard import Keyboard
+from llama.validation import ArgumentValueError
+
+# Without --ckpt_dir: the demo model was trained on 256-token contexts and rarely ends an
+# answer by itself (see llama.cli.run).
+DEMO_DEFAULTS = {"max_seq_len": 256, "max_gen_len": 64}
 
 
-def read_user_turn() -> Optional[str]:
-    """Rank 0 reads a line; every rank gets it. None means quit (Ctrl-D)."""
-    line = None
-    if is_rank0():
-        try:
-            line = input("User: ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            line = None
+def read_user_turn(keyboard: Optional[Keyboard]) -> Optional[str]:
+    """Rank 0 reads a line; every rank gets it. None means quit (Ctrl-D or Ctrl-C)."""
+    line = keyboard.read_line("User: ") if keyboard else None
     return broadcast_object(line)
+
+
+def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **options):
+    """Print the answer as it is generated; returns (the text shown, the stream, whether Ctrl-C
+    stopped it). One process stops generating at once. With several, rank 0 stops printing but
+    the answer is generated to its end: the other ranks, inside the decode loop, cannot be
+    told in the middle of it."""
+    answer = generator.stream_chat(history, **options)
+    pieces = iter(answer)
+    shown = []
+    stopped = False
+    with keyboard.answering() if keyboard else contextlib.nullcontext(lambda: False) as pressed:
+        for piece in pieces:
+            if stopped:
+                continue  # several processes: every rank finishes the answer
+            print(piece, end="", flush=True)
+            shown.append(piece)
+            if pressed():
+                stopped = True
+                print(" [stopped]", end="", flush=True)
+                if not dist.is_initialized() or dist.get_world_size() == 1:
+                    pieces.close()  # ends the decode loop where it is
+                    break
+    print(flush=True)
+    return "".join(shown), answer, stopped
 
 
 def main(
@@ -45,7 +73,37 @@ def main(
     seed: int = 1,
     show_speed: bool = False,
 ):
-    """--show_speed reports each answer's tokens per second on stderr."""
+    """Chat in the terminal; answers are printed as they are generated.
+
+    Ctrl-C stops an answer and keeps the conversation; /exit, Ctrl-D or Ctrl-C at the prompt
+    quits; /reset starts the conversation over (keeping the system prompt).
+
+    Args:
+        ckpt_dir: checkpoint directory, e.g. llama-2-7b-chat/ (default: the bundled demo
+            model)
+        tokenizer_path: tokenizer.model (default: the one in ckpt_dir or its parent)
+        system: a system prompt, e.g. "Answer briefly" (default: none)
+        temperature: sampling temperature; 0 always takes the likeliest token
+        top_p: sample among the likeliest tokens that add up to this probability
+        max_seq_len: most tokens of the conversation and an answer (older messages are
+            dropped to fit)
+        max_gen_len: most tokens of an answer (default: as many as max_seq_len leaves)
+        device: cpu or cuda (default: cuda if there is a GPU, else cpu)
+        dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
+            the CPU)
+        seed: seed of the random numbers used for sampling
+        show_speed: report each answer's tokens per second on stderr
+    """
+    # Keep room for an answer: the prompt may use what is left after it.
+    reply_room = max_gen_len or max(16, max_seq_len // 4)
+    if reply_room >= max_seq_len:
+        if max_gen_len:
+            raise ArgumentValueError("max_gen_len", f"max_gen_len ({max_gen_len}) must be below "
+                                                    f"max_seq_len ({max_seq_len}), to leave "
+                                                    f"room for the conversation")
+        raise ArgumentValueError("max_seq_len", f"max_seq_len ({max_seq_len}) leaves no room "
+                                                f"for a conversation and a {reply_room}-token "
+                                                f"answer: make it larger")
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
@@ -53,48 +111,48 @@ def main(
                             dtype=dtype, seed=seed)
     encode = generator.tokenizer.encode
     system_turn = [{"role": "system", "content": system}] if system else []
-    # Keep room for an answer: the prompt may use what is left after it.
-    reply_room = max_gen_len or max(16, max_seq_len // 4)
-    if reply_room >= max_seq_len:
-        raise SystemExit(f"max_gen_len ({max_gen_len}) must be below max_seq_len ({max_seq_len})")
-    print("Chatting. /reset starts over, /exit or Ctrl-D quits.", flush=True)
+    print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",
+          flush=True)
     history = list(system_turn)
-    while True:
-        line = read_user_turn()
-        if line is None or line.strip() == "/exit":
-            print("Bye.", flush=True)
-            break
-        if line.strip() == "/reset":
-            history = list(system_turn)
-            print("(conversation reset)", flush=True)
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        fitted = truncate_dialog(history, encode, max_seq_len - reply_room)
-        if fitted is None:
-            history.pop()
-            print(f"(that message is too long: with the system prompt it must fit in "
-                  f"{max_seq_len - reply_room} tokens; raise --max_seq_len)", flush=True)
-            continue
-        if len(fitted) < len(history):
-            print(f"(dropped the {len(history) - len(fitted)} oldest messages to fit "
-                  f"max_seq_len={max_seq_len})", flush=True)
-            history = fitted
-        print("Assistant: ", end="", flush=True)
-        answer_start = time.time()
-        answer = generator.stream_chat(history, temperature=temperature, top_p=top_p,
-                                       max_gen_len=max_gen_len)
-        for piece in answer:
-            print(piece, end="", flush=True)
-        print(flush=True)
-        if show_speed and is_rank0():
-            seconds = time.time() - answer_start
-            print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} tokens/s)",
-                  file=sys.stderr, flush=True)
-        history.append({"role": "assistant", "content": answer.text})
+    keyboard = Keyboard() if is_rank0() else None
+    try:
+        while True:
+            line = read_user_turn(keyboard)
+            if line is None or line.strip() == "/exit":
+                print("Bye.", flush=True)
+                break
+            if line.strip() == "/reset":
+                history = list(system_turn)
+                print("(conversation reset)", flush=True)
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            fitted = truncate_dialog(history, encode, max_seq_len - reply_room)
+            if fitted is None:
+                history.pop()
+                print(f"(that message is too long: with the system prompt it must fit in "
+                      f"{max_seq_len - reply_room} tokens; raise --max_seq_len)", flush=True)
+                continue
+            if len(fitted) < len(history):
+                print(f"(dropped the {len(history) - len(fitted)} oldest messages to fit "
+                      f"--max_seq_len {max_seq_len})", flush=True)
+                history = fitted
+            print("Assistant: ", end="", flush=True)
+            answer_start = time.time()
+            text, answer, stopped = stream_answer(generator, history, keyboard,
+                                                  temperature=temperature, top_p=top_p,
+                                                  max_gen_len=max_gen_len)
+            if show_speed and is_rank0() and not stopped:
+                seconds = time.time() - answer_start
+                print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} "
+                      f"tokens/s)", file=sys.stderr, flush=True)
+            # rank 0 decides what was said (a stopped answer is kept as far as it was shown)
+            history.append({"role": "assistant", "content": broadcast_object(text)})
+    finally:
+        if keyboard:
+            keyboard.close()
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
-    shutdown()
+    run(main, demo_defaults=DEMO_DEFAULTS)

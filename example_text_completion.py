@@ -9,11 +9,8 @@ import sys
 import time
 from typing import Optional
 
-import fire
-
 from llama import Llama
-from llama.cli import quiet_other_ranks, resolve_model_paths
-from llama.distributed import shutdown
+from llama.cli import quiet_other_ranks, resolve_model_paths, run
 
 
 def main(
@@ -30,8 +27,23 @@ def main(
     stream: bool = False,
     show_speed: bool = False,
 ):
-    """Prints each prompt, then `> ` and its completion. --stream prints each completion as it
-    is generated; --show_speed reports tokens per second on stderr."""
+    """Complete four prompts: prints each prompt, then `> ` and its completion.
+
+    Args:
+        ckpt_dir: checkpoint directory, e.g. llama-2-7b/ (default: the bundled demo model)
+        tokenizer_path: tokenizer.model (default: the one in ckpt_dir or its parent)
+        temperature: sampling temperature; 0 always takes the likeliest token
+        top_p: sample among the likeliest tokens that add up to this probability
+        max_seq_len: most tokens of a prompt and its completion together
+        max_gen_len: most tokens generated for each prompt
+        max_batch_size: most prompts generated together
+        device: cpu or cuda (default: cuda if there is a GPU, else cpu)
+        dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
+            the CPU)
+        verify: check the files' md5 sums against checklist.chk before loading
+        stream: print each completion as it is generated
+        show_speed: report tokens per second on stderr
+    """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
@@ -83,5 +95,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
-    shutdown()
+    run(main)

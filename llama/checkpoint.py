@@ -84,13 +84,14 @@ def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
     return [w for w in range(1, limit + 1) if all(size % w == 0 for size in sizes)]
 
 
-def check_world_size(args: ModelArgs, world_size: int) -> None:
+def check_world_size(args: ModelArgs, world_size: int,
+                     flag: str = "torchrun --nproc_per_node", parts: str = "processes") -> None:
+    """`flag` is what sets the count (reshard: "--mp"); `parts` what is counted."""
     if world_size not in valid_world_sizes(args, limit=max(world_size, 64)):
         raise CheckpointError(
             f"this model (n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, dim={args.dim}, "
             f"ffn hidden={args.ffn_hidden_dim}, vocab={args.vocab_size}) cannot be split across "
-            f"{world_size} processes; use one of {valid_world_sizes(args)} "
-            f"(torchrun --nproc_per_node W)")
+            f"{world_size} {parts}; use one of {valid_world_sizes(args)} for {flag}")
 
 
 def slice_plan(full_size: int, n_src: int, n_dst: int, dst_rank: int
@@ -145,8 +146,8 @@ def model_args(ckpt_dir: Path, max_seq_len: int, max_batch_size: int,
 def find_shards(ckpt_dir: Path) -> List[Path]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; pass "
-                              f"--ckpt_dir pointing at e.g. llama-2-7b/")
+        raise CheckpointError(f"checkpoint directory {str(ckpt_dir)!r} does not exist; it "
+                              f"should be a directory such as llama-2-7b/")
     shards = sorted(ckpt_dir.glob("*.pth"))
     if not shards:
         raise CheckpointError(f"no *.pth checkpoint files in {ckpt_dir}")

@@ -1,6 +1,7 @@
 """Process group, model-parallel group and device choice: the one place that decides them."""
 
 import contextlib
+import io
 import os
 import sys
 from typing import Optional, Tuple
@@ -9,14 +10,18 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from llama.validation import ArgumentValueError, check_device, check_dtype
+
 
 def choose_device(device: Optional[str] = None) -> torch.device:
     """The requested device, else this process's GPU when CUDA is available, else the CPU."""
     if device is not None:
-        chosen = torch.device(device)
+        chosen = check_device(device)
         if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was requested but CUDA is not available; "
-                             f"use device='cpu'")
+            raise ArgumentValueError(
+                "device", f"device {str(device)!r} was asked for, but CUDA is not available here "
+                          f"(no GPU, or a CPU-only build of torch): use 'cpu', or leave device "
+                          f"unset to use a GPU when there is one")
     elif torch.cuda.is_available():
         chosen = torch.device("cuda")
     else:
@@ -30,22 +35,19 @@ def choose_dtype(device: torch.device, dtype=None) -> torch.dtype:
     """Half precision on GPUs (bfloat16 where supported, the checkpoints' own type), float32
     on the CPU, unless asked otherwise."""
     if dtype is not None:
-        if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-            dtype = getattr(torch, dtype)
-        return dtype
+        return check_dtype(dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
-def init_process_groups(device: torch.device, model_parallel_size: Optional[int] = None
-                        ) -> Tuple[int, int]:
+def init_process_groups(device: torch.device, model_parallel_size: Optional[int] = None,
+                        announce: bool = True) -> Tuple[int, int]:
     """Join (or create) the process group and fairscale's model-parallel group.
 
     Under torchrun the environment names the rendezvous; as a plain `python` process we form a
-    group of one. Returns (model-parallel rank, model-parallel size)."""
+    group of one. fairscale's "> initializing ..." lines go to stderr, or nowhere unless
+    `announce`. Returns (model-parallel rank, model-parallel size)."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -59,12 +61,13 @@ def init_process_groups(device: torch.device, model_parallel_size: Optional[int]
         if model_parallel_size is None:
             model_parallel_size = world_size
         if model_parallel_size != world_size:
-            raise ValueError(
+            raise ArgumentValueError(
+                "model_parallel_size",
                 f"model_parallel_size={model_parallel_size} but {world_size} processes were "
                 f"started: run one process per model-parallel rank (torchrun "
                 f"--nproc_per_node {model_parallel_size}), or leave model_parallel_size unset")
         # fairscale announces its groups with print(); keep stdout for the generations.
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr if announce else io.StringIO()):
             fs_init.initialize_model_parallel(model_parallel_size)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
 

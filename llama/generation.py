@@ -30,11 +30,20 @@ from llama.chat_format import (
 from llama.distributed import is_main_process
 from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
-from llama.loading import load_model
+from llama.loading import check_build_arguments, load_model
 from llama.model import KVCache, Transformer
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer
+from llama.validation import (
+    ArgumentError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_int,
+    check_stop,
+    check_temperature,
+    check_top_p,
+)
 
 # The reference's module-level names are importable from here, as they were from its
 # llama/generation.py.
@@ -89,13 +98,20 @@ class Llama:
         the number of processes (shards are split or merged while loading). `device` defaults
         to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs and float32
         on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
-        the same on every rank: all ranks sample the same tokens.
+        the same on every rank: all ranks sample the same tokens. Every argument, the
+        checkpoint directory and then the tokenizer file are checked before anything is loaded.
 
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
         os.devnull, so that a script run under torchrun prints its results once;
         `quiet_other_ranks=False` leaves stdout alone (for programs that manage their output).
         """
-        tokenizer = Tokenizer(model_path=tokenizer_path)
+        check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                              model_parallel_size, seed, device, dtype, verify, verbose)
+        try:
+            tokenizer = Tokenizer(model_path=tokenizer_path)
+        except ArgumentError as error:  # named as this caller knows it
+            message = "tokenizer_path" + str(error)[len(error.param):]
+            raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
                            model_parallel_size, seed, device, dtype, verify, verbose)
         if quiet_other_ranks and not is_main_process():
@@ -381,40 +397,39 @@ def _as_assistant(text: str) -> Message:
 
 def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params, n_words,
                      index_offset) -> List[str]:
+    """Raises ArgumentError (see llama.validation) for the first bad argument; returns the stop
+    strings as a list."""
+    check_int("max_gen_len", max_gen_len, 0)
+    check_temperature(temperature)
+    check_top_p(top_p)
+    stop = check_stop(stop)
     if not isinstance(prompt_tokens, (list, tuple)):
-        raise TypeError("prompt_tokens must be a list of lists of token ids")
+        raise ArgumentTypeError("prompt_tokens",
+                                "prompt_tokens must be a list of lists of token ids")
     if len(prompt_tokens) > params.max_batch_size:
-        raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size="
-                         f"{params.max_batch_size}: pass fewer prompts per call, or build with "
-                         f"a larger max_batch_size")
+        raise ArgumentValueError(
+            "prompt_tokens", f"{len(prompt_tokens)} prompts exceed max_batch_size="
+                             f"{params.max_batch_size}: pass fewer prompts per call, or build "
+                             f"with a larger max_batch_size")
     for index, tokens in enumerate(prompt_tokens):
         where = f"prompt {index + index_offset}"
         if not isinstance(tokens, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise TypeError(f"{where} must be a list of int token ids")
+            raise ArgumentTypeError("prompt_tokens", f"{where} must be a list of int token ids")
         if len(tokens) == 0:
-            raise ValueError(f"{where} is empty: it needs at least one token (e.g. BOS)")
+            raise ArgumentValueError("prompt_tokens", f"{where} is empty: it needs at least "
+                                                      f"one token (e.g. BOS)")
         if len(tokens) > params.max_seq_len:
-            raise ValueError(f"{where} has {len(tokens)} tokens, more than max_seq_len="
-                             f"{params.max_seq_len}: shorten it, or build with a larger "
-                             f"max_seq_len")
+            raise ArgumentValueError(
+                "prompt_tokens", f"{where} has {len(tokens)} tokens, more than max_seq_len="
+                                 f"{params.max_seq_len}: shorten it, or build with a larger "
+                                 f"max_seq_len")
         bad = [t for t in tokens if not 0 <= t < n_words]
         if bad:
-            raise ValueError(f"{where} has token ids outside the vocabulary [0, {n_words}): "
-                             f"{bad[:5]}")
-    if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
-        raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
-    return list(stop)
+            raise ArgumentValueError(
+                "prompt_tokens", f"{where} has token ids outside the vocabulary [0, {n_words}): "
+                                 f"{bad[:5]}")
+    return stop
 
 
 def _prompt_logprobs(rows: List[EngineSequence], logits: torch.Tensor,

@@ -1,8 +1,10 @@
 """Loading a checkpoint directory onto this process's model-parallel rank: the one path from
 files on disk to a `Transformer` (format rules live in checkpoint.py)."""
 
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +13,15 @@ import torch
 from llama import checkpoint
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
+from llama.validation import (
+    ArgumentFileNotFoundError,
+    ArgumentValueError,
+    LlamaWarning,
+    check_arguments,
+    check_int,
+    check_path,
+    context_warning,
+)
 
 
 def log(message: str) -> None:
@@ -19,22 +30,54 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+                          model_parallel_size, seed, device, dtype, verify, verbose) -> None:
+    """Everything Llama.build can check before loading: the values, whether CUDA is there if
+    asked for, the checkpoint directory, then the tokenizer file (ArgumentError or
+    CheckpointError); warns when max_seq_len goes past the trained context."""
+    check_path("ckpt_dir", ckpt_dir)
+    check_path("tokenizer_path", tokenizer_path)
+    check_arguments(dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                         model_parallel_size=model_parallel_size, seed=seed, device=device,
+                         dtype=dtype, verify=verify, verbose=verbose))
+    choose_device(device)
+    if not os.path.isdir(ckpt_dir):
+        problem = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
+        raise ArgumentValueError(
+            "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
+                        f"directory such as llama-2-7b/, holding params.json and "
+                        f"consolidated.NN.pth (see download.sh)")
+    # Meta's layout; another checkpoint format checks its own files here
+    checkpoint.find_shards(Path(ckpt_dir))
+    params = checkpoint.read_params(Path(ckpt_dir))
+    if not os.path.exists(tokenizer_path):
+        raise ArgumentFileNotFoundError(
+            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} does not exist: it "
+                              f"should be the tokenizer.model downloaded with the weights")
+    if os.path.isdir(tokenizer_path):
+        raise ArgumentValueError(
+            "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} is a directory: it "
+                              f"should be the tokenizer.model file downloaded with the weights")
+    warning = context_warning(max_seq_len, params.get("rope_theta", 10000.0))
+    if warning:
+        warnings.warn(warning, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
+
+
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
                model_parallel_size: Optional[int] = None, seed: int = 1,
                device: Optional[str] = None, dtype=None, verify: bool = False,
                verbose: bool = True) -> Transformer:
     """The Transformer of a checkpoint directory, for this process's model-parallel rank (see
     Llama.build, which adds the tokenizer). `vocab_size` is the tokenizer's."""
-    for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("max_seq_len", max_seq_len, 1)
+    check_int("max_batch_size", max_batch_size, 1)
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
     shard_paths = checkpoint.find_shards(Path(ckpt_dir))
     args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size, vocab_size)
-    rank, world_size = init_process_groups(device, model_parallel_size)
+    rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
     torch.manual_seed(seed)
     if verify:

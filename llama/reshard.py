@@ -31,7 +31,7 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
     vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
     params = checkpoint.read_params(src)
     args = ModelArgs(**{**params, "vocab_size": vocab_size})
-    checkpoint.check_world_size(args, world_size)
+    checkpoint.check_world_size(args, world_size, flag="--mp", parts="shards")
     for i, path in enumerate(paths):
         checkpoint.check_shard(path, shards[i], args, len(paths))
     dst.mkdir(parents=True, exist_ok=True)

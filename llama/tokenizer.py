@@ -5,19 +5,22 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
+from llama.validation import ArgumentFileNotFoundError, ArgumentValueError
+
 
 class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(
-                f"tokenizer model not found: {model_path!r}; pass --tokenizer_path pointing at "
-                f"the tokenizer.model downloaded with the weights")
+            raise ArgumentFileNotFoundError(
+                "model_path", f"model_path {model_path!r} is not a file: it should be the "
+                              f"tokenizer.model downloaded with the weights")
         try:
             self.sp_model = SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as error:
-            raise ValueError(
-                f"{model_path!r} is not a SentencePiece model ({error}); re-download "
-                f"tokenizer.model and check it against tokenizer_checklist.chk") from None
+            raise ArgumentValueError(
+                "model_path", f"model_path {model_path!r} is not a SentencePiece model "
+                              f"({error}); re-download tokenizer.model and check it against "
+                              f"tokenizer_checklist.chk") from None
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()

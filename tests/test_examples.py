@@ -1,12 +1,15 @@
 """The example scripts end to end: one process, two under torchrun, and the interactive chat
 driven through a real pseudo-terminal as a person would type into it."""
 
+import fcntl
 import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -72,21 +75,84 @@ def test_chat_example_one_and_two_processes(checkpoints, tokenizer_path):
     assert _generations(runs[1].stdout) == _generations(out)
 
 
+@pytest.mark.parametrize("flags, status, message", [
+    (["--max_seqlen", "64"], 2, "error: unknown flag --max_seqlen (did you mean --max_seq_len?)"),
+    (["--temperature", "-1"], 1, "error: --temperature must be >= 0 (0 is greedy), got -1"),
+])
+def test_bad_flags_end_the_script_in_one_line_before_loading(flags, status, message):
+    result = run_script(["example_text_completion.py"] + flags)
+    assert result.returncode == status
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]]  # one line, no load
+    assert result.stderr.startswith(message) and result.stdout == ""
+
+
+def test_missing_checkpoint_and_tokenizer_name_the_checkpoint_flag(tmp_path):
+    result = run_script(["example_chat_completion.py", "--ckpt_dir", str(tmp_path / "nope"),
+                         "--tokenizer_path", str(tmp_path / "nope.model")])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: --ckpt_dir '{tmp_path / 'nope'}' does not exist: it should be a checkpoint "
+        f"directory such as llama-2-7b/, holding params.json and consolidated.NN.pth (see "
+        f"download.sh)"]
+
+
+def test_impossible_process_count_is_said_once_under_torchrun(checkpoints, tokenizer_path):
+    result = run_script(["example_text_completion.py", "--ckpt_dir", checkpoints("gqa"),
+                         "--tokenizer_path", tokenizer_path], nproc=3)
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert log.count("error: this model") == 1
+    assert "cannot be split across 3 processes; use one of [1, 2] for torchrun " \
+           "--nproc_per_node" in log
+    assert "example_text_completion.py\", line" not in log  # no traceback of the script
+
+
+def test_demo_chat_stops_answers_at_64_tokens_and_says_so():
+    result = run_script(["example_chat_completion.py", "--temperature", "0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "With the demo model: --max_gen_len 64 (it rarely ends an answer by itself); give " \
+           "these flags to change them." in result.stderr
+    assert result.stdout.count("> Assistant: ") == 4
+
+
+def test_help_is_printed_at_once_in_a_terminal():
+    """No pager, even with stdout on a terminal and PAGER set."""
+    term = Terminal([sys.executable, "example_chat_interactive.py", "--help"],
+                    {**os.environ, "PAGER": "less", "PYTHONPATH": str(REPO)})
+    term.expect("-h, --help")
+    assert term.close() == 0
+    assert "--max_seq_len N" in term.screen
+
+
+def _take_as_controlling_terminal():
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # in the child, after setsid: as a shell would
+
+
 class Terminal:
-    """A program on a pseudo-terminal: type lines, wait for what it prints."""
+    """A program on a pseudo-terminal, its controlling terminal (so Ctrl-C would send SIGINT
+    unless the program turns that off): type lines, wait for what it prints."""
 
     def __init__(self, command, env):
-        self.master, slave = pty.openpty()
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdin=slave, stdout=slave,
-                                        stderr=slave, close_fds=True, start_new_session=True)
-        os.close(slave)
+        self.master, self.slave = pty.openpty()
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdin=self.slave,
+                                        stdout=self.slave, stderr=self.slave, close_fds=True,
+                                        start_new_session=True,
+                                        preexec_fn=_take_as_controlling_terminal)
         self.screen = ""
 
     def expect(self, text, timeout=120, count=1):
+        return self._read_until(lambda: self.screen.count(text) >= count, timeout, repr(text))
+
+    def more(self, chars, timeout=120):
+        """Wait until `chars` more characters are on the screen."""
+        wanted = len(self.screen) + chars
+        return self._read_until(lambda: len(self.screen) >= wanted, timeout, f"{chars} chars")
+
+    def _read_until(self, done, timeout, what):
         deadline = time.time() + timeout
-        while self.screen.count(text) < count:
+        while not done():
             if time.time() > deadline:
-                raise AssertionError(f"waited for {text!r}; screen:\n{self.screen[-3000:]}")
+                raise AssertionError(f"waited for {what}; screen:\n{self.screen[-3000:]}")
             ready, _, _ = select.select([self.master], [], [], 0.5)
             if ready:
                 try:
@@ -100,10 +166,13 @@ class Terminal:
         os.write(self.master, line.encode() + b"\n")
 
     def close(self):
+        """The program's exit status; afterwards `lflag` holds the terminal's local modes."""
         try:
             return self.process.wait(timeout=60)
         finally:
+            self.lflag = termios.tcgetattr(self.slave)[3]
             os.close(self.master)
+            os.close(self.slave)
 
 
 def _answer(screen_after_prompt: str) -> str:
@@ -154,3 +223,80 @@ def test_interactive_chat_ends_on_ctrl_d(checkpoints, tokenizer_path):
     os.write(term.master, b"\x04")  # Ctrl-D at an empty line
     term.expect("Bye.")
     assert term.close() == 0
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(nproc, checkpoints, tokenizer_path):
+    """The first Ctrl-C stops the answer being written (one process stops generating; under
+    torchrun rank 0 stops printing while every rank finishes it), and the conversation goes
+    on; Ctrl-C at the prompt then ends every process cleanly (torchrun never sees a signal)."""
+    script = ["example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa", nproc or 1),
+              "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len", "2048",
+              "--max_gen_len", "300" if nproc else "1500"]  # torchrun finishes each answer
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                   str(nproc), "--master_port", str(free_port())] + script
+    else:
+        command = [sys.executable] + script
+    term = Terminal(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    term.expect("User: ")
+    for turn in (1, 2) if nproc is None else (1,):  # the same path twice under torchrun
+        term.type("Hello there, what is a list?")
+        term.expect("Assistant: ", count=turn)
+        term.more(20)  # it has begun to answer
+        os.write(term.master, b"\x03")  # Ctrl-C
+        term.expect("[stopped]", count=turn)
+        term.expect("User: ", count=turn + 1)
+    os.write(term.master, b"\x03")  # Ctrl-C at the prompt
+    term.expect("Bye.")
+    assert term.close() == 0
+    assert all(term.lflag & flag for flag in (termios.ISIG, termios.ICANON, termios.ECHO))
+
+
+def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
+    """Input from a pipe (no terminal to read Ctrl-C from): one process stops on SIGINT."""
+    command = [sys.executable, "example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa"),
+               "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len",
+               "2048", "--max_gen_len", "1500"]
+    process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    screen = b""
+
+    def read_until(done):
+        nonlocal screen
+        deadline = time.time() + 120
+        while not done():
+            assert time.time() < deadline, screen[-3000:]
+            if select.select([process.stdout], [], [], 0.5)[0]:
+                screen += os.read(process.stdout.fileno(), 65536)
+
+    read_until(lambda: b"User: " in screen)
+    process.stdin.write(b"Hello there, what is a list?\n")
+    process.stdin.flush()
+    read_until(lambda: b"Assistant: " in screen)
+    begun = len(screen) + 20
+    read_until(lambda: len(screen) >= begun)
+    process.send_signal(signal.SIGINT)
+    read_until(lambda: b"[stopped]" in screen and screen.count(b"User: ") == 2)
+    process.stdin.close()  # Ctrl-D
+    read_until(lambda: b"Bye." in screen)
+    assert process.wait(timeout=60) == 0
+
+
+def test_the_chat_prompt_edits_chinese_and_quits_on_ctrl_c():
+    """The prompt's line editing (the terminal's, as with input()): backspace erases a whole
+    character of a Chinese line; Ctrl-C ends the line and means quit."""
+    program = ("from llama.keyboard import Keyboard\n"
+               "keyboard = Keyboard()\n"
+               "try:\n"
+               "    for _ in range(2): print(repr(keyboard.read_line('User: ')), flush=True)\n"
+               "finally:\n"
+               "    keyboard.close()\n")
+    term = Terminal([sys.executable, "-c", program], {**os.environ, "PYTHONPATH": str(REPO)})
+    term.expect("User: ")
+    os.write(term.master, "上下五千年，英雄万万千。你好吗\x7f\x7f\n".encode())
+    term.expect("'上下五千年，英雄万万千。你'")
+    os.write(term.master, b"abc\x03")
+    term.expect("None")
+    assert term.close() == 0
+    assert all(term.lflag & flag for flag in (termios.ISIG, termios.ICANON, termios.ECHO))

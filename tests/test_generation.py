@@ -241,7 +241,8 @@ def test_bad_build_arguments(checkpoints, tokenizer_path):
 
     with pytest.raises(ValueError, match="max_seq_len must be a positive integer"):
         Llama.build(checkpoints("gqa"), tokenizer_path, max_seq_len=0, max_batch_size=1)
-    with pytest.raises(ValueError, match="unknown dtype 'float33'"):
+    with pytest.raises(ValueError, match="dtype 'float33' is not supported; use one of "
+                                         "float32, bfloat16, float16"):
         Llama.build(checkpoints("gqa"), tokenizer_path, 8, 1, dtype="float33")
 
 

@@ -12,6 +12,7 @@ from llama import Llama
 from llama.checkpoint import CheckpointError, check_world_size, slice_plan, valid_world_sizes
 from llama.fixtures import train_tokenizer
 from llama.model import ModelArgs
+from llama.validation import ArgumentError
 from llama.reshard import main as reshard_main
 from tests.conftest import model_args
 
@@ -32,15 +33,18 @@ def _build(ckpt_dir, tokenizer_path, **kwargs):
 
 
 def test_missing_paths_say_what_is_missing(tmp_path, tokenizer_path, copy_of):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ArgumentError, match="^ckpt_dir '.*nope' does not exist") as caught:
         _build(tmp_path / "nope", tokenizer_path)
+    assert caught.value.param == "ckpt_dir" and "--" not in str(caught.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no \\*.pth checkpoint files"):
         _build(empty, tokenizer_path)
     ckpt = copy_of()
-    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+    with pytest.raises(FileNotFoundError, match="^tokenizer_path '.*' does not exist"):
         _build(ckpt, str(tmp_path / "tokenizer.model"))
+    with pytest.raises(ValueError, match="^tokenizer_path '.*' is not a SentencePiece model"):
+        _build(ckpt, str(ckpt / "params.json"))
     (ckpt / "params.json").unlink()
     with pytest.raises(CheckpointError, match="params.json not found"):
         _build(ckpt, tokenizer_path)
@@ -185,4 +189,6 @@ def test_reshard_on_disk_round_trips_bit_exactly(kind, start, middle, checkpoint
 
 def test_reshard_refuses_impossible_sizes(checkpoints, tmp_path, capsys):
     assert reshard_main([checkpoints("gqa", 1), str(tmp_path / "x"), "--mp", "3"]) == 1
-    assert "use one of [1, 2]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot be split across 3 shards; use one of [1, 2] for --mp" in err
+    assert "torchrun" not in err

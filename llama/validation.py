@@ -1,0 +1,186 @@
+"""Checks of the arguments people pass, shared by the library (Llama.build, generation), the
+example scripts (before anything is loaded) and anything else that takes the same arguments.
+
+Every check raises an `ArgumentError` whose message starts with the argument's name and says
+what was wrong and what is accepted; `error.param` is that name (a command line can show it as
+a flag, a server as the field of a request). The checks only look at values: no files, no
+devices, no global state.
+"""
+
+import math
+import numbers
+import os
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+# Llama 2 was trained on contexts of this many tokens (Llama 2 paper, section 2.2).
+LLAMA2_CONTEXT = 4096
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ArgumentError(Exception):
+    """A caller's argument is wrong. `param` names it; the message starts with that name."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ArgumentValueError(ArgumentError, ValueError):
+    """The argument has the right type but a value that cannot be used."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """The argument has the wrong type (e.g. a str where a number is expected)."""
+
+
+class ArgumentFileNotFoundError(ArgumentError, FileNotFoundError):
+    """The argument names a file that does not exist."""
+
+
+class LlamaWarning(UserWarning):
+    """Something that works but is probably not what the caller wants."""
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if isinstance(value, str) else repr(value)
+
+
+def check_number(name: str, value: Any) -> float:
+    """A finite int or float (not a bool, not a str)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(name, f"{name} must be a number, got {_got(value)}")
+    if not math.isfinite(value):
+        raise ArgumentValueError(name, f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_temperature(value: Any) -> float:
+    number = check_number("temperature", value)
+    if number < 0:
+        raise ArgumentValueError("temperature", f"temperature must be >= 0 (0 is greedy), "
+                                                f"got {value!r}")
+    return number
+
+
+def check_top_p(value: Any) -> float:
+    number = check_number("top_p", value)
+    if not 0 < number <= 1:
+        raise ArgumentValueError("top_p", f"top_p must be in (0, 1], got {value!r}")
+    return number
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    """An int (not a bool, not a float such as 8.0) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(name, f"{name} must be an integer, got {_got(value)}")
+    if minimum is not None and value < minimum:
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        raise ArgumentValueError(name, f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_optional_int(name: str, value: Any, minimum: Optional[int] = None) -> Optional[int]:
+    return None if value is None else check_int(name, value, minimum)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(name, f"{name} must be True or False, got {_got(value)}")
+    return value
+
+
+def check_path(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(name, f"{name} must be a path (str), got {_got(value)}")
+    return os.fspath(value)
+
+
+def check_dtype(value: Any) -> Optional[torch.dtype]:
+    """None (the device's default), a name in DTYPES, or one of those torch dtypes. float64
+    is refused: it would double float32's memory and time, yet be no more exact, as norms,
+    rotary embedding and logits are computed in float32 whatever the dtype (as Meta's are)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    if not isinstance(value, (str, torch.dtype)):
+        raise ArgumentTypeError("dtype", f"dtype must be a str such as 'bfloat16', got "
+                                         f"{_got(value)}")
+    raise ArgumentValueError("dtype", f"dtype {str(value).replace('torch.', '')!r} is not "
+                                      f"supported; use one of {', '.join(DTYPES)}")
+
+
+def check_device(value: Any) -> Optional[torch.device]:
+    """None (a GPU when there is one, else the CPU), or 'cpu', 'cuda', 'cuda:N'. Whether CUDA
+    is available is for the caller to check (llama.distributed.choose_device)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise ArgumentTypeError("device", f"device must be a str such as 'cpu' or 'cuda', got "
+                                          f"{_got(value)}")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ArgumentValueError("device", f"device {str(value)!r} is not supported; use 'cpu', "
+                                           f"'cuda' or 'cuda:N'")
+    return device
+
+
+def check_stop(value: Any) -> List[str]:
+    """None, a string, or a list of non-empty strings; returned as a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise ArgumentTypeError("stop", f"stop must be a list of strings, got {_got(value)}")
+    if not all(value):
+        raise ArgumentValueError("stop", f"stop strings must not be empty, got {value!r}")
+    return list(value)
+
+
+# What each argument of the public API (and of the example scripts' flags, which take the same
+# names) must be. Arguments not named here are not checked by check_arguments.
+CHECKS: Dict[str, Callable[[Any], Any]] = {
+    "ckpt_dir": lambda v: None if v is None else check_path("ckpt_dir", v),
+    "tokenizer_path": lambda v: None if v is None else check_path("tokenizer_path", v),
+    "max_seq_len": partial(check_int, "max_seq_len", minimum=1),
+    "max_batch_size": partial(check_int, "max_batch_size", minimum=1),
+    "model_parallel_size": partial(check_optional_int, "model_parallel_size", minimum=1),
+    "max_gen_len": partial(check_optional_int, "max_gen_len", minimum=0),
+    "temperature": check_temperature,
+    "top_p": check_top_p,
+    "seed": partial(check_int, "seed"),
+    "device": check_device,
+    "dtype": check_dtype,
+    "stop": check_stop,
+    **{name: partial(check_bool, name)
+       for name in ("verify", "verbose", "logprobs", "echo", "stream", "show_speed")},
+}
+
+
+def check_arguments(arguments: Dict[str, Any]) -> None:
+    """Check every argument whose name is in CHECKS; raise ArgumentError for the first bad
+    one. Others are left alone."""
+    for name, value in arguments.items():
+        if name in CHECKS:
+            CHECKS[name](value)
+
+
+def context_warning(max_seq_len: int, rope_theta: float) -> Optional[str]:
+    """A sentence when max_seq_len goes past the context Llama 2 was trained on (checkpoints
+    with another rope_theta, such as Code Llama's, were trained on longer ones), else None."""
+    if max_seq_len <= LLAMA2_CONTEXT or rope_theta != 10000.0:
+        return None
+    return (f"max_seq_len={max_seq_len} is above the {LLAMA2_CONTEXT} tokens Llama 2 was "
+            f"trained on: text past {LLAMA2_CONTEXT} tokens will degrade, and the KV cache "
+            f"grows with every token kept")
+
