@@ -1,5 +1,6 @@
 """Process group, model-parallel group and device choice: the one place that decides them."""
 
+import atexit
 import contextlib
 import io
 import os
@@ -56,6 +57,10 @@ def init_process_groups(device: torch.device, model_parallel_size: Optional[int]
             dist.init_process_group(backend)
         else:  # a plain python process: a group of one, no rendezvous needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # Scripts written for the original end without destroying the group; exiting with
+        # gloo's threads alive can abort the process ("terminate called without an active
+        # exception"). Leave the group at exit unless the script did (shutdown()).
+        atexit.register(_leave_group_at_exit)
     world_size = dist.get_world_size()
     if not fs_init.model_parallel_is_initialized():
         if model_parallel_size is None:
@@ -70,6 +75,11 @@ def init_process_groups(device: torch.device, model_parallel_size: Optional[int]
         with contextlib.redirect_stdout(sys.stderr if announce else io.StringIO()):
             fs_init.initialize_model_parallel(model_parallel_size)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
+def _leave_group_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
