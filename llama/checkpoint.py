@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 
 # The one extra tensor real shards carry; the model computes its own rotary table.
 IGNORED_KEYS = ("rope.freqs",)

@@ -35,15 +35,7 @@ from llama.model import KVCache, Transformer
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer
-from llama.validation import (
-    ArgumentError,
-    ArgumentTypeError,
-    ArgumentValueError,
-    check_int,
-    check_stop,
-    check_temperature,
-    check_top_p,
-)
+from llama.validation import ArgumentError, check_generation_arguments
 
 # The reference's module-level names are importable from here, as they were from its
 # llama/generation.py.
@@ -278,8 +270,8 @@ class Llama:
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise)."""
         params = self.model.params
-        stop = _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params,
-                                self.tokenizer.n_words, index_offset)
+        stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
+                                          params, self.tokenizer.n_words, index_offset)
         bsz = len(prompt_tokens)
         if bsz == 0:
             return []
@@ -393,43 +385,6 @@ def _drain(generator):
 
 def _as_assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
-
-
-def _check_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params, n_words,
-                     index_offset) -> List[str]:
-    """Raises ArgumentError (see llama.validation) for the first bad argument; returns the stop
-    strings as a list."""
-    check_int("max_gen_len", max_gen_len, 0)
-    check_temperature(temperature)
-    check_top_p(top_p)
-    stop = check_stop(stop)
-    if not isinstance(prompt_tokens, (list, tuple)):
-        raise ArgumentTypeError("prompt_tokens",
-                                "prompt_tokens must be a list of lists of token ids")
-    if len(prompt_tokens) > params.max_batch_size:
-        raise ArgumentValueError(
-            "prompt_tokens", f"{len(prompt_tokens)} prompts exceed max_batch_size="
-                             f"{params.max_batch_size}: pass fewer prompts per call, or build "
-                             f"with a larger max_batch_size")
-    for index, tokens in enumerate(prompt_tokens):
-        where = f"prompt {index + index_offset}"
-        if not isinstance(tokens, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise ArgumentTypeError("prompt_tokens", f"{where} must be a list of int token ids")
-        if len(tokens) == 0:
-            raise ArgumentValueError("prompt_tokens", f"{where} is empty: it needs at least "
-                                                      f"one token (e.g. BOS)")
-        if len(tokens) > params.max_seq_len:
-            raise ArgumentValueError(
-                "prompt_tokens", f"{where} has {len(tokens)} tokens, more than max_seq_len="
-                                 f"{params.max_seq_len}: shorten it, or build with a larger "
-                                 f"max_seq_len")
-        bad = [t for t in tokens if not 0 <= t < n_words]
-        if bad:
-            raise ArgumentValueError(
-                "prompt_tokens", f"{where} has token ids outside the vocabulary [0, {n_words}): "
-                                 f"{bad[:5]}")
-    return stop
 
 
 def _prompt_logprobs(rows: List[EngineSequence], logits: torch.Tensor,

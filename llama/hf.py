@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 
 
 def permute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ each (linear.FusedRows), and matrix products take the routes of linear.py.
 """
 
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,6 +21,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from llama.args import ModelArgs, ffn_hidden_dim
 from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
 from llama.linear import FEW_ROWS, FusedRows, linear, pack_weights, row_count
 from llama.parallel import (
@@ -31,59 +31,6 @@ from llama.parallel import (
     sum_over_ranks,
     world_size,
 )
-
-
-@dataclass
-class ModelArgs:
-    # Meta's fields, in Meta's order (code builds ModelArgs positionally); ours after them.
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = -1  # -1 in Meta's params.json: taken from the tokenizer
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
-                     "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads != 0:
-            raise ValueError(
-                f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if (self.dim // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"head_dim = dim / n_heads = {self.dim // self.n_heads} must be even for rotary "
-                f"embeddings")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        return ffn_hidden_dim(self.dim, 4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
-
-
-def ffn_hidden_dim(dim: int, hidden_dim: int, multiple_of: int,
-                   ffn_dim_multiplier: Optional[float]) -> int:
-    """The reference's rule: 2/3 of hidden_dim (4 * dim), optionally scaled, rounded up to a
-    multiple of multiple_of."""
-    hidden = int(2 * hidden_dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 def _hooked(module: nn.Module) -> bool:

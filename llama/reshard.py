@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama import checkpoint
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 
 
 def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None:
