@@ -15,8 +15,6 @@ import sys
 import time
 from typing import Optional
 
-import torch.distributed as dist
-
 from llama import Llama
 from llama.chat_format import truncate_dialog
 from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
@@ -36,28 +34,17 @@ def read_user_turn(keyboard: Optional[Keyboard]) -> Optional[str]:
 
 
 def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **options):
-    """Print the answer as it is generated; returns (the text shown, the stream, whether Ctrl-C
-    stopped it). One process stops generating at once. With several, rank 0 stops printing but
-    the answer is generated to its end: the other ranks, inside the decode loop, cannot be
-    told in the middle of it."""
-    answer = generator.stream_chat(history, **options)
-    pieces = iter(answer)
-    shown = []
-    stopped = False
+    """Print the answer as it is generated; returns (its text, the stream, whether Ctrl-C
+    stopped it). Rank 0 reads the key after each token and every rank stops there."""
     with keyboard.answering() if keyboard else contextlib.nullcontext(lambda: False) as pressed:
-        for piece in pieces:
-            if stopped:
-                continue  # several processes: every rank finishes the answer
+        answer = generator.stream_chat(history, cancel=pressed, **options)
+        for piece in answer:
             print(piece, end="", flush=True)
-            shown.append(piece)
-            if pressed():
-                stopped = True
-                print(" [stopped]", end="", flush=True)
-                if not dist.is_initialized() or dist.get_world_size() == 1:
-                    pieces.close()  # ends the decode loop where it is
-                    break
+    stopped = answer.finish_reason == "cancelled"
+    if stopped:
+        print(" [stopped]", end="", flush=True)
     print(flush=True)
-    return "".join(shown), answer, stopped
+    return answer.text, answer, stopped
 
 
 def main(

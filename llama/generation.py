@@ -9,7 +9,7 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
+from typing import Callable, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
@@ -27,7 +27,7 @@ from llama.chat_format import (
     has_special_tags,
     validate_dialog,
 )
-from llama.distributed import is_main_process
+from llama.distributed import broadcast_object, is_main_process
 from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
 from llama.loading import check_build_arguments, load_model
@@ -43,7 +43,7 @@ __all__ = ["Llama", "TextStream", "CompletionPrediction", "ChatPrediction", "Fin
            "Role", "Message", "Dialog", "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS",
            "UNSAFE_ERROR", "sample_top_p"]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -220,27 +220,29 @@ class Llama:
 
     # ------------------------------------------------------------------ streaming
     def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None,
-                    stop: Optional[Sequence[str]] = None) -> "TextStream":
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> "TextStream":
         """Complete one prompt, yielding text pieces as tokens arrive. Joined, the pieces equal
-        text_completion's "generation" for the same arguments and seed. After iteration the
-        stream's `text` and `finish_reason` are set. Every rank must iterate; pieces are
-        yielded on rank 0 only."""
+        text_completion's "generation" for the same arguments and the same random state
+        (seed and earlier calls). After iteration the stream's `text` and `finish_reason` are
+        set. Every rank must iterate; pieces are yielded on rank 0 only. `cancel()`, asked on
+        rank 0 after each token, ends the generation on every rank when it returns True
+        (finish_reason "cancelled"; e.g. a key pressed)."""
         if not isinstance(prompt, str):
             raise TypeError(f"stream_text expects a str prompt, got {type(prompt).__name__}")
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
 
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None,
-                    stop: Optional[Sequence[str]] = None) -> "TextStream":
+                    max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> "TextStream":
         """Answer one dialog, yielding the assistant's text as it is generated (see
         stream_text). A dialog with special tags yields the reference's error text."""
         validate_dialog(dialog, 0)
         if has_special_tags(dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         tokens = dialog_to_tokens(dialog, self.tokenizer.encode)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
 
     def free_cache(self) -> None:
         """Release the KV caches kept between calls (generation's, and the one the model
@@ -265,10 +267,12 @@ class Llama:
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                  stop=None, stream=False, index_offset=0, noise_batch=None) -> Iterator[str]:
+                  stop=None, stream=False, index_offset=0, noise_batch=None,
+                  cancel=None) -> Iterator[str]:
         """Yields text pieces of row 0 when `stream`; returns a _Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
-        sampling then draws its random numbers for that batch (see ReferenceNoise)."""
+        sampling then draws its random numbers for that batch (see ReferenceNoise).
+        `cancel()` is asked after each step; rank 0's answer holds for every rank."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
                                           params, self.tokenizer.n_words, index_offset)
@@ -306,6 +310,9 @@ class Llama:
             piece = rows[0].text.piece() if stream else ""
             if piece:
                 yield piece
+            if cancel is not None and broadcast_object(bool(cancel())):  # one more collective
+                for row in rows:
+                    row.finish_reason = row.finish_reason or "cancelled"
         results = [_finish(row, echo, prompt_logprobs[i] if prompt_logprobs else None,
                            self.tokenizer.eos_id) for i, row in enumerate(rows)]
         if stream:
@@ -340,11 +347,13 @@ class Llama:
 class TextStream:
     """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
 
-    def __init__(self, llama: Llama, prompt_tokens, max_gen_len, temperature, top_p, stop):
+    def __init__(self, llama: Llama, prompt_tokens, max_gen_len, temperature, top_p, stop,
+                 cancel=None):
         self._llama, self._prompt_tokens = llama, prompt_tokens
         if max_gen_len is None:
             max_gen_len = llama.model.params.max_seq_len - 1
         self._args = (max_gen_len, temperature, top_p, stop)
+        self._cancel = cancel
         self.text: Optional[str] = None
         self.tokens: Optional[List[int]] = None
         self.finish_reason: Optional[FinishReason] = None
@@ -358,7 +367,7 @@ class TextStream:
         max_gen_len, temperature, top_p, stop = self._args
         results = yield from _only_on_main(self._llama._generate(
             [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
-            stream=True))
+            stream=True, cancel=self._cancel))
         self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
             results[0].finish_reason
 
