@@ -35,7 +35,12 @@ from llama.model import KVCache, Transformer
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer
-from llama.validation import ArgumentError, check_generation_arguments
+from llama.validation import (
+    ArgumentError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_generation_arguments,
+)
 
 # The reference's module-level names are importable from here, as they were from its
 # llama/generation.py.
@@ -174,10 +179,12 @@ class Llama:
         in chunks. Generation ends at EOS, at `max_gen_len` tokens (default max_seq_len - 1),
         or before the first of the `stop` strings."""
         if not isinstance(prompts, (list, tuple)):
-            raise TypeError("text_completion expects a list of prompt strings")
+            raise ArgumentTypeError("prompts", "prompts must be a list of prompt strings, got "
+                                               f"{type(prompts).__name__}")
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise TypeError(f"prompt {index} must be a str, got {type(prompt).__name__}")
+                raise ArgumentTypeError("prompts", f"prompts[{index}] must be a str, got "
+                                                   f"{type(prompt).__name__}")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
                                         logprobs, echo, stop)
@@ -197,9 +204,10 @@ class Llama:
         "tokens" and "logprobs" with logprobs=True). A dialog that contains the format's
         special tags is not run; its answer is the reference's error text."""
         if not isinstance(dialogs, (list, tuple)):
-            raise TypeError("chat_completion expects a list of dialogs")
+            raise ArgumentTypeError("dialogs", "dialogs must be a list of dialogs, got "
+                                               f"{type(dialogs).__name__}")
         for index, dialog in enumerate(dialogs):
-            validate_dialog(dialog, index)
+            _validate_dialog(dialog, index)
         unsafe = [has_special_tags(dialog) for dialog in dialogs]
         all_tokens = [dialog_to_tokens(dialog, self.tokenizer.encode, index)
                       for index, dialog in enumerate(dialogs)]
@@ -229,7 +237,8 @@ class Llama:
         rank 0 after each token, ends the generation on every rank when it returns True
         (finish_reason "cancelled"; e.g. a key pressed)."""
         if not isinstance(prompt, str):
-            raise TypeError(f"stream_text expects a str prompt, got {type(prompt).__name__}")
+            raise ArgumentTypeError("prompt", f"prompt must be a str, got "
+                                              f"{type(prompt).__name__}")
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
 
@@ -238,7 +247,7 @@ class Llama:
                     cancel: Optional[Callable[[], bool]] = None) -> "TextStream":
         """Answer one dialog, yielding the assistant's text as it is generated (see
         stream_text). A dialog with special tags yields the reference's error text."""
-        validate_dialog(dialog, 0)
+        _validate_dialog(dialog, 0)
         if has_special_tags(dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         tokens = dialog_to_tokens(dialog, self.tokenizer.encode)
@@ -354,6 +363,9 @@ class TextStream:
             max_gen_len = llama.model.params.max_seq_len - 1
         self._args = (max_gen_len, temperature, top_p, stop)
         self._cancel = cancel
+        if prompt_tokens is not None:  # bad arguments fail here, not when iterated
+            check_generation_arguments([prompt_tokens], max_gen_len, temperature, top_p, stop,
+                                       llama.model.params, llama.tokenizer.n_words)
         self.text: Optional[str] = None
         self.tokens: Optional[List[int]] = None
         self.finish_reason: Optional[FinishReason] = None
@@ -390,6 +402,16 @@ def _drain(generator):
             next(generator)
         except StopIteration as finished:
             return finished.value
+
+
+def _validate_dialog(dialog, index: int) -> None:
+    """chat_format.validate_dialog, its errors typed as arguments of this API ("dialogs")."""
+    try:
+        validate_dialog(dialog, index)
+    except TypeError as error:
+        raise ArgumentTypeError("dialogs", str(error)) from None
+    except ValueError as error:
+        raise ArgumentValueError("dialogs", str(error)) from None
 
 
 def _as_assistant(text: str) -> Message:

@@ -226,7 +226,8 @@ def test_kv_cache_is_sized_to_the_call(build):
     (lambda g: g.text_completion(["a"], top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
     (lambda g: g.text_completion(["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     (lambda g: g.text_completion(["a"], max_gen_len=-1), ValueError, "max_gen_len must be"),
-    (lambda g: g.text_completion(["a", 3]), TypeError, "prompt 1 must be a str"),
+    (lambda g: g.text_completion(["a", 3]), TypeError, r"prompts\[1\] must be a str"),
+    (lambda g: g.stream_text("a", temperature=-1), ValueError, "temperature"),  # not iterated
     (lambda g: g.text_completion("a"), TypeError, "list of prompt strings"),
     (lambda g: g.chat_completion([[]]), ValueError, "dialog 0 is empty"),
 ])
