@@ -135,7 +135,10 @@ class Run:
 
     def _receiver(self, index: int):
         def receive(event: Event) -> None:  # on the scheduler's thread
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+            except RuntimeError:  # the loop is closed (shutting down): nobody is listening,
+                pass              # and the scheduler's thread must live on to stop cleanly
         return receive
 
     def cancel(self) -> None:

@@ -263,6 +263,22 @@ def test_a_full_queue_gets_429_and_a_disconnect_frees_its_slot():
         assert (health["cancelled"], health["finished"]) == (2, 1)
 
 
+def test_events_after_the_event_loop_closed_are_dropped():
+    """Ctrl-C during a stream: uvicorn closes its event loop while the scheduler's thread may
+    still report a step; that report must not end the thread (it still has to stop the
+    batch and, under torchrun, tell the other ranks)."""
+    import asyncio
+
+    from llama.scheduler import Event
+    from llama.server import Run
+
+    async def new_run():
+        return Run(scheduler=None, job=None)
+
+    run = asyncio.run(new_run())  # its loop is closed now
+    run._receiver(0)(Event(text="late"))
+
+
 def test_two_processes_under_torchrun_answer_as_one_and_stop_cleanly(client):
     """Rank 0 serves HTTP and broadcasts each step's work; rank 1 steps the same batch.
     Ctrl-C (SIGINT to the process group) ends both ranks without a traceback."""
