@@ -18,7 +18,7 @@ setup(
     install_requires=requirements("requirements.txt"),
     extras_require={"dev": requirements("requirements-dev.txt"),
                     "hf": ["transformers"],
-                    "server": ["fastapi", "uvicorn"]},
+                    "server": ["fastapi", "uvicorn>=0.30"]},
     entry_points={"console_scripts": ["llama-reshard=llama.reshard:main",
                                       "llama-server=llama.server:main"]},
 )

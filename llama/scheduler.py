@@ -27,6 +27,10 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting queue is full: try again later."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests."""
+
+
 @dataclass
 class Request:
     """What a client asked for. `limit` tokens at most; `stop` strings end the text."""
@@ -55,6 +59,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    shutdown: bool = False  # the error is the server stopping, not the request
 
 
 @dataclass
@@ -76,6 +81,9 @@ class Scheduler:
         self.running: Dict[int, Tuple[Sequence, int]] = {}  # id -> (sequence, tokens sent)
         self.to_cancel: List[int] = []
         self.stopping = False
+        self.draining_until: Optional[float] = None  # see drain()
+        self.on_drained: Optional[Callable[[], None]] = None
+        self.failing: Dict[int, str] = {}  # cancelled ids whose clients get an error
         self.next_id = 0
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self.thread: Optional[threading.Thread] = None
@@ -84,8 +92,8 @@ class Scheduler:
     def submit(self, request: Request) -> Request:
         """Queue a request; raises QueueFull when max_queue requests are already waiting."""
         with self.lock:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
+            if self.stopping or self.draining_until is not None:
+                raise ShuttingDown("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
             request.id, self.next_id = self.next_id, self.next_id + 1
@@ -116,6 +124,22 @@ class Scheduler:
         """Run the loop in a thread of its own (rank 0; other ranks call follow())."""
         self.thread = threading.Thread(target=self.run, name="llama-scheduler", daemon=True)
         self.thread.start()
+
+    def drain(self, seconds: float, on_drained: Callable[[], None]) -> None:
+        """Begin to stop: take no new request, fail those still waiting, let running ones
+        finish for up to `seconds`, then end them with an error; call on_drained() (from the
+        scheduler's thread) once none runs. Asked again, it ends the running ones now."""
+        with self.lock:
+            if self.draining_until is None:
+                self.draining_until = time.monotonic() + seconds
+                self.on_drained = on_drained
+            else:
+                self.draining_until = time.monotonic()
+            self.lock.notify()
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_until is not None
 
     def stop(self) -> None:
         """Cancel what runs and waits, tell the other ranks to stop, and end the loop."""
@@ -149,7 +173,8 @@ class Scheduler:
     def _decide(self) -> _Work:
         with self.lock:
             deadline = time.monotonic() + self.heartbeat_s
-            while not (self.waiting or self.to_cancel or self.running or self.stopping):
+            while not (self.waiting or self.to_cancel or self.running or self.stopping
+                       or self.on_drained):
                 # idle: wake now and then, so the other ranks' broadcast never times out
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -157,6 +182,8 @@ class Scheduler:
                 self.lock.wait(left)
             work = _Work(cancel=self.to_cancel, stop=self.stopping)
             self.to_cancel = []
+            if self.draining_until is not None:
+                self._drain_step(work)
             if self.stopping:
                 work.cancel += list(self.running)
                 self.waiting.clear()
@@ -170,12 +197,34 @@ class Scheduler:
                 free -= 1
         return work
 
+    def _drain_step(self, work: _Work) -> None:
+        """While draining (lock held): fail the waiting requests; past the deadline, cancel
+        the running ones with an error; once none runs, say so (once)."""
+        message = "the server is shutting down"
+        while self.waiting:
+            self._notify(self.waiting.popleft(), Event(done=True, finish_reason="error",
+                                                       error=message, shutdown=True))
+        if time.monotonic() >= self.draining_until:
+            for request_id in self.running:
+                if request_id not in work.cancel:
+                    work.cancel.append(request_id)
+                    self.failing[request_id] = ("the server stopped before this answer was "
+                                                "finished")
+        if not self.running and self.on_drained is not None:
+            on_drained, self.on_drained = self.on_drained, None
+            on_drained()
+
     def _apply(self, work: _Work) -> None:
         for request_id in work.cancel:
             sequence, _ = self.running.pop(request_id, (None, 0))
             if sequence is not None:
                 self.engine.release(sequence)
                 self.counts["cancelled"] += 1
+            message = self.failing.pop(request_id, None)
+            if message is not None:
+                self._notify(self.requests.get(request_id),
+                             Event(done=True, finish_reason="error", error=message,
+                                   shutdown=True))
             self._forget(request_id)
         vocab = self.engine.model.params.vocab_size
         for (request_id, prompt, limit, temperature, top_p, stop, logprobs, top_logprobs,
@@ -246,6 +295,10 @@ class Scheduler:
         if request is not None and is_main_process():
             request.on_event(Event(done=True, finish_reason="error",
                                    error=f"{type(error).__name__}: {error}"))
+
+    def _notify(self, request: Optional[Request], event: Event) -> None:
+        if request is not None and is_main_process():
+            request.on_event(event)
 
     def _forget(self, request_id: int) -> None:
         with self.lock:

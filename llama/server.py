@@ -11,6 +11,7 @@ Needs the server extra: pip install -e ".[server]".
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -32,10 +33,11 @@ from llama.openai_api import (
     parse_completion,
     usage,
 )
-from llama.scheduler import Event, QueueFull, Request, Scheduler
+from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 RETRY_AFTER_S = 1
+DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
@@ -132,6 +134,9 @@ class Run:
             self.cancel()
             raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
                            type="rate_limit_error", code="rate_limit_exceeded") from None
+        except ShuttingDown as exc:
+            self.cancel()
+            raise ApiError(503, str(exc), type="server_error") from None
 
     def _receiver(self, index: int):
         def receive(event: Event) -> None:  # on the scheduler's thread
@@ -161,6 +166,8 @@ class Run:
                 remaining -= 1
                 if event.finish_reason == "error":
                     self.cancel()
+                    if event.shutdown:
+                        raise ApiError(503, event.error, type="server_error")
                     raise ApiError(500, f"generation failed: {event.error}",
                                    type="server_error")
             yield index, event
@@ -264,6 +271,37 @@ def _refusal(head: Dict[str, Any]) -> Dict[str, Any]:
                                  "finish_reason": "stop"}], "usage": usage(0, 0)}
 
 
+def _uvicorn_server(uvicorn):
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopped our way: the first Ctrl-C or SIGTERM stops taking
+        requests and lets running answers finish (up to DRAIN_S seconds, then they end with
+        an error) before the server closes; a second one ends them at once."""
+
+        def __init__(self, config, scheduler: Scheduler):
+            super().__init__(config)
+            self.scheduler = scheduler
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def handle(sig, frame):
+                if self.scheduler.draining:
+                    self.force_exit = True
+                self.scheduler.drain(DRAIN_S, on_drained=self._drained)
+
+            handlers = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT,
+                                                                     signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
+        def _drained(self) -> None:  # on the scheduler's thread
+            self.should_exit = True
+
+    return Server
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llama.server", description="Serve a Llama 2 checkpoint over HTTP with "
@@ -306,6 +344,8 @@ def main(argv=None) -> int:
     import torch.distributed
     import uvicorn
 
+    _Server = _uvicorn_server(uvicorn)
+
     demo = args.ckpt_dir is None
     ckpt_dir, tokenizer_path = resolve_model_paths(args.ckpt_dir, args.tokenizer_path)
     max_seq_len = args.max_seq_len or (512 if demo else 2048)
@@ -330,9 +370,10 @@ def main(argv=None) -> int:
     scheduler.start()
     print(f"Serving {name} on http://{args.host}:{args.port} (chat page at /, OpenAI API "
           f"under /v1)", file=sys.stderr, flush=True)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                    timeout_graceful_shutdown=DRAIN_S), scheduler)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        server.run()
     finally:
         scheduler.stop()  # cancels what still runs, and stops the other ranks
         shutdown()

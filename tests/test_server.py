@@ -315,3 +315,42 @@ def test_two_processes_under_torchrun_answer_as_one_and_stop_cleanly(client):
     # signal it got with a traceback of its own, SignalException, and exits with 1.)
     assert "rank 0 stopped" in log and "rank 1 stopped" in log, log[-3000:]
     assert log.count("Traceback") == log.count("SignalException: Process"), log[-3000:]
+
+
+def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
+    """The first SIGINT stops taking requests (503) and gives running answers DRAIN_S
+    seconds; an answer still running then ends with an error event, not a cut connection;
+    the server exits 0."""
+    import os
+    import signal
+    import time
+
+    from llama.server import DRAIN_S
+    from tests.server_fixtures import read_log
+
+    with running_server("--max_batch_size", "2", "--max_seq_len", "4096") as url:
+        body = {"prompt": PROMPTS[1], "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as long:
+            lines = long.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # running
+            os.kill(url.process.pid, signal.SIGINT)
+            refused = None
+            for _ in range(100):  # until the signal has been handled
+                refused = httpx.post(url + "/v1/completions", timeout=10,
+                                     json={"prompt": "x", "max_tokens": 2})
+                if refused.status_code == 503:
+                    break
+                time.sleep(0.05)
+            assert refused.status_code == 503 and "shutting down" in refused.text
+            began = time.time()
+            rest = [line for line in lines if line.startswith("data: ")]
+        ended = time.time() - began
+        last = json.loads(rest[-1][len("data: "):]) if rest[-1] != "data: [DONE]" else None
+        if last is None:  # it finished in time: a finish_reason before [DONE]
+            assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"]
+        else:  # it did not: an error event says why
+            assert "stopped before this answer was finished" in last["error"]["message"]
+            assert ended < DRAIN_S + 3
+        url.process.wait(timeout=30)
+        assert url.process.returncode == 0, read_log(url.process)[-3000:]
+        assert "rank 0 stopped" in read_log(url.process)
