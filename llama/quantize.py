@@ -282,7 +282,7 @@ def narrow(q: QuantizedWeight, dim: int, start: int, length: int,
         raise QuantizationError(
             f"{name}: columns {start}..{start + length} do not fall on int4 group boundaries "
             f"(group size {g}); group sizes that fit this split: "
-            f"{group_sizes_for(_gcd(start, length)) or 'none, use int8'}")
+            f"{', '.join(map(str, group_sizes_for(_gcd(start, length)))) or 'none, use int8'}")
     return Int4Weight(q.weight[:, start // 2:(start + length) // 2],
                       q.scales[:, start // g:(start + length) // g],
                       q.zeros[:, start // g:(start + length) // g])
