@@ -36,18 +36,16 @@ import sys
 import time
 from pathlib import Path
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama.linear import linear  # noqa: E402
-
-try:  # the library's own formats, when present
-    from llama import quantize as lib_quantize  # noqa: E402
-except ImportError:
-    lib_quantize = None
+from llama.linear import linear, pack  # noqa: E402
+from llama.quantize import quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = {  # (dim, hidden, n_heads, n_kv_heads, vocab)
     "S": (768, 2048, 12, 12, 32000),
@@ -152,13 +150,12 @@ def candidates(with_lib: bool, only=None):
         "deq f32 ours": (int8_rows, deq_ours, many),
         "deq bf16": (int8_rows, deq_bf16, many),
     })
-    if with_lib and lib_quantize is not None:
-        table["lib int8"] = (lambda w: lib_quantize.pack(lib_quantize.quantize_int8(w), "cpu"),
+    if with_lib:
+        table["lib int8"] = (lambda w: pack(quantize_int8(w), "cpu"),
                              lambda q, x, xb: linear(x, q), every)
         for group in (32, 128):
-            table[f"lib int4 g{group}"] = (
-                lambda w, g=group: lib_quantize.pack(lib_quantize.quantize_int4(w, g), "cpu"),
-                lambda q, x, xb: linear(x, q), every)
+            table[f"lib int4 g{group}"] = (lambda w, g=group: pack(quantize_int4(w, g), "cpu"),
+                                           lambda q, x, xb: linear(x, q), every)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table
@@ -220,10 +217,11 @@ def state_bytes(state) -> int:
 _PROBE = {"best": None}
 
 
-def wait_for_quiet(limit_s: float = 120.0) -> float:
+def wait_for_quiet(limit_s: float = 30.0):
     """Wait (up to limit_s) until a small 2-thread product runs within 1.3x of its best time
     seen: on a shared 2-core machine another process's busy spell stalls every parallel region
-    by a scheduler slice. Returns the seconds waited."""
+    by a scheduler slice. Returns the seconds waited and how much slower than its best the
+    probe ran last (1.0: quiet)."""
     a = torch.randn(384, 384)
     start = time.perf_counter()
     while True:
@@ -236,7 +234,7 @@ def wait_for_quiet(limit_s: float = 120.0) -> float:
         best = _PROBE["best"] = min(_PROBE["best"] or now, min(times))
         waited = time.perf_counter() - start
         if now <= 1.3 * best or waited > limit_s:
-            return waited
+            return waited, now / best
         time.sleep(2.0)
 
 
@@ -256,9 +254,9 @@ def measure(out_f, in_f, rows_list, reps, only, with_lib, n_float):
         xb = x.to(torch.bfloat16)
         live = [name for name in table if table[name][2](rows)]
         reps_here = reps if rows <= 16 else max(5, reps // 3)
-        waited = wait_for_quiet()
-        if waited > 1:
-            print(f"  (waited {waited:.0f} s for a quiet machine before rows {rows})", flush=True)
+        waited, slower = wait_for_quiet()
+        print(f"  rows {rows}: probe {slower:.1f}x its best"
+              + (f" after waiting {waited:.0f} s" if waited > 1 else ""), flush=True)
         for name in live:  # warm-up: kernel selection, primitive creation, pages
             for state in states[name][:2]:
                 table[name][1](state, x, xb)
@@ -303,12 +301,21 @@ def measure_compiled(out_f, in_f, rows_list, reps, only, n_float):
     return list(table), results, nbytes
 
 
-def print_table(title, names, results, nbytes, rows_list):
+def statistic(samples, stat: str) -> float:
+    if stat == "median":
+        return statistics.median(samples)
+    if stat == "min":
+        return min(samples)
+    return sorted(samples)[len(samples) // 10]  # p10
+
+
+def print_table(title, names, results, nbytes, rows_list, stat="median"):
     print(f"\n{title}")
-    print("ms per product, median [spread %] (GB/s of weight bytes) x speed-up over f32 ours")
+    print(f"ms per product, {stat} [spread: (p75 - p25) / median, %] (GB/s of weight bytes) "
+          f"x speed-up over f32 ours")
     header = f"{'candidate':18s}" + "".join(f"{'rows ' + str(r):>24s}" for r in rows_list)
     print(header)
-    base = {r: statistics.median(results[("f32 ours", r)]) for r in rows_list
+    base = {r: statistic(results[("f32 ours", r)], stat) for r in rows_list
             if ("f32 ours", r) in results}
     for name in names:
         line = f"{name:18s}"
@@ -317,9 +324,9 @@ def print_table(title, names, results, nbytes, rows_list):
             if not samples:
                 line += f"{'-':>24s}"
                 continue
-            med = statistics.median(samples)
+            med = statistic(samples, stat)
             q = statistics.quantiles(samples, n=4)
-            spread = (q[2] - q[0]) / med * 100
+            spread = (q[2] - q[0]) / q[1] * 100
             gbs = nbytes[name] / med / 1e6
             ratio = f"x{base[rows] / med:.1f}" if rows in base else ""
             line += f"{med:9.3f} [{spread:2.0f}] ({gbs:4.0f}) {ratio:>5s}"
@@ -382,6 +389,7 @@ GROUP_SIZES_BENCH = (32, 64, 128)
 
 
 def main():
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="S", choices=sorted(SHAPES))
     parser.add_argument("--matrices", nargs="+", default=["w13", "output"],
@@ -391,6 +399,8 @@ def main():
     parser.add_argument("--only", nargs="*", help="candidates whose name contains one of these")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile'd dequantise-then-product instead (slow to build)")
+    parser.add_argument("--stat", default="median", choices=["median", "p10", "min"],
+                        help="figure per cell; p10 or min when other work shares the machine")
     parser.add_argument("--quality", action="store_true",
                         help="output error of each scheme instead of times")
     parser.add_argument("--threads", type=int, default=None)
@@ -419,7 +429,7 @@ def main():
                 names, results, nbytes = measure(out_f, in_f, args.rows, args.reps,
                                                  args.only, True, 8)
         print_table(f"{title}, {time.perf_counter() - start:.0f} s, load average "
-                    f"{os.getloadavg()[0]:.2f}", names, results, nbytes, args.rows)
+                    f"{os.getloadavg()[0]:.2f}", names, results, nbytes, args.rows, args.stat)
 
 
 if __name__ == "__main__":
