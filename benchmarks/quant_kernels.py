@@ -25,6 +25,9 @@ Candidates (x is float32, as in the model, unless the name says bf16):
                                  bf16 F.linear (rows >= 128 only)
   lib int8 / lib int4 gG         llama.linear.linear on llama.quantize's weights (the routes
                                  the library dispatches to)
+  i8 planes                      int8 as two 4-bit planes through the int4 kernel (the
+                                 library's CPU int8 route up to 32 rows)
+  i8 deq bf16 / i4 g32 deq bf16  the library's dequantised bfloat16 product (rows >= 16)
 """
 
 import argparse
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llama import linear as products  # noqa: E402
 from llama.linear import linear, pack  # noqa: E402
 from llama.quantize import quantize_int4, quantize_int8  # noqa: E402
 
@@ -119,6 +123,7 @@ def candidates(with_lib: bool, only=None):
     every = lambda rows: True  # noqa: E731
     few = lambda rows: rows <= 16  # noqa: E731
     many = lambda rows: rows >= 128  # noqa: E731
+    mid = lambda rows: rows >= 16  # noqa: E731
     table = {
         "f32 F.linear": (lambda w: w, lambda w, x, xb: F.linear(x, w), every),
         "f32 ours": (lambda w: w, lambda w, x, xb: linear(x, w), every),
@@ -151,11 +156,22 @@ def candidates(with_lib: bool, only=None):
         "deq bf16": (int8_rows, deq_bf16, many),
     })
     if with_lib:
+        def planes(p, x, xb):
+            xb = xb.contiguous()
+            return p.planes.mm(torch.cat([xb, xb], dim=1)).float()
+
+        def dequantised(p, x, xb):
+            return products._dequantized_product(xb, p._rows, p.out_features).float()
+
         table["lib int8"] = (lambda w: pack(quantize_int8(w), "cpu"),
                              lambda q, x, xb: linear(x, q), every)
+        table["i8 planes"] = (lambda w: pack(quantize_int8(w), "cpu"), planes, every)
+        table["i8 deq bf16"] = (lambda w: pack(quantize_int8(w), "cpu"), dequantised, mid)
         for group in (32, 128):
             table[f"lib int4 g{group}"] = (lambda w, g=group: pack(quantize_int4(w, g), "cpu"),
                                            lambda q, x, xb: linear(x, q), every)
+        table["i4 g32 deq bf16"] = (lambda w: pack(quantize_int4(w, 32), "cpu"), dequantised,
+                                    mid)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table
