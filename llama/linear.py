@@ -18,7 +18,8 @@ from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedW
 def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"]
            ) -> torch.Tensor:
     """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4).
-    A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores; README):
+    A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores;
+    README):
 
     - one row (a decode step at batch 1, where reading the weight is the whole cost): the
       weight's rows are split into blocks, each a matrix-vector product of its own, run as
@@ -74,7 +75,7 @@ def _row_blocks(n_out: int) -> int:
 # ----------------------------------------------------------------------- quantized weights
 # Weight-only quantization: activations are never quantized (Llama's activations have outlier
 # channels; per-token int8 activations measured 8-12x the output error of int8 weights alone,
-# README "Quantized weights"). torch's CPU int8 and int4 kernels are vectorised for bfloat16
+# docs/QUANTIZATION.md). torch's CPU int8 and int4 kernels are vectorised for bfloat16
 # activations only (float32 ones fall to scalar loops), so activations are cast to bfloat16 for
 # a quantized product and its result back to x's dtype. Figures: benchmarks/quant_kernels.py.
 

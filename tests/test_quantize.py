@@ -200,6 +200,16 @@ def test_products_of_a_non_contiguous_input():
         torch.testing.assert_close(linear(x, pack(q)), linear(x.contiguous(), pack(q)))
 
 
+def test_compiled_products_on_the_cpu_equal_eager_ones():
+    """A compiled decode step traces linear() on packed weights as one graph."""
+    w = llama_like(128, 64)
+    for packed in (pack(quantize_int8(w)), pack(quantize_int4(w, 32))):
+        step = torch.compile(lambda x, p=packed: linear(x, p), fullgraph=True, dynamic=False)
+        x = torch.randn(2, 1, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(step(x), linear(x, packed))
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 def test_unknown_mode_lists_the_choices():
