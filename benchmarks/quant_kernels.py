@@ -25,9 +25,9 @@ Candidates (x is float32, as in the model, unless the name says bf16):
                                  bf16 F.linear (rows >= 128 only)
   lib int8 / lib int4 gG         llama.linear.linear on llama.quantize's weights (the routes
                                  the library dispatches to)
-  i8 planes                      int8 as two 4-bit planes through the int4 kernel (the
-                                 library's CPU int8 route up to 32 rows)
-  i8 deq bf16 / i4 g32 deq bf16  the library's dequantised bfloat16 product (rows >= 16)
+  lib int8 deq / lib int4 g32 deq   the library's dequantised bfloat16 product, at any row
+                                 count >= 32 (to place the threshold); lib int4 g32 kern: its
+                                 kernel route at those row counts
 """
 
 import argparse
@@ -123,7 +123,7 @@ def candidates(with_lib: bool, only=None):
     every = lambda rows: True  # noqa: E731
     few = lambda rows: rows <= 16  # noqa: E731
     many = lambda rows: rows >= 128  # noqa: E731
-    mid = lambda rows: rows >= 16  # noqa: E731
+    mid = lambda rows: rows >= 32  # noqa: E731
     table = {
         "f32 F.linear": (lambda w: w, lambda w, x, xb: F.linear(x, w), every),
         "f32 ours": (lambda w: w, lambda w, x, xb: linear(x, w), every),
@@ -156,22 +156,26 @@ def candidates(with_lib: bool, only=None):
         "deq bf16": (int8_rows, deq_bf16, many),
     })
     if with_lib:
-        def planes(p, x, xb):
-            xb = xb.contiguous()
-            return p.planes.mm(torch.cat([xb, xb], dim=1)).float()
+        def kernel_route(p, x, xb):  # the library's packed weight through its kernel, any rows
+            if isinstance(p, products.PackedInt8):
+                return torch._weight_int8pack_mm(xb, p.weight, p.scales).float()
+            return torch._weight_int4pack_mm_for_cpu(xb, p.weight, p.group_size,
+                                                     p.scales_and_zeros)[:, :p.out_features]
 
-        def dequantised(p, x, xb):
-            return products._dequantized_product(xb, p._rows, p.out_features).float()
+        def dequantised_route(p, x, xb):  # its dequantised bfloat16 product, any rows
+            out = products._by_row_blocks(xb, p._block_t, p.out_features).float()
+            return out * p.scales.float() if isinstance(p, products.PackedInt8) else out
 
         table["lib int8"] = (lambda w: pack(quantize_int8(w), "cpu"),
                              lambda q, x, xb: linear(x, q), every)
-        table["i8 planes"] = (lambda w: pack(quantize_int8(w), "cpu"), planes, every)
-        table["i8 deq bf16"] = (lambda w: pack(quantize_int8(w), "cpu"), dequantised, mid)
+        table["lib int8 deq"] = (lambda w: pack(quantize_int8(w), "cpu"), dequantised_route, mid)
         for group in (32, 128):
             table[f"lib int4 g{group}"] = (lambda w, g=group: pack(quantize_int4(w, g), "cpu"),
                                            lambda q, x, xb: linear(x, q), every)
-        table["i4 g32 deq bf16"] = (lambda w: pack(quantize_int4(w, 32), "cpu"), dequantised,
-                                    mid)
+        table["lib int4 g32 deq"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
+                                     dequantised_route, mid)
+        table["lib int4 g32 kern"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
+                                      kernel_route, mid)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table
