@@ -128,16 +128,19 @@ class PackedInt8:
         return (q * self.scales.to(torch.float32)[:, None]).to(dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        rows = row_count(x)
-        x2 = x.reshape(rows, self.in_features)  # (rows, in)
+        x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if self.device.type != "cpu":
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif rows <= CPU_INT8_KERNEL_ROWS:
-            xb = F.pad(x2.to(torch.bfloat16), (0, self.width - self.in_features)).contiguous()
-            out = torch._weight_int8pack_mm(xb, self.weight, self.scales).to(x.dtype)
+        elif x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
+            xb = _bfloat16(x2)
+            if self.width != self.in_features:
+                xb = F.pad(xb, (0, self.width - self.in_features))
+            out = torch._weight_int8pack_mm(xb, self.weight, self.scales)
         else:
             out = _by_row_blocks(x2.to(torch.bfloat16), self._block_t, self.out_features)
-            out = (out.to(torch.float32) * self.scales.to(torch.float32)).to(x.dtype)
+            out = out.to(torch.float32) * self.scales.to(torch.float32)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _block_t(self, start: int, end: int) -> torch.Tensor:
@@ -207,18 +210,27 @@ class PackedInt4:
         return w.view(n_in, -1)[:, : end - start].to(dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        rows = row_count(x)
-        xb = x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous()  # (rows, in)
+        xb = _bfloat16(x.reshape(-1, self.in_features))  # (rows, in)
         if self.device.type != "cpu":
             out = torch._weight_int4pack_mm(xb, self.weight, self.group_size,
                                             self.scales_and_zeros)
-        elif rows > CPU_INT4_KERNEL_ROWS and _cpu_layout_known():
+        elif xb.shape[0] > CPU_INT4_KERNEL_ROWS and _cpu_layout_known():
             out = _by_row_blocks(xb, self._block_t, self.out_features)
         else:
             out = torch._weight_int4pack_mm_for_cpu(xb, self.weight, self.group_size,
                                                     self.scales_and_zeros)
-        out = out[:, : self.out_features]  # padding rows dropped
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]  # padding rows dropped
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous bfloat16 tensor, copied only when it is not one already."""
+    if x.dtype != torch.bfloat16:
+        return x.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _cpu_layout_known() -> bool:
