@@ -81,9 +81,10 @@ def _row_blocks(n_out: int) -> int:
 
 # Up to this many rows (decode steps, short prompts) a quantized CPU product runs torch's
 # kernel; above, the weight is dequantised to bfloat16, a block of rows at a time, for
-# oneDNN's bfloat16 GEMM (AVX512-BF16), faster then than the kernels and than float32.
-CPU_INT8_KERNEL_ROWS = 32
-CPU_INT4_KERNEL_ROWS = 256
+# oneDNN's bfloat16 GEMM (AVX512-BF16), faster then than the kernels (which are matrix-vector
+# kernels at heart) and than float32. Measured crossovers: docs/QUANTIZATION.md.
+CPU_INT8_KERNEL_ROWS = 16
+CPU_INT4_KERNEL_ROWS = 128
 _CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
 _CUDA_TILE = 16  # rows of tinygemm's tiles (8 on NVIDIA, 16 on AMD)
 _DEQUANT_ROWS = 1024  # weight rows dequantised at a time for a prefill's product
