@@ -83,7 +83,7 @@ def _row_blocks(n_out: int) -> int:
 # kernel; above, the weight is dequantised to bfloat16, a block of rows at a time, for
 # oneDNN's bfloat16 GEMM (AVX512-BF16), faster then than the kernels (which are matrix-vector
 # kernels at heart) and than float32. Measured crossovers: docs/QUANTIZATION.md.
-CPU_INT8_KERNEL_ROWS = 16
+CPU_INT8_KERNEL_ROWS = 8
 CPU_INT4_KERNEL_ROWS = 128
 _CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
 _CUDA_TILE = 16  # rows of tinygemm's tiles (8 on NVIDIA, 16 on AMD)
