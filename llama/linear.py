@@ -64,12 +64,19 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 def _row_blocks(n_out: int) -> int:
     """How many row blocks to split a matrix-vector product into: one or two per thread
     (measured alike on 2 cores); 1 when neither divides the rows into blocks of >= 64."""
-    threads = torch.get_num_threads()
+    threads = _threads()
     for blocks in (2 * threads, threads):
         if blocks > 1 and n_out % blocks == 0 and n_out // blocks >= 64:
             return blocks
     return 1
 
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    # A constant to torch.compile: torch.get_num_threads() returns no tensor, so tracing it
+    # broke the compiled decode step's graph at every product, and the layer loop's frame
+    # then ran eagerly. A compiled step keeps the thread count it was traced with.
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------- quantized weights
