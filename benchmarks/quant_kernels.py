@@ -20,7 +20,6 @@ Candidates (x is float32, as in the model, unless the name says bf16):
                                  scale over all rows (unsafe with outlier channels)
   fbgemm dyn/row                 the same, one call per row (per-token scales)
   w8a8 int_mm/row                own per-row int8 activations, aten._int_mm, scales after
-  w8a8 onednn/row                the same through onednn.qlinear_pointwise (x scale 1, u8)
   deq f32 ours / deq bf16        int8 weight dequantised per call, then our float32 route /
                                  bf16 F.linear (rows >= 128 only)
   lib int8 / lib int4 gG         llama.linear.linear on llama.quantize's weights (the routes
@@ -33,7 +32,6 @@ Candidates (x is float32, as in the model, unless the name says bf16):
 import argparse
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -90,19 +88,6 @@ def per_row_int8(x):
 
 # Each candidate: name -> (make(w float32) -> state, call(state, x float32, x bf16), rows ok?)
 def candidates(with_lib: bool, only=None):
-    def onednn_packed(w):
-        q, s = int8_rows(w)
-        return (torch.ops.onednn.qlinear_prepack(q, None), s,
-                torch.zeros(w.shape[0], dtype=torch.int32))
-
-    def onednn_call(st, x, xb):
-        # oneDNN runs s8 activations through its reference kernel: u8 with zero point 128
-        xq, sx = per_row_int8(x)
-        xu = (xq.to(torch.int16) + 128).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, st[0], st[1], st[2], None, 1.0, 0,
-                                               torch.float32, "none", [], "")
-        return y * sx
-
     def fbgemm_packed(w):
         q, s = int8_rows(w)
         qw = torch._make_per_channel_quantized_tensor(
@@ -151,7 +136,6 @@ def candidates(with_lib: bool, only=None):
             [torch.ops.quantized.linear_dynamic(r, p, False) for r in x.split(1)]), few),
         "w8a8 int_mm/row": (lambda w: (lambda q, s: (q.t(), s))(*int8_rows(w)),
                             int_mm_call, every),
-        "w8a8 onednn/row": (onednn_packed, onednn_call, few),
         "deq f32 ours": (int8_rows, deq_ours, many),
         "deq bf16": (int8_rows, deq_bf16, many),
     })
@@ -313,7 +297,7 @@ def measure_compiled(out_f, in_f, rows_list, reps, only, n_float):
                     start = time.perf_counter()
                     compiled(x)
                     samples.append((time.perf_counter() - start) * 1e3 / n)
-            print(f"  compiled {name} rows {rows}: first call {compile_s:.0f} s", flush=True)
+            print(f"  {name} rows {rows}: first call {compile_s:.0f} s", flush=True)
             results[(name, rows)] = samples
             nbytes[name] = out_f * in_f + out_f * 2
     from torch._inductor import config as inductor_config

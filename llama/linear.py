@@ -6,7 +6,6 @@ the model's math stays plain. `weight` is a float tensor, or a quantized weight 
 device by `pack` (from llama/quantize.py's saved formats).
 """
 
-import math
 from typing import Sequence, Union
 
 import torch

@@ -9,7 +9,7 @@ from llama import quantize as qz
 from llama import linear as products
 from llama.linear import (CPU_INT4_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS, PackedInt4, PackedInt8,
                           check_int4_device, linear, pack)
-from llama.quantize import (GROUP_SIZES, Int4Weight, Int8Weight, QuantizationError, concat,
+from llama.quantize import (GROUP_SIZES, Int4Weight, QuantizationError, concat,
                             from_tensors, narrow, quantize, quantize_int4, quantize_int8)
 
 CUDA = torch.cuda.is_available()
