@@ -1,18 +1,24 @@
 """Every matrix product of the model, and the route each takes per device and weight format.
 
 `linear(x, weight)` is F.linear with faster routes where measured (README, Performance); this is
-the only module that knows about oneDNN or other kernels, so the model's math stays plain.
+the only module that knows about oneDNN, torch's int8/int4 kernels or their packed layouts, so
+the model's math stays plain. `weight` is a float tensor, or a quantized weight packed for its
+device by `pack` (from llama/quantize.py's saved formats).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight, concat
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear, with faster paths for float32 on the CPU (measured on 2 cores; README):
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"]
+           ) -> torch.Tensor:
+    """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4).
+    A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores;
+    README):
 
     - one row (a decode step at batch 1, where reading the weight is the whole cost): the
       weight's rows are split into blocks, each a matrix-vector product of its own, run as
@@ -23,6 +29,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       512 rows on, MKL is the faster again.
 
     Only the order of the float32 additions differs from F.linear."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.product(x)
     rows = row_count(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)
@@ -55,87 +63,224 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 def _row_blocks(n_out: int) -> int:
     """How many row blocks to split a matrix-vector product into: one or two per thread
     (measured alike on 2 cores); 1 when neither divides the rows into blocks of >= 64."""
-    threads = torch.get_num_threads()
+    threads = _threads()
     for blocks in (2 * threads, threads):
         if blocks > 1 and n_out % blocks == 0 and n_out // blocks >= 64:
             return blocks
     return 1
 
 
-# Layers whose weights are used as one matrix: their products share the same input.
-FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    # A constant to torch.compile: torch.get_num_threads() returns no tensor, so tracing it
+    # broke the compiled decode step's graph at every product, and the layer loop's frame
+    # then ran eagerly. A compiled step keeps the thread count it was traced with.
+    return torch.get_num_threads()
 
 
-def packed_rows(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The one matrix the weights are consecutive row blocks of, if they already lie that way
-    in memory (each contiguous, one right after another); None otherwise."""
-    first, rows = weights[0], sum(w.shape[0] for w in weights)
-    cols = first.shape[1]
-    address = first.data_ptr()
-    for w in weights:
-        if (w.dtype != first.dtype or w.device != first.device or w.shape[1] != cols
-                or not w.is_contiguous() or w.data_ptr() != address):
-            return None
-        address += w.numel() * w.element_size()
-    return first.as_strided((rows, cols), (cols, 1))
+# ----------------------------------------------------------------------- quantized weights
+# Weight-only quantization: activations are never quantized (Llama's activations have outlier
+# channels; per-token int8 activations measured 8-12x the output error of int8 weights alone,
+# docs/QUANTIZATION.md). torch's CPU int8 and int4 kernels are vectorised for bfloat16
+# activations only (float32 ones fall to scalar loops), so activations are cast to bfloat16 for
+# a quantized product and its result back to x's dtype. Figures: benchmarks/quant_kernels.py.
+
+# Up to this many rows (decode steps, short prompts) a quantized CPU product runs torch's
+# kernel; above, the weight is dequantised to bfloat16, a block of rows at a time, for
+# oneDNN's bfloat16 GEMM (AVX512-BF16), faster then than the kernels (which are matrix-vector
+# kernels at heart) and than float32. Measured crossovers: docs/QUANTIZATION.md.
+CPU_INT8_KERNEL_ROWS = 8
+CPU_INT4_KERNEL_ROWS = 128
+_CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
+_CUDA_TILE = 16  # rows of tinygemm's tiles (8 on NVIDIA, 16 on AMD)
+_DEQUANT_ROWS = 1024  # weight rows dequantised at a time for a prefill's product
 
 
-def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None) -> None:
-    """Lay each layer's wq/wk/wv and w1/w3 out as consecutive row blocks of one matrix, in
-    place, one group at a time (so loading needs no second copy of the weights). Entries stay
-    views under Meta's names. `after_copy(tensor)` is called on each original once it has
-    been copied."""
-    for layer in range(n_layers):
-        for module, names in FUSED_WEIGHTS.items():
-            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
-            originals = [state.pop(key) for key in keys]
-            pieces = torch.cat(originals, dim=0).split([w.shape[0] for w in originals], dim=0)
-            state.update(zip(keys, pieces))
-            for original in originals if after_copy else ():
-                after_copy(original)
+def _by_row_blocks(xb: torch.Tensor, block_t, n_out: int) -> torch.Tensor:
+    """xb @ W.T in bfloat16, with block_t(start, end) -> W[start:end].T (in, end - start) in
+    bfloat16: each block is used while it is still in cache."""
+    return torch.cat([xb @ block_t(start, min(start + _DEQUANT_ROWS, n_out))
+                      for start in range(0, n_out, _DEQUANT_ROWS)], dim=1)
 
 
-class FusedRows:
-    """The weights of some column-parallel layers of a module (`names`) as one matrix of
-    consecutive row blocks, so that one product serves them all.
+class PackedInt8:
+    """An int8 weight with one scale per output row, laid out for products on one device.
 
-    The layers keep their own Parameters, which are views of the matrix's rows: state_dict,
-    hooks and in-place edits see them as usual, and no byte is stored twice. Whatever replaces
-    a weight (`.half()`, `.to()`, `w.data = ...`, a new Parameter, `load_state_dict(assign=
-    True)`, a deep copy) is noticed by the weights' addresses on the next call, and the matrix
-    is laid out again from what the layers then hold."""
+    CPU: aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS rows; above, the int8 values as
+    bfloat16 (exact) in oneDNN's GEMM and the scales applied to its output.
+    CUDA (and other devices): F.linear(x, weight.to(x.dtype)) * scales, gpt-fast's form, which
+    torch.compile fuses into one kernel (the int8 weight dequantised inside the product);
+    eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
 
-    def __init__(self, *names: str):
-        self.names = names
-        self.matrix: Optional[torch.Tensor] = None
-        self.addresses: Tuple[int, ...] = ()
+    def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32):
+        self.device = torch.device(device)
+        self.out_features, self.in_features = q.out_features, q.in_features
+        self.weight = q.weight.to(self.device).contiguous()  # int8 (out, in)
+        # the CPU kernel reads past the end of rows whose width is not a multiple of 16
+        # (measured: a crash): such weights get zero columns, and x zeros to match
+        on_cpu = self.device.type == "cpu"
+        self.width = -(-self.in_features // 16) * 16 if on_cpu else self.in_features
+        if self.width != self.in_features:
+            self.weight = F.pad(self.weight, (0, self.width - self.in_features))
+        # the CPU kernel takes scales in its activations' dtype, bfloat16 (exact: saved so)
+        self.scales = q.scales.to(self.device, torch.bfloat16 if self.device.type == "cpu"
+                                  else dtype)  # (out,)
 
-    def weight(self, owner: nn.Module) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.matrix is not None:  # laid out by eager calls
-            return self.matrix
-        params = [owner._modules[name]._parameters["weight"] for name in self.names]
-        if tuple(p.data_ptr() for p in params) != self.addresses:
-            self.matrix = _lay_out(params)
-            self.addresses = tuple(p.data_ptr() for p in params)
-        return self.matrix
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scales.numel() * self.scales.element_size()
 
-    def __deepcopy__(self, memo):
-        return FusedRows(*self.names)  # a copy's layers are laid out afresh on first use
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        q = self.weight[:, : self.in_features].to(torch.float32)
+        return (q * self.scales.to(torch.float32)[:, None]).to(dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (rows, in)
+        if self.device.type != "cpu":
+            out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        elif x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
+            xb = _bfloat16(x2)
+            if self.width != self.in_features:
+                xb = F.pad(xb, (0, self.width - self.in_features))
+            out = torch._weight_int8pack_mm(xb, self.weight, self.scales)
+        else:
+            out = _by_row_blocks(x2.to(torch.bfloat16), self._block_t, self.out_features)
+            out = out.to(torch.float32) * self.scales.to(torch.float32)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _block_t(self, start: int, end: int) -> torch.Tensor:
+        # (in, rows): q itself, unscaled
+        return self.weight[start:end, : self.in_features].to(torch.bfloat16).t()
 
 
-def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:
-    """One matrix whose row blocks are `params`, each Parameter made a view of its rows (the
-    same Parameter objects, so optimisers and hooks keep them). No copy when they already lie
-    that way (pack_weights does that while loading)."""
-    weights = [p.detach() for p in params]
-    matrix = packed_rows(weights)
-    if matrix is not None:
-        return matrix
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as parameters are
-        matrix = torch.cat(weights, dim=0)
-        row = 0
-        for param in params:
-            rows = param.shape[0]
-            param.data = matrix[row: row + rows]
-            row += rows
-    return matrix
+class PackedInt4:
+    """A group-wise int4 weight laid out for one device's kernel: on the CPU
+    aten._weight_int4pack_mm_for_cpu (above CPU_INT4_KERNEL_ROWS rows, a dequantised bfloat16
+    product), on CUDA of compute capability 8.0+ aten._weight_int4pack_mm (tinygemm). Both
+    take bfloat16 activations and compute (q - 8) * scale + zero per group; their packed
+    layouts differ, so a weight is packed for its device here, at load time."""
+
+    def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32):
+        self.device = torch.device(device)
+        check_int4_device(self.device)
+        self.out_features, self.in_features = q.out_features, q.in_features
+        self.group_size = q.group_size
+        q = q.to(self.device)
+        tile = _CPU_BLOCK if self.device.type == "cpu" else _CUDA_TILE
+        pad = -self.out_features % tile  # padding rows: zero scales and zeros, outputs dropped
+        values = F.pad(q.values(), (0, 0, 0, pad))  # (padded, in) uint8 in 0..15
+        # (in / G, padded, 2) bfloat16: each group's scale next to its zero, as both kernels
+        # read them
+        self.scales_and_zeros = torch.stack(
+            [F.pad(q.scales, (0, 0, 0, pad)), F.pad(q.zeros, (0, 0, 0, pad))], dim=-1
+        ).transpose(0, 1).contiguous()
+        if self.device.type == "cpu":
+            self.weight = torch._convert_weight_to_int4pack_for_cpu(
+                values.to(torch.int32).contiguous(), 1)  # (padded, in / 2) uint8
+        else:
+            # tinygemm's input: (padded, in / 2) uint8 with column 2j in the HIGH nibble
+            nibbles = ((values[:, ::2] << 4) | values[:, 1::2]).contiguous()
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            self.weight = torch._convert_weight_to_int4pack(nibbles, inner_k_tiles)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.weight.numel() * self.weight.element_size()
+                + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size())
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight as floats (CPU only: the CUDA layout is read by its kernel alone)."""
+        if self.device.type != "cpu":
+            raise QuantizationError("dequantize() of an int4 weight packed for CUDA is not "
+                                    "supported; dequantize its saved format (Int4Weight)")
+        return self._block_t(0, self.out_features, torch.float32).t().to(dtype)
+
+    def _block_t(self, start: int, end: int, dtype=torch.bfloat16) -> torch.Tensor:
+        """Rows start..end (start a multiple of 64) dequantised and transposed, (in, rows).
+        In the CPU kernel's layout a block of 64 rows is (in, 32) bytes: byte [c, j] holds row
+        j's value of column c in its low nibble and row j + 32's in its high nibble (checked
+        once per process against the kernel's own packing: _cpu_layout_known)."""
+        n_in, g = self.in_features, self.group_size
+        blocks = self.weight.view(-1, n_in, 32)[start // _CPU_BLOCK: -(-end // _CPU_BLOCK)]
+        nb = blocks.shape[0]
+        # float32 arithmetic: exact, and bfloat16's broadcast multiply is ~40x slower on the CPU
+        w = torch.empty(n_in, nb, 2, 32)  # (in, blocks, 2 halves, 32 rows)
+        w[:, :, 0].copy_((blocks & 15).transpose(0, 1))
+        w[:, :, 1].copy_((blocks >> 4).transpose(0, 1))
+        sz = self.scales_and_zeros[:, start: start + nb * _CPU_BLOCK].to(torch.float32)
+        scales = sz[..., 0].unsqueeze(1)  # (in / G, 1, rows)
+        zeros = (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)  # exact: 8 * scale is
+        w = w.view(n_in // g, g, nb * _CPU_BLOCK)  # (groups, G, rows)
+        w.mul_(scales).add_(zeros)  # (q - 8) * scale + zero
+        return w.view(n_in, -1)[:, : end - start].to(dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        xb = _bfloat16(x.reshape(-1, self.in_features))  # (rows, in)
+        if self.device.type != "cpu":
+            out = torch._weight_int4pack_mm(xb, self.weight, self.group_size,
+                                            self.scales_and_zeros)
+        elif xb.shape[0] > CPU_INT4_KERNEL_ROWS and _cpu_layout_known():
+            out = _by_row_blocks(xb, self._block_t, self.out_features)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(xb, self.weight, self.group_size,
+                                                    self.scales_and_zeros)
+        if out.shape[1] != self.out_features:
+            out = out[:, : self.out_features]  # padding rows dropped
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous bfloat16 tensor, copied only when it is not one already."""
+    if x.dtype != torch.bfloat16:
+        return x.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _cpu_layout_known() -> bool:
+    """Whether this torch's CPU int4 layout is the one PackedInt4._block_t reads (if not,
+    prefills use the kernel too)."""
+    global _LAYOUT_KNOWN
+    if _LAYOUT_KNOWN is None:
+        rows, cols = 2 * _CPU_BLOCK, 64
+        values = torch.arange(rows * cols).view(rows, cols) % 16
+        probe = Int4Weight(((values[:, 1::2] << 4) | values[:, ::2]).to(torch.uint8),
+                           torch.ones(rows, 2, dtype=torch.bfloat16),
+                           torch.full((rows, 2), 8.0, dtype=torch.bfloat16))
+        _LAYOUT_KNOWN = torch.equal(PackedInt4(probe).dequantize(), values.float())
+    return _LAYOUT_KNOWN
+
+
+_LAYOUT_KNOWN = None
+
+
+def check_int4_device(device: torch.device) -> None:
+    """QuantizationError unless `device` has an int4 kernel: every CPU, and CUDA GPUs of
+    compute capability 8.0 or newer (A100, H100, L4, RTX 30xx and later)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return
+    if device.type == "cuda" and torch.version.cuda is not None:
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return
+        found = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    else:
+        found = f"device {device}"
+    raise QuantizationError(f"int4 products run on the CPU and on CUDA GPUs of compute "
+                            f"capability 8.0 or newer (A100, H100, ...); {found} has no int4 "
+                            f"kernel: use quantize='int8'")
+
+
+def pack(pieces: Union[QuantizedWeight, Sequence[QuantizedWeight]], device="cpu",
+         dtype=torch.float32) -> Union[PackedInt8, PackedInt4]:
+    """One packed weight for products on `device` with activations of `dtype` (the model's),
+    from a saved-format weight (llama/quantize.py) or several joined by rows, in order, for a
+    fused product (wq|wk|wv, w1|w3): exact, every row keeps its own scales."""
+    q = pieces if isinstance(pieces, (Int8Weight, Int4Weight)) else concat(list(pieces), dim=0)
+    if isinstance(q, Int8Weight):
+        return PackedInt8(q, device, dtype)
+    return PackedInt4(q, device, dtype)

@@ -23,7 +23,8 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from llama.args import ModelArgs, ffn_hidden_dim
 from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
-from llama.linear import FEW_ROWS, FusedRows, linear, pack_weights, row_count
+from llama.fused import FusedRows, pack_weights
+from llama.linear import FEW_ROWS, linear, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,

@@ -1,0 +1,86 @@
+"""Weights used as one matrix: the fused q/k/v and w1/w3 products. Their layers share an
+input, so one product over the stacked rows serves all of them."""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+# Layers whose weights are used as one matrix: their products share the same input.
+FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+
+
+def packed_rows(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The one matrix the weights are consecutive row blocks of, if they already lie that way
+    in memory (each contiguous, one right after another); None otherwise."""
+    first, rows = weights[0], sum(w.shape[0] for w in weights)
+    cols = first.shape[1]
+    address = first.data_ptr()
+    for w in weights:
+        if (w.dtype != first.dtype or w.device != first.device or w.shape[1] != cols
+                or not w.is_contiguous() or w.data_ptr() != address):
+            return None
+        address += w.numel() * w.element_size()
+    return first.as_strided((rows, cols), (cols, 1))
+
+
+def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None) -> None:
+    """Lay each layer's wq/wk/wv and w1/w3 out as consecutive row blocks of one matrix, in
+    place, one group at a time (so loading needs no second copy of the weights). Entries stay
+    views under Meta's names. `after_copy(tensor)` is called on each original once it has
+    been copied."""
+    for layer in range(n_layers):
+        for module, names in FUSED_WEIGHTS.items():
+            keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
+            originals = [state.pop(key) for key in keys]
+            pieces = torch.cat(originals, dim=0).split([w.shape[0] for w in originals], dim=0)
+            state.update(zip(keys, pieces))
+            for original in originals if after_copy else ():
+                after_copy(original)
+
+
+class FusedRows:
+    """The weights of some column-parallel layers of a module (`names`) as one matrix of
+    consecutive row blocks, so that one product serves them all.
+
+    The layers keep their own Parameters, which are views of the matrix's rows: state_dict,
+    hooks and in-place edits see them as usual, and no byte is stored twice. Whatever replaces
+    a weight (`.half()`, `.to()`, `w.data = ...`, a new Parameter, `load_state_dict(assign=
+    True)`, a deep copy) is noticed by the weights' addresses on the next call, and the matrix
+    is laid out again from what the layers then hold."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.matrix: Optional[torch.Tensor] = None
+        self.addresses: Tuple[int, ...] = ()
+
+    def weight(self, owner: nn.Module) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.matrix is not None:  # laid out by eager calls
+            return self.matrix
+        params = [owner._modules[name]._parameters["weight"] for name in self.names]
+        if tuple(p.data_ptr() for p in params) != self.addresses:
+            self.matrix = _lay_out(params)
+            self.addresses = tuple(p.data_ptr() for p in params)
+        return self.matrix
+
+    def __deepcopy__(self, memo):
+        return FusedRows(*self.names)  # a copy's layers are laid out afresh on first use
+
+
+def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:
+    """One matrix whose row blocks are `params`, each Parameter made a view of its rows (the
+    same Parameter objects, so optimisers and hooks keep them). No copy when they already lie
+    that way (pack_weights does that while loading)."""
+    weights = [p.detach() for p in params]
+    matrix = packed_rows(weights)
+    if matrix is not None:
+        return matrix
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as parameters are
+        matrix = torch.cat(weights, dim=0)
+        row = 0
+        for param in params:
+            rows = param.shape[0]
+            param.data = matrix[row: row + rows]
+            row += rows
+    return matrix

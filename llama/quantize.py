@@ -1,0 +1,321 @@
+"""Quantized weights in their saved, device-independent format, and the rules that make them.
+
+Two formats, for the projections of attention and feed-forward and for the output matrix:
+
+- `Int8Weight`: symmetric int8, one scale per output row: w[r, c] ~ weight[r, c] * scales[r].
+- `Int4Weight`: 4-bit values in groups of G consecutive input columns (G in 32, 64, 128), each
+  group with its scale and zero point: w[r, c] ~ (q[r, c] - 8) * scales[r, g] + zeros[r, g],
+  g = c // G, q in 0..15 (the form torch's CPU and CUDA int4 kernels compute). Two values per
+  byte, row-major: column 2j in the low nibble of byte j, column 2j + 1 in the high nibble.
+
+Scales and zero points are bfloat16 numbers: the CPU kernels take them in bfloat16 (with bfloat16
+activations), so every value is chosen as a bfloat16 number *before* the weights are rounded
+against it. Every route (CPU kernel, dequantised float product, CUDA) then computes with exactly
+the saved values, and the round-trip bound |w - dequantised| <= scale / 2 holds for the saved
+scale. Device-specific packing happens when a weight is loaded (llama/linear.py `pack`).
+
+Both formats split and join like the float weights they replace, so checkpoints reshard:
+rows freely (column-parallel layers); columns (row-parallel wo and w2) only at group
+boundaries for int4, and for int8 with each row's scale taken over the WHOLE row, so that every
+rank holds the same scales and 2 processes compute what 1 does (`quantize_int8(absmax=...)`).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# 32: 22% less output error than 128 for 5-15% slower products (docs/QUANTIZATION.md)
+DEFAULT_GROUP_SIZE = 32
+# The checkpoint tensors that are quantized (Meta's names end with one of these); the
+# embedding (a gather) and the norms stay as they are.
+QUANTIZED_NAMES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                   "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                   "feed_forward.w3.weight", "output.weight")
+
+_ROWS_PER_CHUNK = 1 << 22  # elements quantized at a time: bounds the temporaries' memory
+
+
+class QuantizationError(ValueError):
+    """A weight, mode or group size that cannot be quantized, with what would work."""
+
+
+def check_mode(mode: Optional[str]) -> Optional[str]:
+    """`mode` itself if it is None (no quantization) or one of MODES; else QuantizationError."""
+    if mode is None or mode in MODES:
+        return mode
+    raise QuantizationError(f"unknown quantization {mode!r}; choose one of: None, "
+                            + ", ".join(repr(m) for m in MODES))
+
+
+def is_quantized(name: str) -> bool:
+    """Whether checkpoint tensor `name` is one a quantized model holds quantized."""
+    return name == "output.weight" or name.endswith(QUANTIZED_NAMES)
+
+
+def group_sizes_for(in_features: int) -> Tuple[int, ...]:
+    """The int4 group sizes that divide `in_features` (the width one rank holds of a
+    row-parallel weight, or a whole row): groups then never straddle a split."""
+    return tuple(g for g in GROUP_SIZES if in_features % g == 0)
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "weight") -> None:
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size {group_size!r} is not one of {GROUP_SIZES}")
+    if in_features % group_size:
+        working = group_sizes_for(in_features)
+        hint = (f"group sizes that divide it: {', '.join(map(str, working))}" if working
+                else f"no group size of {GROUP_SIZES} divides it; use int8")
+        raise QuantizationError(f"{name}: {in_features} input columns are not a multiple of "
+                                f"the int4 group size {group_size}; {hint}")
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    weight: torch.Tensor  # int8 (out, in), values in -127..127
+    scales: torch.Tensor  # bfloat16 (out,)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.weight, self.scales)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scales.to(torch.float32)[:, None]).to(dtype)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.weight, "scales": self.scales}
+
+    def to(self, device) -> "Int8Weight":
+        return Int8Weight(*(t.to(device) for t in self.tensors().values()))
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    weight: torch.Tensor  # uint8 (out, in / 2): two 4-bit values per byte, low nibble first
+    scales: torch.Tensor  # bfloat16 (out, in / G)
+    zeros: torch.Tensor  # bfloat16 (out, in / G): w = (q - 8) * scale + zero
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] * 2
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.weight, self.scales, self.zeros)
+
+    def values(self) -> torch.Tensor:
+        """The 4-bit values q, (out, in) uint8 in 0..15."""
+        low, high = self.weight & 15, self.weight >> 4
+        return torch.stack([low, high], dim=-1).view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out, groups = self.scales.shape
+        q = self.values().view(out, groups, -1).to(torch.float32) - 8
+        w = q * self.scales.to(torch.float32)[..., None] + self.zeros.to(torch.float32)[..., None]
+        return w.view(out, self.in_features).to(dtype)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.weight, "scales": self.scales, "zeros": self.zeros}
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(*(t.to(device) for t in self.tensors().values()))
+
+
+QuantizedWeight = Union[Int8Weight, Int4Weight]
+
+
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_float(weight: torch.Tensor, name: str) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise QuantizationError(f"{name}: expected a 2-D floating-point weight, got "
+                                f"{tuple(weight.shape)} {weight.dtype}")
+    if not bool(torch.isfinite(weight).all()):
+        raise QuantizationError(f"{name}: holds inf or NaN values, which cannot be quantized")
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, _ROWS_PER_CHUNK // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 numbers >= x (x positive and finite), as float32."""
+    rounded = x.to(torch.bfloat16)
+    low = rounded.to(torch.float32) < x
+    bumped = (rounded.view(torch.int16) + 1).view(torch.bfloat16)  # next number up, x > 0
+    return torch.where(low, bumped, rounded).to(torch.float32)
+
+
+_TINY = torch.finfo(torch.bfloat16).tiny
+
+
+def row_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's largest |w|, (out,) float32: what int8's scales are made of. For a weight
+    split by columns across ranks (wo, w2), take the max over ranks before quantize_int8."""
+    return weight.abs().amax(dim=1).to(torch.float32)
+
+
+def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None,
+                  name: str = "weight") -> Int8Weight:
+    """Symmetric int8 with one scale per output row, scale = absmax / 127 (rounded up to a
+    bfloat16 number). `absmax` (out,) overrides each row's own largest |w|: pass the whole
+    row's when `weight` is one rank's column slice, so every rank gets the same scales. It must
+    be >= the slice's own (values beyond 127 * scale would be clipped)."""
+    _check_float(weight, name)
+    own = row_absmax(weight)
+    if absmax is None:
+        absmax = own
+    else:
+        absmax = absmax.to(torch.float32, copy=False).to(weight.device)
+        if absmax.shape != own.shape:
+            raise QuantizationError(f"{name}: absmax has shape {tuple(absmax.shape)}, expected "
+                                    f"({weight.shape[0]},)")
+        if bool((absmax < own).any()):
+            raise QuantizationError(f"{name}: absmax is below the weight's own largest |w| in "
+                                    f"some rows; pass the max over every rank's slice")
+    # Rounded up, so that absmax / scale <= 127 and no value is clipped.
+    scales = _bf16_at_least((absmax / 127).clamp(min=_TINY))
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start, end in _row_chunks(*weight.shape):
+        rows = weight[start:end].to(torch.float32)
+        q[start:end] = torch.round(rows / scales[start:end, None]).clamp_(-127, 127)
+    return Int8Weight(q, scales.to(torch.bfloat16))
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                  name: str = "weight") -> Int4Weight:
+    """Asymmetric 4-bit groups of `group_size` input columns: each group's smallest and largest
+    values land on the grid's ends (q = 0 and 15). Scale and zero are bfloat16 numbers; the
+    scale is rounded up where needed so that the whole group stays within the grid."""
+    _check_float(weight, name)
+    n_out, n_in = weight.shape
+    check_group_size(group_size, n_in, name)
+    groups = n_in // group_size
+    packed = torch.empty((n_out, n_in // 2), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty((n_out, groups), dtype=torch.bfloat16, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for start, end in _row_chunks(n_out, n_in):
+        g = weight[start:end].to(torch.float32).view(end - start, groups, group_size)
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        zero = (lo + 8 * (hi - lo) / 15).to(torch.bfloat16).to(torch.float32)
+        # The grid (q - 8) * scale + zero, q in 0..15, must reach down to lo and up to hi.
+        scale = _bf16_at_least(torch.maximum((zero - lo) / 8, (hi - zero) / 7).clamp(min=_TINY))
+        q = torch.round((g - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
+        q = q.to(torch.uint8).view(end - start, n_in // 2, 2)
+        packed[start:end] = q[..., 0] | (q[..., 1] << 4)
+        scales[start:end] = scale.to(torch.bfloat16)
+        zeros[start:end] = zero.to(torch.bfloat16)
+    return Int4Weight(packed, scales, zeros)
+
+
+def quantize(weight: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+             absmax: Optional[torch.Tensor] = None, name: str = "weight") -> QuantizedWeight:
+    """One float weight (out, in) in the saved format of `mode` ("int8" or "int4").
+    `absmax`: int8 only (see quantize_int8). `name` appears in error messages."""
+    if check_mode(mode) is None:
+        raise QuantizationError("quantize() needs a mode: " + ", ".join(map(repr, MODES)))
+    if mode == "int8":
+        return quantize_int8(weight, absmax, name)
+    if absmax is not None:
+        raise QuantizationError(f"{name}: absmax applies to int8 only (int4 groups never "
+                                f"straddle a split)")
+    return quantize_int4(weight, group_size, name)
+
+
+def from_tensors(tensors: Dict[str, torch.Tensor], name: str = "weight") -> QuantizedWeight:
+    """The saved format back from its tensors (`tensors()`'s dict), checked for consistency."""
+    keys = set(tensors)
+    if keys == {"weight", "scales"}:
+        w, s = tensors["weight"], tensors["scales"]
+        if w.dtype != torch.int8 or w.dim() != 2 or s.shape != (w.shape[0],):
+            raise QuantizationError(f"{name}: not an int8 weight: weight {w.dtype} "
+                                    f"{tuple(w.shape)}, scales {tuple(s.shape)}")
+        return Int8Weight(w, s)
+    if keys == {"weight", "scales", "zeros"}:
+        w, s, z = tensors["weight"], tensors["scales"], tensors["zeros"]
+        ok = (w.dtype == torch.uint8 and w.dim() == 2 and s.dim() == 2 and s.shape == z.shape
+              and s.shape[0] == w.shape[0] and s.shape[1] > 0
+              and (2 * w.shape[1]) % s.shape[1] == 0
+              and (2 * w.shape[1]) // s.shape[1] in GROUP_SIZES)
+        if not ok:
+            raise QuantizationError(f"{name}: not an int4 weight: weight {w.dtype} "
+                                    f"{tuple(w.shape)}, scales {tuple(s.shape)}, zeros "
+                                    f"{tuple(z.shape)}")
+        return Int4Weight(w, s, z)
+    raise QuantizationError(f"{name}: expected tensors weight+scales (int8) or "
+                            f"weight+scales+zeros (int4), got {sorted(keys)}")
+
+
+def narrow(q: QuantizedWeight, dim: int, start: int, length: int,
+           name: str = "weight") -> QuantizedWeight:
+    """Rows (dim 0) or input columns (dim 1) start..start+length of a quantized weight, as a
+    rank's slice of it. int8 columns keep every row's scale (the whole row's); int4 columns
+    must fall on group boundaries."""
+    if dim == 0:
+        return type(q)(*(t[start:start + length] for t in q.tensors().values()))
+    if dim != 1:
+        raise QuantizationError(f"{name}: a weight splits along dim 0 or 1, not {dim}")
+    if isinstance(q, Int8Weight):
+        return Int8Weight(q.weight[:, start:start + length], q.scales)
+    g = q.group_size
+    if start % g or length % g:
+        raise QuantizationError(
+            f"{name}: columns {start}..{start + length} do not fall on int4 group boundaries "
+            f"(group size {g}); group sizes that fit this split: "
+            f"{', '.join(map(str, group_sizes_for(_gcd(start, length)))) or 'none, use int8'}")
+    return Int4Weight(q.weight[:, start // 2:(start + length) // 2],
+                      q.scales[:, start // g:(start + length) // g],
+                      q.zeros[:, start // g:(start + length) // g])
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def concat(pieces: Sequence[QuantizedWeight], dim: int = 0,
+           name: str = "weight") -> QuantizedWeight:
+    """One quantized weight of pieces joined by rows (dim 0: the fused q/k/v and w1/w3 matrices,
+    or column-parallel shards) or by input columns (dim 1: row-parallel shards). Exact: rows
+    and groups carry their own scales; int8 pieces joined by columns must share their scales."""
+    kinds = {type(p) for p in pieces}
+    if not pieces or len(kinds) != 1:
+        raise QuantizationError(f"{name}: concat needs pieces of one format, got "
+                                f"{[type(p).__name__ for p in pieces]}")
+    if len({p.group_size for p in pieces if isinstance(p, Int4Weight)}) > 1:
+        raise QuantizationError(f"{name}: int4 pieces of different group sizes cannot be "
+                                f"joined")
+    if dim == 0:
+        fields = zip(*(p.tensors().values() for p in pieces))
+        return type(pieces[0])(*(torch.cat(ts, dim=0) for ts in fields))
+    if dim != 1:
+        raise QuantizationError(f"{name}: a weight joins along dim 0 or 1, not {dim}")
+    if isinstance(pieces[0], Int8Weight):
+        if any(not torch.equal(p.scales, pieces[0].scales) for p in pieces[1:]):
+            raise QuantizationError(f"{name}: int8 slices joined by columns must share their "
+                                    f"rows' scales (quantized with the whole row's absmax)")
+        return Int8Weight(torch.cat([p.weight for p in pieces], dim=1), pieces[0].scales)
+    fields = zip(*(p.tensors().values() for p in pieces))
+    return Int4Weight(*(torch.cat(ts, dim=1) for ts in fields))
