@@ -110,7 +110,7 @@ def ffn_params(dim: int, n_heads: int, hidden: int) -> Tuple[int, Optional[float
 
     base = int(2 * (4 * dim) / 3)  # ModelArgs' width before multiplier and rounding
     multipliers = [None] + [round(hidden / base, digits) for digits in (1, 2, 3, 4)]
-    multiples = [256, 128, 64, 32, 16, 8, 4, 2, 1, 512, 1024, 2048, 4096]
+    multiples = [256, 4096, 128, 64, 32, 16, 8, 4, 2, 1, 512, 1024, 2048]  # Meta's first
     for multiplier in multipliers:
         for multiple_of in multiples:
             if width(multiple_of, multiplier) == hidden:
