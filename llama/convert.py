@@ -30,8 +30,8 @@ import torch
 from llama import checkpoint, hf_config
 from llama.checkpoint import CheckpointError
 from llama.fixtures import params_json
-from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, rotary_heads,
-                             rotary_rows_to_hf)
+from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
+                             rotary_heads, rotary_rows_to_hf)
 from llama.model import ModelArgs
 from llama.validation import ArgumentError
 
@@ -122,6 +122,9 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
     """Meta's checkpoint directory SRC as a Hugging Face directory DST."""
     src, dst = Path(src), Path(dst)
     _check_destination(src, dst, ("*.safetensors", "config.json"))
+    if is_hf_checkpoint(src):
+        raise CheckpointError(f"{src} is in Hugging Face's layout already (config.json); --to "
+                              f"hf converts Meta's (params.json, consolidated.NN.pth)")
     paths = checkpoint.find_shards(src)
     shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
     params = checkpoint.read_params(src)

@@ -60,7 +60,7 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16, device=
             scale = (4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5
             tensor = scale * torch.randn(shape, generator=generator, device=device)
         state[name] = tensor.to(dtype).cpu()
-    freqs = precompute_freqs_cis(args.head_dim, 2).angle()[1]  # rotation of position 1
+    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]  # position 1
     state[IGNORED_KEYS[0]] = freqs.to(dtype)
     return state
 
