@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from llama import checkpoint, hf_config
 from llama.checkpoint import CheckpointError
@@ -135,8 +136,6 @@ def _open(path: Path):
     memory-mapped where the file allows, as Meta's shards are read)."""
     if path.suffix == ".bin":
         return checkpoint.load_shard(path)
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as error:
