@@ -203,7 +203,7 @@ class HFCheckpoint:
             return tuple(tensor.shape), str(name)
         try:
             piece = handle.get_slice(hf)
-        except Exception:  # safetensors raises its own error type for an unknown name
+        except SafetensorError:
             raise CheckpointError(f"the index says {hf} is in {path}, but it is not "
                                   f"there") from None
         return tuple(piece.get_shape()), piece.get_dtype()

@@ -130,6 +130,9 @@ def test_meta_to_hf_to_meta_is_bit_exact(kind, tied, hub, tmp_path):
     _run(tmp_path / "hf", tmp_path / "back", "--to", "meta", "--shards", 2)
     for a, b in zip(_meta_shards(src), _meta_shards(tmp_path / "back")):
         assert _equal(a, b)  # rope.freqs too: Meta's inverse frequencies, in bfloat16
+        # each tensor saved alone, not as a view of a larger storage
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                   for t in b.values())
     assert json.loads((tmp_path / "back" / "params.json").read_text()) == \
         json.loads((src / "params.json").read_text()) | {"multiple_of": 64}  # same width 192
 

@@ -237,6 +237,12 @@ def test_broken_files_are_named(copy_of):
     directory = copy_of("gqa", max_shard_size="40KB")
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     first = sorted(set(index["weight_map"].values()))[0]
+    wrong = dict(index, weight_map={**index["weight_map"], "model.norm.weight": first})
+    (directory / "model.safetensors.index.json").write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError, match=f"the index says model.norm.weight is in .*{first}"
+                                              f", but it is not there"):
+        _build(directory)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     data = (directory / first).read_bytes()
     (directory / first).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"{first} is truncated or is not a safetensors "
