@@ -95,18 +95,22 @@ def rss_bytes() -> int:
 
 
 def load_only(ckpt: Path, device, dtype) -> dict:
-    """Run in a fresh process: load time and peak RSS against the weights' bytes."""
+    """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
+    the weights' bytes."""
     from llama.loading import load_model
 
     baseline = rss_bytes()
+    cpu = time.process_time()
     start = time.time()
     model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False)
     if model.output.weight.is_cuda:
         torch.cuda.synchronize()
     seconds = time.time() - start
+    cpu = time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    return {"load_s": seconds, "baseline_rss": baseline, "peak_rss": peak, "weights": weights}
+    return {"load_s": seconds, "cpu_s": cpu, "baseline_rss": baseline, "peak_rss": peak,
+            "weights": weights}
 
 
 def measure_load(ckpt: Path, device, dtype) -> dict:
@@ -125,13 +129,15 @@ def load_line(label: str, loads, base=None) -> str:
     gib = 1024 ** 3
     median = {key: statistics.median(load[key] for load in loads) for key in loads[0]}
     above = (median["peak_rss"] - median["baseline_rss"]) / median["weights"]
-    line = (f"{label}: {median['load_s']:.2f} s; weights {median['weights'] / gib:.3f} GiB; "
+    line = (f"{label}: {median['load_s']:.2f} s ({median['cpu_s']:.2f} s of CPU); weights {median['weights'] / gib:.3f} GiB; "
             f"peak RSS {median['peak_rss'] / gib:.3f} GiB = {median['baseline_rss'] / gib:.3f} "
             f"GiB before loading + {above:.2f} x the weights")
     if base is not None:
         ratio = statistics.median(a["load_s"] / b["load_s"] for a, b in zip(loads, base))
+        cpu = statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(loads, base))
         peak = statistics.median(a["peak_rss"] - b["peak_rss"] for a, b in zip(loads, base))
-        line += f" | {ratio:.2f}x the time, peak {peak / 2 ** 20:+.0f} MiB against Meta's layout"
+        line += (f" | against Meta's layout: {ratio:.2f}x the time ({cpu:.2f}x the CPU time), "
+                 f"peak {peak / 2 ** 20:+.1f} MiB")
     return line
 
 

@@ -116,7 +116,7 @@ def test_load_figures_for_both_layouts(tmp_path):
     assert out.returncode == 0, out.stderr
     meta, hub = out.stdout.splitlines()[1:]
     assert meta.startswith("load: ") and "x the weights" in meta
-    assert hub.startswith("load, Hugging Face layout: ") and "against Meta's layout" in hub
+    assert hub.startswith("load, Hugging Face layout: ") and "against Meta's layout: " in hub
     assert (tmp_path / "tiny-hf" / "config.json").is_file()
 
 
