@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import check_shard, full_shapes, split_state_dict
+from llama.checkpoint import check_shard
 from llama.convert import main as convert, parse_size, plan_files, write_safetensors
 from llama.hf import to_hf_state_dict
 from llama.model import ModelArgs, Transformer

@@ -74,7 +74,7 @@ def test_sharded_safetensors_index(hub):
     _same_model(_build(directory), _build(hub("gqa")))
 
 
-def test_code_llama_like_config(hub, code_tokenizer_path):
+def test_code_llama_like_config(hub):
     """rope_theta 1e6, a 32016-piece vocabulary, grouped-query heads."""
     directory = hub("code")
     config = json.loads((directory / "config.json").read_text())
