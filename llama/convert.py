@@ -32,7 +32,7 @@ from llama.checkpoint import CheckpointError
 from llama.fixtures import params_json
 from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
                              rotary_heads, rotary_rows_to_hf)
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 from llama.validation import ArgumentError
 
 MAX_SHARD_BYTES = 5 * 10 ** 9  # transformers' "5GB"

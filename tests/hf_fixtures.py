@@ -10,7 +10,7 @@ import torch
 
 from llama.checkpoint import save_checkpoint, split_state_dict
 from llama.fixtures import params_json, random_weights, train_tokenizer
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 from tests.conftest import model_args
 
 CODE_VOCAB = 32016

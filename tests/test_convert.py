@@ -11,7 +11,8 @@ from llama import Llama
 from llama.checkpoint import check_shard
 from llama.convert import main as convert, parse_size, plan_files, write_safetensors
 from llama.hf import to_hf_state_dict
-from llama.model import ModelArgs, Transformer
+from llama.args import ModelArgs
+from llama.model import Transformer
 from tests.conftest import run_script
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 

@@ -14,7 +14,7 @@ from llama import Llama
 from llama.checkpoint import CheckpointError
 from llama.hf_config import UnsupportedConfigError, ffn_params
 from llama.hf_format import rotary_rows_to_hf, rotary_rows_to_meta
-from llama.model import ModelArgs
+from llama.args import ModelArgs
 from llama.validation import ArgumentFileNotFoundError
 from tests.conftest import REPO, run_script
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
