@@ -20,5 +20,6 @@ setup(
                     "hf": ["transformers"],
                     "server": ["fastapi", "uvicorn>=0.30"]},
     entry_points={"console_scripts": ["llama-reshard=llama.reshard:main",
+                                      "llama-convert=llama.convert:main",
                                       "llama-server=llama.server:main"]},
 )

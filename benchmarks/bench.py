@@ -4,12 +4,17 @@
     python benchmarks/bench.py --shape S --compare reference hf
     python benchmarks/bench.py --shape S --meta ~/src/llama   # a checkout of Meta's repository
     python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
+    python benchmarks/bench.py --shape S --load --format hf   # loading Meta's vs Hub layout
 
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
 reference algorithm (Meta's generate loop and model math, restated in tests/meta_reference.py)
 and for Hugging Face transformers on the same weights, with ratios, and whether their greedy
 tokens equal ours. Medians of --runs runs; a ratio is the median of run-by-run ratios.
+
+--format hf also converts the checkpoint to Hugging Face's layout (safetensors, as
+`python -m llama.convert --to hf` writes it) and measures loading both, --runs times each in
+turns, each load in a fresh process.
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
 github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
@@ -73,24 +78,39 @@ def checkpoint_dir(shape: str, root: Path, device: torch.device) -> Path:
     return out
 
 
+def hf_dir(meta_dir: Path) -> Path:
+    """The same weights in Hugging Face's layout, converted once."""
+    from llama.convert import meta_to_hf
+
+    out = meta_dir.with_name(meta_dir.name.replace("-mp1", "-hf"))
+    if not (out / "written").exists():
+        meta_to_hf(meta_dir, out, say=lambda line: print(line, file=sys.stderr))
+        (out / "written").touch()
+    return out
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def load_only(ckpt: Path, device, dtype) -> dict:
-    """Run in a fresh process: load time and peak RSS against the weights' bytes."""
+    """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
+    the weights' bytes."""
     from llama.loading import load_model
 
     baseline = rss_bytes()
+    cpu = time.process_time()
     start = time.time()
     model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False)
     if model.output.weight.is_cuda:
         torch.cuda.synchronize()
     seconds = time.time() - start
+    cpu = time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    return {"load_s": seconds, "baseline_rss": baseline, "peak_rss": peak, "weights": weights}
+    return {"load_s": seconds, "cpu_s": cpu, "baseline_rss": baseline, "peak_rss": peak,
+            "weights": weights}
 
 
 def measure_load(ckpt: Path, device, dtype) -> dict:
@@ -101,6 +121,24 @@ def measure_load(ckpt: Path, device, dtype) -> dict:
         command += ["--dtype", dtype]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load_line(label: str, loads, base=None) -> str:
+    """Medians of the runs' load figures; against `base` (the same runs of another layout),
+    the median of the run-by-run time ratios and the peak difference."""
+    gib = 1024 ** 3
+    median = {key: statistics.median(load[key] for load in loads) for key in loads[0]}
+    above = (median["peak_rss"] - median["baseline_rss"]) / median["weights"]
+    line = (f"{label}: {median['load_s']:.2f} s ({median['cpu_s']:.2f} s of CPU); weights {median['weights'] / gib:.3f} GiB; "
+            f"peak RSS {median['peak_rss'] / gib:.3f} GiB = {median['baseline_rss'] / gib:.3f} "
+            f"GiB before loading + {above:.2f} x the weights")
+    if base is not None:
+        ratio = statistics.median(a["load_s"] / b["load_s"] for a, b in zip(loads, base))
+        cpu = statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(loads, base))
+        peak = statistics.median(a["peak_rss"] - b["peak_rss"] for a, b in zip(loads, base))
+        line += (f" | against Meta's layout: {ratio:.2f}x the time ({cpu:.2f}x the CPU time), "
+                 f"peak {peak / 2 ** 20:+.1f} MiB")
+    return line
 
 
 def timed(fn):
@@ -299,6 +337,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
     parser.add_argument("--load", action="store_true", help="only the loading figures")
+    parser.add_argument("--format", default="meta", choices=["meta", "hf"],
+                        help="hf: also load the same weights in Hugging Face's layout")
     parser.add_argument("--load-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -317,17 +357,19 @@ def main():
         raise SystemExit("--meta and --compare reference run on the CPU in float32 only")
     ckpt = checkpoint_dir(args.shape, Path(args.root), device)
     model_args = ModelArgs(vocab_size=VOCAB, **SHAPES[args.shape])
-    load = measure_load(ckpt, args.device, args.dtype)
-    gib = 1024 ** 3
+    layouts = {"meta": ckpt} if args.format == "meta" else {"meta": ckpt, "hf": hf_dir(ckpt)}
+    loads = {name: [] for name in layouts}
+    for _ in range(1 if args.format == "meta" else args.runs):
+        for name, path in layouts.items():  # in turns, so a busy spell hits both alike
+            loads[name].append(measure_load(path, args.device, args.dtype))
     print(f"shape {args.shape}: {count_parameters(model_args) / 1e6:.0f} M parameters, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"dtype {args.dtype}{', compiled decode step' if args.compile else ''}")
-    print(f"load: {load['load_s']:.2f} s; weights {load['weights'] / gib:.3f} GiB; peak RSS "
-          f"{load['peak_rss'] / gib:.3f} GiB = {load['baseline_rss'] / gib:.3f} GiB before "
-          f"loading + {(load['peak_rss'] - load['baseline_rss']) / load['weights']:.2f} x the "
-          f"weights")
+    print(load_line("load", loads["meta"]))
+    if "hf" in loads:
+        print(load_line("load, Hugging Face layout", loads["hf"], loads["meta"]))
     if args.load:
         return
     # (rows, tokens) of each case's calls: the mixed batch generates one token after its

@@ -178,8 +178,10 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         # The tensors-only unpickler names what it refused; say which kind of problem it is.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = next((line for line in lines[1:] if not line.startswith(
-            ("Please file", "Check the documentation"))), lines[0] if lines else "")
+        # torch's own line first (some versions put advice about weights_only before it)
+        detail = next((line for line in lines if "WeightsUnpickler error:" in line), None) or \
+            next((line for line in lines[1:] if not line.startswith(
+                ("Please file", "Check the documentation"))), lines[0] if lines else "")
         detail = detail.replace("WeightsUnpickler error:", "").strip()
         if "global" in detail.lower() or "reduce" in detail.lower():
             raise CheckpointError(

@@ -19,10 +19,13 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def train_tokenizer(model_path: Path, vocab_size: int = 1000, text: Optional[str] = None
-                    ) -> Path:
+def train_tokenizer(model_path: Path, vocab_size: int = 1000, text: Optional[str] = None,
+                    extra_pieces: int = 0) -> Path:
     """Train a BPE SentencePiece model with Llama's conventions: unk 0, bos 1, eos 2, no pad,
-    byte fallback (so any text, Chinese and emoji included, round-trips), split digits."""
+    byte fallback (so any text, Chinese and emoji included, round-trips), split digits.
+    `extra_pieces` of the vocabulary are placeholder symbols (<extra_N>, never produced from
+    plain text): a vocabulary as large as a real model's (Code Llama's 32016) without
+    training that many pieces on a small text."""
     import sentencepiece as spm
 
     text = text if text is not None else python_docs_text()
@@ -33,7 +36,8 @@ def train_tokenizer(model_path: Path, vocab_size: int = 1000, text: Optional[str
         model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, character_coverage=0.9995, num_threads=1, minloglevel=2,
         add_dummy_prefix=True, normalization_rule_name="identity",
-        max_sentence_length=1 << 16, train_extremely_large_corpus=False)
+        max_sentence_length=1 << 16, train_extremely_large_corpus=False,
+        user_defined_symbols=[f"<extra_{i}>" for i in range(extra_pieces)])
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model_path.write_bytes(model.getvalue())
@@ -56,7 +60,7 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16, device=
             scale = (4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5
             tensor = scale * torch.randn(shape, generator=generator, device=device)
         state[name] = tensor.to(dtype).cpu()
-    freqs = precompute_freqs_cis(args.head_dim, 2).angle()[1]  # rotation of position 1
+    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]  # position 1
     state[IGNORED_KEYS[0]] = freqs.to(dtype)
     return state
 

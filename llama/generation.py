@@ -78,9 +78,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: Optional[int] = None,
+        max_batch_size: Optional[int] = None,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Optional[str] = None,
@@ -89,7 +89,9 @@ class Llama:
         verbose: bool = True,
         quiet_other_ranks: bool = True,
     ) -> "Llama":
-        """Load a checkpoint directory (params.json + consolidated.NN.pth) and a tokenizer.
+        """Load a checkpoint directory (params.json + consolidated.NN.pth, or Hugging Face's
+        config.json + *.safetensors) and a tokenizer (by default the directory's
+        tokenizer.model). max_seq_len and max_batch_size must be given.
 
         Runs as a plain process or under torchrun; the checkpoint's shard count need not equal
         the number of processes (shards are split or merged while loading). `device` defaults
@@ -102,8 +104,9 @@ class Llama:
         os.devnull, so that a script run under torchrun prints its results once;
         `quiet_other_ranks=False` leaves stdout alone (for programs that manage their output).
         """
-        check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                              model_parallel_size, seed, device, dtype, verify, verbose)
+        tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
+                                               max_batch_size, model_parallel_size, seed,
+                                               device, dtype, verify, verbose)
         try:
             tokenizer = Tokenizer(model_path=tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it

@@ -1,5 +1,6 @@
 """Loading a checkpoint directory onto this process's model-parallel rank: the one path from
-files on disk to a `Transformer` (format rules live in checkpoint.py)."""
+files on disk to a `Transformer`, for Meta's layout and Hugging Face's (format rules live in
+checkpoint.py and hf_format.py)."""
 
 import os
 import sys
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from llama import checkpoint
+from llama import checkpoint, hf_format
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
 from llama.validation import (
@@ -31,12 +32,14 @@ def log(message: str) -> None:
 
 
 def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
-                          model_parallel_size, seed, device, dtype, verify, verbose) -> None:
+                          model_parallel_size, seed, device, dtype, verify, verbose) -> str:
     """Everything Llama.build can check before loading: the values, whether CUDA is there if
     asked for, the checkpoint directory, then the tokenizer file (ArgumentError or
-    CheckpointError); warns when max_seq_len goes past the trained context."""
+    CheckpointError); warns when max_seq_len goes past the trained context. Returns the
+    tokenizer file: `tokenizer_path`, or when it is None the directory's tokenizer.model."""
     check_path("ckpt_dir", ckpt_dir)
-    check_path("tokenizer_path", tokenizer_path)
+    if tokenizer_path is not None:
+        check_path("tokenizer_path", tokenizer_path)
     check_arguments(dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                          model_parallel_size=model_parallel_size, seed=seed, device=device,
                          dtype=dtype, verify=verify, verbose=verbose))
@@ -46,10 +49,25 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
         raise ArgumentValueError(
             "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
                         f"directory such as llama-2-7b/, holding params.json and "
-                        f"consolidated.NN.pth (see download.sh)")
-    # Meta's layout; another checkpoint format checks its own files here
-    checkpoint.find_shards(Path(ckpt_dir))
-    params = checkpoint.read_params(Path(ckpt_dir))
+                        f"consolidated.NN.pth (see download.sh), or a Hugging Face "
+                        f"directory holding config.json and *.safetensors")
+    if hf_format.is_hf_checkpoint(Path(ckpt_dir)):
+        source = hf_format.HFCheckpoint(Path(ckpt_dir))  # config refusals, weight files
+        rope_theta = source.model_args().rope_theta
+    else:
+        checkpoint.find_shards(Path(ckpt_dir))
+        rope_theta = checkpoint.read_params(Path(ckpt_dir)).get("rope_theta", 10000.0)
+    if tokenizer_path is None:
+        tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
+        if not os.path.isfile(tokenizer_path):
+            only_json = os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json"))
+            raise ArgumentFileNotFoundError(
+                "tokenizer_path", f"tokenizer_path was not given and {tokenizer_path!r} does not "
+                                  f"exist: pass tokenizer_path (Meta's downloads keep "
+                                  f"tokenizer.model beside the model directories)"
+                                  + ("; this directory has only tokenizer.json, and this library "
+                                     "reads SentencePiece tokenizer.model files"
+                                     if only_json else ""))
     if not os.path.exists(tokenizer_path):
         raise ArgumentFileNotFoundError(
             "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} does not exist: it "
@@ -58,32 +76,67 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
         raise ArgumentValueError(
             "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} is a directory: it "
                               f"should be the tokenizer.model file downloaded with the weights")
-    warning = context_warning(max_seq_len, params.get("rope_theta", 10000.0))
+    warning = context_warning(max_seq_len, rope_theta)
     if warning:
         warnings.warn(warning, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
+    return tokenizer_path
 
 
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
                model_parallel_size: Optional[int] = None, seed: int = 1,
                device: Optional[str] = None, dtype=None, verify: bool = False,
                verbose: bool = True) -> Transformer:
-    """The Transformer of a checkpoint directory, for this process's model-parallel rank (see
-    Llama.build, which adds the tokenizer). `vocab_size` is the tokenizer's."""
+    """The Transformer of a checkpoint directory, in Meta's layout or Hugging Face's
+    (config.json), for this process's model-parallel rank (see Llama.build, which adds the
+    tokenizer). `vocab_size` is the tokenizer's."""
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
     dtype = choose_dtype(device, dtype)
-    shard_paths = checkpoint.find_shards(Path(ckpt_dir))
-    args = checkpoint.model_args(Path(ckpt_dir), max_seq_len, max_batch_size, vocab_size)
+    ckpt_dir = Path(ckpt_dir)
+    hub = hf_format.is_hf_checkpoint(ckpt_dir)
+    if hub:
+        source = hf_format.HFCheckpoint(ckpt_dir)
+        args = source.model_args(max_seq_len, max_batch_size, vocab_size)
+        files = len(set(source.weight_map.values()))
+        files = f"{files} Hugging Face file{'s' if files > 1 else ''}"
+    else:
+        shard_paths = checkpoint.find_shards(ckpt_dir)
+        args = checkpoint.model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size)
+        files = f"{len(shard_paths)} shard{'s' if len(shard_paths) > 1 else ''}"
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
     torch.manual_seed(seed)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
-        checkpoint.verify_files(Path(ckpt_dir))
+        checkpoint.verify_files(ckpt_dir)
 
+    if hub:
+        # Copies leave the memory-mapped files' pages behind; they are dropped as we go.
+        state, is_mapped = source.rank_state_dict(args, rank, world_size, dtype, device)
+        del source
+    else:
+        state, is_mapped = _meta_rank_state(shard_paths, args, rank, world_size, dtype, device,
+                                            say)
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    _report_memory(args, weight_bytes, device, dtype, world_size, say)
+
+    def release_if_mapped(tensor):
+        if is_mapped(tensor):
+            checkpoint.release_file_pages(tensor)
+
+    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
+    del state
+    say(f"Loaded in {time.time() - start_time:.2f} seconds "
+        f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
+        f"{str(dtype).replace('torch.', '')})")
+    return model
+
+
+def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, device, say):
+    """This rank's tensors from Meta's shards, and whether a tensor lies in a mapped shard."""
     shards = {}
     for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
         shard_start = time.time()
@@ -96,21 +149,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
                                        dtype, device, release_copied=True)
     mapped = {t.untyped_storage().data_ptr() for shard in shards.values()
               for t in shard.values()}
-    del shards
-    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    _report_memory(args, weight_bytes, device, dtype, world_size, say)
-
-    def release_if_mapped(tensor):
-        if tensor.untyped_storage().data_ptr() in mapped:
-            checkpoint.release_file_pages(tensor)
-
-    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
-    del state
-    say(f"Loaded in {time.time() - start_time:.2f} seconds "
-        f"({world_size} process{'es' if world_size > 1 else ''}, {len(shard_paths)} "
-        f"shard{'s' if len(shard_paths) > 1 else ''}, {device.type}, "
-        f"{str(dtype).replace('torch.', '')})")
-    return model
+    return state, lambda tensor: tensor.untyped_storage().data_ptr() in mapped
 
 
 def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say):

@@ -108,6 +108,18 @@ def test_gen_len_one_times_prefill_only(tmp_path):
     assert bad.returncode != 0 and "--gen-len and --prompt-len must be at least 1" in bad.stderr
 
 
+def test_load_figures_for_both_layouts(tmp_path):
+    """--format hf converts the checkpoint to Hugging Face's layout and loads both in turns."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape",
+                          "tiny", "--load", "--format", "hf", "--runs", "2", "--root",
+                          str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    meta, hub = out.stdout.splitlines()[1:]
+    assert meta.startswith("load: ") and "x the weights" in meta
+    assert hub.startswith("load, Hugging Face layout: ") and "against Meta's layout: " in hub
+    assert (tmp_path / "tiny-hf" / "config.json").is_file()
+
+
 def test_meta_path_without_model_file_is_explained(tmp_path):
     with pytest.raises(SystemExit, match="no llama/model.py there"):
         bench.MetaOriginal(tmp_path, tmp_path, 16, 1)

@@ -93,7 +93,7 @@ def test_missing_checkpoint_and_tokenizer_name_the_checkpoint_flag(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: --ckpt_dir '{tmp_path / 'nope'}' does not exist: it should be a checkpoint "
         f"directory such as llama-2-7b/, holding params.json and consolidated.NN.pth (see "
-        f"download.sh)"]
+        f"download.sh), or a Hugging Face directory holding config.json and *.safetensors"]
 
 
 def test_impossible_process_count_is_said_once_under_torchrun(checkpoints, tokenizer_path):

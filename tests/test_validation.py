@@ -92,6 +92,9 @@ def test_build_checks_arguments_before_any_file(tmp_path):
         with pytest.raises(ArgumentError, match=message):
             Llama.build(missing, missing, **arguments)
     with pytest.raises(ArgumentTypeError, match="^tokenizer_path must be a path"):
+        Llama.build(missing, 3, max_seq_len=8, max_batch_size=1)
+    # None is the checkpoint directory's tokenizer.model, looked for once the directory is
+    with pytest.raises(ArgumentError, match="^ckpt_dir .* does not exist"):
         Llama.build(missing, None, max_seq_len=8, max_batch_size=1)
 
 

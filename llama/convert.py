@@ -1,0 +1,302 @@
+"""Convert a checkpoint between Meta's layout and Hugging Face's.
+
+    python -m llama.convert llama-2-7b/ llama-2-7b-hf/ --to hf
+    python -m llama.convert llama-2-13b-hf/ llama-2-13b/ --to meta --shards 2
+
+--to hf writes what transformers' from_pretrained loads: config.json, generation_config.json,
+model-0000N-of-0000M.safetensors files of at most --max-shard-size bytes with
+model.safetensors.index.json (a single model.safetensors when the weights fit in one), and
+tokenizer.model with tokenizer_config.json and special_tokens_map.json. --to meta writes
+consolidated.NN.pth shards, params.json and checklist.chk as Meta's download has them, and
+tokenizer.model. Tensors keep their dtype and bits: a round trip gives identical tensors.
+
+Sources are memory-mapped. --to hf writes one tensor at a time (safetensors files are written
+here piece by piece, so no file's worth of tensors is held in memory); --to meta builds one
+output shard at a time, as llama.reshard does.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from llama import checkpoint, hf_config
+from llama.checkpoint import CheckpointError
+from llama.fixtures import params_json
+from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
+                             rotary_heads, rotary_rows_to_hf)
+from llama.args import ModelArgs
+from llama.validation import ArgumentError
+
+MAX_SHARD_BYTES = 5 * 10 ** 9  # transformers' "5GB"
+_SAFETENSORS_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: Path, entries: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+                      tensor_of: Callable[[str], torch.Tensor],
+                      written: Callable[[str], None] = lambda name: None) -> None:
+    """A safetensors file holding `entries` (name, shape, dtype), in that order, the data of
+    each asked of `tensor_of` only when it is written (the format: an 8-byte little-endian
+    header length, a JSON header of dtypes, shapes and byte ranges padded to 8 bytes, then
+    the raw bytes). `written(name)` is called after each tensor's bytes are out."""
+    if sys.byteorder != "little":
+        raise CheckpointError("safetensors files are little-endian; convert on a little-endian "
+                              "machine")
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_TYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape, dtype in entries:
+            tensor = tensor_of(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned "
+                                   f"{tuple(shape)} {dtype}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor
+            written(name)
+    part.replace(path)
+
+
+def plan_files(sizes: Sequence[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
+    """Names in order, cut into files of at most `max_bytes` each (a larger tensor alone)."""
+    files: List[List[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if files[-1] and used + size > max_bytes:
+            files.append([])
+            used = 0
+        files[-1].append(name)
+        used += size
+    return files
+
+
+def _check_destination(src: Path, dst: Path, patterns: Sequence[str]) -> None:
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a directory")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise CheckpointError("the destination must be a different directory")
+    taken = [p.name for pattern in patterns for p in dst.glob(pattern)] if dst.exists() else []
+    if taken:
+        raise CheckpointError(f"{dst} already holds {sorted(taken)}; choose an empty directory")
+
+
+def _find_tokenizer(src: Path, tokenizer: Optional[Path]) -> Optional[Path]:
+    """The given tokenizer, else tokenizer.model in SRC or beside it (Meta's downloads)."""
+    if tokenizer is not None:
+        if not Path(tokenizer).is_file():
+            raise CheckpointError(f"--tokenizer {tokenizer} is not a file")
+        return Path(tokenizer)
+    found = [p for p in (src / "tokenizer.model", src.resolve().parent / "tokenizer.model")
+             if p.is_file()]
+    return found[0] if found else None
+
+
+def _tokenizer(path: Path, vocab_size: int):
+    from llama.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(str(path))
+    if tokenizer.n_words != vocab_size:
+        raise CheckpointError(f"{path} has {tokenizer.n_words} pieces but the weights have "
+                              f"{vocab_size} vocabulary rows: pass the tokenizer.model that came "
+                              f"with these weights (--tokenizer)")
+    return tokenizer
+
+
+def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+               max_position_embeddings: int = hf_config.LLAMA2_CONTEXT,
+               tokenizer: Optional[Path] = None, say: Callable[[str], None] = print) -> None:
+    """Meta's checkpoint directory SRC as a Hugging Face directory DST."""
+    src, dst = Path(src), Path(dst)
+    _check_destination(src, dst, ("*.safetensors", "config.json"))
+    if is_hf_checkpoint(src):
+        raise CheckpointError(f"{src} is in Hugging Face's layout already (config.json); --to "
+                              f"hf converts Meta's (params.json, consolidated.NN.pth)")
+    paths = checkpoint.find_shards(src)
+    shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
+    params = checkpoint.read_params(src)
+    params.pop("vocab_size", None)
+    vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+    try:
+        args = ModelArgs(**params, vocab_size=vocab_size)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{src / 'params.json'}: {error}") from None
+    for index, path in enumerate(paths):
+        checkpoint.check_shard(path, shards[index], args, len(paths))
+    tokenizer_path = _find_tokenizer(src, tokenizer)
+    sp = _tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
+
+    def full(name: str) -> torch.Tensor:  # the whole tensor, in Meta's row order
+        dim = checkpoint.split_dim(name)
+        pieces = [shards[i][name] for i in range(len(paths))]
+        return pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    def release(name: str) -> None:  # once read: drop the shards' pages behind it
+        for index in range(len(paths)):
+            checkpoint.release_file_pages(shards[index][name])
+
+    tied = torch.equal(full("output.weight"), full("tok_embeddings.weight"))
+    release("output.weight")
+    release("tok_embeddings.weight")
+    meta_names = {hf_name(name): name for name in _hf_order(args)
+                  if not (tied and name == "output.weight")}
+    dtype = shards[0]["tok_embeddings.weight"].dtype
+    entries = [(hf, checkpoint.full_shapes(args)[name], shards[0][name].dtype)
+               for hf, name in meta_names.items()]
+    sizes = [(hf, torch.Size(shape).numel() * torch.empty((), dtype=d).element_size())
+             for hf, shape, d in entries]
+    groups = plan_files(sizes, max_shard_bytes)
+    files = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+
+    def tensor_of(hf: str) -> torch.Tensor:
+        name = meta_names[hf]
+        heads = rotary_heads(name, args)
+        return rotary_rows_to_hf(full(name), heads) if heads else full(name)
+
+    dst.mkdir(parents=True, exist_ok=True)
+    by_name = dict((hf, (hf, shape, d)) for hf, shape, d in entries)
+    for file, group in zip(files, groups):
+        start = time.time()
+        write_safetensors(dst / file, [by_name[hf] for hf in group], tensor_of,
+                          lambda hf: release(meta_names[hf]))
+        say(f"wrote {dst / file} ({len(group)} tensors, {time.time() - start:.1f} s)")
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(size for _, size in sizes)},
+                 "weight_map": {hf: file for file, group in zip(files, groups) for hf in group}}
+        (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    dtype_name = str(dtype).replace("torch.", "")
+    _write_json(dst / "config.json", hf_config.hf_config(args, dtype_name, tied,
+                                                         max_position_embeddings))
+    _write_json(dst / "generation_config.json",
+                hf_config.generation_config(max_position_embeddings))
+    if sp is not None:
+        shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
+        piece = sp.sp_model.id_to_piece
+        config, special = hf_config.tokenizer_configs(piece(sp.bos_id), piece(sp.eos_id),
+                                                      piece(sp.sp_model.unk_id()),
+                                                      max_position_embeddings)
+        _write_json(dst / "tokenizer_config.json", config)
+        _write_json(dst / "special_tokens_map.json", special)
+    else:
+        say(f"note: no tokenizer.model in {src} or beside it: {dst} has no tokenizer files "
+            f"(pass --tokenizer)")
+    say(f"{len(paths)} Meta shard(s) -> {len(files)} safetensors file(s)"
+        f"{' (output layer tied to the embedding: they are equal)' if tied else ''}; wrote "
+        f"{dst / 'config.json'}")
+
+
+def _hf_order(args: ModelArgs) -> List[str]:
+    """Meta's names in the order transformers saves them: embedding, layers, norm, head."""
+    names = list(checkpoint.full_shapes(args))
+    top = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    return [top[0]] + [n for n in names if n not in top] + top[1:]
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def rope_freqs(args: ModelArgs, dtype: torch.dtype) -> torch.Tensor:
+    """The rope.freqs extra of Meta's shards: each rotary pair's inverse frequency (the model
+    computes its own; Meta's files carry it and the reference ignores it)."""
+    exponents = torch.arange(0, args.head_dim, 2)[: args.head_dim // 2].float() / args.head_dim
+    return (1.0 / (args.rope_theta ** exponents)).to(dtype)
+
+
+def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
+               say: Callable[[str], None] = print) -> None:
+    """Hugging Face's directory SRC as Meta's checkpoint directory DST of `n_shards` shards."""
+    src, dst = Path(src), Path(dst)
+    _check_destination(src, dst, ("*.pth", "params.json"))
+    source = HFCheckpoint(src)
+    args = source.model_args()
+    tokenizer_path = src / "tokenizer.model"
+    if tokenizer_path.is_file():
+        _tokenizer(tokenizer_path, args.vocab_size)
+    checkpoint.check_world_size(args, n_shards, flag="--shards", parts="shards")
+    source.check(args)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = ["params.json"]
+    for rank in range(n_shards):
+        start = time.time()
+        state, _ = source.rank_state_dict(args, rank, n_shards, copy=True)
+        state[checkpoint.IGNORED_KEYS[0]] = rope_freqs(args, state["tok_embeddings.weight"].dtype)
+        name = f"consolidated.{rank:02d}.pth"
+        torch.save(state, dst / name)
+        names.append(name)
+        del state
+        say(f"wrote {dst / name} ({time.time() - start:.1f} s)")
+    (dst / "params.json").write_text(json.dumps(params_json(args)))
+    checkpoint.write_checklist(dst, names)
+    if tokenizer_path.is_file():
+        shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
+    else:
+        say(f"note: {src} has no tokenizer.model; {dst} has none either (pass tokenizer_path "
+            f"when loading it)")
+    say(f"{len(set(source.weight_map.values()))} Hugging Face file(s) -> {n_shards} shard(s); "
+        f"wrote {dst / 'checklist.chk'}")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '100KB' (powers of 1000, as transformers counts) or a plain
+    number."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?B?)\s*", text.upper())
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 100000")
+    unit = {"": 1, "B": 1, "K": 10 ** 3, "KB": 10 ** 3, "M": 10 ** 6, "MB": 10 ** 6,
+            "G": 10 ** 9, "GB": 10 ** 9}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="checkpoint directory to read (either layout)")
+    parser.add_argument("dst", help="new directory to write")
+    parser.add_argument("--to", required=True, choices=["hf", "meta"],
+                        help="layout to write: Hugging Face's or Meta's")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="--to meta: number of consolidated.NN.pth shards (model-parallel "
+                             "size) to write (default 1)")
+    parser.add_argument("--max-shard-size", type=parse_size, default=MAX_SHARD_BYTES,
+                        help="--to hf: largest safetensors file (default 5GB)")
+    parser.add_argument("--max-position-embeddings", type=int,
+                        default=hf_config.LLAMA2_CONTEXT,
+                        help="--to hf: the context length config.json declares (default 4096, "
+                             "Llama 2's; Code Llama's is 16384)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="--to hf: tokenizer.model to copy (default: the one in SRC or "
+                             "beside it)")
+    args = parser.parse_args(argv)
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        if args.to == "hf":
+            meta_to_hf(Path(args.src), Path(args.dst), args.max_shard_size,
+                       args.max_position_embeddings,
+                       Path(args.tokenizer) if args.tokenizer else None, say)
+        else:
+            if args.shards < 1:
+                parser.error("--shards must be at least 1")
+            hf_to_meta(Path(args.src), Path(args.dst), args.shards, say)
+    except (CheckpointError, ArgumentError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
