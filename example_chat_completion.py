@@ -24,6 +24,8 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
     verify: bool = False,
 ):
     """Answer four dialogs: prints every message as `Role: content`, then `> Assistant: ...`.
@@ -40,13 +42,17 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
+        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
+            memory, faster decoding; default: none, the checkpoint's precision)
+        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         verify: check the files' md5 sums against checklist.chk before loading
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, verify=verify)
+                            device=device, dtype=dtype, verify=verify, quantize=quantize,
+                            group_size=group_size)
 
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "what is the recipe of mayonnaise?"}],

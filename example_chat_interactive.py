@@ -57,6 +57,8 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
     seed: int = 1,
     show_speed: bool = False,
 ):
@@ -78,6 +80,9 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
+        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
+            memory, faster decoding; default: none, the checkpoint's precision)
+        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         seed: seed of the random numbers used for sampling
         show_speed: report each answer's tokens per second on stderr
     """
@@ -95,7 +100,8 @@ def main(
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
-                            dtype=dtype, seed=seed)
+                            dtype=dtype, seed=seed, quantize=quantize,
+                            group_size=group_size)
     encode = generator.tokenizer.encode
     system_turn = [{"role": "system", "content": system}] if system else []
     print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",

@@ -23,6 +23,8 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
     verify: bool = False,
     stream: bool = False,
     show_speed: bool = False,
@@ -40,6 +42,9 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
+        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
+            memory, faster decoding; default: none, the checkpoint's precision)
+        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         verify: check the files' md5 sums against checklist.chk before loading
         stream: print each completion as it is generated
         show_speed: report tokens per second on stderr
@@ -48,7 +53,8 @@ def main(
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, verify=verify)
+                            device=device, dtype=dtype, verify=verify, quantize=quantize,
+                            group_size=group_size)
 
     prompts = [
         # For these prompts, the expected answer is the natural continuation of the prompt

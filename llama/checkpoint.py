@@ -231,13 +231,14 @@ def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
 def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
                     args: ModelArgs, rank: int, world_size: int,
                     dtype: Optional[torch.dtype] = None, device=None,
-                    release_copied: bool = False) -> Dict[str, torch.Tensor]:
+                    release_copied: bool = False, convert=None) -> Dict[str, torch.Tensor]:
     """The tensors model-parallel rank `rank` of `world_size` needs, cut from checked shards.
     `shards` maps shard index to its tensors and must hold every shard the rank's slices touch
     (`shards_for_rank`). A slice of a single shard is not copied unless the dtype or device
     changes; slices spanning shards are concatenated once. With `release_copied` (only for
     memory-mapped shards, as load_shard gives), the file pages behind each copied slice are
-    dropped from memory once copied."""
+    dropped from memory once copied. `convert(name, tensor)`, if given, turns each tensor into
+    what is kept (e.g. a quantized weight), one tensor at a time."""
     any_shard = next(iter(shards.values()))
     out = {}
     for name, shape in full_shapes(args).items():
@@ -250,11 +251,12 @@ def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
             pieces = [shards[src][name].narrow(dim, start, stop - start)
                       for src, start, stop in slice_plan(shape[dim], n_shards, world_size, rank)]
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-        out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-        copied = out[name].untyped_storage().data_ptr() != pieces[0].untyped_storage().data_ptr()
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+        copied = tensor.untyped_storage().data_ptr() != pieces[0].untyped_storage().data_ptr()
         if release_copied and copied:
             for piece in pieces:  # copied out: the file's pages behind it are not needed again
                 release_file_pages(piece)
+        out[name] = convert(name, tensor) if convert is not None else tensor
     return out
 
 

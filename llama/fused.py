@@ -33,6 +33,8 @@ def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None)
     for layer in range(n_layers):
         for module, names in FUSED_WEIGHTS.items():
             keys = [f"layers.{layer}.{module}.{name}.weight" for name in names]
+            if not all(isinstance(state[key], torch.Tensor) for key in keys):
+                continue  # quantized: packed together by Transformer.from_state_dict
             originals = [state.pop(key) for key in keys]
             pieces = torch.cat(originals, dim=0).split([w.shape[0] for w in originals], dim=0)
             state.update(zip(keys, pieces))
@@ -54,8 +56,16 @@ class FusedRows:
         self.names = names
         self.matrix: Optional[torch.Tensor] = None
         self.addresses: Tuple[int, ...] = ()
+        self.packed = None  # a quantized model's one packed weight (see set_packed)
 
-    def weight(self, owner: nn.Module) -> torch.Tensor:
+    def set_packed(self, packed) -> None:
+        """Use a quantized weight packed from the layers' rows (linear.pack) instead: the
+        layers then hold no weights of their own."""
+        self.packed = packed
+
+    def weight(self, owner: nn.Module):
+        if self.packed is not None:
+            return self.packed
         if torch.compiler.is_compiling() and self.matrix is not None:  # laid out by eager calls
             return self.matrix
         params = [owner._modules[name]._parameters["weight"] for name in self.names]
@@ -65,7 +75,9 @@ class FusedRows:
         return self.matrix
 
     def __deepcopy__(self, memo):
-        return FusedRows(*self.names)  # a copy's layers are laid out afresh on first use
+        copy = FusedRows(*self.names)  # a copy's layers are laid out afresh on first use
+        copy.packed = self.packed  # (a packed weight is never changed in place: shared)
+        return copy
 
 
 def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from llama.chat_format import (
 from llama.distributed import broadcast_object, is_main_process
 from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
-from llama.loading import check_build_arguments, load_model
+from llama.loading import check_build_arguments, check_quantize_arguments, load_model
 from llama.model import KVCache, Transformer
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
@@ -88,6 +88,8 @@ class Llama:
         verify: bool = False,
         verbose: bool = True,
         quiet_other_ranks: bool = True,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint directory (params.json + consolidated.NN.pth, or Hugging Face's
         config.json + *.safetensors) and a tokenizer (by default the directory's
@@ -103,17 +105,25 @@ class Llama:
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
         os.devnull, so that a script run under torchrun prints its results once;
         `quiet_other_ranks=False` leaves stdout alone (for programs that manage their output).
+
+        `quantize="int8"` (one scale per output row) or `"int4"` (groups of `group_size`
+        input columns, 32 by default) stores the projections and the output matrix in that
+        many bits per weight, quantized tensor by tensor while loading: less memory, faster
+        decoding where reading weights is the cost, outputs close to but not equal to the
+        float model's (README, "Quantized weights").
         """
         tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
                                                max_batch_size, model_parallel_size, seed,
                                                device, dtype, verify, verbose)
+        check_quantize_arguments(quantize, group_size)
         try:
             tokenizer = Tokenizer(model_path=tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it
             message = "tokenizer_path" + str(error)[len(error.param):]
             raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
-                           model_parallel_size, seed, device, dtype, verify, verbose)
+                           model_parallel_size, seed, device, dtype, verify, verbose, quantize,
+                           group_size)
         if quiet_other_ranks and not is_main_process():
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)

@@ -254,13 +254,15 @@ class HFCheckpoint:
                     f"{shapes[name]} from config.json{extra}")
 
     def rank_state_dict(self, args: ModelArgs, rank: int, world_size: int,
-                        dtype: Optional[torch.dtype] = None, device=None, copy: bool = False
+                        dtype: Optional[torch.dtype] = None, device=None, copy: bool = False,
+                        convert=None
                         ) -> Tuple[Dict[str, torch.Tensor], Callable[[torch.Tensor], bool]]:
         """Meta's names and per-rank shapes for rank `rank` of `world_size`, cut from the
         checked files tensor by tensor, with query/key rows in Meta's order. Slices that need
         no conversion stay views of the mapped files unless `copy`; the file pages behind
         each copied slice are dropped as it is copied. Also returns whether a tensor lies in
-        a mapped file (its pages may be dropped once copied elsewhere)."""
+        a mapped file (its pages may be dropped once copied elsewhere). `convert(name,
+        tensor)`: see checkpoint.rank_state_dict."""
         self.check(args)
         files = {self.weight_map[self.source_name(name)] for name in checkpoint.full_shapes(args)}
         for path in files:
@@ -287,5 +289,5 @@ class HFCheckpoint:
             copied = tensor.untyped_storage().data_ptr() != piece.untyped_storage().data_ptr()
             if copied and is_mapped(piece):
                 checkpoint.release_file_pages(piece)
-            state[name] = tensor
+            state[name] = convert(name, tensor) if convert is not None else tensor
         return state, is_mapped

@@ -113,7 +113,8 @@ class PackedInt8:
     eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
 
     def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32):
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
+        self.shape = (q.out_features, q.in_features)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.weight = q.weight.to(self.device).contiguous()  # int8 (out, in)
         # the CPU kernel reads past the end of rows whose width is not a multiple of 16
@@ -163,7 +164,8 @@ class PackedInt4:
     layouts differ, so a weight is packed for its device here, at load time."""
 
     def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32):
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
+        self.shape = (q.out_features, q.in_features)
         check_int4_device(self.device)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.group_size = q.group_size

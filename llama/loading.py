@@ -10,17 +10,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
 from llama import checkpoint, hf_format
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
+from llama.quantize import DEFAULT_GROUP_SIZE
 from llama.validation import (
     ArgumentFileNotFoundError,
     ArgumentValueError,
     LlamaWarning,
     check_arguments,
+    check_group_size,
     check_int,
     check_path,
+    check_quantize,
     context_warning,
 )
 
@@ -82,13 +86,42 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
     return tokenizer_path
 
 
+def check_quantize_arguments(quantize: Optional[str], group_size: Optional[int]) -> None:
+    """quantize is None, "int8" or "int4"; group_size (int4 only) one of 32, 64, 128."""
+    check_quantize(quantize)
+    check_group_size(group_size)
+    if group_size is not None and quantize != "int4":
+        raise ArgumentValueError("group_size", f"group_size applies to quantize='int4' only "
+                                               f"(quantize={quantize!r})")
+
+
+def check_quantization(args, mode: str, group_size: int, world_size: int, device) -> None:
+    """Before any weight is read: int4 needs a kernel on `device`, and each rank's share of
+    every quantized weight's input columns must be a whole number of groups."""
+    from llama.linear import check_int4_device
+    from llama.quantize import check_group_size, is_quantized
+
+    if mode != "int4":
+        return
+    check_int4_device(device)
+    for name, shape in checkpoint.full_shapes(args).items():
+        if is_quantized(name):
+            split = checkpoint.split_dim(name) == 1 and world_size > 1
+            width = shape[1] // world_size if split else shape[1]
+            where = f" (split by columns over {world_size} processes)" if split else ""
+            check_group_size(group_size, width, f"{name}{where}")
+
+
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
                model_parallel_size: Optional[int] = None, seed: int = 1,
                device: Optional[str] = None, dtype=None, verify: bool = False,
-               verbose: bool = True) -> Transformer:
+               verbose: bool = True, quantize: Optional[str] = None,
+               group_size: Optional[int] = None) -> Transformer:
     """The Transformer of a checkpoint directory, in Meta's layout or Hugging Face's
     (config.json), for this process's model-parallel rank (see Llama.build, which adds the
-    tokenizer). `vocab_size` is the tokenizer's."""
+    tokenizer). `vocab_size` is the tokenizer's. With `quantize` ("int8" or "int4", int4 in
+    groups of `group_size` columns), the projections and the output matrix are quantized
+    tensor by tensor as they are read."""
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
     start_time = time.time()
@@ -108,19 +141,25 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         files = f"{len(shard_paths)} shard{'s' if len(shard_paths) > 1 else ''}"
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
+    check_quantize_arguments(quantize, group_size)
+    group_size = group_size or DEFAULT_GROUP_SIZE
+    if quantize is not None:
+        check_quantization(args, quantize, group_size, world_size, device)
     torch.manual_seed(seed)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)
 
+    convert = None if quantize is None else quantizer(quantize, group_size, world_size, device)
     if hub:
         # Copies leave the memory-mapped files' pages behind; they are dropped as we go.
-        state, is_mapped = source.rank_state_dict(args, rank, world_size, dtype, device)
+        state, is_mapped = source.rank_state_dict(args, rank, world_size, dtype, device,
+                                                  convert=convert)
         del source
     else:
         state, is_mapped = _meta_rank_state(shard_paths, args, rank, world_size, dtype, device,
-                                            say)
-    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+                                            say, convert)
+    weight_bytes = sum(_nbytes(t) for t in state.values())
     _report_memory(args, weight_bytes, device, dtype, world_size, say)
 
     def release_if_mapped(tensor):
@@ -131,11 +170,38 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     del state
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
-        f"{str(dtype).replace('torch.', '')})")
+        f"{str(dtype).replace('torch.', '')}"
+        f"{'' if quantize is None else ', ' + quantize + ' weights'})")
     return model
 
 
-def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, device, say):
+def quantizer(mode: str, group_size: int, world_size: int, device):
+    """convert(name, tensor) for rank_state_dict: the projections and the output matrix in
+    the saved format of `mode`, everything else as it is. A row-parallel weight (wo, w2) is
+    split by columns across ranks, so each row's int8 scale is taken over the whole row (the
+    ranks' row maxima all-reduced): every rank then holds the scales one process would."""
+    from llama.quantize import is_quantized, quantize, row_absmax
+
+    def convert(name: str, tensor: torch.Tensor):
+        if not is_quantized(name):
+            return tensor
+        absmax = None
+        if mode == "int8" and world_size > 1 and checkpoint.split_dim(name) == 1:
+            absmax = row_absmax(tensor)
+            torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX,
+                                         group=get_model_parallel_group())
+        return quantize(tensor.float(), mode, group_size, absmax, name)
+
+    return convert
+
+
+def _nbytes(weight) -> int:
+    return (weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor)
+            else weight.nbytes)
+
+
+def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, device, say,
+                     convert=None):
     """This rank's tensors from Meta's shards, and whether a tensor lies in a mapped shard."""
     shards = {}
     for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
@@ -146,7 +212,7 @@ def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, devic
             f"{time.time() - shard_start:.2f} s")
     # Copies leave the memory-mapped files' pages behind; drop those as we go.
     state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
-                                       dtype, device, release_copied=True)
+                                       dtype, device, release_copied=True, convert=convert)
     mapped = {t.untyped_storage().data_ptr() for shard in shards.values()
               for t in shard.values()}
     return state, lambda tensor: tensor.untyped_storage().data_ptr() in mapped

@@ -24,7 +24,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from llama.args import ModelArgs, ffn_hidden_dim
 from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
 from llama.fused import FusedRows, pack_weights
-from llama.linear import FEW_ROWS, linear, row_count
+from llama.linear import FEW_ROWS, linear, pack, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -32,13 +32,21 @@ from llama.parallel import (
     sum_over_ranks,
     world_size,
 )
+from llama.quantize import QuantizationError
 
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling the module would run forward hooks (its own or global ones): then the
     model calls it rather than taking a faster route around it, so the hooks fire."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
-                or _global_forward_pre_hooks)
+    if not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+            or _global_forward_pre_hooks):
+        return False
+    if not isinstance(module.weight, torch.Tensor):
+        raise QuantizationError(
+            "forward hooks on the projections of a quantized model are not supported (their "
+            "weights are packed for the device's kernels, q/k/v and w1/w3 as one): hook the "
+            "Attention, FeedForward or TransformerBlock modules instead")
+    return True
 
 
 class RMSNorm(nn.Module):
@@ -147,7 +155,7 @@ class Attention(nn.Module):
         self.own_cache.tensors = (self._own_cache(1, 1)[0], value.transpose(1, 2))
 
     def _own_cache(self, bsz: int, end_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        weight = self.wq.weight
+        weight = self.wqkv  # a tensor, or a quantized weight (its device, activations' dtype)
         return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
                                   weight.device, weight.dtype)
 
@@ -268,7 +276,7 @@ class FeedForward(nn.Module):
     def forward(self, x):
         if _hooked(self.w1) or _hooked(self.w3):
             hidden = F.silu(self.w1(x)) * self.w3(x)
-        elif row_count(x) <= FEW_ROWS:
+        elif row_count(x) <= FEW_ROWS or self._w13.packed is not None:
             gate, up = linear(x, self.w13).chunk(2, dim=-1)  # (.., hidden / mp)
             hidden = F.silu(gate) * up
         else:  # a long prefill: two products give contiguous halves, updated in place
@@ -337,10 +345,41 @@ class Transformer(nn.Module):
         pack_weights(state, params.n_layers, after_copy)
         with torch.device("meta"):
             model = cls(params)
+        quantized = {name: state.pop(name) for name in list(state)
+                     if not isinstance(state[name], torch.Tensor)}
+        if quantized:
+            model._use_quantized(quantized, state["norm.weight"])
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
-        model.freqs_cis = model.freqs_cis.to(model.output.weight.device)
+        model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
+
+    def _use_quantized(self, quantized: dict, like: torch.Tensor) -> None:
+        """Replace the weights named in `quantized` (saved formats of llama/quantize.py) by
+        weights packed for `like`'s device, with activations of its dtype: wq|wk|wv and w1|w3
+        each packed as one, whose layers then hold no weight of their own."""
+        def weight(name):
+            return quantized.pop(name)
+
+        def use(module: nn.Module, packed) -> None:
+            del module.weight  # the Parameter: its layer now computes with `packed`
+            module.weight = packed
+
+        device, dtype = like.device, like.dtype
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            for owner, fused, names in ((layer.attention, layer.attention._qkv, "wq wk wv"),
+                                        (layer.feed_forward, layer.feed_forward._w13, "w1 w3")):
+                module_name = "attention" if owner is layer.attention else "feed_forward"
+                pieces = [weight(f"{p}{module_name}.{n}.weight") for n in names.split()]
+                fused.set_packed(pack(pieces, device, dtype))
+                for n in names.split():
+                    use(owner._modules[n], None)
+            use(layer.attention.wo, pack(weight(f"{p}attention.wo.weight"), device, dtype))
+            use(layer.feed_forward.w2, pack(weight(f"{p}feed_forward.w2.weight"), device, dtype))
+        use(self.output, pack(weight("output.weight"), device, dtype))
+        if quantized:
+            raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention

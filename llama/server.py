@@ -324,6 +324,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on "
                                         "GPUs, float32 on the CPU)")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weights in 8 or 4 bits, quantized while loading (default: the "
+                             "checkpoint's precision)")
+    parser.add_argument("--group_size", type=int, choices=[32, 64, 128],
+                        help="int4 only: input columns sharing a scale (default 32)")
     parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY, "
                              "else no key)")
@@ -350,7 +355,8 @@ def main(argv=None) -> int:
     ckpt_dir, tokenizer_path = resolve_model_paths(args.ckpt_dir, args.tokenizer_path)
     max_seq_len = args.max_seq_len or (512 if demo else 2048)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, args.max_batch_size,
-                            device=args.device, dtype=args.dtype, seed=args.seed)
+                            device=args.device, dtype=args.dtype, seed=args.seed,
+                            quantize=args.quantize, group_size=args.group_size)
     model, tokenizer = generator.model, generator.tokenizer
     engine = Engine(model, tokenizer.eos_id, model.new_cache(args.max_batch_size, max_seq_len),
                     release_finished=True)

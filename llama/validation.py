@@ -149,6 +149,27 @@ def check_stop(value: Any) -> List[str]:
 
 # What each argument of the public API (and of the example scripts' flags, which take the same
 # names) must be. Arguments not named here are not checked by check_arguments.
+def check_quantize(value: Any) -> Optional[str]:
+    """None (full precision), "int8" or "int4"."""
+    from llama.quantize import MODES
+
+    if value is not None and value not in MODES:
+        raise ArgumentValueError("quantize", f"quantize must be one of "
+                                             f"{', '.join(map(repr, MODES))} (or None for full "
+                                             f"precision), got {_got(value)}")
+    return value
+
+
+def check_group_size(value: Any) -> Optional[int]:
+    """None (the default, 32) or an int4 group size: 32, 64 or 128."""
+    from llama.quantize import GROUP_SIZES
+
+    if value is not None and (isinstance(value, bool) or value not in GROUP_SIZES):
+        raise ArgumentValueError("group_size", f"group_size must be one of {GROUP_SIZES} "
+                                               f"(int4 only), got {_got(value)}")
+    return value
+
+
 CHECKS: Dict[str, Callable[[Any], Any]] = {
     "ckpt_dir": lambda v: None if v is None else check_path("ckpt_dir", v),
     "tokenizer_path": lambda v: None if v is None else check_path("tokenizer_path", v),
@@ -162,6 +183,8 @@ CHECKS: Dict[str, Callable[[Any], Any]] = {
     "device": check_device,
     "dtype": check_dtype,
     "stop": check_stop,
+    "quantize": check_quantize,
+    "group_size": check_group_size,
     **{name: partial(check_bool, name)
        for name in ("verify", "verbose", "logprobs", "echo", "stream", "show_speed")},
 }

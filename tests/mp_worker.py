@@ -1,5 +1,6 @@
 """Run by tests under torchrun (or plain python): build from a checkpoint, generate greedily,
-and write what rank 0 saw to a JSON file. Optional 4th and 5th arguments: device, dtype."""
+and write what rank 0 saw to a JSON file. Optional 4th to 6th arguments: device, dtype,
+quantize ("" for the default)."""
 
 import json
 import sys
@@ -14,9 +15,11 @@ PROMPTS = ["The meaning of life is", "Simply put, the theory of relativity state
            "x", "上下五千年，英雄万万千。"]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, out_path: str, device=None, dtype=None):
+def main(ckpt_dir: str, tokenizer_path: str, out_path: str, device=None, dtype=None,
+         quantize=None):
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4,
-                            device=device, dtype=dtype)
+                            device=device or None, dtype=dtype or None,
+                            quantize=quantize or None)
     world = dist.get_world_size()
     completions = generator.text_completion(PROMPTS, temperature=0, max_gen_len=16,
                                             logprobs=True)
@@ -40,5 +43,5 @@ def main(ckpt_dir: str, tokenizer_path: str, out_path: str, device=None, dtype=N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])  # ckpt_dir tokenizer_path out_path [device dtype]
+    main(*sys.argv[1:])  # ckpt_dir tokenizer_path out_path [device dtype quantize]
     shutdown()
