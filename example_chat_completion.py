@@ -24,9 +24,9 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    verify: bool = False,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
-    verify: bool = False,
 ):
     """Answer four dialogs: prints every message as `Role: content`, then `> Assistant: ...`.
 
@@ -42,10 +42,11 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
-        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
-            memory, faster decoding; default: none, the checkpoint's precision)
-        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         verify: check the files' md5 sums against checklist.chk before loading
+        quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
+            (less memory, faster decoding); none keeps the checkpoint's precision
+        group_size: int4 only: how many input columns share a scale: 32, 64 or 128
+            (default: 32)
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)

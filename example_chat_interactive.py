@@ -57,10 +57,10 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
-    group_size: Optional[int] = None,
     seed: int = 1,
     show_speed: bool = False,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ):
     """Chat in the terminal; answers are printed as they are generated.
 
@@ -80,11 +80,12 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
-        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
-            memory, faster decoding; default: none, the checkpoint's precision)
-        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         seed: seed of the random numbers used for sampling
         show_speed: report each answer's tokens per second on stderr
+        quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
+            (less memory, faster decoding); none keeps the checkpoint's precision
+        group_size: int4 only: how many input columns share a scale: 32, 64 or 128
+            (default: 32)
     """
     # Keep room for an answer: the prompt may use what is left after it.
     reply_room = max_gen_len or max(16, max_seq_len // 4)

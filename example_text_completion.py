@@ -23,11 +23,11 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
-    group_size: Optional[int] = None,
     verify: bool = False,
     stream: bool = False,
     show_speed: bool = False,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ):
     """Complete four prompts: prints each prompt, then `> ` and its completion.
 
@@ -42,12 +42,13 @@ def main(
         device: cpu or cuda (default: cuda if there is a GPU, else cpu)
         dtype: float32, bfloat16 or float16 (default: half precision on a GPU, float32 on
             the CPU)
-        quantize: int8 or int4: weights in 8 or 4 bits, quantized while loading (less
-            memory, faster decoding; default: none, the checkpoint's precision)
-        group_size: int4 only: input columns sharing a scale, 32, 64 or 128 (default 32)
         verify: check the files' md5 sums against checklist.chk before loading
         stream: print each completion as it is generated
         show_speed: report tokens per second on stderr
+        quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
+            (less memory, faster decoding); none keeps the checkpoint's precision
+        group_size: int4 only: how many input columns share a scale: 32, 64 or 128
+            (default: 32)
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)

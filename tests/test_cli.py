@@ -52,7 +52,7 @@ def test_flags_are_read_as_fire_reads_them(text_main, chat_main):
     (["-s", "1"], r"unknown flag -s"),  # -s could be --stream or --show_speed
     (["--", "--help"], r"unknown flag --"),
     (["a", "b", "0.6", "0.9", "128", "64", "4", "cpu", "float32", "False", "False", "False",
-      "extra"], r"unexpected argument 'extra'"),
+      "int4", "32", "extra"], r"unexpected argument 'extra'"),
 ])
 def test_unknown_flags_and_extra_values_are_refused(text_main, argv, message):
     with pytest.raises(UsageError, match=message):

@@ -296,7 +296,8 @@ def test_quiet_other_ranks_can_be_turned_off(checkpoints, tokenizer_path, tmp_pa
         "import sys\n"
         f"g = Llama.build({checkpoints('gqa', 2)!r}, {tokenizer_path!r}, 32, 1, "
         f"quiet_other_ranks=sys.argv[1] == 'quiet', verbose=False)\n"
-        "print(f'rank {dist.get_rank()} here', flush=True)\n"
+        "sys.stdout.write(f'rank {dist.get_rank()} here\\n')  # one write: lines never mix\n"
+        "sys.stdout.flush()\n"
         "shutdown()\n")
     for mode, lines in (("quiet", {"rank 0 here"}), ("loud", {"rank 0 here", "rank 1 here"})):
         result = run_script([str(script), mode], nproc=2)
