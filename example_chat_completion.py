@@ -45,8 +45,7 @@ def main(
         verify: check the files' md5 sums against checklist.chk before loading
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
-        group_size: int4 only: how many input columns share a scale: 32, 64 or 128
-            (default: 32)
+        group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)

@@ -84,8 +84,7 @@ def main(
         show_speed: report each answer's tokens per second on stderr
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
-        group_size: int4 only: how many input columns share a scale: 32, 64 or 128
-            (default: 32)
+        group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
     """
     # Keep room for an answer: the prompt may use what is left after it.
     reply_room = max_gen_len or max(16, max_seq_len // 4)
