@@ -1,0 +1,425 @@
+"""Quality of quantized weights (issue #14): what int8 and int4 cost against float32.
+
+    python benchmarks/quant_quality.py            # both parts, ~10 min on 2 busy cores
+    python benchmarks/quant_quality.py --quick    # a smoke run of every code path, ~1 min
+    python benchmarks/quant_quality.py --part demo|outliers
+
+1. The bundled demo model (llama/demo_model, trained) on held-out `pydoc_data` text: the
+   windows its training script evaluates (BOS + 256 tokens, all 33 that the held-out pages
+   fill). Perplexity of float32 and of each format, the ratio to float32 with its standard
+   error over windows (the paired per-window log-ratios), mean KL(float32 || quantized) of
+   the next-token distributions at the same positions, and top-1 agreement. Then greedy
+   decoding (64 tokens) of example_text_completion.py's four prompts and of
+   example_chat_completion.py's four dialogs (their token ids as chat_completion builds
+   them, one batch of four as the scripts run them): tokens matching before the first
+   difference, and position-by-position agreement.
+2. A random model of bench.py's S shape (dim 768, 12 layers, vocab 32000) with planted
+   outlier channels, teacher-forced on random tokens: top-1 agreement and KL against its own
+   float32 model for our weight-only int8 and int4, and for W8A8 foils that also quantize
+   every product's activations to int8: one scale per activation tensor (per call) or one
+   per token. The foils live here only; they run our int8 weights.
+
+Products run the library's routes (llama/linear.py); which ones ran, with their activation
+dtypes, is printed under each table. Seeds are fixed. Output is markdown tables.
+"""
+
+import argparse
+import ast
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import llama.linear as lin  # noqa: E402
+from llama import Llama  # noqa: E402
+from llama.args import ModelArgs  # noqa: E402
+from llama.chat_format import dialog_to_tokens  # noqa: E402
+from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, heldout_windows  # noqa: E402
+from llama.distributed import init_process_groups  # noqa: E402
+from llama.fixtures import random_weights  # noqa: E402
+from llama.model import Transformer  # noqa: E402
+from llama.quantize import group_sizes_for, is_quantized, quantize  # noqa: E402
+
+DEMO_WINDOW = 257  # BOS + 256 tokens: scripts/train_demo_model.py's evaluation windows
+GREEDY_TOKENS = 64
+FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+S_SHAPE = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000)  # bench.py's S
+OUTLIER_SCALES = (50.0, 66.7, 83.3, 100.0)  # 4 channels, as docs/QUANTIZATION.md's study
+# Products whose input is an RMSNorm's output, by the norm that feeds them.
+NORM_READERS = {"attention_norm": ("attention.wq", "attention.wk", "attention.wv"),
+                "ffn_norm": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def label(mode: Optional[str], group: Optional[int]) -> str:
+    return "float32" if mode is None else mode if group is None else f"{mode} g{group}"
+
+
+# ------------------------------------------------------------------------- routes
+@contextmanager
+def routes():
+    """Counts what the packed weights' products ran, by route and activation dtype, from the
+    kernels and helpers llama/linear.py calls (names as of this writing; a product that
+    reached none of them is counted as 'other')."""
+    counts: Dict[str, int] = {}
+    seen = [False]
+
+    def count(name, x):
+        key = f"{name}, {str(x.dtype).replace('torch.', '')} activations"
+        counts[key] = counts.get(key, 0) + 1
+        seen[0] = True
+
+    def wrap(owner, attr, name):
+        original = getattr(owner, attr, None)
+        if original is None:
+            return None
+
+        def wrapped(x, *rest, **kw):
+            count(name(rest) if callable(name) else name, x)
+            return original(x, *rest, **kw)
+        setattr(owner, attr, wrapped)
+        return original
+
+    def product_of(cls):
+        def product(self, x):
+            seen[0] = False
+            out = original_product[cls](self, x)
+            if not seen[0]:
+                count(f"{cls.__name__}: other", x)
+            return out
+        return product
+
+    patched = [(torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
+               (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
+               (torch, "_weight_int4pack_mm", "int4 kernel _weight_int4pack_mm (CUDA)"),
+               (lin, "_by_row_blocks", lambda rest: "dequantised bf16 GEMM ("
+                + type(rest[0].__self__).__name__ + ")")]
+    originals = [(owner, attr, wrap(owner, attr, name)) for owner, attr, name in patched]
+    original_product = {cls: cls.product for cls in (lin.PackedInt8, lin.PackedInt4)}
+    for cls in original_product:
+        cls.product = product_of(cls)
+    try:
+        yield counts
+    finally:
+        for cls, product in original_product.items():
+            cls.product = product
+        for owner, attr, original in originals:
+            if original is not None:
+                setattr(owner, attr, original)
+
+
+def routes_line(counts: Dict[str, int]) -> str:
+    return "; ".join(f"{name}: {n}" for name, n in sorted(counts.items())) or "none"
+
+
+# ------------------------------------------------------------------------- metrics
+def distributions(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Mean KL(ref || got) of the next-token distributions, top-1 agreement, and the logits'
+    relative difference; ref, got: logits (rows, positions, vocab)."""
+    lp_ref, lp = ref.log_softmax(-1), got.log_softmax(-1)
+    return dict(kl=float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean()),
+                top1=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+                rel=float((got - ref).norm() / ref.norm()))
+
+
+def perplexities(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Perplexity of `got`, its ratio to `ref`'s and the ratio's standard error over windows
+    (of the paired per-window log-ratios); targets (windows, positions)."""
+    nll_ref = F.cross_entropy(ref.transpose(1, 2), targets, reduction="none").mean(1)
+    nll = F.cross_entropy(got.transpose(1, 2), targets, reduction="none").mean(1)
+    diff = nll - nll_ref
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return dict(ppl=math.exp(nll.mean()), ratio=math.exp(diff.mean()), se=se)
+
+
+def agreement(ref: List[int], got: List[int], n: int):
+    """(tokens equal before the first difference, share of the n positions equal)."""
+    prefix = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref),
+                                                                            len(got)))
+    same = sum(a == b for a, b in zip(ref[:n], got[:n]))
+    return prefix, same / n
+
+
+# ------------------------------------------------------------------------- demo model
+def example_inputs():
+    """The prompts of example_text_completion.py and the dialogs of example_chat_completion.py,
+    read from the scripts themselves (literals inside their main())."""
+    def literal(script: str, name: str):
+        for node in ast.walk(ast.parse((REPO / script).read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                    return ast.literal_eval(node.value)
+        raise LookupError(f"{script} assigns no {name}")
+    return (literal("example_text_completion.py", "prompts"),
+            literal("example_chat_completion.py", "dialogs"))
+
+
+def build_demo(mode=None, group=None) -> Llama:
+    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=512, max_batch_size=4,
+                       verbose=False, device="cpu", quantize=mode, group_size=group)
+
+
+def window_logits(llama: Llama, windows: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Logits of positions 0..n-2 of each window (predicting tokens 1..n-1), in prefills of
+    `chunk` windows as the training script evaluates them."""
+    out = []
+    for i in range(0, len(windows), chunk):
+        batch = windows[i: i + chunk]
+        out.append(llama.model.forward(batch, 0, llama.model.new_cache(*batch.shape))[:, :-1])
+    return torch.cat(out)
+
+
+def greedy(llama: Llama, prompt_tokens: List[List[int]], n: int) -> List[List[int]]:
+    tokens, _ = llama.generate(prompt_tokens, max_gen_len=n, temperature=0.0)
+    return tokens
+
+
+def demo_part(quick: bool) -> None:
+    float_model = build_demo()
+    tok = float_model.tokenizer
+    windows = torch.tensor(heldout_windows(tok, DEMO_WINDOW, 4 if quick else None))
+    targets = windows[:, 1:]
+    n_gen = 16 if quick else GREEDY_TOKENS
+    prompts, dialogs = example_inputs()
+    inputs = {"text": [tok.encode(p, bos=True, eos=False) for p in prompts],
+              "chat": [dialog_to_tokens(d, tok.encode, i) for i, d in enumerate(dialogs)]}
+    print(f"\n## Demo model: held-out pydoc_data, {len(windows)} windows of BOS + "
+          f"{DEMO_WINDOW - 1} tokens ({targets.numel()} predicted tokens)\n")
+    ref = window_logits(float_model, windows)
+    ref_greedy = {kind: greedy(float_model, tokens, n_gen) for kind, tokens in inputs.items()}
+    # The chat ids are those chat_completion generates: its answers are their decoding.
+    answers = float_model.chat_completion(dialogs, temperature=0.0, max_gen_len=n_gen)
+    if [a["generation"]["content"] for a in answers] != [tok.decode(t)
+                                                          for t in ref_greedy["chat"]]:
+        raise RuntimeError("chat_completion's answers are not generate()'s tokens decoded")
+    print("| weights | perplexity | ratio to float32 (± s.e.) | mean KL(float32 ‖ q) "
+          "| top-1 agreement | text: prefix / agreement | chat: prefix / agreement |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| float32 | {perplexities(ref, ref, targets)['ppl']:.2f} | 1 | 0 | 1 "
+          f"| {n_gen} / 1 | {n_gen} / 1 |")
+    hidden = float_model.model.params.ffn_hidden_dim
+    per_prompt, route_lines = {}, []
+    for mode, group in FORMATS:
+        name = label(mode, group)
+        if group is not None and group not in group_sizes_for(hidden):
+            print(f"| {name} | n/a: w2's {hidden} input columns are not a multiple of {group} "
+                  f"| | | | | |")
+            continue
+        llama = build_demo(mode, group)
+        with routes() as window_routes:
+            got = window_logits(llama, windows)
+        ppl, dist = perplexities(ref, got, targets), distributions(ref, got)
+        with routes() as greedy_routes:
+            pairs = {kind: [agreement(want, have, n_gen) for want, have in
+                            zip(ref_greedy[kind], greedy(llama, tokens, n_gen))]
+                     for kind, tokens in inputs.items()}
+        per_prompt[name] = pairs["text"] + pairs["chat"]
+        cells = [f"{sum(p for p, _ in pairs[kind]) / len(pairs[kind]):.1f} / "
+                 f"{sum(a for _, a in pairs[kind]) / len(pairs[kind]):.3f}" for kind in inputs]
+        print(f"| {name} | {ppl['ppl']:.2f} | {ppl['ratio']:.4f} (± {ppl['se']:.4f}) "
+              f"| {dist['kl']:.2e} | {dist['top1']:.4f} | {cells[0]} | {cells[1]} |",
+              flush=True)
+        route_lines.append(f"- {name}: windows: {routes_line(window_routes)}; greedy: "
+                           f"{routes_line(greedy_routes)}")
+    print(f"\nGreedy decoding, {n_gen} tokens: matching prefix (agreement) per prompt, the "
+          f"four text prompts then the four dialogs:\n")
+    for name, pairs in per_prompt.items():
+        print(f"- {name}: " + ", ".join(f"{p} ({a:.2f})" for p, a in pairs))
+    print("\nRoutes that ran (calls per route):\n")
+    print("\n".join(route_lines))
+
+
+# ------------------------------------------------------------------------- S with outliers
+class ActivationInt8:
+    """W8A8, the foil: our int8 weight (its int8 values and row scales) times activations
+    rounded to int8 as well, with one scale for the whole activation tensor of a product call
+    ("tensor") or one per token ("token"); absmax / 127, as LLM.int8()'s vector-wise and
+    dynamic per-tensor schemes do. Computed in float32 (the integer sums are exact up to
+    float32 rounding)."""
+
+    def __init__(self, packed, per: str):
+        self.per, self.device, self.dtype = per, packed.device, torch.float32
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.q = packed.weight[:, : packed.in_features].to(torch.float32)  # (out, in)
+        self.scales = packed.scales.to(torch.float32)  # (out,)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)  # (rows, in)
+        absmax = x2.abs().amax() if self.per == "tensor" else x2.abs().amax(1, keepdim=True)
+        sx = (absmax / 127).clamp(min=1e-12)
+        xq = torch.round(x2 / sx).clamp_(-127, 127)
+        out = (xq @ self.q.t()) * sx * self.scales
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def use_activation_int8(model: Transformer, per: str) -> None:
+    """Every packed int8 product of `model` as ActivationInt8."""
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        a._qkv.set_packed(ActivationInt8(a._qkv.packed, per))
+        f._w13.set_packed(ActivationInt8(f._w13.packed, per))
+        a.wo.weight = ActivationInt8(a.wo.weight, per)
+        f.w2.weight = ActivationInt8(f.w2.weight, per)
+    model.output.weight = ActivationInt8(model.output.weight, per)
+
+
+def plant_outliers(state: Dict[str, torch.Tensor], dims: torch.Tensor, scales: torch.Tensor,
+                   compensate: bool = True) -> Dict[str, torch.Tensor]:
+    """A copy of a float state dict whose products that read an RMSNorm's output (wq, wk, wv,
+    w1, w3, output) see channels `dims` `scales` times larger: those channels of every norm's
+    weight are multiplied by them. With `compensate`, the same input columns of the products
+    are divided by them, so the float model computes what it did (SmoothQuant's smoothing,
+    run backwards); without, the model changes and the channels dominate every product."""
+    out = dict(state)
+    readers = [("norm.weight", ["output.weight"])] + [
+        (f"layers.{i}.{norm}.weight", [f"layers.{i}.{p}.weight" for p in products])
+        for i in range(sum(k.endswith("attention_norm.weight") for k in state))
+        for norm, products in NORM_READERS.items()]
+    for norm, products in readers:
+        out[norm] = state[norm].clone()
+        out[norm][dims] *= scales
+        for name in products if compensate else ():
+            out[name] = state[name].clone()
+            out[name][:, dims] /= scales
+    return out
+
+
+def quantized_state(state, mode: str, group: Optional[int]) -> dict:
+    """The state dict with the library's saved formats for the quantized tensors: what
+    Llama.build(quantize=...) builds on one process (llama/loading.py's quantizer)."""
+    return {k: quantize(v, mode, group or 32, name=k) if is_quantized(k) else v
+            for k, v in state.items()}
+
+
+def s_model(args: ModelArgs, state: dict, per: Optional[str] = None) -> Transformer:
+    model = Transformer.from_state_dict(args, dict(state))  # (it rearranges its argument)
+    if per is not None:
+        use_activation_int8(model, per)
+    return model
+
+
+def s_logits(model: Transformer, tokens: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([model.forward(tokens[i: i + chunk], 0,
+                                    model.new_cache(len(tokens[i: i + chunk]), tokens.shape[1]))
+                      for i in range(0, len(tokens), chunk)])
+
+
+def input_outlier_ratio(model: Transformer, tokens: torch.Tensor, dims: torch.Tensor) -> str:
+    """Mean |x| of the planted channels over that of the others, in the inputs of layer 0's
+    and the last layer's q/k/v product (measured with a pre-hook on their Attention)."""
+    ratios = []
+
+    def hook(module, inputs):
+        x = inputs[0].abs().flatten(0, -2)
+        others = torch.ones(x.shape[-1], dtype=torch.bool)
+        others[dims] = False
+        ratios.append((x[:, dims].mean(0) / x[:, others].mean()).tolist())
+
+    handles = [model.layers[i].attention.register_forward_pre_hook(hook) for i in (0, -1)]
+    model.forward(tokens[:1], 0, model.new_cache(1, tokens.shape[1]))
+    for handle in handles:
+        handle.remove()
+    return "; ".join(f"layer {i}: " + ", ".join(f"{r:.0f}x" for r in rs)
+                     for i, rs in zip((0, len(model.layers) - 1), ratios))
+
+
+def outlier_part(quick: bool, plants: List[str]) -> None:
+    init_process_groups(torch.device("cpu"), 1, announce=False)
+    bsz, seqlen, chunk = (2, 32, 2) if quick else (8, 128, 2)
+    shape = dict(S_SHAPE, n_layers=2) if quick else S_SHAPE
+    args = ModelArgs(**shape, max_seq_len=seqlen, max_batch_size=chunk)
+    base = {k: v.float() for k, v in random_weights(args, seed=0).items() if k != "rope.freqs"}
+    dims = torch.randperm(args.dim, generator=torch.Generator().manual_seed(1))[:4]
+    scales = torch.tensor(OUTLIER_SCALES)
+    tokens = torch.randint(3, args.vocab_size, (bsz, seqlen),
+                           generator=torch.Generator().manual_seed(2))
+    schemes = [("int8 weight-only (ours)", "int8", None, None),
+               ("int4 g32 weight-only (ours)", "int4", 32, None),
+               ("int4 g128 weight-only (ours)", "int4", 128, None),
+               ("W8A8, one activation scale per tensor (foil)", "int8", None, "tensor"),
+               ("W8A8, one activation scale per token (foil)", "int8", None, "token")]
+    if quick:
+        schemes = [s for s in schemes if s[2] != 128]
+    print(f"\n## Random S model (dim 768, {args.n_layers} layers, vocab 32000; random_weights "
+          f"seed 0): {bsz} sequences of {seqlen} random tokens, teacher-forced in prefills of "
+          f"{chunk} sequences ({bsz * seqlen} positions)\n")
+    print(f"Planted channels {dims.tolist()}, x{', x'.join(f'{s:g}' for s in OUTLIER_SCALES)}."
+          f" 'margin > 1': positions where float32's top two logits differ by more than 1.\n")
+    titles = {"none": "no outliers (control)",
+              "compensated": "outliers, compensated: the same float function as the control",
+              "uncompensated": "outliers, uncompensated: the channels dominate every product"}
+    control = None
+    for plant in plants:
+        state = base if plant == "none" else plant_outliers(base, dims, scales,
+                                                            plant == "compensated")
+        float_model = s_model(args, state)
+        ref = s_logits(float_model, tokens, chunk)
+        probs = ref.softmax(-1)
+        top2 = ref.topk(2, -1).values
+        confident = (top2[..., 0] - top2[..., 1]) > 1
+        notes = [f"float32: mean top-1 probability {probs.amax(-1).mean():.2f}, "
+                 f"{confident.float().mean():.0%} of positions with margin > 1"]
+        if control is None:
+            control = ref
+        else:
+            notes.append(f"relative logit difference to the control's float32 "
+                         f"{float((ref - control).norm() / control.norm()):.1e}")
+        if plant != "none":
+            notes.append("products' inputs, planted channels' mean |x| over the others': "
+                         + input_outlier_ratio(float_model, tokens, dims))
+        del float_model
+        print(f"### {titles[plant]}\n\n" + "".join(f"- {n}\n" for n in notes))
+        print("| scheme | top-1 agreement | top-1, margin > 1 | mean KL(float32 ‖ q) "
+              "| relative logit error |")
+        print("|---|---|---|---|---|")
+        seen, quantized = {}, {}
+        for name, mode, group, per in schemes:
+            if (mode, group) not in quantized:  # the foils reuse the int8 weights
+                quantized = {(mode, group): quantized_state(state, mode, group)}
+            with routes() as counts:
+                got = s_logits(s_model(args, quantized[mode, group], per), tokens, chunk)
+            m = distributions(ref, got)
+            agree = ref.argmax(-1) == got.argmax(-1)
+            print(f"| {name} | {m['top1']:.3f} | {agree[confident].float().mean():.3f} "
+                  f"| {m['kl']:.3g} | {m['rel']:.3f} |", flush=True)
+            seen[name] = routes_line(counts)
+        print("\nRoutes (calls): " + "; ".join(f"{k.split(' (')[0]}: {v}"
+                                               for k, v in seen.items()) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 windows, "
+                        "16 greedy tokens; S with 2 layers, 2 x 32 tokens, no g128")
+    parser.add_argument("--part", choices=["demo", "outliers", "both"], default="both")
+    parser.add_argument("--plants", nargs="+", default=["none", "compensated"],
+                        choices=["none", "compensated", "uncompensated"])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    start = time.time()
+    print("`" + " ".join(["python benchmarks/quant_quality.py"] + sys.argv[1:]) + "`")
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
+    with torch.inference_mode():
+        if args.part in ("demo", "both"):
+            demo_part(args.quick)
+        if args.part in ("outliers", "both"):
+            outlier_part(args.quick, args.plants)
+    print(f"\n{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
