@@ -67,54 +67,43 @@ def label(mode: Optional[str], group: Optional[int]) -> str:
 # ------------------------------------------------------------------------- routes
 @contextmanager
 def routes():
-    """Counts what the packed weights' products ran, by route and activation dtype, from the
-    kernels and helpers llama/linear.py calls (names as of this writing; a product that
-    reached none of them is counted as 'other')."""
+    """Counts the packed weights' products by the route they took and the dtype of its
+    activations, from the kernels and helpers llama/linear.py calls (their names as of this
+    writing; a product that reached none of them counts as 'other')."""
     counts: Dict[str, int] = {}
-    seen = [False]
 
-    def count(name, x):
-        key = f"{name}, {str(x.dtype).replace('torch.', '')} activations"
-        counts[key] = counts.get(key, 0) + 1
-        seen[0] = True
+    def spy(original, name):
+        def wrapped(x, *rest):
+            key = f"{name(*rest) if callable(name) else name}, {str(x.dtype)[6:]} activations"
+            counts[key] = counts.get(key, 0) + 1
+            return original(x, *rest)
+        return wrapped
 
-    def wrap(owner, attr, name):
-        original = getattr(owner, attr, None)
-        if original is None:
-            return None
-
-        def wrapped(x, *rest, **kw):
-            count(name(rest) if callable(name) else name, x)
-            return original(x, *rest, **kw)
-        setattr(owner, attr, wrapped)
-        return original
-
-    def product_of(cls):
-        def product(self, x):
-            seen[0] = False
-            out = original_product[cls](self, x)
-            if not seen[0]:
-                count(f"{cls.__name__}: other", x)
+    def product(original, cls):
+        def wrapped(self, x):
+            before = sum(counts.values())
+            out = original(self, x)
+            if sum(counts.values()) == before:
+                spy(lambda x: None, f"{cls.__name__}: other")(x)
             return out
-        return product
+        return wrapped
 
-    patched = [(torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
-               (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
-               (torch, "_weight_int4pack_mm", "int4 kernel _weight_int4pack_mm (CUDA)"),
-               (lin, "_by_row_blocks", lambda rest: "dequantised bf16 GEMM ("
-                + type(rest[0].__self__).__name__ + ")")]
-    originals = [(owner, attr, wrap(owner, attr, name)) for owner, attr, name in patched]
-    original_product = {cls: cls.product for cls in (lin.PackedInt8, lin.PackedInt4)}
-    for cls in original_product:
-        cls.product = product_of(cls)
+    spies = [(torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
+             (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
+             (lin, "_by_row_blocks", lambda block_t, n: "dequantised bf16 GEMM ("
+              + type(block_t.__self__).__name__ + ")")]
+    spies = [(owner, attr, spy(getattr(owner, attr), name)) for owner, attr, name in spies
+             if hasattr(owner, attr)]
+    spies += [(cls, "product", product(cls.product, cls))
+              for cls in (lin.PackedInt8, lin.PackedInt4)]
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
+    for owner, attr, wrapped in spies:
+        setattr(owner, attr, wrapped)
     try:
         yield counts
     finally:
-        for cls, product in original_product.items():
-            cls.product = product
         for owner, attr, original in originals:
-            if original is not None:
-                setattr(owner, attr, original)
+            setattr(owner, attr, original)
 
 
 def routes_line(counts: Dict[str, int]) -> str:
@@ -164,9 +153,21 @@ def example_inputs():
             literal("example_chat_completion.py", "dialogs"))
 
 
-def build_demo(mode=None, group=None) -> Llama:
-    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=512, max_batch_size=4,
-                       verbose=False, device="cpu", quantize=mode, group_size=group)
+def build_demo(mode=None, group=None, dequantized=False) -> Llama:
+    """The demo model with quantized weights (the library's packed products), or with
+    `dequantized`, a float32 model holding those weights' dequantized values: the same weights
+    with float32 activations, which separates the weights' error from that of the bfloat16
+    activations the CPU routes take."""
+    llama = Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=512, max_batch_size=4,
+                        verbose=False, device="cpu",
+                        quantize=None if dequantized else mode, group_size=None if
+                        dequantized else group)
+    if dequantized:
+        with torch.no_grad():  # the parameters, in place
+            for name, param in llama.model.named_parameters():
+                if is_quantized(name):
+                    param.copy_(quantize(param.float(), mode, group or 32).dequantize())
+    return llama
 
 
 def window_logits(llama: Llama, windows: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -184,6 +185,14 @@ def greedy(llama: Llama, prompt_tokens: List[List[int]], n: int) -> List[List[in
     return tokens
 
 
+def top2_gap(llama: Llama, tokens: List[int]) -> float:
+    """float32's lead of its first choice over its second for the token after `tokens`."""
+    logits = llama.model.forward(torch.tensor([tokens]), 0,
+                                 llama.model.new_cache(1, len(tokens)))[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
 def demo_part(quick: bool) -> None:
     float_model = build_demo()
     tok = float_model.tokenizer
@@ -191,16 +200,16 @@ def demo_part(quick: bool) -> None:
     targets = windows[:, 1:]
     n_gen = 16 if quick else GREEDY_TOKENS
     prompts, dialogs = example_inputs()
-    inputs = {"text": [tok.encode(p, bos=True, eos=False) for p in prompts],
-              "chat": [dialog_to_tokens(d, tok.encode, i) for i, d in enumerate(dialogs)]}
+    inputs = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    inputs += [dialog_to_tokens(d, tok.encode, i) for i, d in enumerate(dialogs)]
     print(f"\n## Demo model: held-out pydoc_data, {len(windows)} windows of BOS + "
           f"{DEMO_WINDOW - 1} tokens ({targets.numel()} predicted tokens)\n")
     ref = window_logits(float_model, windows)
-    ref_greedy = {kind: greedy(float_model, tokens, n_gen) for kind, tokens in inputs.items()}
+    # one batch of four each, as the example scripts run them
+    ref_greedy = greedy(float_model, inputs[:4], n_gen) + greedy(float_model, inputs[4:], n_gen)
     # The chat ids are those chat_completion generates: its answers are their decoding.
     answers = float_model.chat_completion(dialogs, temperature=0.0, max_gen_len=n_gen)
-    if [a["generation"]["content"] for a in answers] != [tok.decode(t)
-                                                          for t in ref_greedy["chat"]]:
+    if [a["generation"]["content"] for a in answers] != [tok.decode(t) for t in ref_greedy[4:]]:
         raise RuntimeError("chat_completion's answers are not generate()'s tokens decoded")
     print("| weights | perplexity | ratio to float32 (± s.e.) | mean KL(float32 ‖ q) "
           "| top-1 agreement | text: prefix / agreement | chat: prefix / agreement |")
@@ -208,34 +217,46 @@ def demo_part(quick: bool) -> None:
     print(f"| float32 | {perplexities(ref, ref, targets)['ppl']:.2f} | 1 | 0 | 1 "
           f"| {n_gen} / 1 | {n_gen} / 1 |")
     hidden = float_model.model.params.ffn_hidden_dim
-    per_prompt, route_lines = {}, []
-    for mode, group in FORMATS:
-        name = label(mode, group)
+    per_prompt, gaps, route_lines = {}, [], []
+    variants = [(mode, group, False) for mode, group in FORMATS]
+    variants[1:1] = [("int8", None, True)]
+    variants[3:3] = [("int4", 32, True)]
+    for mode, group, dequantized in variants:
+        name = label(mode, group) + (", float32 activations" if dequantized else "")
         if group is not None and group not in group_sizes_for(hidden):
             print(f"| {name} | n/a: w2's {hidden} input columns are not a multiple of {group} "
                   f"| | | | | |")
             continue
-        llama = build_demo(mode, group)
+        llama = build_demo(mode, group, dequantized)
         with routes() as window_routes:
             got = window_logits(llama, windows)
         ppl, dist = perplexities(ref, got, targets), distributions(ref, got)
         with routes() as greedy_routes:
-            pairs = {kind: [agreement(want, have, n_gen) for want, have in
-                            zip(ref_greedy[kind], greedy(llama, tokens, n_gen))]
-                     for kind, tokens in inputs.items()}
-        per_prompt[name] = pairs["text"] + pairs["chat"]
-        cells = [f"{sum(p for p, _ in pairs[kind]) / len(pairs[kind]):.1f} / "
-                 f"{sum(a for _, a in pairs[kind]) / len(pairs[kind]):.3f}" for kind in inputs]
+            generated = greedy(llama, inputs[:4], n_gen) + greedy(llama, inputs[4:], n_gen)
+        pairs = [agreement(want, have, n_gen) for want, have in zip(ref_greedy, generated)]
+        gaps += [top2_gap(float_model, prompt + want[:prefix]) for prompt, want, (prefix, _)
+                 in zip(inputs, ref_greedy, pairs) if prefix < n_gen]
+        per_prompt[name] = pairs
+        cells = [f"{sum(p for p, _ in half) / 4:.1f} / {sum(a for _, a in half) / 4:.3f}"
+                 for half in (pairs[:4], pairs[4:])]
         print(f"| {name} | {ppl['ppl']:.2f} | {ppl['ratio']:.4f} (± {ppl['se']:.4f}) "
               f"| {dist['kl']:.2e} | {dist['top1']:.4f} | {cells[0]} | {cells[1]} |",
               flush=True)
-        route_lines.append(f"- {name}: windows: {routes_line(window_routes)}; greedy: "
-                           f"{routes_line(greedy_routes)}")
+        if not dequantized:
+            route_lines.append(f"- {name}: windows: {routes_line(window_routes)}; greedy: "
+                               f"{routes_line(greedy_routes)}")
     print(f"\nGreedy decoding, {n_gen} tokens: matching prefix (agreement) per prompt, the "
           f"four text prompts then the four dialogs:\n")
     for name, pairs in per_prompt.items():
         print(f"- {name}: " + ", ".join(f"{p} ({a:.2f})" for p, a in pairs))
-    print("\nRoutes that ran (calls per route):\n")
+    gaps.sort()
+    if gaps:
+        print(f"\nAt the {len(gaps)} first differences, float32's top choice led its second by "
+              f"{gaps[0]:.2f} to {gaps[-1]:.2f} logits (median {gaps[len(gaps) // 2]:.2f}); "
+              f"over the held-out windows the median lead is "
+              f"{float((lambda t: t[..., 0] - t[..., 1])(ref.topk(2, -1).values).median()):.2f}.")
+    print("\nRoutes that ran (calls per route; the float32-activation rows run float32 "
+          "products):\n")
     print("\n".join(route_lines))
 
 
@@ -302,8 +323,13 @@ def quantized_state(state, mode: str, group: Optional[int]) -> dict:
 
 
 def s_model(args: ModelArgs, state: dict, per: Optional[str] = None) -> Transformer:
+    """The model of `state`; per="float32": its quantized weights dequantized into a float32
+    model; "tensor" or "token": its int8 weights as W8A8 foils (ActivationInt8)."""
+    if per == "float32":
+        state = {k: v if isinstance(v, torch.Tensor) else v.dequantize()
+                 for k, v in state.items()}
     model = Transformer.from_state_dict(args, dict(state))  # (it rearranges its argument)
-    if per is not None:
+    if per in ("tensor", "token"):
         use_activation_int8(model, per)
     return model
 
@@ -314,87 +340,90 @@ def s_logits(model: Transformer, tokens: torch.Tensor, chunk: int) -> torch.Tens
                       for i in range(0, len(tokens), chunk)])
 
 
-def input_outlier_ratio(model: Transformer, tokens: torch.Tensor, dims: torch.Tensor) -> str:
-    """Mean |x| of the planted channels over that of the others, in the inputs of layer 0's
-    and the last layer's q/k/v product (measured with a pre-hook on their Attention)."""
+def input_outlier_ratios(model: Transformer, tokens: torch.Tensor, dims: torch.Tensor) -> str:
+    """Mean |x| of the planted channels over that of the others, in the inputs of the first
+    and the last layer's q/k/v product (seen by a pre-hook on their Attention)."""
     ratios = []
 
     def hook(module, inputs):
-        x = inputs[0].abs().flatten(0, -2)
+        x = inputs[0].abs().flatten(0, -2)  # (tokens, dim)
         others = torch.ones(x.shape[-1], dtype=torch.bool)
         others[dims] = False
-        ratios.append((x[:, dims].mean(0) / x[:, others].mean()).tolist())
+        ratios.append(", ".join(f"{r:.0f}x" for r in x[:, dims].mean(0) / x[:, others].mean()))
 
     handles = [model.layers[i].attention.register_forward_pre_hook(hook) for i in (0, -1)]
     model.forward(tokens[:1], 0, model.new_cache(1, tokens.shape[1]))
     for handle in handles:
         handle.remove()
-    return "; ".join(f"layer {i}: " + ", ".join(f"{r:.0f}x" for r in rs)
-                     for i, rs in zip((0, len(model.layers) - 1), ratios))
+    return f"first layer {ratios[0]}; last layer {ratios[1]}"
+
+
+PLANTS = {"none": "no outliers (control)",
+          "compensated": "outliers, compensated: the same float function as the control",
+          "uncompensated": "outliers, uncompensated: the channels dominate every product"}
 
 
 def outlier_part(quick: bool, plants: List[str]) -> None:
     init_process_groups(torch.device("cpu"), 1, announce=False)
     bsz, seqlen, chunk = (2, 32, 2) if quick else (8, 128, 2)
-    shape = dict(S_SHAPE, n_layers=2) if quick else S_SHAPE
-    args = ModelArgs(**shape, max_seq_len=seqlen, max_batch_size=chunk)
+    args = ModelArgs(**dict(S_SHAPE, n_layers=2 if quick else S_SHAPE["n_layers"]),
+                     max_seq_len=seqlen, max_batch_size=chunk)
     base = {k: v.float() for k, v in random_weights(args, seed=0).items() if k != "rope.freqs"}
     dims = torch.randperm(args.dim, generator=torch.Generator().manual_seed(1))[:4]
-    scales = torch.tensor(OUTLIER_SCALES)
     tokens = torch.randint(3, args.vocab_size, (bsz, seqlen),
                            generator=torch.Generator().manual_seed(2))
     schemes = [("int8 weight-only (ours)", "int8", None, None),
+               ("int8 weights, float32 activations", "int8", None, "float32"),
                ("int4 g32 weight-only (ours)", "int4", 32, None),
                ("int4 g128 weight-only (ours)", "int4", 128, None),
                ("W8A8, one activation scale per tensor (foil)", "int8", None, "tensor"),
                ("W8A8, one activation scale per token (foil)", "int8", None, "token")]
-    if quick:
-        schemes = [s for s in schemes if s[2] != 128]
+    schemes = [s for s in schemes if not (quick and s[2] == 128)]
     print(f"\n## Random S model (dim 768, {args.n_layers} layers, vocab 32000; random_weights "
           f"seed 0): {bsz} sequences of {seqlen} random tokens, teacher-forced in prefills of "
           f"{chunk} sequences ({bsz * seqlen} positions)\n")
     print(f"Planted channels {dims.tolist()}, x{', x'.join(f'{s:g}' for s in OUTLIER_SCALES)}."
           f" 'margin > 1': positions where float32's top two logits differ by more than 1.\n")
-    titles = {"none": "no outliers (control)",
-              "compensated": "outliers, compensated: the same float function as the control",
-              "uncompensated": "outliers, uncompensated: the channels dominate every product"}
     control = None
     for plant in plants:
-        state = base if plant == "none" else plant_outliers(base, dims, scales,
-                                                            plant == "compensated")
+        state = base if plant == "none" else plant_outliers(base, dims, torch.tensor(
+            OUTLIER_SCALES), plant == "compensated")
         float_model = s_model(args, state)
         ref = s_logits(float_model, tokens, chunk)
-        probs = ref.softmax(-1)
         top2 = ref.topk(2, -1).values
         confident = (top2[..., 0] - top2[..., 1]) > 1
-        notes = [f"float32: mean top-1 probability {probs.amax(-1).mean():.2f}, "
-                 f"{confident.float().mean():.0%} of positions with margin > 1"]
-        if control is None:
-            control = ref
-        else:
-            notes.append(f"relative logit difference to the control's float32 "
-                         f"{float((ref - control).norm() / control.norm()):.1e}")
+        quantized = {("int8", None): quantized_state(state, "int8", None)}
+        q = quantized["int8", None]["layers.0.attention.wq.weight"].weight  # int8 (out, in)
+        planted = torch.zeros(q.shape[1], dtype=torch.bool)
+        planted[dims] = True
+        control = ref if control is None else control
+        zeros = [f"{(q[:, cols] == 0).float().mean():.1%}" for cols in (planted, ~planted)]
+        notes = [f"float32: mean top-1 probability {ref.softmax(-1).amax(-1).mean():.2f}, "
+                 f"{confident.float().mean():.0%} of positions with margin > 1; its logits "
+                 f"differ from the control's by {(ref - control).norm() / control.norm():.1e}",
+                 f"int8 values that are 0 in layer 0's wq: {zeros[0]} in the planted columns, "
+                 f"{zeros[1]} in the others"]
         if plant != "none":
-            notes.append("products' inputs, planted channels' mean |x| over the others': "
-                         + input_outlier_ratio(float_model, tokens, dims))
+            notes.insert(1, "products' inputs, planted channels' mean |x| over the others': "
+                         + input_outlier_ratios(float_model, tokens, dims))
         del float_model
-        print(f"### {titles[plant]}\n\n" + "".join(f"- {n}\n" for n in notes))
+        print(f"### {PLANTS[plant]}\n\n" + "".join(f"- {n}\n" for n in notes))
         print("| scheme | top-1 agreement | top-1, margin > 1 | mean KL(float32 ‖ q) "
-              "| relative logit error |")
-        print("|---|---|---|---|---|")
-        seen, quantized = {}, {}
+              "| relative logit error |\n|---|---|---|---|---|")
+        seen = {}
         for name, mode, group, per in schemes:
             if (mode, group) not in quantized:  # the foils reuse the int8 weights
-                quantized = {(mode, group): quantized_state(state, mode, group)}
+                quantized[mode, group] = quantized_state(state, mode, group)
             with routes() as counts:
                 got = s_logits(s_model(args, quantized[mode, group], per), tokens, chunk)
             m = distributions(ref, got)
             agree = ref.argmax(-1) == got.argmax(-1)
             print(f"| {name} | {m['top1']:.3f} | {agree[confident].float().mean():.3f} "
                   f"| {m['kl']:.3g} | {m['rel']:.3f} |", flush=True)
-            seen[name] = routes_line(counts)
-        print("\nRoutes (calls): " + "; ".join(f"{k.split(' (')[0]}: {v}"
-                                               for k, v in seen.items()) + "\n")
+            if per is None:
+                seen[name.split(" (")[0]] = routes_line(counts)
+        print("\nRoutes (calls): " + "; ".join(f"{k}: {v}" for k, v in seen.items())
+              + "; the foils and the float32-activation row: float32 products.\n")
 
 
 def main() -> None:
@@ -402,8 +431,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 windows, "
                         "16 greedy tokens; S with 2 layers, 2 x 32 tokens, no g128")
     parser.add_argument("--part", choices=["demo", "outliers", "both"], default="both")
-    parser.add_argument("--plants", nargs="+", default=["none", "compensated"],
-                        choices=["none", "compensated", "uncompensated"])
+    parser.add_argument("--plants", nargs="+", default=list(PLANTS), choices=list(PLANTS))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
