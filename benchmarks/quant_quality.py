@@ -1,26 +1,23 @@
 """Quality of quantized weights (issue #14): what int8 and int4 cost against float32.
 
-    python benchmarks/quant_quality.py            # both parts, ~10 min on 2 busy cores
-    python benchmarks/quant_quality.py --quick    # a smoke run of every code path, ~1 min
-    python benchmarks/quant_quality.py --part demo|outliers
+    python benchmarks/quant_quality.py            # both parts, ~7 min on 2 busy cores
+    python benchmarks/quant_quality.py --quick    # every code path on little data, ~1 min
+    python benchmarks/quant_quality.py --part demo|outliers [--plants none compensated ...]
 
-1. The bundled demo model (llama/demo_model, trained) on held-out `pydoc_data` text: the
-   windows its training script evaluates (BOS + 256 tokens, all 33 that the held-out pages
-   fill). Perplexity of float32 and of each format, the ratio to float32 with its standard
-   error over windows (the paired per-window log-ratios), mean KL(float32 || quantized) of
-   the next-token distributions at the same positions, and top-1 agreement. Then greedy
-   decoding (64 tokens) of example_text_completion.py's four prompts and of
-   example_chat_completion.py's four dialogs (their token ids as chat_completion builds
-   them, one batch of four as the scripts run them): tokens matching before the first
-   difference, and position-by-position agreement.
-2. A random model of bench.py's S shape (dim 768, 12 layers, vocab 32000) with planted
-   outlier channels, teacher-forced on random tokens: top-1 agreement and KL against its own
-   float32 model for our weight-only int8 and int4, and for W8A8 foils that also quantize
-   every product's activations to int8: one scale per activation tensor (per call) or one
-   per token. The foils live here only; they run our int8 weights.
+1. The bundled demo model (trained) on held-out `pydoc_data` text, in the windows its
+   training script evaluates (all 33 of BOS + 256 tokens): perplexity, its ratio to
+   float32's with the standard error of the paired per-window log-ratios, mean
+   KL(float32 || quantized) of the next-token distributions, top-1 agreement. Then greedy
+   decoding (64 tokens) of example_text_completion.py's prompts and example_chat_completion.py's
+   dialogs (as chat_completion builds them, a batch of four as the scripts run them): tokens
+   equal before the first difference, and position-by-position agreement.
+2. A random model of bench.py's S shape with planted outlier channels, teacher-forced on
+   random tokens: top-1 agreement and KL against its own float32 model for our weight-only
+   int8 and int4, and for W8A8 foils that also round every product's activations to int8,
+   with one scale per activation tensor or per token (the foils live here only).
 
-Products run the library's routes (llama/linear.py); which ones ran, with their activation
-dtypes, is printed under each table. Seeds are fixed. Output is markdown tables.
+Products take the library's routes (llama/linear.py); the routes that ran and their
+activations' dtype are printed under each table. Seeds are fixed; output is markdown.
 """
 
 import argparse
@@ -51,17 +48,15 @@ from llama.quantize import group_sizes_for, is_quantized, quantize  # noqa: E402
 
 DEMO_WINDOW = 257  # BOS + 256 tokens: scripts/train_demo_model.py's evaluation windows
 GREEDY_TOKENS = 64
-FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+# (mode, group size, dequantized: the same weights in a float32 model, float32 activations)
+DEMO_VARIANTS = [("int8", None, False), ("int8", None, True), ("int4", 32, False),
+                 ("int4", 32, True), ("int4", 64, False), ("int4", 128, False)]
 
 S_SHAPE = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000)  # bench.py's S
 OUTLIER_SCALES = (50.0, 66.7, 83.3, 100.0)  # 4 channels, as docs/QUANTIZATION.md's study
 # Products whose input is an RMSNorm's output, by the norm that feeds them.
 NORM_READERS = {"attention_norm": ("attention.wq", "attention.wk", "attention.wv"),
                 "ffn_norm": ("feed_forward.w1", "feed_forward.w3")}
-
-
-def label(mode: Optional[str], group: Optional[int]) -> str:
-    return "float32" if mode is None else mode if group is None else f"{mode} g{group}"
 
 
 # ------------------------------------------------------------------------- routes
@@ -93,9 +88,8 @@ def routes():
              (lin, "_by_row_blocks", lambda block_t, n: "dequantised bf16 GEMM ("
               + type(block_t.__self__).__name__ + ")")]
     spies = [(owner, attr, spy(getattr(owner, attr), name)) for owner, attr, name in spies
-             if hasattr(owner, attr)]
-    spies += [(cls, "product", product(cls.product, cls))
-              for cls in (lin.PackedInt8, lin.PackedInt4)]
+             if hasattr(owner, attr)] + [(cls, "product", product(cls.product, cls))
+                                         for cls in (lin.PackedInt8, lin.PackedInt4)]
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
     for owner, attr, wrapped in spies:
         setattr(owner, attr, wrapped)
@@ -131,11 +125,10 @@ def perplexities(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) ->
 
 
 def agreement(ref: List[int], got: List[int], n: int):
-    """(tokens equal before the first difference, share of the n positions equal)."""
-    prefix = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref),
-                                                                            len(got)))
-    same = sum(a == b for a, b in zip(ref[:n], got[:n]))
-    return prefix, same / n
+    """(tokens equal before the first difference, share of the n positions equal); a
+    generation that stopped (EOS) has None in the positions after its end."""
+    same = [a == b for a, b in zip(*(t[:n] + [None] * (n - len(t[:n])) for t in (ref, got)))]
+    return (same + [False]).index(False), sum(same) / n
 
 
 # ------------------------------------------------------------------------- demo model
@@ -158,15 +151,13 @@ def build_demo(mode=None, group=None, dequantized=False) -> Llama:
     `dequantized`, a float32 model holding those weights' dequantized values: the same weights
     with float32 activations, which separates the weights' error from that of the bfloat16
     activations the CPU routes take."""
+    mode, group, deq = (None, None, (mode, group)) if dequantized else (mode, group, None)
     llama = Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=512, max_batch_size=4,
-                        verbose=False, device="cpu",
-                        quantize=None if dequantized else mode, group_size=None if
-                        dequantized else group)
-    if dequantized:
-        with torch.no_grad():  # the parameters, in place
-            for name, param in llama.model.named_parameters():
-                if is_quantized(name):
-                    param.copy_(quantize(param.float(), mode, group or 32).dequantize())
+                        verbose=False, device="cpu", quantize=mode, group_size=group)
+    with torch.no_grad():  # the parameters, in place
+        for name, param in llama.model.named_parameters() if deq else ():
+            if is_quantized(name):
+                param.copy_(quantize(param.float(), deq[0], deq[1] or 32).dequantize())
     return llama
 
 
@@ -185,12 +176,15 @@ def greedy(llama: Llama, prompt_tokens: List[List[int]], n: int) -> List[List[in
     return tokens
 
 
-def top2_gap(llama: Llama, tokens: List[int]) -> float:
-    """float32's lead of its first choice over its second for the token after `tokens`."""
-    logits = llama.model.forward(torch.tensor([tokens]), 0,
-                                 llama.model.new_cache(1, len(tokens)))[0, -1]
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
+def leads(logits: torch.Tensor) -> torch.Tensor:
+    """How far each position's first choice leads its second, in logits."""
+    top = logits.topk(2, -1).values
+    return top[..., 0] - top[..., 1]
+
+
+def next_lead(llama: Llama, tokens: List[int]) -> float:
+    return float(leads(llama.model.forward(torch.tensor([tokens]), 0,
+                                           llama.model.new_cache(1, len(tokens)))[0, -1]))
 
 
 def demo_part(quick: bool) -> None:
@@ -211,18 +205,15 @@ def demo_part(quick: bool) -> None:
     answers = float_model.chat_completion(dialogs, temperature=0.0, max_gen_len=n_gen)
     if [a["generation"]["content"] for a in answers] != [tok.decode(t) for t in ref_greedy[4:]]:
         raise RuntimeError("chat_completion's answers are not generate()'s tokens decoded")
-    print("| weights | perplexity | ratio to float32 (± s.e.) | mean KL(float32 ‖ q) "
-          "| top-1 agreement | text: prefix / agreement | chat: prefix / agreement |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weights | perplexity | ratio to float32 (± s.e.) | mean KL(float32 ‖ q) | top-1 "
+          "agreement | text: prefix / agreement | chat: prefix / agreement |\n" + "|---" * 7 + "|")
     print(f"| float32 | {perplexities(ref, ref, targets)['ppl']:.2f} | 1 | 0 | 1 "
           f"| {n_gen} / 1 | {n_gen} / 1 |")
     hidden = float_model.model.params.ffn_hidden_dim
-    per_prompt, gaps, route_lines = {}, [], []
-    variants = [(mode, group, False) for mode, group in FORMATS]
-    variants[1:1] = [("int8", None, True)]
-    variants[3:3] = [("int4", 32, True)]
-    for mode, group, dequantized in variants:
-        name = label(mode, group) + (", float32 activations" if dequantized else "")
+    per_prompt, gaps, route_lines = {}, {}, []
+    for mode, group, dequantized in DEMO_VARIANTS:
+        name = (mode if group is None else f"{mode} g{group}") + (
+            ", float32 activations" if dequantized else "")
         if group is not None and group not in group_sizes_for(hidden):
             print(f"| {name} | n/a: w2's {hidden} input columns are not a multiple of {group} "
                   f"| | | | | |")
@@ -234,8 +225,8 @@ def demo_part(quick: bool) -> None:
         with routes() as greedy_routes:
             generated = greedy(llama, inputs[:4], n_gen) + greedy(llama, inputs[4:], n_gen)
         pairs = [agreement(want, have, n_gen) for want, have in zip(ref_greedy, generated)]
-        gaps += [top2_gap(float_model, prompt + want[:prefix]) for prompt, want, (prefix, _)
-                 in zip(inputs, ref_greedy, pairs) if prefix < n_gen]
+        gaps.update({(i, prefix): next_lead(float_model, inputs[i] + ref_greedy[i][:prefix])
+                     for i, (prefix, _) in enumerate(pairs) if prefix < n_gen})
         per_prompt[name] = pairs
         cells = [f"{sum(p for p, _ in half) / 4:.1f} / {sum(a for _, a in half) / 4:.3f}"
                  for half in (pairs[:4], pairs[4:])]
@@ -249,12 +240,12 @@ def demo_part(quick: bool) -> None:
           f"four text prompts then the four dialogs:\n")
     for name, pairs in per_prompt.items():
         print(f"- {name}: " + ", ".join(f"{p} ({a:.2f})" for p, a in pairs))
-    gaps.sort()
+    gaps = sorted(gaps.values())
     if gaps:
-        print(f"\nAt the {len(gaps)} first differences, float32's top choice led its second by "
-              f"{gaps[0]:.2f} to {gaps[-1]:.2f} logits (median {gaps[len(gaps) // 2]:.2f}); "
-              f"over the held-out windows the median lead is "
-              f"{float((lambda t: t[..., 0] - t[..., 1])(ref.topk(2, -1).values).median()):.2f}.")
+        print(f"\nAt the {len(gaps)} distinct first differences, float32's first choice led its "
+              f"second by {gaps[0]:.2f} to {gaps[-1]:.2f} logits (median "
+              f"{gaps[len(gaps) // 2]:.2f}); at the held-out windows' positions the median lead "
+              f"is {float(leads(ref).median()):.2f}.")
     print("\nRoutes that ran (calls per route; the float32-activation rows run float32 "
           "products):\n")
     print("\n".join(route_lines))
@@ -322,6 +313,19 @@ def quantized_state(state, mode: str, group: Optional[int]) -> dict:
             for k, v in state.items()}
 
 
+def noisy_state(state: dict, int8: dict, seed: int = 3) -> dict:
+    """The float weights plus Gaussian noise with, in each row, the rms of int8's rounding
+    error there: an error of int8's size without its structure, to tell what the model's
+    sensitivity does from what the scheme does."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for k, q in int8.items():
+        if not isinstance(q, torch.Tensor):
+            rms = (q.dequantize() - state[k]).pow(2).mean(1, keepdim=True).sqrt()
+            out[k] = state[k] + rms * torch.randn(state[k].shape, generator=gen)
+    return out
+
+
 def s_model(args: ModelArgs, state: dict, per: Optional[str] = None) -> Transformer:
     """The model of `state`; per="float32": its quantized weights dequantized into a float32
     model; "tensor" or "token": its int8 weights as W8A8 foils (ActivationInt8)."""
@@ -377,7 +381,8 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
                ("int4 g32 weight-only (ours)", "int4", 32, None),
                ("int4 g128 weight-only (ours)", "int4", 128, None),
                ("W8A8, one activation scale per tensor (foil)", "int8", None, "tensor"),
-               ("W8A8, one activation scale per token (foil)", "int8", None, "token")]
+               ("W8A8, one activation scale per token (foil)", "int8", None, "token"),
+               ("float32 + noise of int8's error size (reference)", "int8", None, "noise")]
     schemes = [s for s in schemes if not (quick and s[2] == 128)]
     print(f"\n## Random S model (dim 768, {args.n_layers} layers, vocab 32000; random_weights "
           f"seed 0): {bsz} sequences of {seqlen} random tokens, teacher-forced in prefills of "
@@ -390,8 +395,7 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
             OUTLIER_SCALES), plant == "compensated")
         float_model = s_model(args, state)
         ref = s_logits(float_model, tokens, chunk)
-        top2 = ref.topk(2, -1).values
-        confident = (top2[..., 0] - top2[..., 1]) > 1
+        confident = leads(ref) > 1
         quantized = {("int8", None): quantized_state(state, "int8", None)}
         q = quantized["int8", None]["layers.0.attention.wq.weight"].weight  # int8 (out, in)
         planted = torch.zeros(q.shape[1], dtype=torch.bool)
@@ -415,7 +419,9 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
             if (mode, group) not in quantized:  # the foils reuse the int8 weights
                 quantized[mode, group] = quantized_state(state, mode, group)
             with routes() as counts:
-                got = s_logits(s_model(args, quantized[mode, group], per), tokens, chunk)
+                model = (s_model(args, noisy_state(state, quantized[mode, group])) if
+                         per == "noise" else s_model(args, quantized[mode, group], per))
+                got = s_logits(model, tokens, chunk)
             m = distributions(ref, got)
             agree = ref.argmax(-1) == got.argmax(-1)
             print(f"| {name} | {m['top1']:.3f} | {agree[confident].float().mean():.3f} "
@@ -423,7 +429,7 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
             if per is None:
                 seen[name.split(" (")[0]] = routes_line(counts)
         print("\nRoutes (calls): " + "; ".join(f"{k}: {v}" for k, v in seen.items())
-              + "; the foils and the float32-activation row: float32 products.\n")
+              + "; the other rows: float32 products.\n")
 
 
 def main() -> None:
