@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import (  # noqa: E402
+from serve_clients import (  # noqa: E402
     REPO,
     Answer,
     Ask,

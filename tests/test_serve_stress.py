@@ -18,7 +18,7 @@ from tests.server_fixtures import read_log, running_server  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import serve_stress  # noqa: E402
-from serve_bench import expected_answers, request_mix  # noqa: E402
+from serve_clients import expected_answers, request_mix  # noqa: E402
 
 
 def test_a_third_hanging_up_leaves_the_others_answers_whole():
