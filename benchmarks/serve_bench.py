@@ -68,6 +68,46 @@ def library_one_at_a_time(llama, asks: List[Ask]):
     return prefill, whole, answers
 
 
+class EngineClock:
+    """Time spent in an engine's prefills (add) and decode steps (step), counted by wrapping
+    the instance's methods: where a scheduler's wall time goes."""
+
+    def __init__(self, engine):
+        self.reset()
+        add, step = engine.add, engine.step
+
+        def timed_add(seq):
+            start = time.perf_counter()
+            try:
+                return add(seq)
+            finally:
+                self.figures["prefill s"] += time.perf_counter() - start
+                self.figures["prefills"] += 1
+
+        def timed_step():
+            rows = len(engine.sequences)
+            start = time.perf_counter()
+            try:
+                return step()
+            finally:
+                self.figures["step s"] += time.perf_counter() - start
+                self.figures["steps"] += 1
+                self.figures["rows"] += rows
+
+        engine.add, engine.step = timed_add, timed_step
+
+    def reset(self) -> None:
+        self.figures = dict.fromkeys(("prefill s", "prefills", "step s", "steps", "rows"), 0)
+
+
+def clock_line(label: str, f: dict) -> str:
+    steps = max(f["steps"], 1)
+    return (f"{label}: of {f['wall']:.1f} s, prefills {f['prefill s']:.1f} s "
+            f"({f['prefills']:.0f}), decode steps {f['step s']:.1f} s ({f['steps']:.0f} steps of "
+            f"{f['rows'] / steps:.1f} rows on average, {f['step s'] / steps * 1e3:.1f} ms "
+            f"each), the rest {f['wall'] - f['prefill s'] - f['step s']:.1f} s")
+
+
 # ---------------------------------------------------------------------- figures
 def percentile(values: List[float], q: float) -> float:
     """Linear interpolation between the closest ranks (numpy's default)."""
@@ -205,9 +245,10 @@ def main(argv=None) -> int:
         send = functools.partial(stream_completion, int(url.rsplit(":", 1)[1]))
         direct_send = None
         if args.no_http:
-            scheduler = Scheduler(Engine(llama.model, llama.tokenizer.eos_id,
-                                         llama.model.new_cache(batch, max_seq_len),
-                                         release_finished=True), llama.tokenizer)
+            engine = Engine(llama.model, llama.tokenizer.eos_id,
+                            llama.model.new_cache(batch, max_seq_len), release_finished=True)
+            clock = EngineClock(engine)
+            scheduler = Scheduler(engine, llama.tokenizer)
             scheduler.start()
             direct_send = functools.partial(scheduled_completion, scheduler)
         warm = request_mix(llama.tokenizer, max(args.clients), args.seed + 1, (16,), (4,))
@@ -225,9 +266,13 @@ def main(argv=None) -> int:
                 served[clients] = served_figures(answers, wall, expected, peak, base)
                 print(f"  {clients} clients: {served[clients]['tok/s']:.1f} tok/s", flush=True)
                 if direct_send:
+                    clock.reset()
                     answers, wall, _ = asyncio.run(run_clients(direct_send, asks, clients, ramp))
-                    direct[clients] = served_figures(answers, wall, expected, 0, base)
+                    direct[clients] = {**served_figures(answers, wall, expected, 0, base),
+                                       **clock.figures}
             print_table(base, table_rows(served, direct), len(asks))
+            for clients, figures in direct.items():
+                print(clock_line(f"{clients} clients, no HTTP", figures))
             print(f"(clients started over {ramp:.2f} s; load average after the run "
                   f"{os.getloadavg()[0]:.2f})")
             for line, met in targets(base, served):
@@ -241,6 +286,8 @@ def main(argv=None) -> int:
         direct = {n: median_figures([d[n] for _, _, d in runs]) for n in runs[0][2]}
         print(f"\nmedians of {args.runs} runs (a ratio: the median of the runs' ratios)")
         print_table(base, table_rows(served, direct), len(asks))
+        for clients, figures in direct.items():
+            print(clock_line(f"{clients} clients, no HTTP", figures))
         met_in = [sum(t[i][1] for t in (targets(b, s) for b, s, _ in runs))
                   for i in range(len(targets(base, served)))]
         for (line, met), count in zip(targets(base, served), met_in):
