@@ -13,8 +13,8 @@ also wait in the queue. Every answer is first computed alone through the library
 - afterwards /health says status ok, running 0, waiting 0, failed 0, and finished + cancelled
   equals the requests sent (each hang-up is cancelled, or finished if the server got there
   first); the server's log holds no traceback;
-- the server's RSS (VmRSS) after the run is back to its idle level, measured after a warm-up
-  round that filled every slot.
+- the server's RSS (VmRSS) after each round (--rounds, on the same server) is back to its idle
+  level, measured after a warm-up round that filled every slot, give or take --rss-slack.
 """
 
 import argparse
@@ -142,9 +142,10 @@ def parse_args(argv=None):
                         help="fraction of the requests whose client hangs up")
     parser.add_argument("--max-delay", type=float, default=0.5,
                         help="longest wait before hanging up without reading (seconds)")
-    parser.add_argument("--rss-slack", type=float, default=32.0,
-                        help="MiB the RSS after the run may exceed the idle level by")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rss-slack", type=float, default=48.0,
+                        help="MiB the RSS after a round may exceed the idle level by: the "
+                             "allocators' and oneDNN's kernel cache's growth (README)")
+    parser.add_argument("--rounds", type=int, default=2,
                         help="run the requests this many times on the same server (memory "
                              "that grows round after round is a leak)")
     parser.add_argument("--seed", type=int, default=0)
