@@ -119,11 +119,13 @@ def percentile(values: List[float], q: float) -> float:
 
 
 def served_figures(answers: List[Answer], wall: float, expected, peak_rss: int,
-                   base: dict) -> dict:
+                   library_rate: float) -> dict:
+    """Figures of one client count; `library_rate`: the library's one-at-a-time tok/s around
+    that time (the ratio's denominator)."""
     tokens = sum(a.completion_tokens or 0 for a in answers)
     ttft = [a.ttft for a in answers if a.ttft is not None]
     gaps = [g for a in answers for g in a.gaps]
-    return {"tok/s": tokens / wall, "ratio": tokens / wall / base["tok/s"], "tokens": tokens,
+    return {"tok/s": tokens / wall, "ratio": tokens / wall / library_rate, "tokens": tokens,
             "wall": wall, "ttft p50": percentile(ttft, 50), "ttft p95": percentile(ttft, 95),
             "itl p50": percentile(gaps, 50) if gaps else 0.0,
             "itl p95": percentile(gaps, 95) if gaps else 0.0,
@@ -132,22 +134,27 @@ def served_figures(answers: List[Answer], wall: float, expected, peak_rss: int,
             "peak rss": peak_rss}
 
 
-def baseline_figures(prefill, whole, expected) -> dict:
-    tokens = sum(count for _, _, count in expected)
-    decode = [(w - p) / (n - 1) for p, w, (_, _, n) in zip(prefill, whole, expected) if n > 1]
-    return {"tok/s": tokens / sum(whole), "tokens": tokens, "wall": sum(whole),
+def library_figures(passes, expected) -> dict:
+    """The library's one-at-a-time figures over its timed passes [(prefill, whole)] of the
+    probe requests (the first of `expected`): tok/s of each pass, and of all."""
+    tokens = sum(count for _, _, count in expected[: len(passes[0][1])])
+    rates = [tokens / sum(whole) for _, whole in passes]
+    prefill = [p for pass_prefill, _ in passes for p in pass_prefill]
+    decode = [(w - p) / (n - 1) for pass_prefill, whole in passes
+              for p, w, (_, _, n) in zip(pass_prefill, whole, expected) if n > 1]
+    return {"tok/s": len(passes) * tokens / sum(sum(whole) for _, whole in passes),
+            "lowest": min(rates), "highest": max(rates), "passes": len(passes),
             "prefill mean": statistics.mean(prefill), "prefill p50": percentile(prefill, 50),
-            "prefill p95": percentile(prefill, 95), "decode per token": statistics.mean(decode),
-            "request mean": statistics.mean(whole)}
+            "prefill p95": percentile(prefill, 95), "decode per token": statistics.mean(decode)}
 
 
 def print_table(base: dict, rows, requests: int) -> None:
     """rows: (label, figures) pairs."""
-    print(f"\none at a time, library: {base['tok/s']:.1f} tok/s ({base['tokens']:.0f} tokens in "
-          f"{base['wall']:.1f} s, two passes, the second {base['drift']:+.0%} longer); "
-          f"prefill mean {base['prefill mean'] * 1e3:.0f} ms (p50 "
-          f"{base['prefill p50'] * 1e3:.0f}, p95 {base['prefill p95'] * 1e3:.0f}); decode "
-          f"{base['decode per token'] * 1e3:.1f} ms/token")
+    print(f"\none at a time, library: {base['tok/s']:.1f} tok/s (its {base['passes']:.0f} passes "
+          f"over the probe requests: {base['lowest']:.1f} to {base['highest']:.1f}); prefill "
+          f"mean {base['prefill mean'] * 1e3:.0f} ms (p50 {base['prefill p50'] * 1e3:.0f}, "
+          f"p95 {base['prefill p95'] * 1e3:.0f}); decode {base['decode per token'] * 1e3:.1f} "
+          f"ms/token")
     print("| clients | tok/s | x one at a time | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 | "
           "tokens/chunk | same answers | server peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -240,7 +247,8 @@ def main(argv=None) -> int:
           f"--max_batch_size {batch} --max_seq_len {max_seq_len}")
     server_args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer_path),
                    "--max_batch_size", str(batch), "--max_seq_len", str(max_seq_len)]
-    runs = []  # (baseline, server's figures, no-HTTP figures) per run
+    runs = []  # (library's figures, server's figures, no-HTTP figures) per run
+    probe = min(len(args.prompt_lens) * len(args.answer_lens), len(asks))  # one of each pair
     with running_server(*server_args, env={"OMP_NUM_THREADS": str(args.threads)}) as url:
         pid = url.process.pid
         send = functools.partial(stream_completion, int(url.rsplit(":", 1)[1]))
@@ -258,26 +266,31 @@ def main(argv=None) -> int:
         for run in range(args.runs):
             print(f"\nrun {run + 1}/{args.runs}: load average {os.getloadavg()[0]:.2f}, "
                   f"server idle RSS {rss_bytes(pid) / 2**20:.0f} MiB", flush=True)
+            # The library goes first, over every request (the expected answers); then, after
+            # each client count, over the probe requests again: the machine is shared, and each
+            # count's ratio is against the library's passes just before and after it.
             prefill, whole, expected = library_one_at_a_time(llama, asks)
+            passes = [(prefill[:probe], whole[:probe])]
             ramp = statistics.mean(whole) if args.ramp is None else args.ramp
-            outcomes, direct_outcomes = {}, {}
+            served, direct = {}, {}
             for clients in args.clients:
-                outcomes[clients] = asyncio.run(run_clients(send, asks, clients, ramp, pid))
-                print(f"  {clients} clients: done", flush=True)
+                answers, wall, peak = asyncio.run(run_clients(send, asks, clients, ramp, pid))
+                outcome = [(served, answers, wall, peak, None)]
                 if direct_send:
                     clock.reset()
                     answers, wall, _ = asyncio.run(run_clients(direct_send, asks, clients, ramp))
-                    direct_outcomes[clients] = answers, wall, 0, dict(clock.figures)
-            # the library again: the machine is shared, and its load may have changed
-            again, whole_again, expected_again = library_one_at_a_time(llama, asks)
-            if expected_again != expected:
-                print("warning: the library's answers changed between its two passes")
-            base = baseline_figures(prefill + again, whole + whole_again, expected + expected)
-            base["drift"] = sum(whole_again) / sum(whole) - 1
-            served = {n: served_figures(answers, wall, expected, peak, base)
-                      for n, (answers, wall, peak) in outcomes.items()}
-            direct = {n: {**served_figures(answers, wall, expected, 0, base), **clock_figures}
-                      for n, (answers, wall, _, clock_figures) in direct_outcomes.items()}
+                    outcome.append((direct, answers, wall, 0, dict(clock.figures)))
+                again, whole_again, expected_again = library_one_at_a_time(llama, asks[:probe])
+                if expected_again != expected[:probe]:
+                    print("warning: the library's answers changed from one pass to the next")
+                passes.append((again, whole_again))
+                rate = library_figures(passes[-2:], expected)["tok/s"]
+                for table, answers, wall, peak, extra in outcome:
+                    table[clients] = {**served_figures(answers, wall, expected, peak, rate),
+                                      **(extra or {})}
+                print(f"  {clients} clients: {served[clients]['tok/s']:.1f} tok/s, library "
+                      f"around it {rate:.1f} tok/s", flush=True)
+            base = library_figures(passes, expected)
             print_table(base, table_rows(served, direct), len(asks))
             for clients, figures in direct.items():
                 print(clock_line(f"{clients} clients, no HTTP", figures))
