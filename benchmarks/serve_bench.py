@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import functools
 import os
+import signal
 import statistics
 import sys
 import time
@@ -226,6 +227,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # killed (or Ctrl-C'd from a shell that ignores SIGINT in background jobs): stop the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from llama.engine import Engine
     from llama.generation import Llama
     from llama.model import ModelArgs, count_parameters

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -161,6 +162,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # killed (or Ctrl-C'd from a shell that ignores SIGINT in background jobs): stop the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import os
 
     from llama.generation import Llama
