@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional
 
@@ -38,6 +39,7 @@ from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 RETRY_AFTER_S = 1
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
+DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
@@ -152,15 +154,20 @@ class Run:
 
     async def events_until_done(self, http=None) -> AsyncIterator:
         """(choice index, event) until every choice is done; a client that disconnects
-        (non-streaming: checked while waiting) cancels what is left."""
+        (non-streaming: checked every DISCONNECT_CHECK_S, while events arrive too) cancels
+        what is left."""
         remaining = len(self.requests)
+        checked = time.monotonic()
         while remaining:
-            try:
-                index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
+            if http is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                checked = time.monotonic()
+                if await http.is_disconnected():
                     self.cancel()
                     return
+            try:
+                index, event = await asyncio.wait_for(self.events.get(),
+                                                      timeout=DISCONNECT_CHECK_S)
+            except asyncio.TimeoutError:
                 continue
             if event.done:
                 remaining -= 1

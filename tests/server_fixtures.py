@@ -21,8 +21,9 @@ class ServerUrl(str):
 
 
 @contextmanager
-def running_server(*args, nproc=None, timeout=120):
-    """Yields the ServerUrl of a server started with `args`; stops it on leaving."""
+def running_server(*args, nproc=None, timeout=120, env=None):
+    """Yields the ServerUrl of a server started with `args`; stops it on leaving. `env`
+    overrides the environment's defaults here (one torch thread, no GPU)."""
     port = free_port()
     server = ["-m", "llama.server", "--port", str(port)] + list(args)
     if nproc is None:
@@ -31,7 +32,7 @@ def running_server(*args, nproc=None, timeout=120):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                    str(nproc), "--master_port", str(free_port())] + server
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **(env or {})}
     log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log, text=True,
                                start_new_session=True)

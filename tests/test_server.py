@@ -2,7 +2,9 @@
 library, streamed and not, for many clients at once, and OpenAI's errors for bad requests."""
 
 import json
+import socket
 import threading
+import time
 
 import pytest
 
@@ -277,6 +279,27 @@ def test_events_after_the_event_loop_closed_are_dropped():
 
     run = asyncio.run(new_run())  # its loop is closed now
     run._receiver(0)(Event(text="late"))
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(server):
+    """Its request is cancelled within a second or so, although tokens keep coming."""
+    before = httpx.get(server + "/health").json()
+    body = json.dumps({"prompt": PROMPTS[1], "max_tokens": 500, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(100):  # until it runs
+            if httpx.get(server + "/health").json()["running"]:
+                break
+            time.sleep(0.05)
+    for _ in range(40):  # a 500-token answer takes several seconds: it must not finish
+        health = httpx.get(server + "/health").json()
+        if health["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert health["finished"] == before["finished"]
 
 
 def test_two_processes_under_torchrun_answer_as_one_and_stop_cleanly(client):
