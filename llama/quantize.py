@@ -465,3 +465,10 @@ def empty_like_rows(mode: str, group_size: int, shapes: Sequence[Tuple[int, int]
         start += count
     return pieces
 
+
+if __name__ == "__main__":  # python -m llama.quantize SRC DST --mode ...: llama/quantize_cli.py
+    import sys
+
+    from llama.quantize_cli import main
+
+    sys.exit(main())
