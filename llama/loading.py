@@ -183,11 +183,15 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     weight_bytes = sum(_nbytes(t) for t in state.values())
     _report_memory(args, weight_bytes, device, dtype, world_size, say, quantize)
 
-    def release_if_mapped(tensor):
+    def after_copy(tensor):
+        # the original of a weight that fusing or packing copied: its file pages are not
+        # needed again; what the copies before it freed on the heap goes back to the OS
         if is_mapped(tensor):
             checkpoint.release_file_pages(tensor)
+        else:
+            checkpoint.trim_heap()
 
-    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
+    model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "

@@ -33,7 +33,7 @@ from llama.checkpoint import CheckpointError
 from llama.convert import check_destination, check_tokenizer, find_tokenizer, rope_freqs
 from llama.fixtures import params_json
 from llama.hf_format import HFCheckpoint, is_hf_checkpoint
-from llama.quantize import (DEFAULT_GROUP_SIZE, MODES, Quantization, QuantizationError,
+from llama.quantize import (DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES, Quantization, QuantizationError,
                             is_quantized, quantize, row_absmax, saved_tensors)
 from llama.validation import ArgumentError
 
@@ -88,6 +88,8 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
     layout with `n_shards` shards (default: SRC's count, 1 for Hugging Face's layout)."""
     if mode not in MODES:
         raise QuantizationError(f"unknown --mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if group_size is not None and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"--group_size must be one of {GROUP_SIZES}, got {group_size}")
     if mode == "int8" and group_size is not None:
         raise QuantizationError("--group_size applies to --mode int4 only (int8 has one scale "
                                 "per row)")
