@@ -21,5 +21,6 @@ setup(
                     "server": ["fastapi", "uvicorn>=0.30"]},
     entry_points={"console_scripts": ["llama-reshard=llama.reshard:main",
                                       "llama-convert=llama.convert:main",
+                                      "llama-quantize=llama.quantize_cli:main",
                                       "llama-server=llama.server:main"]},
 )

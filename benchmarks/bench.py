@@ -5,6 +5,7 @@
     python benchmarks/bench.py --shape S --meta ~/src/llama   # a checkout of Meta's repository
     python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
     python benchmarks/bench.py --shape S --load --format hf   # loading Meta's vs Hub layout
+    python benchmarks/bench.py --shape M --load --quantize int8 --prequantized
 
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
@@ -15,6 +16,10 @@ tokens equal ours. Medians of --runs runs; a ratio is the median of run-by-run r
 --format hf also converts the checkpoint to Hugging Face's layout (safetensors, as
 `python -m llama.convert --to hf` writes it) and measures loading both, --runs times each in
 turns, each load in a fresh process.
+
+--load --quantize int8|int4 also loads the checkpoint quantized while loading, and with
+--prequantized the checkpoint `python -m llama.quantize` writes from it (written once, timed):
+peak RSS against the float32 weights' bytes and the issue's bound (0.3 GiB + 0.4 x those).
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
 github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
@@ -89,54 +94,86 @@ def hf_dir(meta_dir: Path) -> Path:
     return out
 
 
+def quantized_dir(meta_dir: Path, mode: str) -> Path:
+    """The checkpoint `python -m llama.quantize` writes from the bench checkpoint, once."""
+    out = meta_dir.with_name(meta_dir.name.replace("-mp1", f"-{mode}"))
+    if not (out / "written").exists():
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "llama.quantize", str(meta_dir), str(out),
+                        "--mode", mode], check=True, cwd=REPO)
+        print(f"python -m llama.quantize --mode {mode}: {time.time() - start:.1f} s",
+              file=sys.stderr)
+        (out / "written").touch()
+    return out
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def load_only(ckpt: Path, device, dtype) -> dict:
+def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
     """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
-    the weights' bytes."""
+    the weights' bytes (and the float32 weights' bytes)."""
     from llama.loading import load_model
 
     baseline = rss_bytes()
     cpu = time.process_time()
     start = time.time()
-    model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False)
-    if model.output.weight.is_cuda:
+    model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False,
+                       quantize=quantize)
+    if model.norm.weight.is_cuda:
         torch.cuda.synchronize()
     seconds = time.time() - start
     cpu = time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    if model.layers[0].attention.wq.weight is None:  # quantized: packed weights are no state
+        from llama.checkpoint import read_quantization
+        from llama.memory import weight_bytes
+
+        saved = read_quantization(ckpt) if quantize is None else None
+        mode = quantize or saved.mode
+        weights = weight_bytes(model.params, mode, dtype=model.norm.weight.dtype,
+                               **({"group_size": saved.group_size} if saved and mode == "int4"
+                                  else {}))
     return {"load_s": seconds, "cpu_s": cpu, "baseline_rss": baseline, "peak_rss": peak,
-            "weights": weights}
+            "weights": weights, "float32_weights": 4 * count_parameters(model.params)}
 
 
-def measure_load(ckpt: Path, device, dtype) -> dict:
+def measure_load(ckpt: Path, device, dtype, quantize=None) -> dict:
     command = [sys.executable, __file__, "--load-only", str(ckpt)]
     if device:
         command += ["--device", device]
     if dtype:
         command += ["--dtype", dtype]
+    if quantize:
+        command += ["--quantize", quantize]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def load_line(label: str, loads, base=None) -> str:
+def load_line(label: str, loads, base=None, against="Meta's layout", bound=False) -> str:
     """Medians of the runs' load figures; against `base` (the same runs of another layout),
-    the median of the run-by-run time ratios and the peak difference."""
+    the median of the run-by-run time ratios and the peak difference. `bound`: the peak
+    against the float32 weights and the issue's bound for quantized loads."""
     gib = 1024 ** 3
     median = {key: statistics.median(load[key] for load in loads) for key in loads[0]}
     above = (median["peak_rss"] - median["baseline_rss"]) / median["weights"]
     line = (f"{label}: {median['load_s']:.2f} s ({median['cpu_s']:.2f} s of CPU); weights {median['weights'] / gib:.3f} GiB; "
             f"peak RSS {median['peak_rss'] / gib:.3f} GiB = {median['baseline_rss'] / gib:.3f} "
             f"GiB before loading + {above:.2f} x the weights")
+    if bound:  # the issue's: peak <= 0.3 GiB + 0.4 x the float32 weights' bytes
+        float32, peak = median["float32_weights"], median["peak_rss"]
+        limit = 0.3 * gib + 0.4 * float32
+        line += (f"; peak - before = {(peak - median['baseline_rss']) / float32:.2f} x the "
+                 f"{float32 / gib:.3f} GiB of float32 weights; bound 0.3 GiB + 0.4 x = "
+                 f"{limit / gib:.3f} GiB: {'within' if peak <= limit else 'OVER'}")
     if base is not None:
         ratio = statistics.median(a["load_s"] / b["load_s"] for a, b in zip(loads, base))
         cpu = statistics.median(a["cpu_s"] / b["cpu_s"] for a, b in zip(loads, base))
         peak = statistics.median(a["peak_rss"] - b["peak_rss"] for a, b in zip(loads, base))
-        line += (f" | against Meta's layout: {ratio:.2f}x the time ({cpu:.2f}x the CPU time), "
+        line += (f" | against {against}: {ratio:.2f}x the time ({cpu:.2f}x the CPU time), "
                  f"peak {peak / 2 ** 20:+.1f} MiB")
     return line
 
@@ -339,13 +376,21 @@ def main():
     parser.add_argument("--load", action="store_true", help="only the loading figures")
     parser.add_argument("--format", default="meta", choices=["meta", "hf"],
                         help="hf: also load the same weights in Hugging Face's layout")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="--load: also load quantized while loading")
+    parser.add_argument("--prequantized", action="store_true",
+                        help="--load --quantize: also load the checkpoint python -m "
+                             "llama.quantize writes")
     parser.add_argument("--load-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.load_only:
-        print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype)))
+        print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype,
+                                   args.quantize)))
         return
+    if args.prequantized and not args.quantize:
+        raise SystemExit("--prequantized needs --quantize int8|int4")
 
     if args.gen_len < 1 or args.prompt_len < 1:
         raise SystemExit("--gen-len and --prompt-len must be at least 1")
@@ -357,11 +402,17 @@ def main():
         raise SystemExit("--meta and --compare reference run on the CPU in float32 only")
     ckpt = checkpoint_dir(args.shape, Path(args.root), device)
     model_args = ModelArgs(vocab_size=VOCAB, **SHAPES[args.shape])
-    layouts = {"meta": ckpt} if args.format == "meta" else {"meta": ckpt, "hf": hf_dir(ckpt)}
+    layouts = {"meta": (ckpt, None)}
+    if args.format == "hf":
+        layouts["hf"] = (hf_dir(ckpt), None)
+    if args.load and args.quantize:
+        layouts[f"{args.quantize} at load"] = (ckpt, args.quantize)
+        if args.prequantized:
+            layouts[f"{args.quantize} pre-quantized"] = (quantized_dir(ckpt, args.quantize), None)
     loads = {name: [] for name in layouts}
-    for _ in range(1 if args.format == "meta" else args.runs):
-        for name, path in layouts.items():  # in turns, so a busy spell hits both alike
-            loads[name].append(measure_load(path, args.device, args.dtype))
+    for _ in range(1 if len(layouts) == 1 else args.runs):
+        for name, (path, mode) in layouts.items():  # in turns: a busy spell hits all alike
+            loads[name].append(measure_load(path, args.device, args.dtype, mode))
     print(f"shape {args.shape}: {count_parameters(model_args) / 1e6:.0f} M parameters, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device}"
@@ -370,6 +421,14 @@ def main():
     print(load_line("load", loads["meta"]))
     if "hf" in loads:
         print(load_line("load, Hugging Face layout", loads["hf"], loads["meta"]))
+    if args.load and args.quantize:
+        at_load = loads[f"{args.quantize} at load"]
+        print(load_line(f"load, {args.quantize} at load", at_load, loads["meta"], "float",
+                        bound=True))
+        if args.prequantized:
+            print(load_line(f"load, {args.quantize} pre-quantized",
+                            loads[f"{args.quantize} pre-quantized"], at_load,
+                            "quantizing at load", bound=True))
     if args.load:
         return
     # (rows, tokens) of each case's calls: the mixed batch generates one token after its

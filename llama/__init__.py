@@ -1,3 +1,5 @@
+import warnings
+
 from llama.chat_format import Dialog, Message
 from llama.generation import ChatPrediction, CompletionPrediction, Llama, TextStream
 from llama.model import ModelArgs, Transformer
@@ -5,3 +7,10 @@ from llama.tokenizer import Tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "ChatPrediction", "CompletionPrediction",
            "TextStream", "ModelArgs", "Transformer", "Tokenizer"]
+
+# `python -m llama.quantize` runs llama/quantize.py as a script although this package has
+# imported it already (the model uses its formats); runpy warns about that, and here it is
+# harmless: the script part only calls llama.quantize_cli.main. The filter matches that one
+# message only.
+warnings.filterwarnings("ignore", message="'llama.quantize' found in sys.modules",
+                        category=RuntimeWarning)

@@ -5,6 +5,11 @@ model-parallel rank it was saved with. Each tensor is split across shards along 
 fairscale splits it (`split_dim`), or replicated. A run on W processes may use a checkpoint of
 N shards for any W that divides the heads: each rank memory-maps the shards and copies out only
 its own slice of every tensor.
+
+A quantized checkpoint (`python -m llama.quantize`) has the same layout: params.json gains
+`"quantization": {"mode": "int8"}` (or `"int4"` with its `"group_size"`), each quantized weight
+keeps its name for its int8/uint8 values and gains `<layer>.scales` (and `<layer>.zeros`),
+split as llama/quantize.py's formats split (`split_dim(name, mode)`).
 """
 
 import ctypes
@@ -20,22 +25,34 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from llama.args import ModelArgs
+from llama.quantize import SAVED_DTYPES, Quantization, QuantizationError, is_quantized
+from llama.quantize import saved_key, split_field
 
 # The one extra tensor real shards carry; the model computes its own rotary table.
 IGNORED_KEYS = ("rope.freqs",)
 
 _PARAMS_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                   "ffn_dim_multiplier", "norm_eps", "rope_theta"}
+QUANTIZATION_FIELD = "quantization"  # params.json's entry of a quantized checkpoint
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be used, with what to do about it."""
 
 
-def split_dim(name: str) -> Optional[int]:
+def split_dim(name: str, mode: Optional[str] = None) -> Optional[int]:
     """The dimension along which fairscale splits tensor `name` across ranks (None: every rank
     holds all of it). Column-parallel weights split their rows (dim 0), row-parallel weights
-    and the embedding (ParallelEmbedding splits the embedding dim) their columns (dim 1)."""
+    and the embedding (ParallelEmbedding splits the embedding dim) their columns (dim 1).
+    A quantized checkpoint's (`mode` "int8" or "int4"): int4 scales and zeros (out, in / G)
+    split with their weight; int8 scales (out,) split with the rows of column-parallel
+    weights and are replicated for row-parallel ones (whole-row scales, the same on every
+    rank)."""
+    if name.endswith((".scales", ".zeros")):
+        if mode is None:
+            raise KeyError(f"{name} (only in a quantized checkpoint: give the mode)")
+        dim = split_dim(split_field(name)[0])
+        return None if mode == "int8" and dim == 1 else dim
     if name == "tok_embeddings.weight":
         return 1
     if name == "output.weight":
@@ -50,8 +67,19 @@ def split_dim(name: str) -> Optional[int]:
     raise KeyError(name)
 
 
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every checkpoint tensor's unsharded shape, in Meta's names."""
+def full_shapes(args: ModelArgs, quantization: Optional[Quantization] = None
+                ) -> Dict[str, Tuple[int, ...]]:
+    """Every checkpoint tensor's unsharded shape, in Meta's names; with `quantization`, those
+    of a quantized checkpoint (each quantized weight's fields, llama/quantize.py)."""
+    if quantization is not None:
+        shapes = {}
+        for name, shape in full_shapes(args).items():
+            if not is_quantized(name):
+                shapes[name] = shape
+                continue
+            for field, field_shape in quantization.saved_shapes(shape).items():
+                shapes[saved_key(name, field)] = field_shape
+        return shapes
     hd, dim, hidden = args.head_dim, args.dim, args.ffn_hidden_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,),
               "output.weight": (args.vocab_size, dim)}
@@ -69,8 +97,9 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def shard_shape(name: str, shape: Tuple[int, ...], n_shards: int) -> Tuple[int, ...]:
-    dim = split_dim(name)
+def shard_shape(name: str, shape: Tuple[int, ...], n_shards: int,
+                mode: Optional[str] = None) -> Tuple[int, ...]:
+    dim = split_dim(name, mode)
     if dim is None:
         return tuple(shape)
     out = list(shape)
@@ -94,6 +123,41 @@ def check_world_size(args: ModelArgs, world_size: int,
             f"{world_size} {parts}; use one of {valid_world_sizes(args)} for {flag}")
 
 
+def check_group_split(args: ModelArgs, group_size: int, count: int,
+                      parts: str = "processes", saved: bool = False) -> None:
+    """int4 groups never straddle a split: each of `count` parts' share of every quantized
+    weight's input columns (the whole row, or a row-parallel weight's columns / count) must
+    be a multiple of `group_size`. The error names the tensor, the group sizes that would fit
+    and the counts that keep whole groups of this size (`saved`: a quantized checkpoint's
+    groups, fixed)."""
+    from llama.quantize import check_group_size, group_sizes_for
+
+    def width(name: str, shape, n: int) -> int:
+        return shape[1] // n if split_dim(name) == 1 else shape[1]
+
+    shapes = {name: shape for name, shape in full_shapes(args).items() if is_quantized(name)}
+    for name, shape in shapes.items():
+        columns = width(name, shape, count)
+        if columns % group_size == 0:
+            continue
+        fits = [n for n in valid_world_sizes(args)
+                if all(width(k, s, n) % group_size == 0 for k, s in shapes.items())]
+        split = columns != shape[1]
+        where = f" (split by columns over {count} {parts})" if split else ""
+        counts = (f"; numbers of {parts} that keep whole groups of {group_size}: {fits}"
+                  if split and fits else "")
+        if saved:
+            raise CheckpointError(
+                f"{name}{where}: {columns} input columns are not a multiple of the "
+                f"checkpoint's int4 group size {group_size}, so its groups cannot be split "
+                f"so{counts}; or quantize the float checkpoint with a group size that fits: "
+                f"{', '.join(map(str, group_sizes_for(columns))) or 'none, use int8'}")
+        try:
+            check_group_size(group_size, columns, f"{name}{where}")
+        except QuantizationError as error:
+            raise QuantizationError(f"{error}{counts}") from None
+
+
 def slice_plan(full_size: int, n_src: int, n_dst: int, dst_rank: int
                ) -> List[Tuple[int, int, int]]:
     """Where destination rank `dst_rank` of `n_dst` finds its part of an axis of `full_size`
@@ -108,7 +172,7 @@ def slice_plan(full_size: int, n_src: int, n_dst: int, dst_rank: int
     return plan
 
 
-def read_params(ckpt_dir: Path) -> dict:
+def _read_params_json(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a checkpoint directory holds params.json and "
@@ -119,11 +183,34 @@ def read_params(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({error}); re-download it") from None
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} must hold a JSON object of model hyper-parameters")
-    unknown = sorted(set(params) - _PARAMS_FIELDS)
+    unknown = sorted(set(params) - _PARAMS_FIELDS - {QUANTIZATION_FIELD})
     if unknown:
         raise CheckpointError(f"{path} has fields this library does not know: {unknown}; "
-                              f"known fields are {sorted(_PARAMS_FIELDS)}")
+                              f"known fields are {sorted(_PARAMS_FIELDS | {QUANTIZATION_FIELD})}")
     return params
+
+
+def read_params(ckpt_dir: Path) -> dict:
+    """params.json's model hyper-parameters (ModelArgs fields); a quantized checkpoint's
+    "quantization" entry is read by read_quantization."""
+    params = _read_params_json(ckpt_dir)
+    params.pop(QUANTIZATION_FIELD, None)
+    return params
+
+
+def read_quantization(ckpt_dir: Path) -> Optional[Quantization]:
+    """params.json's "quantization" entry (None for a float checkpoint)."""
+    entry = _read_params_json(ckpt_dir).get(QUANTIZATION_FIELD)
+    if entry is None:
+        return None
+    path = Path(ckpt_dir) / "params.json"
+    if not isinstance(entry, dict) or set(entry) - {"mode", "group_size"}:
+        raise CheckpointError(f'{path}: "quantization" must be {{"mode": "int8"}} or '
+                              f'{{"mode": "int4", "group_size": 32|64|128}}, got {entry!r}')
+    try:
+        return Quantization(entry.get("mode"), entry.get("group_size"))
+    except QuantizationError as error:
+        raise CheckpointError(f'{path}: "quantization": {error}') from None
 
 
 def model_args(ckpt_dir: Path, max_seq_len: int, max_batch_size: int,
@@ -158,6 +245,16 @@ def find_shards(ckpt_dir: Path) -> List[Path]:
     return shards
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_mapped_shard(path: Path) -> bool:
+    """Whether load_shard memory-maps this file (torch.save's zip format) rather than reading
+    it into memory (the legacy format): only a mapped shard's pages may be released."""
+    with open(path, "rb") as f:
+        return f.read(4) == _ZIP_MAGIC
+
+
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map a shard. Only tensors are unpickled (weights_only): a file that would run
     code or build other objects is refused, never loaded another way."""
@@ -172,7 +269,7 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
             f"HTTP 403 from an expired link); request a new link and re-download it")
     # Meta's shards are zip archives (torch.save's format since 1.6), which can be mapped;
     # the older format is read into memory instead, still as tensors only.
-    mmap = head[:4] == b"PK\x03\x04"
+    mmap = head[:4] == _ZIP_MAGIC
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -201,10 +298,38 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def _held_format(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """What a shard's output matrix says its weights are ("float", "int8", "int4 (groups of
+    G"), as params.json's entry would say it; None when it cannot tell (the key checks then
+    say what is wrong)."""
+    weight, scales = state.get("output.weight"), state.get("output.scales")
+    if weight is None or weight.dim() != 2:
+        return None
+    if weight.is_floating_point():
+        return "float"
+    if weight.dtype == torch.int8:
+        return "int8"
+    if weight.dtype == torch.uint8 and scales is not None and scales.dim() == 2 \
+            and scales.shape[1] and 2 * weight.shape[1] % scales.shape[1] == 0:
+        return f"int4 (groups of {2 * weight.shape[1] // scales.shape[1]})"
+    return None
+
+
 def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
-                n_shards: int) -> None:
-    """Strict key and shape check of one shard against params.json."""
-    expected = full_shapes(args)
+                n_shards: int, quantization: Optional[Quantization] = None) -> None:
+    """Strict key, shape and type check of one shard against params.json (`quantization`:
+    its "quantization" entry, which the shard's tensors must agree with)."""
+    params = Path(path).parent / "params.json"
+    declared = "float" if quantization is None else str(quantization)
+    held = _held_format(state)
+    if held is not None and held != declared:
+        entry = (f'says "quantization": {json.dumps(quantization.to_json())}'
+                 if quantization is not None else 'has no "quantization" entry')
+        raise CheckpointError(
+            f"{path} holds {held} weights but {params} {entry}: they do not belong together "
+            f"(a quantized checkpoint is written whole by python -m llama.quantize)")
+    expected = full_shapes(args, quantization)
+    mode = quantization.mode if quantization is not None else None
     keys = set(state) - set(IGNORED_KEYS)
     missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or unexpected:
@@ -216,7 +341,7 @@ def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
                if unexpected else "")
             + "is this the right checkpoint directory?")
     for name, shape in expected.items():
-        want = shard_shape(name, shape, n_shards)
+        want = shard_shape(name, shape, n_shards, mode)
         if tuple(state[name].shape) != want:
             extra = ""
             if name == "tok_embeddings.weight" and state[name].shape[0] != want[0]:
@@ -226,38 +351,80 @@ def check_shard(path: Path, state: Dict[str, torch.Tensor], args: ModelArgs,
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {tuple(state[name].shape)}, expected {want} "
                 f"for a {n_shards}-shard checkpoint of params.json's shape{extra}")
+        dtype = state[name].dtype
+        if mode is not None and is_quantized(split_field(name)[0]):
+            want_dtype = SAVED_DTYPES[mode][split_field(name)[1]]
+            if dtype != want_dtype:
+                raise CheckpointError(
+                    f"{path}: tensor {name} is {str(dtype).replace('torch.', '')}, expected "
+                    f"{str(want_dtype).replace('torch.', '')} for {declared} weights (params.json)")
+        elif not state[name].is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name} is {str(dtype).replace('torch.', '')}, "
+                                  f"expected floating-point values")
 
 
 def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
                     args: ModelArgs, rank: int, world_size: int,
                     dtype: Optional[torch.dtype] = None, device=None,
-                    release_copied: bool = False, convert=None) -> Dict[str, torch.Tensor]:
+                    release_copied: bool = False, convert=None,
+                    quantization: Optional[Quantization] = None,
+                    names=None) -> Dict[str, torch.Tensor]:
     """The tensors model-parallel rank `rank` of `world_size` needs, cut from checked shards.
     `shards` maps shard index to its tensors and must hold every shard the rank's slices touch
     (`shards_for_rank`). A slice of a single shard is not copied unless the dtype or device
     changes; slices spanning shards are concatenated once. With `release_copied` (only for
     memory-mapped shards, as load_shard gives), the file pages behind each copied slice are
-    dropped from memory once copied. `convert(name, tensor)`, if given, turns each tensor into
-    what is kept (e.g. a quantized weight), one tensor at a time."""
+    dropped from memory once copied.
+
+    `convert(name, tensor)`, if given, gets each tensor as stored (a view of its shard when it
+    lies in one) and returns what to keep in its place (e.g. a quantized weight), or the tensor
+    itself to have it cast to `dtype` and `device` as usual; one tensor at a time. Of a
+    quantized checkpoint (`quantization`), the quantized weights' fields are kept as stored
+    (only `device` applies): llama.quantize.from_tensors makes them weights again. `names`:
+    only these tensors (default: all)."""
     any_shard = next(iter(shards.values()))
+    mode = quantization.mode if quantization is not None else None
     out = {}
-    for name, shape in full_shapes(args).items():
-        dim = split_dim(name)
+    for name, shape in full_shapes(args, quantization).items():
+        if names is not None and name not in names:
+            continue
+        dim = split_dim(name, mode)
         if dim is None:
             pieces = [any_shard[name]]
+            if mode is not None and name.endswith(".scales"):
+                _check_replicated(shards, name)
         elif n_shards == world_size:
             pieces = [shards[rank][name]]
         else:
             pieces = [shards[src][name].narrow(dim, start, stop - start)
                       for src, start, stop in slice_plan(shape[dim], n_shards, world_size, rank)]
         tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-        copied = tensor.untyped_storage().data_ptr() != pieces[0].untyped_storage().data_ptr()
+        kept = convert(name, tensor) if convert is not None else tensor
+        if kept is not tensor:
+            out[name] = kept
+            copied = True
+        else:
+            saved = mode is not None and is_quantized(split_field(name)[0])
+            tensor = tensor.to(device=device, dtype=None if saved else dtype).contiguous()
+            copied = tensor.untyped_storage().data_ptr() != pieces[0].untyped_storage().data_ptr()
+            out[name] = tensor
         if release_copied and copied:
             for piece in pieces:  # copied out: the file's pages behind it are not needed again
                 release_file_pages(piece)
-        out[name] = convert(name, tensor) if convert is not None else tensor
     return out
+
+
+def _check_replicated(shards: Dict[int, Dict[str, torch.Tensor]], name: str) -> None:
+    """int8 scales of a row-parallel weight are whole-row scales, the same in every shard: a
+    rank joining several shards' columns uses one shard's, so they must be equal."""
+    indices = sorted(shards)
+    for index in indices[1:]:
+        if not torch.equal(shards[index][name], shards[indices[0]][name]):
+            raise CheckpointError(
+                f"{name} differs between consolidated.{indices[0]:02d}.pth and "
+                f"consolidated.{index:02d}.pth: a row-parallel int8 weight's scales must be "
+                f"the whole rows' (python -m llama.quantize writes them so), or the shards' "
+                f"columns cannot be joined")
 
 
 def release_file_pages(tensor: torch.Tensor) -> None:
@@ -274,6 +441,15 @@ def release_file_pages(tensor: torch.Tensor) -> None:
     first, last = -(-start // page) * page, end // page * page  # whole pages inside the range
     if last > first:
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps freed memory in its heap, and
+    the temporaries of converting one tensor (quantizing it, a block of rows at a time) leave
+    holes between the weights being kept, which count in the process's memory: trimmed after
+    each tensor, peak memory stays near what is kept. glibc only; a no-op elsewhere."""
+    if sys.platform.startswith("linux") and hasattr(_libc(), "malloc_trim"):
+        _libc().malloc_trim(0)
 
 
 _MADV_DONTNEED = 4

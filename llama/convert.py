@@ -84,7 +84,7 @@ def plan_files(sizes: Sequence[Tuple[str, int]], max_bytes: int) -> List[List[st
     return files
 
 
-def _check_destination(src: Path, dst: Path, patterns: Sequence[str]) -> None:
+def check_destination(src: Path, dst: Path, patterns: Sequence[str]) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a directory")
     if dst.exists() and src.resolve() == dst.resolve():
@@ -94,7 +94,7 @@ def _check_destination(src: Path, dst: Path, patterns: Sequence[str]) -> None:
         raise CheckpointError(f"{dst} already holds {sorted(taken)}; choose an empty directory")
 
 
-def _find_tokenizer(src: Path, tokenizer: Optional[Path]) -> Optional[Path]:
+def find_tokenizer(src: Path, tokenizer: Optional[Path]) -> Optional[Path]:
     """The given tokenizer, else tokenizer.model in SRC or beside it (Meta's downloads)."""
     if tokenizer is not None:
         if not Path(tokenizer).is_file():
@@ -105,7 +105,7 @@ def _find_tokenizer(src: Path, tokenizer: Optional[Path]) -> Optional[Path]:
     return found[0] if found else None
 
 
-def _tokenizer(path: Path, vocab_size: int):
+def check_tokenizer(path: Path, vocab_size: int):
     from llama.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(str(path))
@@ -121,10 +121,15 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                tokenizer: Optional[Path] = None, say: Callable[[str], None] = print) -> None:
     """Meta's checkpoint directory SRC as a Hugging Face directory DST."""
     src, dst = Path(src), Path(dst)
-    _check_destination(src, dst, ("*.safetensors", "config.json"))
+    check_destination(src, dst, ("*.safetensors", "config.json"))
     if is_hf_checkpoint(src):
         raise CheckpointError(f"{src} is in Hugging Face's layout already (config.json); --to "
                               f"hf converts Meta's (params.json, consolidated.NN.pth)")
+    quantization = checkpoint.read_quantization(src)
+    if quantization is not None:
+        raise CheckpointError(f"{src} holds {quantization} weights (params.json's "
+                              f"\"quantization\"); --to hf writes float weights: convert the "
+                              f"float checkpoint it was quantized from")
     paths = checkpoint.find_shards(src)
     shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
     params = checkpoint.read_params(src)
@@ -136,8 +141,8 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
         raise CheckpointError(f"{src / 'params.json'}: {error}") from None
     for index, path in enumerate(paths):
         checkpoint.check_shard(path, shards[index], args, len(paths))
-    tokenizer_path = _find_tokenizer(src, tokenizer)
-    sp = _tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
+    tokenizer_path = find_tokenizer(src, tokenizer)
+    sp = check_tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
 
     def full(name: str) -> torch.Tensor:  # the whole tensor, in Meta's row order
         dim = checkpoint.split_dim(name)
@@ -221,12 +226,12 @@ def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
                say: Callable[[str], None] = print) -> None:
     """Hugging Face's directory SRC as Meta's checkpoint directory DST of `n_shards` shards."""
     src, dst = Path(src), Path(dst)
-    _check_destination(src, dst, ("*.pth", "params.json"))
+    check_destination(src, dst, ("*.pth", "params.json"))
     source = HFCheckpoint(src)
     args = source.model_args()
     tokenizer_path = src / "tokenizer.model"
     if tokenizer_path.is_file():
-        _tokenizer(tokenizer_path, args.vocab_size)
+        check_tokenizer(tokenizer_path, args.vocab_size)
     checkpoint.check_world_size(args, n_shards, flag="--shards", parts="shards")
     source.check(args)
     dst.mkdir(parents=True, exist_ok=True)

@@ -255,14 +255,15 @@ class HFCheckpoint:
 
     def rank_state_dict(self, args: ModelArgs, rank: int, world_size: int,
                         dtype: Optional[torch.dtype] = None, device=None, copy: bool = False,
-                        convert=None
+                        convert=None, names=None
                         ) -> Tuple[Dict[str, torch.Tensor], Callable[[torch.Tensor], bool]]:
         """Meta's names and per-rank shapes for rank `rank` of `world_size`, cut from the
         checked files tensor by tensor, with query/key rows in Meta's order. Slices that need
         no conversion stay views of the mapped files unless `copy`; the file pages behind
         each copied slice are dropped as it is copied. Also returns whether a tensor lies in
         a mapped file (its pages may be dropped once copied elsewhere). `convert(name,
-        tensor)`: see checkpoint.rank_state_dict."""
+        tensor)` (given each tensor as stored, in Meta's row order) and `names`: see
+        checkpoint.rank_state_dict."""
         self.check(args)
         files = {self.weight_map[self.source_name(name)] for name in checkpoint.full_shapes(args)}
         for path in files:
@@ -275,19 +276,32 @@ class HFCheckpoint:
 
         state = {}
         for name, shape in checkpoint.full_shapes(args).items():
+            if names is not None and name not in names:
+                continue
             dim = checkpoint.split_dim(name)
             start, stop = 0, 0
             if dim is not None:
                 [(_, start, stop)] = checkpoint.slice_plan(shape[dim], 1, world_size, rank)
             piece = self._read(self.source_name(name), dim, start, stop)
             heads = rotary_heads(name, args)
-            if heads is not None:  # a rank's rows are whole heads (check_world_size)
-                tensor = rotary_rows_to_meta(piece, heads // world_size, dtype, device)
+            heads = None if heads is None else heads // world_size  # a rank's are whole heads
+            if convert is not None:
+                stored = piece if heads is None else rotary_rows_to_meta(piece, heads)
+                kept = convert(name, stored)
+                if kept is not stored:
+                    if is_mapped(piece):
+                        checkpoint.release_file_pages(piece)
+                    state[name] = kept
+                    continue
+                if heads is not None:
+                    piece, heads = stored, None  # in Meta's order already
+            if heads is not None:
+                tensor = rotary_rows_to_meta(piece, heads, dtype, device)
             else:
                 tensor = piece.to(device=device, dtype=dtype or piece.dtype, copy=copy)
                 tensor = tensor.contiguous()
             copied = tensor.untyped_storage().data_ptr() != piece.untyped_storage().data_ptr()
             if copied and is_mapped(piece):
                 checkpoint.release_file_pages(piece)
-            state[name] = convert(name, tensor) if convert is not None else tensor
+            state[name] = tensor
         return state, is_mapped

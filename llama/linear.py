@@ -11,7 +11,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight, concat
+from llama.quantize import (Int4Weight, Int8Weight, QuantizationError, QuantizedWeight, concat,
+                            narrow)
 
 
 def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"]
@@ -172,16 +173,15 @@ class PackedInt4:
         q = q.to(self.device)
         tile = _CPU_BLOCK if self.device.type == "cpu" else _CUDA_TILE
         pad = -self.out_features % tile  # padding rows: zero scales and zeros, outputs dropped
-        values = F.pad(q.values(), (0, 0, 0, pad))  # (padded, in) uint8 in 0..15
         # (in / G, padded, 2) bfloat16: each group's scale next to its zero, as both kernels
         # read them
         self.scales_and_zeros = torch.stack(
             [F.pad(q.scales, (0, 0, 0, pad)), F.pad(q.zeros, (0, 0, 0, pad))], dim=-1
         ).transpose(0, 1).contiguous()
         if self.device.type == "cpu":
-            self.weight = torch._convert_weight_to_int4pack_for_cpu(
-                values.to(torch.int32).contiguous(), 1)  # (padded, in / 2) uint8
+            self.weight = _cpu_int4_layout(q, self.out_features + pad)  # (padded, in / 2)
         else:
+            values = F.pad(q.values(), (0, 0, 0, pad))  # (padded, in) uint8 in 0..15
             # tinygemm's input: (padded, in / 2) uint8 with column 2j in the HIGH nibble
             nibbles = ((values[:, ::2] << 4) | values[:, 1::2]).contiguous()
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
@@ -233,6 +233,23 @@ class PackedInt4:
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _cpu_int4_layout(q: Int4Weight, rows: int) -> torch.Tensor:
+    """q's values in torch's CPU int4 layout, (rows, in / 2) uint8, rows past q's zero. The
+    layout is made of blocks of 64 rows, so it is converted a few blocks at a time: the
+    conversion takes an int32 per value, 8x the packed bytes, which for a whole output matrix
+    would be a large temporary while loading."""
+    out = torch.empty((rows, q.in_features // 2), dtype=torch.uint8)
+    step = max(1, (1 << 22) // q.in_features // _CPU_BLOCK) * _CPU_BLOCK  # ~4 M values
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        real = max(0, min(end, q.out_features) - start)
+        values = narrow(q, 0, start, real).values().to(torch.int32)  # (real, in)
+        if real < end - start:  # padding rows, zero
+            values = F.pad(values, (0, 0, 0, end - start - real))
+        out[start:end] = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+    return out
 
 
 def _bfloat16(x: torch.Tensor) -> torch.Tensor:

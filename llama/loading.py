@@ -95,21 +95,36 @@ def check_quantize_arguments(quantize: Optional[str], group_size: Optional[int])
                                                f"(quantize={quantize!r})")
 
 
-def check_quantization(args, mode: str, group_size: int, world_size: int, device) -> None:
+def check_quantization(args, mode: str, group_size: int, world_size: int, device,
+                       saved: bool = False) -> None:
     """Before any weight is read: int4 needs a kernel on `device`, and each rank's share of
-    every quantized weight's input columns must be a whole number of groups."""
+    every quantized weight's input columns must be a whole number of groups (`saved`: the
+    checkpoint's own groups, which are not requantized)."""
     from llama.linear import check_int4_device
-    from llama.quantize import check_group_size, is_quantized
 
     if mode != "int4":
         return
     check_int4_device(device)
-    for name, shape in checkpoint.full_shapes(args).items():
-        if is_quantized(name):
-            split = checkpoint.split_dim(name) == 1 and world_size > 1
-            width = shape[1] // world_size if split else shape[1]
-            where = f" (split by columns over {world_size} processes)" if split else ""
-            check_group_size(group_size, width, f"{name}{where}")
+    checkpoint.check_group_split(args, group_size, world_size, saved=saved)
+
+
+def check_saved_quantization(saved, quantize: Optional[str], group_size: Optional[int],
+                             ckpt_dir: Path) -> None:
+    """A quantized checkpoint loads as it was saved: quantize (and group_size) may repeat the
+    file's, not ask for another (weights are never quantized twice)."""
+    requantize = "python -m llama.quantize FLOAT_CHECKPOINT DST --mode"
+    if quantize is not None and quantize != saved.mode:
+        raise ArgumentValueError(
+            "quantize", f"quantize={quantize!r}, but {ckpt_dir} holds {saved} weights already "
+                        f"(params.json's \"quantization\"), which are not quantized again: "
+                        f"pass quantize=None (or {saved.mode!r}) to load them as they are, or "
+                        f"quantize the float checkpoint: {requantize} {quantize}")
+    if group_size is not None and group_size != saved.group_size:
+        raise ArgumentValueError(
+            "group_size", f"group_size={group_size}, but {ckpt_dir} holds {saved} weights "
+                          f"(params.json's \"quantization\"): leave group_size out to load "
+                          f"them, or quantize the float checkpoint: {requantize} int4 "
+                          f"--group_size {group_size}")
 
 
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
@@ -139,18 +154,24 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         shard_paths = checkpoint.find_shards(ckpt_dir)
         args = checkpoint.model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size)
         files = f"{len(shard_paths)} shard{'s' if len(shard_paths) > 1 else ''}"
+    check_quantize_arguments(quantize, group_size)
+    saved = None if hub else checkpoint.read_quantization(ckpt_dir)
+    if saved is not None:
+        check_saved_quantization(saved, quantize, group_size, ckpt_dir)
+        quantize, group_size = saved.mode, saved.group_size
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
-    check_quantize_arguments(quantize, group_size)
     group_size = group_size or DEFAULT_GROUP_SIZE
     if quantize is not None:
-        check_quantization(args, quantize, group_size, world_size, device)
+        check_quantization(args, quantize, group_size, world_size, device, saved is not None)
     torch.manual_seed(seed)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)
 
-    convert = None if quantize is None else quantizer(quantize, group_size, world_size, device)
+    convert = None
+    if quantize is not None and saved is None:
+        convert = quantizer(quantize, group_size, world_size, device, args)
     if hub:
         # Copies leave the memory-mapped files' pages behind; they are dropped as we go.
         state, is_mapped = source.rank_state_dict(args, rank, world_size, dtype, device,
@@ -158,39 +179,66 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         del source
     else:
         state, is_mapped = _meta_rank_state(shard_paths, args, rank, world_size, dtype, device,
-                                            say, convert)
+                                            say, convert, saved)
     weight_bytes = sum(_nbytes(t) for t in state.values())
-    _report_memory(args, weight_bytes, device, dtype, world_size, say)
+    _report_memory(args, weight_bytes, device, dtype, world_size, say, quantize)
 
-    def release_if_mapped(tensor):
+    def after_copy(tensor):
+        # the original of a weight that fusing or packing copied: its file pages are not
+        # needed again; what the copies before it freed on the heap goes back to the OS
         if is_mapped(tensor):
             checkpoint.release_file_pages(tensor)
+        else:
+            checkpoint.trim_heap()
 
-    model = Transformer.from_state_dict(args, state, after_copy=release_if_mapped)
+    model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
         f"{str(dtype).replace('torch.', '')}"
-        f"{'' if quantize is None else ', ' + quantize + ' weights'})")
+        f"{'' if quantize is None else ', ' + quantize + ' weights'}"
+        f"{'' if saved is None else ' as saved'})")
     return model
 
 
-def quantizer(mode: str, group_size: int, world_size: int, device):
+def quantizer(mode: str, group_size: int, world_size: int, device, args):
     """convert(name, tensor) for rank_state_dict: the projections and the output matrix in
     the saved format of `mode`, everything else as it is. A row-parallel weight (wo, w2) is
     split by columns across ranks, so each row's int8 scale is taken over the whole row (the
-    ranks' row maxima all-reduced): every rank then holds the scales one process would."""
-    from llama.quantize import is_quantized, quantize, row_absmax
+    ranks' row maxima all-reduced): every rank then holds the scales one process would.
+    The weights used as one matrix (q/k/v, w1/w3) are quantized into consecutive rows of one
+    buffer, so the model uses them as they are (no copy, and no freed pieces left between
+    the weights being kept)."""
+    from llama.fused import FUSED_WEIGHTS
+    from llama.quantize import empty_like_rows, is_quantized, quantize, row_absmax
+
+    shapes = checkpoint.full_shapes(args)
+    outs = {}  # name -> the rows of its fused matrix to quantize into
+
+    def out_for(name: str):
+        parts = name.split(".")  # layers.N.module.wX.weight
+        if len(parts) != 5 or parts[3] not in FUSED_WEIGHTS.get(parts[2], ()):
+            return None
+        if name not in outs:
+            group = [f"layers.{parts[1]}.{parts[2]}.{w}.weight" for w in FUSED_WEIGHTS[parts[2]]]
+            rows = [checkpoint.shard_shape(n, shapes[n], world_size) for n in group]
+            outs.update(zip(group, empty_like_rows(mode, group_size, rows, device)))
+        return outs.pop(name)
 
     def convert(name: str, tensor: torch.Tensor):
         if not is_quantized(name):
             return tensor
+        # From the file's values (quantize reads a block of rows at a time: no float copy of
+        # the whole tensor), on the device that will compute with it.
+        tensor = tensor.to(device)
         absmax = None
         if mode == "int8" and world_size > 1 and checkpoint.split_dim(name) == 1:
             absmax = row_absmax(tensor)
             torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX,
                                          group=get_model_parallel_group())
-        return quantize(tensor.float(), mode, group_size, absmax, name)
+        quantized = quantize(tensor, mode, group_size, absmax, name, out=out_for(name))
+        checkpoint.trim_heap()  # the temporaries' pages (see trim_heap)
+        return quantized
 
     return convert
 
@@ -201,28 +249,40 @@ def _nbytes(weight) -> int:
 
 
 def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, device, say,
-                     convert=None):
-    """This rank's tensors from Meta's shards, and whether a tensor lies in a mapped shard."""
+                     convert=None, quantization=None):
+    """This rank's tensors from Meta's shards, and whether a tensor lies in a mapped shard.
+    Of a quantized checkpoint (`quantization`, params.json's entry), the quantized weights
+    come back in their saved format, as `convert` makes them while quantizing at load."""
+    from llama.quantize import gather_saved
+
     shards = {}
     for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
         shard_start = time.time()
         shards[index] = checkpoint.load_shard(shard_paths[index])
-        checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths))
+        checkpoint.check_shard(shard_paths[index], shards[index], args, len(shard_paths),
+                               quantization)
         say(f"Opened shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)}) in "
             f"{time.time() - shard_start:.2f} s")
     # Copies leave the memory-mapped files' pages behind; drop those as we go.
     state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
-                                       dtype, device, release_copied=True, convert=convert)
+                                       dtype, device, release_copied=True, convert=convert,
+                                       quantization=quantization)
+    if quantization is not None:
+        state = gather_saved(state)
     mapped = {t.untyped_storage().data_ptr() for shard in shards.values()
               for t in shard.values()}
     return state, lambda tensor: tensor.untyped_storage().data_ptr() in mapped
 
 
-def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say):
+def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say,
+                   quantize: Optional[str] = None):
     cache_bytes = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
                    * args.max_seq_len)
     gib = 1024 ** 3
-    say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB; KV cache at most "
+    kinds = "" if quantize is None else (
+        f" ({quantize} projections and output, {str(dtype).replace('torch.', '')} embedding "
+        f"and norms)")
+    say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB{kinds}; KV cache at most "
         f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
         f"{args.max_seq_len}), allocated per call for the tokens it needs")
     if device.type == "cuda":

@@ -348,36 +348,46 @@ class Transformer(nn.Module):
         quantized = {name: state.pop(name) for name in list(state)
                      if not isinstance(state[name], torch.Tensor)}
         if quantized:
-            model._use_quantized(quantized, state["norm.weight"])
+            model._use_quantized(quantized, state["norm.weight"], after_copy)
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
 
-    def _use_quantized(self, quantized: dict, like: torch.Tensor) -> None:
+    def _use_quantized(self, quantized: dict, like: torch.Tensor, after_copy=None) -> None:
         """Replace the weights named in `quantized` (saved formats of llama/quantize.py) by
         weights packed for `like`'s device, with activations of its dtype: wq|wk|wv and w1|w3
-        each packed as one, whose layers then hold no weight of their own."""
-        def weight(name):
-            return quantized.pop(name)
+        each packed as one, whose layers then hold no weight of their own. `after_copy`: see
+        pack_weights (here: a saved weight's tensors that packing copied)."""
+        device, dtype = like.device, like.dtype
+
+        def pack_weights_of(*names):
+            pieces = [quantized.pop(name) for name in names]
+            packed = pack(pieces if len(pieces) > 1 else pieces[0], device, dtype)
+            kept = {t.untyped_storage().data_ptr() for t in vars(packed).values()
+                    if isinstance(t, torch.Tensor)}  # what packing used as it was
+            for piece in pieces if after_copy else ():
+                for tensor in piece.tensors().values():
+                    if tensor.untyped_storage().data_ptr() not in kept:
+                        after_copy(tensor)
+            return packed
 
         def use(module: nn.Module, packed) -> None:
             del module.weight  # the Parameter: its layer now computes with `packed`
             module.weight = packed
 
-        device, dtype = like.device, like.dtype
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             for owner, fused, names in ((layer.attention, layer.attention._qkv, "wq wk wv"),
                                         (layer.feed_forward, layer.feed_forward._w13, "w1 w3")):
                 module_name = "attention" if owner is layer.attention else "feed_forward"
-                pieces = [weight(f"{p}{module_name}.{n}.weight") for n in names.split()]
-                fused.set_packed(pack(pieces, device, dtype))
+                fused.set_packed(pack_weights_of(*(f"{p}{module_name}.{n}.weight"
+                                                   for n in names.split())))
                 for n in names.split():
                     use(owner._modules[n], None)
-            use(layer.attention.wo, pack(weight(f"{p}attention.wo.weight"), device, dtype))
-            use(layer.feed_forward.w2, pack(weight(f"{p}feed_forward.w2.weight"), device, dtype))
-        use(self.output, pack(weight("output.weight"), device, dtype))
+            use(layer.attention.wo, pack_weights_of(f"{p}attention.wo.weight"))
+            use(layer.feed_forward.w2, pack_weights_of(f"{p}feed_forward.w2.weight"))
+        use(self.output, pack_weights_of("output.weight"))
         if quantized:
             raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")
 

@@ -21,7 +21,7 @@ rank holds the same scales and 2 processes compute what 1 does (`quantize_int8(a
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -142,6 +142,81 @@ class Int4Weight:
 QuantizedWeight = Union[Int8Weight, Int4Weight]
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How a saved checkpoint's weights are quantized: params.json's "quantization" entry,
+    {"mode": "int8"} or {"mode": "int4", "group_size": G}."""
+    mode: str
+    group_size: Optional[int] = None  # int4 only
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise QuantizationError(f"unknown quantization mode {self.mode!r}; choose one of: "
+                                    + ", ".join(MODES))
+        if self.mode == "int8" and self.group_size is not None:
+            raise QuantizationError("int8 has one scale per row: no group_size")
+        if self.mode == "int4" and (type(self.group_size) is not int
+                                    or self.group_size not in GROUP_SIZES):
+            raise QuantizationError(f"int4 group_size must be one of {GROUP_SIZES}, got "
+                                    f"{self.group_size!r}")
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, **({"group_size": self.group_size} if self.group_size else {})}
+
+    def __str__(self) -> str:
+        return self.mode + (f" (groups of {self.group_size})" if self.group_size else "")
+
+    def saved_shapes(self, shape: Tuple[int, int]) -> Dict[str, Tuple[int, ...]]:
+        """The saved format's tensors for a float weight of `shape` (out, in): field -> shape,
+        as `tensors()` gives them."""
+        n_out, n_in = shape
+        if self.mode == "int8":
+            return {"weight": (n_out, n_in), "scales": (n_out,)}
+        groups = (n_out, n_in // self.group_size)
+        return {"weight": (n_out, n_in // 2), "scales": groups, "zeros": groups}
+
+
+# The saved format's tensor types, per field (`tensors()`'s keys).
+SAVED_DTYPES = {"int8": {"weight": torch.int8, "scales": torch.bfloat16},
+                "int4": {"weight": torch.uint8, "scales": torch.bfloat16,
+                         "zeros": torch.bfloat16}}
+
+
+def saved_key(name: str, field: str) -> str:
+    """The checkpoint key of a quantized weight's field: the values keep the float weight's
+    name ("layers.0.attention.wq.weight"), the others sit beside it ("...wq.scales")."""
+    return name[: -len("weight")] + field
+
+
+def split_field(key: str) -> Tuple[str, str]:
+    """(weight name, field) of a checkpoint key written by saved_key."""
+    base, _, field = key.rpartition(".")
+    return base + ".weight", field
+
+
+def saved_tensors(name: str, q: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    """Quantized weight `name` as checkpoint tensors (saved_key's names)."""
+    return {saved_key(name, field): tensor for field, tensor in q.tensors().items()}
+
+
+def gather_saved(state: Dict[str, torch.Tensor]) -> Dict[str, object]:
+    """A quantized checkpoint's tensors with each quantized weight's fields joined back into
+    its saved format under the weight's name (the inverse of saved_tensors), in order; the
+    other tensors as they are. Errors name the weight whose fields do not fit together."""
+    out: Dict[str, object] = {}
+    fields: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        name, field = split_field(key)
+        if is_quantized(name):
+            out.setdefault(name, None)
+            fields.setdefault(name, {})[field] = tensor
+        else:
+            out[key] = tensor
+    for name, tensors in fields.items():
+        out[name] = from_tensors(tensors, name)
+    return out
+
+
 def _bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -150,7 +225,12 @@ def _check_float(weight: torch.Tensor, name: str) -> None:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise QuantizationError(f"{name}: expected a 2-D floating-point weight, got "
                                 f"{tuple(weight.shape)} {weight.dtype}")
-    if not bool(torch.isfinite(weight).all()):
+
+
+def _check_finite(extremes: torch.Tensor, name: str) -> None:
+    # rows' or groups' largest and smallest values: NaN and inf show up there (max and min
+    # propagate NaN), so the weight itself needs no full-size temporary to be checked
+    if not bool(torch.isfinite(extremes).all()):
         raise QuantizationError(f"{name}: holds inf or NaN values, which cannot be quantized")
 
 
@@ -172,18 +252,49 @@ _TINY = torch.finfo(torch.bfloat16).tiny
 
 def row_absmax(weight: torch.Tensor) -> torch.Tensor:
     """Each row's largest |w|, (out,) float32: what int8's scales are made of. For a weight
-    split by columns across ranks (wo, w2), take the max over ranks before quantize_int8."""
-    return weight.abs().amax(dim=1).to(torch.float32)
+    split by columns across ranks (wo, w2), take the max over ranks before quantize_int8.
+    Read a block of rows at a time (the weight may be a memory-mapped bfloat16 file)."""
+    return torch.cat([weight[start:end].abs().amax(dim=1).to(torch.float32)
+                      for start, end in _row_chunks(*weight.shape)])
+
+
+def _float_rows(weight: torch.Tensor):
+    """(start, end, rows) a block of rows at a time, as float32 in one buffer reused from block
+    to block (the weight may be a memory-mapped bfloat16 file): temporaries stay small and
+    the heap does not fill with holes between the weights being kept."""
+    buffer = None
+    for start, end in _row_chunks(*weight.shape):
+        if buffer is None:
+            buffer = torch.empty((end - start, weight.shape[1]), dtype=torch.float32,
+                                 device=weight.device)
+        rows = buffer[: end - start]
+        rows.copy_(weight[start:end])
+        yield start, end, rows
+
+
+def _outputs(out, cls, shapes, device):
+    """The tensors to write a quantized weight into: `out`'s (a weight of views into larger
+    buffers, e.g. the rows of a fused q/k/v matrix), else new ones."""
+    if out is None:
+        dtypes = SAVED_DTYPES["int8" if cls is Int8Weight else "int4"]
+        return cls(**{field: torch.empty(shape, dtype=dtypes[field], device=device)
+                      for field, shape in shapes.items()})
+    for field, tensor in out.tensors().items():
+        if not isinstance(out, cls) or tuple(tensor.shape) != shapes[field]:
+            raise QuantizationError(f"out: expected a {cls.__name__} of shapes {shapes}")
+    return out
 
 
 def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None,
-                  name: str = "weight") -> Int8Weight:
+                  name: str = "weight", out: Optional[Int8Weight] = None) -> Int8Weight:
     """Symmetric int8 with one scale per output row, scale = absmax / 127 (rounded up to a
     bfloat16 number). `absmax` (out,) overrides each row's own largest |w|: pass the whole
     row's when `weight` is one rank's column slice, so every rank gets the same scales. It must
-    be >= the slice's own (values beyond 127 * scale would be clipped)."""
+    be >= the slice's own (values beyond 127 * scale would be clipped). `out`: an Int8Weight
+    to write into (and return)."""
     _check_float(weight, name)
     own = row_absmax(weight)
+    _check_finite(own, name)
     if absmax is None:
         absmax = own
     else:
@@ -196,51 +307,55 @@ def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None,
                                     f"some rows; pass the max over every rank's slice")
     # Rounded up, so that absmax / scale <= 127 and no value is clipped.
     scales = _bf16_at_least((absmax / 127).clamp(min=_TINY))
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    for start, end in _row_chunks(*weight.shape):
-        rows = weight[start:end].to(torch.float32)
-        q[start:end] = torch.round(rows / scales[start:end, None]).clamp_(-127, 127)
-    return Int8Weight(q, scales.to(torch.bfloat16))
+    out = _outputs(out, Int8Weight, Quantization("int8").saved_shapes(weight.shape),
+                   weight.device)
+    for start, end, rows in _float_rows(weight):
+        out.weight[start:end] = rows.div_(scales[start:end, None]).round_().clamp_(-127, 127)
+    out.scales.copy_(scales)
+    return out
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
-                  name: str = "weight") -> Int4Weight:
+                  name: str = "weight", out: Optional[Int4Weight] = None) -> Int4Weight:
     """Asymmetric 4-bit groups of `group_size` input columns: each group's smallest and largest
     values land on the grid's ends (q = 0 and 15). Scale and zero are bfloat16 numbers; the
-    scale is rounded up where needed so that the whole group stays within the grid."""
+    scale is rounded up where needed so that the whole group stays within the grid. `out`: an
+    Int4Weight to write into (and return)."""
     _check_float(weight, name)
     n_out, n_in = weight.shape
     check_group_size(group_size, n_in, name)
     groups = n_in // group_size
-    packed = torch.empty((n_out, n_in // 2), dtype=torch.uint8, device=weight.device)
-    scales = torch.empty((n_out, groups), dtype=torch.bfloat16, device=weight.device)
-    zeros = torch.empty_like(scales)
-    for start, end in _row_chunks(n_out, n_in):
-        g = weight[start:end].to(torch.float32).view(end - start, groups, group_size)
+    out = _outputs(out, Int4Weight, Quantization("int4", group_size).saved_shapes(weight.shape),
+                   weight.device)
+    for start, end, rows in _float_rows(weight):
+        g = rows.view(end - start, groups, group_size)
         lo, hi = g.amin(dim=2), g.amax(dim=2)
+        _check_finite(torch.stack([lo, hi]), name)
         zero = (lo + 8 * (hi - lo) / 15).to(torch.bfloat16).to(torch.float32)
         # The grid (q - 8) * scale + zero, q in 0..15, must reach down to lo and up to hi.
         scale = _bf16_at_least(torch.maximum((zero - lo) / 8, (hi - zero) / 7).clamp(min=_TINY))
-        q = torch.round((g - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
-        q = q.to(torch.uint8).view(end - start, n_in // 2, 2)
-        packed[start:end] = q[..., 0] | (q[..., 1] << 4)
-        scales[start:end] = scale.to(torch.bfloat16)
-        zeros[start:end] = zero.to(torch.bfloat16)
-    return Int4Weight(packed, scales, zeros)
+        g.sub_(zero[..., None]).div_(scale[..., None]).round_().add_(8).clamp_(0, 15)
+        q = g.to(torch.uint8).view(end - start, n_in // 2, 2)
+        torch.bitwise_or(q[..., 0], q[..., 1] << 4, out=out.weight[start:end])
+        out.scales[start:end] = scale
+        out.zeros[start:end] = zero
+    return out
 
 
 def quantize(weight: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-             absmax: Optional[torch.Tensor] = None, name: str = "weight") -> QuantizedWeight:
+             absmax: Optional[torch.Tensor] = None, name: str = "weight",
+             out: Optional[QuantizedWeight] = None) -> QuantizedWeight:
     """One float weight (out, in) in the saved format of `mode` ("int8" or "int4").
-    `absmax`: int8 only (see quantize_int8). `name` appears in error messages."""
+    `absmax`: int8 only (see quantize_int8). `name` appears in error messages. `out`: a
+    weight of that format and shape to write into (views of a larger buffer)."""
     if check_mode(mode) is None:
         raise QuantizationError("quantize() needs a mode: " + ", ".join(map(repr, MODES)))
     if mode == "int8":
-        return quantize_int8(weight, absmax, name)
+        return quantize_int8(weight, absmax, name, out)
     if absmax is not None:
         raise QuantizationError(f"{name}: absmax applies to int8 only (int4 groups never "
                                 f"straddle a split)")
-    return quantize_int4(weight, group_size, name)
+    return quantize_int4(weight, group_size, name, out)
 
 
 def from_tensors(tensors: Dict[str, torch.Tensor], name: str = "weight") -> QuantizedWeight:
@@ -309,7 +424,7 @@ def concat(pieces: Sequence[QuantizedWeight], dim: int = 0,
                                 f"joined")
     if dim == 0:
         fields = zip(*(p.tensors().values() for p in pieces))
-        return type(pieces[0])(*(torch.cat(ts, dim=0) for ts in fields))
+        return type(pieces[0])(*(_joined_rows(ts) for ts in fields))
     if dim != 1:
         raise QuantizationError(f"{name}: a weight joins along dim 0 or 1, not {dim}")
     if isinstance(pieces[0], Int8Weight):
@@ -319,3 +434,41 @@ def concat(pieces: Sequence[QuantizedWeight], dim: int = 0,
         return Int8Weight(torch.cat([p.weight for p in pieces], dim=1), pieces[0].scales)
     fields = zip(*(p.tensors().values() for p in pieces))
     return Int4Weight(*(torch.cat(ts, dim=1) for ts in fields))
+
+
+def _joined_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' rows as one tensor: a view when they already lie one after another in one
+    buffer (quantized so while loading: `empty_like_rows`), else a copy."""
+    first = tensors[0]
+    storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
+    for t in tensors:
+        if (t.dtype != first.dtype or t.shape[1:] != first.shape[1:] or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.data_ptr() != address):
+            return torch.cat(list(tensors), dim=0)
+        address += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def empty_like_rows(mode: str, group_size: int, shapes: Sequence[Tuple[int, int]],
+                    device="cpu") -> List[QuantizedWeight]:
+    """Uninitialised weights of `mode` for float weights of `shapes` (out, in), each the next
+    rows of one buffer per field: quantized into with quantize(out=...), they join by rows
+    (concat, a fused product's weight) without a copy."""
+    quantization = Quantization(mode, group_size if mode == "int4" else None)
+    rows = [shape[0] for shape in shapes]
+    whole = _outputs(None, Int8Weight if mode == "int8" else Int4Weight,
+                     quantization.saved_shapes((sum(rows), shapes[0][1])), device)
+    pieces, start = [], 0
+    for count in rows:
+        pieces.append(narrow(whole, 0, start, count))
+        start += count
+    return pieces
+
+
+if __name__ == "__main__":  # python -m llama.quantize SRC DST --mode ...: llama/quantize_cli.py
+    import sys
+
+    from llama.quantize_cli import main
+
+    sys.exit(main())

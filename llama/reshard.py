@@ -3,8 +3,9 @@
     python -m llama.reshard llama-2-13b/ llama-2-13b-mp1/ --mp 1
 
 Writes consolidated.00.pth ... consolidated.{W-1}.pth, params.json and a fresh checklist.chk.
-Source shards are memory-mapped and one output shard is built at a time, so peak memory stays
-near the size of one output shard.
+Quantized checkpoints (python -m llama.quantize) reshard too, int4 ones where each shard keeps
+whole groups. Source shards are memory-mapped and one output shard is built at a time, so peak
+memory stays near the size of one output shard.
 """
 
 import argparse
@@ -30,15 +31,20 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
     shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
     vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
     params = checkpoint.read_params(src)
+    quantization = checkpoint.read_quantization(src)  # None, or a quantized checkpoint's
     args = ModelArgs(**{**params, "vocab_size": vocab_size})
     checkpoint.check_world_size(args, world_size, flag="--mp", parts="shards")
+    if quantization is not None and quantization.group_size:
+        checkpoint.check_group_split(args, quantization.group_size, world_size, "shards",
+                                     saved=True)
     for i, path in enumerate(paths):
-        checkpoint.check_shard(path, shards[i], args, len(paths))
+        checkpoint.check_shard(path, shards[i], args, len(paths), quantization)
     dst.mkdir(parents=True, exist_ok=True)
     names = ["params.json"]
     for rank in range(world_size):
         start = time.time()
-        state = checkpoint.rank_state_dict(shards, len(paths), args, rank, world_size)
+        state = checkpoint.rank_state_dict(shards, len(paths), args, rank, world_size,
+                                           quantization=quantization)
         # clone: a slice of a memory-mapped shard would otherwise save that whole shard
         state = {name: tensor.clone() for name, tensor in state.items()}
         for extra in checkpoint.IGNORED_KEYS:
