@@ -125,13 +125,17 @@ def _load() -> None:
         root = os.environ.get("LLAMA_KERNEL_CACHE")
         build_dir = Path(root) / name if root else Path(
             cpp_extension._get_build_directory(name, verbose=False))
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
-            print(f"llama: compiling the native CPU kernels for this machine (once, ~30 s) in "
-                  f"{build_dir}", file=sys.stderr, flush=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir), is_python_module=False,
-                           verbose=False)
+        library, built = build_dir / f"{name}.so", build_dir / "built"
+        if built.exists():  # this source, these flags, this CPU: no ninja needed to load it
+            torch.ops.load_library(str(library))
+        else:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
+                  f"in {build_dir}", file=sys.stderr, flush=True)
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(),
+                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                               is_python_module=False, verbose=False)
+            built.touch()
         ops = torch.ops.llama_kernels
         kind = ops.isa()
         if kind.startswith("unsupported"):
