@@ -43,10 +43,13 @@ static constexpr int OUTS = 4;  // output rows per tile (int4 weights are padded
 // product; with these ~9.5 (int8) and ~11 GB/s (int4), measured on the AVX-512 machine
 // (docs/QUANTIZATION.md). A prefetch past the end of a weight does not fault.
 #ifndef PREFETCH8
-#define PREFETCH8 4096
+#define PREFETCH8 16384
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
 #endif
 #ifndef PREFETCH4
-#define PREFETCH4 2048
+#define PREFETCH4 8192
 #endif
 
 static inline float bf16_to_float(uint16_t h) {
@@ -78,7 +81,7 @@ static void int8_tile(const float* x, int64_t K, const int8_t* w, int64_t W,
     __m512 wv[NO];
     if ((k & 63) == 0)
       for (int o = 0; o < NO; ++o)
-        _mm_prefetch(reinterpret_cast<const char*>(w + o * W + k + PREFETCH8), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + o * W + k + PREFETCH8), PF_HINT);
     for (int o = 0; o < NO; ++o)
       wv[o] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * W + k))));
@@ -195,18 +198,25 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
 static constexpr int64_t MAX_GROUPS = 1024;  // K / G per row: K up to 32768 at G = 32
 
 #if defined(LK_AVX512)
-static inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_store_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16)));
-  for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+// (scale, zero) bfloat16 pairs -> float32 scales and zeros, 16 groups at a time.
+static inline void widen_pairs(const uint16_t* src, float* scales, float* zeros, int64_t n) {
+  int64_t g = 0;
+  for (; g + 16 <= n; g += 16) {
+    const __m512i v = _mm512_loadu_si512(src + 2 * g);  // 16 x (scale | zero << 16)
+    _mm512_store_ps(scales + g, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    _mm512_store_ps(zeros + g, _mm512_castsi512_ps(
+        _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))));
+  }
+  for (; g < n; ++g) {
+    scales[g] = bf16_to_float(src[2 * g]);
+    zeros[g] = bf16_to_float(src[2 * g + 1]);
+  }
 }
 #endif
 
 // Outputs o0..o0+OUTS (of which `valid` are stored) of rows r0..r0+NR. w: the tile's first
 // row (K / 2 bytes a row); sz: its (scale, zero) pairs, K / G a row.
-template <int NR>
+template <int NR, int BPG>  // BPG: 32-column blocks per group, G / 32
 static void int4_tile(const float* x, int64_t K, const uint8_t* w, const uint16_t* sz,
                       int64_t G, float* y, int64_t N, int valid) {
   const int64_t B = K / 2, groups = K / G;
@@ -215,24 +225,23 @@ static void int4_tile(const float* x, int64_t K, const uint8_t* w, const uint16_
   // (vpermps reads the low 4 bits of each lane): a multiply and an add per group, not per
   // weight, and the same float32 values as dequantizing first. The tile's scales and zeros
   // are widened to float32 first, so each table takes two broadcast operands from L1.
-  alignas(64) float szf[OUTS][2 * MAX_GROUPS];
-  for (int o = 0; o < OUTS; ++o) widen_bf16(sz + o * 2 * groups, szf[o], 2 * groups);
+  alignas(64) float sf[OUTS][MAX_GROUPS], zf[OUTS][MAX_GROUPS];
+  for (int o = 0; o < OUTS; ++o) widen_pairs(sz + o * 2 * groups, sf[o], zf[o], groups);
   const __m512 minus8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 acc[OUTS][NR], table[OUTS];
   for (int o = 0; o < OUTS; ++o)
     for (int r = 0; r < NR; ++r) acc[o][r] = _mm512_setzero_ps();
-  const int64_t blocks_per_group = G / 32;
   for (int64_t b = 0, g = 0; b < K / 32; ++b) {
-    if (b % blocks_per_group == 0) {
+    if (b % BPG == 0) {  // a constant: no division in the loop
       for (int o = 0; o < OUTS; ++o)
-        table[o] = _mm512_add_ps(_mm512_mul_ps(minus8, _mm512_set1_ps(szf[o][2 * g])),
-                                 _mm512_set1_ps(szf[o][2 * g + 1]));
+        table[o] = _mm512_add_ps(_mm512_mul_ps(minus8, _mm512_set1_ps(sf[o][g])),
+                                 _mm512_set1_ps(zf[o][g]));
       ++g;
     }
     __m512 lo[OUTS], hi[OUTS];
     for (int o = 0; o < OUTS; ++o) {
       if (b % 4 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + o * B + 16 * b + PREFETCH4), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + o * B + 16 * b + PREFETCH4), PF_HINT);
       const __m512i v = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * B + 16 * b)));
       lo[o] = _mm512_permutexvar_ps(v, table[o]);
@@ -299,13 +308,27 @@ static void int4_tile(const float* x, int64_t K, const uint8_t* w, const uint16_
 #endif
 }
 
+template <int BPG>
+static void int4_rows(int64_t nr, const float* x, int64_t K, const uint8_t* w,
+                      const uint16_t* sz, int64_t G, float* y, int64_t N, int valid) {
+  switch (nr) {
+    case 1: int4_tile<1, BPG>(x, K, w, sz, G, y, N, valid); break;
+    case 2: int4_tile<2, BPG>(x, K, w, sz, G, y, N, valid); break;
+#if !defined(LK_AVX2)
+    case 3: int4_tile<3, BPG>(x, K, w, sz, G, y, N, valid); break;
+    case 4: int4_tile<4, BPG>(x, K, w, sz, G, y, N, valid); break;
+#endif
+  }
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
                    int64_t group_size, int64_t n_out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "int4_mm: x must be a contiguous (rows, K) float32 tensor");
   const int64_t R = x.size(0), K = x.size(1), G = group_size;
-  TORCH_CHECK(G % 32 == 0 && K % G == 0 && K / G <= MAX_GROUPS, "int4_mm: K must be a "
-              "multiple of the group size, itself a multiple of 32, with at most 1024 groups");
+  TORCH_CHECK((G == 32 || G == 64 || G == 128) && K % G == 0 && K / G <= MAX_GROUPS,
+              "int4_mm: the group size must be 32, 64 or 128 and divide K, with at most 1024 "
+              "groups");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
               packed.size(1) == K / 2 && packed.size(0) % OUTS == 0 && packed.size(0) >= n_out,
               "int4_mm: packed must be (N rounded up to 4, K / 2) uint8 (pack_int4)");
@@ -327,14 +350,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
         float* yr = yp + r * n_out + o;
         const uint8_t* w = wp + o * B;
         const uint16_t* s = sp + o * S;
-        switch (R - r < ROWS ? R - r : ROWS) {
-          case 1: int4_tile<1>(xr, K, w, s, G, yr, n_out, valid); break;
-          case 2: int4_tile<2>(xr, K, w, s, G, yr, n_out, valid); break;
-#if !defined(LK_AVX2)
-          case 3: int4_tile<3>(xr, K, w, s, G, yr, n_out, valid); break;
-          case 4: int4_tile<4>(xr, K, w, s, G, yr, n_out, valid); break;
-#endif
-        }
+        const int64_t nr = R - r < ROWS ? R - r : ROWS;
+        if (G == 32) int4_rows<1>(nr, xr, K, w, s, G, yr, n_out, valid);
+        else if (G == 64) int4_rows<2>(nr, xr, K, w, s, G, yr, n_out, valid);
+        else int4_rows<4>(nr, xr, K, w, s, G, yr, n_out, valid);
       }
     }
   });
