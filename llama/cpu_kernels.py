@@ -14,7 +14,9 @@ compiled decode step (torch.compile) keeps them as calls of their own.
 import hashlib
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -129,13 +131,7 @@ def _load() -> None:
         if built.exists():  # this source, these flags, this CPU: no ninja needed to load it
             torch.ops.load_library(str(library))
         else:
-            build_dir.mkdir(parents=True, exist_ok=True)
-            print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
-                  f"in {build_dir}", file=sys.stderr, flush=True)
-            cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(),
-                               extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
-                               is_python_module=False, verbose=False)
-            built.touch()
+            _build(cpp_extension, name, build_dir)
         ops = torch.ops.llama_kernels
         kind = ops.isa()
         if kind.startswith("unsupported"):
@@ -147,6 +143,30 @@ def _load() -> None:
         _state["error"] = reason
         warnings.warn(f"llama: native CPU kernels unavailable ({reason}); using torch's "
                       f"int8/int4 kernels", RuntimeWarning, stacklevel=3)
+
+
+def _build(cpp_extension, name: str, build_dir: Path) -> None:
+    """Compiles into a directory of this process's own, then renames it into place: a build
+    that was interrupted (Ctrl-C, a killed process) leaves no lock behind for the next process
+    to wait on, and processes building at once never share a directory (the first rename
+    wins; the others' copies are dropped)."""
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=build_dir.parent))
+    print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
+          f"into {build_dir}", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(),
+                           extra_ldflags=["-fopenmp"], build_directory=str(private),
+                           is_python_module=False, verbose=False)
+        (private / "built").touch()
+        if build_dir.exists() and not (build_dir / "built").exists():
+            shutil.rmtree(build_dir, ignore_errors=True)  # an older, unfinished build
+        try:
+            os.rename(private, build_dir)
+        except OSError:  # another process finished first: its copy stays
+            pass
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _register_shapes() -> None:

@@ -153,8 +153,12 @@ def test_turned_off_by_the_environment(monkeypatch):
 
 BUILD_CHECK = textwrap.dedent('''
     import sys, torch
+    from pathlib import Path
     from llama import cpu_kernels
     from llama.quantize import quantize_int4, quantize_int8
+    stale = Path(sys.argv[1]) / f"llama_cpu_kernels_{cpu_kernels._fingerprint()}"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()  # what a build killed midway leaves
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
     print(cpu_kernels.isa())
     w = torch.randn(67, 192) * 0.02
@@ -173,11 +177,16 @@ BUILD_CHECK = textwrap.dedent('''
 @pytest.mark.parametrize("arch, isa", [("x86-64-v3", "avx2"), ("x86-64", "generic")])
 def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     """What an AVX2-only CPU (x86-64-v3: AVX2, FMA) or any x86-64 compiles, run here: a build
-    of their own (cached like the native one: the flags are part of its name)."""
+    of their own (the flags are part of its name), in a cache where a build was killed midway:
+    it neither waits for that build's lock nor keeps its leftovers."""
     if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")
     script = tmp_path / "check.py"
     script.write_text(BUILD_CHECK)
-    result = run_script([str(script)], env={"LLAMA_KERNEL_ARCH": arch}, timeout=600)
+    cache = tmp_path / "cache"
+    result = run_script([str(script), str(cache)], timeout=600,
+                        env={"LLAMA_KERNEL_ARCH": arch, "LLAMA_KERNEL_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [isa]
+    (built,) = cache.iterdir()  # the build's own directory, renamed into place
+    assert (built / "built").exists() and not (built / "lock").exists()
