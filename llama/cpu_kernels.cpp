@@ -360,6 +360,57 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
+#if defined(LK_AVX512)
+static inline __m256i to_bf16(__m512 f) {  // round to nearest even, as float_to_bf16 (no NaNs)
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+#endif
+
+// One row of the int4 weight (K / 2 bytes, K / G scale-zero pairs) as K floats at dst.
+static void dequantize_row(const uint8_t* w, const uint16_t* sz, int64_t K, int64_t G, bool bf16,
+                           char* dst) {
+#if defined(LK_AVX512)
+  const __m512 minus8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t k = 0; k < K; k += G) {
+    const __m512 table = _mm512_add_ps(
+        _mm512_mul_ps(minus8, _mm512_set1_ps(bf16_to_float(sz[2 * (k / G)]))),
+        _mm512_set1_ps(bf16_to_float(sz[2 * (k / G) + 1])));
+    for (int64_t c = k; c < k + G; c += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c / 2)));
+      const __m512 lo = _mm512_permutexvar_ps(v, table);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      if (bf16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * c), to_bf16(lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * c + 32), to_bf16(hi));
+      } else {
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst) + c, lo);
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst) + c + 16, hi);
+      }
+    }
+  }
+#else
+  float row[32];
+  for (int64_t k = 0; k < K; k += 32) {
+    const uint8_t* b = w + k / 2;
+    const float s = bf16_to_float(sz[2 * (k / G)]), z = bf16_to_float(sz[2 * (k / G) + 1]);
+    for (int j = 0; j < 16; ++j) {
+      row[j] = static_cast<float>((b[j] & 15) - 8) * s + z;
+      row[j + 16] = static_cast<float>((b[j] >> 4) - 8) * s + z;
+    }
+    if (bf16) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(dst) + k;
+      for (int j = 0; j < 32; ++j) out[j] = float_to_bf16(row[j]);
+    } else {
+      std::memcpy(reinterpret_cast<float*>(dst) + k, row, sizeof(row));
+    }
+  }
+#endif
+}
+
 // Rows start..end of the int4 weight as (end - start, K) float32 or bfloat16: (q - 8) * s + z
 // in float32 (then rounded to nearest even for bfloat16), as Int4Weight.dequantize computes.
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& sz, int64_t group_size,
@@ -373,25 +424,9 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& sz, int64
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   void* op = out.data_ptr();
   at::parallel_for(start, end, grain(K / 2), [&](int64_t begin, int64_t stop) {
-    float row[32];
-    for (int64_t o = begin; o < stop; ++o) {
-      for (int64_t k = 0; k < K; k += 32) {
-        const uint8_t* b = wp + o * (K / 2) + k / 2;
-        const uint16_t* p = sp + o * 2 * groups + 2 * (k / G);
-        const float s = bf16_to_float(p[0]), z = bf16_to_float(p[1]);
-        for (int j = 0; j < 16; ++j) {
-          row[j] = static_cast<float>((b[j] & 15) - 8) * s + z;
-          row[j + 16] = static_cast<float>((b[j] >> 4) - 8) * s + z;
-        }
-        const int64_t at = (o - start) * K + k;
-        if (bf16) {
-          uint16_t* dst = static_cast<uint16_t*>(op) + at;
-          for (int j = 0; j < 32; ++j) dst[j] = float_to_bf16(row[j]);
-        } else {
-          std::memcpy(static_cast<float*>(op) + at, row, sizeof(row));
-        }
-      }
-    }
+    for (int64_t o = begin; o < stop; ++o)
+      dequantize_row(wp + o * (K / 2), sp + o * 2 * groups, K, G, bf16,
+                     static_cast<char*>(op) + (o - start) * K * (bf16 ? 2 : 4));
   });
   return out;
 }

@@ -91,8 +91,8 @@ def _threads() -> int:
 # dequantised to bfloat16, a block of rows at a time, for oneDNN's bfloat16 GEMM (AVX512-BF16),
 # faster there than any of the kernels (matrix-vector kernels at heart) and than float32.
 # Measured crossovers: docs/QUANTIZATION.md; figures: benchmarks/quant_kernels.py.
-NATIVE_INT8_ROWS = 16
-NATIVE_INT4_ROWS = 16
+NATIVE_INT8_ROWS = 16  # measured crossovers with the dequantised product: 16-20 rows
+NATIVE_INT4_ROWS = 12  # 10-12 rows (int4 dequantises faster, natively)
 CPU_INT8_KERNEL_ROWS = 8  # torch's kernels (no native kernels)
 CPU_INT4_KERNEL_ROWS = 128
 _CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
