@@ -6,6 +6,7 @@
     python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
     python benchmarks/bench.py --shape S --load --format hf   # loading Meta's vs Hub layout
     python benchmarks/bench.py --shape M --load --quantize int8 --prequantized
+    python benchmarks/bench.py --shape S --quantize int8 int4 --bandwidth   # float32 vs both
 
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
@@ -20,6 +21,13 @@ turns, each load in a fresh process.
 --load --quantize int8|int4 also loads the checkpoint quantized while loading, and with
 --prequantized the checkpoint `python -m llama.quantize` writes from it (written once, timed):
 peak RSS against the float32 weights' bytes and the issue's bound (0.3 GiB + 0.4 x those).
+
+--quantize int8 int4 (--group-size G) also loads the same checkpoint quantized, once per mode,
+and times each against the float model in the same turns: their figures come with "x float",
+their speed over the float model's (the median of run-by-run ratios). --bandwidth measures the
+machine's read bandwidth in the same run (x.sum() over 1 GiB of float32, on the benchmark's
+threads) and puts each model's decode tok/s x bytes read per token (its product weights, and
+the KV cache its attention reads, per row) against it.
 
 --meta PATH times Meta's own model code (PATH/llama/model.py, from a checkout of
 github.com/meta-llama/llama; nothing of it ships here) on the CPU in float32: one gloo process,
@@ -48,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from llama.distributed import choose_device, choose_dtype  # noqa: E402
 from llama.fixtures import write_random_checkpoint  # noqa: E402
 from llama.model import KVCache, ModelArgs, count_parameters  # noqa: E402
+from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
 
 SHAPES = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),  # smoke runs
@@ -195,16 +204,33 @@ def prompts(lengths, seed=0):
 
 class Ours:
     name = "this library"
+    against_ours = False  # True: figures given as x float (our float model's in the same turns)
 
-    def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
+    def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode,
+                 quantize=None, group_size=None):
         from llama.generation import Llama
         from llama.loading import load_model
 
         model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, device=device,
-                           dtype=dtype, verbose=False)
+                           dtype=dtype, verbose=False, quantize=quantize,
+                           group_size=group_size if quantize == "int4" else None)
         self.llama = Llama(model, NoEosTokenizer())
+        if quantize:
+            self.name = quantize + (f" g{group_size or DEFAULT_GROUP_SIZE}"
+                                    if quantize == "int4" else "")
+            self.against_ours = True
         if compile_decode:
             self.llama.compile_decode()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one decode step reads: every product's (packed or float)."""
+        model = self.llama.model
+        weights = [model.output.weight]
+        for layer in model.layers:
+            weights += [layer.attention.wqkv, layer.attention.wo.weight, layer.feed_forward.w13,
+                        layer.feed_forward.w2.weight]
+        return sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+                   for w in weights)
 
     def generate(self, prompt_tokens, n):
         return self.llama.generate(prompt_tokens, n, temperature=0)[0]
@@ -322,10 +348,11 @@ def bench(impls, batches, prompt_len, gen_len, mixed, runs, warmup_len=2):
     return results, tokens_out
 
 
-def report(results, tokens_out=None, ours="this library"):
+def report(results, tokens_out=None, ours="this library", against_ours=None):
     """Medians of each figure, and how many times faster we are: the median of the run-by-run
-    ratios (each run's figures were taken back to back). Then whether each implementation's
-    greedy tokens equal ours."""
+    ratios (each run's figures were taken back to back); for the implementations named in
+    `against_ours` (our quantized models) how many times faster they are than ours instead.
+    Then whether each implementation's greedy tokens equal ours."""
     for case, figures in results[ours].items():
         for metric, values in figures.items():
             line = f"{case:>22} {metric:>24}: {statistics.median(values):9.3f}"
@@ -334,8 +361,9 @@ def report(results, tokens_out=None, ours="this library"):
                     theirs = other[case][metric]
                     faster = statistics.median(
                         (b / a if "(s)" in metric else a / b) for a, b in zip(values, theirs))
-                    line += (f" | {name} {statistics.median(theirs):9.3f} "
-                             f"(we are {faster:.2f}x)")
+                    line += f" | {name} {statistics.median(theirs):9.3f} " + (
+                        f"(x{1 / faster:.2f} float)" if name in (against_ours or ())
+                        else f"(we are {faster:.2f}x)")
             print(line)
     for case, outputs in (tokens_out or {}).items():
         verdicts = [f"{name} {agreement(outputs[ours], theirs)}"
@@ -351,6 +379,57 @@ def agreement(ours, theirs) -> str:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             return f"DIFFER (row {row}, new token {at})"
     return "identical" if len(ours) == len(theirs) else "DIFFER (row count)"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide which kernels run."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return f"{name}, {os.cpu_count()} CPUs, flags " + " ".join(f for f in wanted if f in flags)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """The machine's read bandwidth (bytes/s) on this process's threads: x.sum() over `gib` GiB
+    of float32, the median of `repeats`."""
+    x = torch.ones(int(gib * 2 ** 30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def bandwidth_lines(impls, results, batches, prompt_len, gen_len, model_args, bandwidth):
+    """Decode tok/s x bytes read per token against the measured read bandwidth, per model and
+    batch size: a step reads every product's weights once and, per row, the KV cache up to its
+    position (on average prompt_len + gen_len / 2 tokens)."""
+    kv = KVCache.bytes_per_token(model_args, torch.float32) * (prompt_len + gen_len / 2)
+    lines = [f"read bandwidth {bandwidth / 1e9:.1f} GB/s (x.sum() over 1 GiB, "
+             f"{torch.get_num_threads()} threads)"]
+    for impl in impls:
+        if not hasattr(impl, "weight_bytes"):
+            continue
+        weights = impl.weight_bytes()
+        for bsz in batches:
+            figures = results[impl.name].get(f"batch {bsz}", {})
+            if "decode tok/s" not in figures:
+                continue
+            tok_s = statistics.median(figures["decode tok/s"])
+            per_token = weights / bsz + kv
+            lines.append(f"{impl.name:>14} batch {bsz}: {tok_s:7.1f} tok/s x "
+                         f"{per_token / 1e6:6.1f} MB/token (weights {weights / 1e6:.1f} MB per "
+                         f"step, KV {kv / 1e6:.1f} MB per row) = {tok_s * per_token / 1e9:5.1f} "
+                         f"GB/s = {tok_s * per_token / bandwidth:.0%} of the read bandwidth")
+    return lines
 
 
 def main():
@@ -372,12 +451,16 @@ def main():
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--compile", action="store_true", help="compiled decode step")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"],
+                        help="also the same model quantized, timed against float in turns "
+                             "(with --load: loaded quantized while loading)")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="measure read bandwidth; tok/s x bytes per token against it")
     parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
     parser.add_argument("--load", action="store_true", help="only the loading figures")
     parser.add_argument("--format", default="meta", choices=["meta", "hf"],
                         help="hf: also load the same weights in Hugging Face's layout")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                        help="--load: also load quantized while loading")
     parser.add_argument("--prequantized", action="store_true",
                         help="--load --quantize: also load the checkpoint python -m "
                              "llama.quantize writes")
@@ -387,7 +470,7 @@ def main():
         torch.set_num_threads(args.threads)
     if args.load_only:
         print(json.dumps(load_only(Path(args.load_only), args.device, args.dtype,
-                                   args.quantize)))
+                                   args.quantize[0] if args.quantize else None)))
         return
     if args.prequantized and not args.quantize:
         raise SystemExit("--prequantized needs --quantize int8|int4")
@@ -405,10 +488,10 @@ def main():
     layouts = {"meta": (ckpt, None)}
     if args.format == "hf":
         layouts["hf"] = (hf_dir(ckpt), None)
-    if args.load and args.quantize:
-        layouts[f"{args.quantize} at load"] = (ckpt, args.quantize)
+    for mode in args.quantize if args.load else []:
+        layouts[f"{mode} at load"] = (ckpt, mode)
         if args.prequantized:
-            layouts[f"{args.quantize} pre-quantized"] = (quantized_dir(ckpt, args.quantize), None)
+            layouts[f"{mode} pre-quantized"] = (quantized_dir(ckpt, mode), None)
     loads = {name: [] for name in layouts}
     for _ in range(1 if len(layouts) == 1 else args.runs):
         for name, (path, mode) in layouts.items():  # in turns: a busy spell hits all alike
@@ -418,17 +501,20 @@ def main():
           f"device {args.device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"dtype {args.dtype}{', compiled decode step' if args.compile else ''}")
+    if args.quantize and device.type == "cpu":
+        from llama import cpu_kernels
+
+        print(f"CPU: {cpu_description()}; native kernels: "
+              f"{cpu_kernels.isa() or cpu_kernels.unavailable_reason()}")
     print(load_line("load", loads["meta"]))
     if "hf" in loads:
         print(load_line("load, Hugging Face layout", loads["hf"], loads["meta"]))
-    if args.load and args.quantize:
-        at_load = loads[f"{args.quantize} at load"]
-        print(load_line(f"load, {args.quantize} at load", at_load, loads["meta"], "float",
-                        bound=True))
+    for mode in args.quantize if args.load else []:
+        at_load = loads[f"{mode} at load"]
+        print(load_line(f"load, {mode} at load", at_load, loads["meta"], "float", bound=True))
         if args.prequantized:
-            print(load_line(f"load, {args.quantize} pre-quantized",
-                            loads[f"{args.quantize} pre-quantized"], at_load,
-                            "quantizing at load", bound=True))
+            print(load_line(f"load, {mode} pre-quantized", loads[f"{mode} pre-quantized"],
+                            at_load, "quantizing at load", bound=True))
     if args.load:
         return
     # (rows, tokens) of each case's calls: the mixed batch generates one token after its
@@ -446,10 +532,19 @@ def main():
     impls = [impl_class(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile)
              for impl_class in [Ours] + [{"reference": Reference, "hf": HuggingFace}[c]
                                          for c in args.compare]]
+    impls += [Ours(ckpt, args.device, args.dtype, max_seq_len, max_batch, args.compile, mode,
+                   args.group_size) for mode in args.quantize]
     if args.meta:
         impls.append(MetaOriginal(args.meta, ckpt, max_seq_len, max_batch))
-    report(*bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed, args.runs,
-                  warmup_len=args.gen_len if args.compile else 2))
+    bandwidth = read_bandwidth() if args.bandwidth else None
+    results, tokens_out = bench(impls, args.batch, args.prompt_len, args.gen_len, args.mixed,
+                                args.runs, warmup_len=args.gen_len if args.compile else 2)
+    report(results, tokens_out, against_ours=[i.name for i in impls
+                                              if getattr(i, "against_ours", False)])
+    if bandwidth:
+        bandwidth = (bandwidth + read_bandwidth()) / 2  # before and after the timed turns
+        print("\n".join(bandwidth_lines(impls, results, args.batch, args.prompt_len,
+                                        args.gen_len, model_args, bandwidth)))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ Candidates (x is float32, as in the model, unless the name says bf16):
   w8a8 int_mm/row                own per-row int8 activations, aten._int_mm, scales after
   deq f32 ours / deq bf16        int8 weight dequantised per call, then our float32 route /
                                  bf16 F.linear (rows >= 128 only)
+  native i8 / native i4 gG       our kernels (llama/cpu_kernels.cpp) called directly, x float32,
+                                 output float32 (up to 64 rows, to place the threshold)
   lib int8 / lib int4 gG         llama.linear.linear on llama.quantize's weights (the routes
-                                 the library dispatches to)
+                                 the library dispatches to: our kernels where they build)
+  lib int8 torch / lib int4 g32 torch   the library's routes without our kernels (torch's)
   lib int8 deq / lib int4 g32 deq   the library's dequantised bfloat16 product, at any row
-                                 count >= 32 (to place the threshold); lib int4 g32 kern: its
-                                 kernel route at those row counts
+                                 count >= 8 (to place the threshold); lib int4 g32 kern:
+                                 torch's int4 kernel on torch's layout at >= 32 rows
 """
 
 import argparse
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llama import cpu_kernels  # noqa: E402
 from llama import linear as products  # noqa: E402
 from llama.linear import linear, pack  # noqa: E402
 from llama.quantize import quantize_int4, quantize_int8  # noqa: E402
@@ -109,6 +113,7 @@ def candidates(with_lib: bool, only=None):
     few = lambda rows: rows <= 16  # noqa: E731
     many = lambda rows: rows >= 128  # noqa: E731
     mid = lambda rows: rows >= 32  # noqa: E731
+    deq = lambda rows: rows >= 8  # noqa: E731
     table = {
         "f32 F.linear": (lambda w: w, lambda w, x, xb: F.linear(x, w), every),
         "f32 ours": (lambda w: w, lambda w, x, xb: linear(x, w), every),
@@ -150,16 +155,33 @@ def candidates(with_lib: bool, only=None):
             out = products._by_row_blocks(xb, p._block_t, p.out_features).float()
             return out * p.scales.float() if isinstance(p, products.PackedInt8) else out
 
+        def native_route(p, x, xb):  # our kernel alone (llama/cpu_kernels.cpp), any rows
+            if isinstance(p, products.PackedInt8):
+                return cpu_kernels.int8_mm(x, p.weight, p.scales)
+            return cpu_kernels.int4_mm(x, p.weight, p.scales_and_zeros, p.group_size,
+                                       p.out_features)
+
+        upto64 = lambda rows: rows <= 64  # noqa: E731
+        if cpu_kernels.available():
+            table["native i8"] = (lambda w: pack(quantize_int8(w), "cpu"), native_route, upto64)
+            for group in (32, 128):
+                table[f"native i4 g{group}"] = (
+                    lambda w, g=group: pack(quantize_int4(w, g), "cpu"), native_route, upto64)
+        table["lib int8 torch"] = (lambda w: products.PackedInt8(quantize_int8(w), native=False),
+                                   lambda q, x, xb: linear(x, q), every)
+        table["lib int4 g32 torch"] = (
+            lambda w: products.PackedInt4(quantize_int4(w, 32), native=False),
+            lambda q, x, xb: linear(x, q), every)
         table["lib int8"] = (lambda w: pack(quantize_int8(w), "cpu"),
                              lambda q, x, xb: linear(x, q), every)
-        table["lib int8 deq"] = (lambda w: pack(quantize_int8(w), "cpu"), dequantised_route, mid)
+        table["lib int8 deq"] = (lambda w: pack(quantize_int8(w), "cpu"), dequantised_route, deq)
         for group in (32, 128):
             table[f"lib int4 g{group}"] = (lambda w, g=group: pack(quantize_int4(w, g), "cpu"),
                                            lambda q, x, xb: linear(x, q), every)
         table["lib int4 g32 deq"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
-                                     dequantised_route, mid)
-        table["lib int4 g32 kern"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
-                                      kernel_route, mid)
+                                     dequantised_route, deq)
+        table["lib int4 g32 kern"] = (
+            lambda w: products.PackedInt4(quantize_int4(w, 32), native=False), kernel_route, mid)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table
@@ -416,7 +438,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
+          f"{torch.backends.cpu.get_cpu_capability()}, native kernels "
+          f"{cpu_kernels.isa() or cpu_kernels.unavailable_reason()}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     for matrix in args.matrices:
         out_f, in_f = matrix_shapes(args.shape)[matrix]
         title = f"{args.shape} {matrix} ({out_f} x {in_f})"

@@ -6,11 +6,12 @@ the model's math stays plain. `weight` is a float tensor, or a quantized weight 
 device by `pack` (from llama/quantize.py's saved formats).
 """
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from llama import cpu_kernels
 from llama.quantize import (Int4Weight, Int8Weight, QuantizationError, QuantizedWeight, concat,
                             narrow)
 
@@ -82,15 +83,18 @@ def _threads() -> int:
 # ----------------------------------------------------------------------- quantized weights
 # Weight-only quantization: activations are never quantized (Llama's activations have outlier
 # channels; per-token int8 activations measured 8-12x the output error of int8 weights alone,
-# docs/QUANTIZATION.md). torch's CPU int8 and int4 kernels are vectorised for bfloat16
-# activations only (float32 ones fall to scalar loops), so activations are cast to bfloat16 for
-# a quantized product and its result back to x's dtype. Figures: benchmarks/quant_kernels.py.
-
-# Up to this many rows (decode steps, short prompts) a quantized CPU product runs torch's
-# kernel; above, the weight is dequantised to bfloat16, a block of rows at a time, for
-# oneDNN's bfloat16 GEMM (AVX512-BF16), faster then than the kernels (which are matrix-vector
-# kernels at heart) and than float32. Measured crossovers: docs/QUANTIZATION.md.
-CPU_INT8_KERNEL_ROWS = 8
+# docs/QUANTIZATION.md).
+#
+# CPU, products of few rows (decode steps): our native kernels (llama/cpu_kernels.cpp), which
+# take float32 activations and accumulate and return float32. Where they cannot be built,
+# torch's kernels, vectorised for bfloat16 activations only: activations are then cast to
+# bfloat16 and the result back to x's dtype. Above the row thresholds (prefills) the weight is
+# dequantised to bfloat16, a block of rows at a time, for oneDNN's bfloat16 GEMM (AVX512-BF16),
+# faster there than any of the kernels (matrix-vector kernels at heart) and than float32.
+# Measured crossovers: docs/QUANTIZATION.md; figures: benchmarks/quant_kernels.py.
+NATIVE_INT8_ROWS = 16  # measured crossovers with the dequantised product: 16-20 rows
+NATIVE_INT4_ROWS = 12  # 10-12 rows (int4 dequantises faster, natively)
+CPU_INT8_KERNEL_ROWS = 8  # torch's kernels (no native kernels)
 CPU_INT4_KERNEL_ROWS = 128
 _CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
 _CUDA_TILE = 16  # rows of tinygemm's tiles (8 on NVIDIA, 16 on AMD)
@@ -107,20 +111,24 @@ def _by_row_blocks(xb: torch.Tensor, block_t, n_out: int) -> torch.Tensor:
 class PackedInt8:
     """An int8 weight with one scale per output row, laid out for products on one device.
 
-    CPU: aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS rows; above, the int8 values as
-    bfloat16 (exact) in oneDNN's GEMM and the scales applied to its output.
+    CPU: our native kernel up to NATIVE_INT8_ROWS rows (float32 throughout), or where it is
+    unavailable aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS (bfloat16 activations);
+    above, the int8 values as bfloat16 (exact) in oneDNN's GEMM, scales applied to its output.
     CUDA (and other devices): F.linear(x, weight.to(x.dtype)) * scales, gpt-fast's form, which
     torch.compile fuses into one kernel (the int8 weight dequantised inside the product);
     eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
 
-    def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32):
+    def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32,
+                 native: Optional[bool] = None):
         self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
         self.shape = (q.out_features, q.in_features)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.weight = q.weight.to(self.device).contiguous()  # int8 (out, in)
-        # the CPU kernel reads past the end of rows whose width is not a multiple of 16
-        # (measured: a crash): such weights get zero columns, and x zeros to match
+        # the CPU kernels read whole 16-column blocks (torch's crashed past the end of a row):
+        # weights whose width is not a multiple of 16 get zero columns
         on_cpu = self.device.type == "cpu"
+        # native: our kernels (None: where they are available; False: torch's)
+        self.native = on_cpu and native is not False and cpu_kernels.available()
         self.width = -(-self.in_features // 16) * 16 if on_cpu else self.in_features
         if self.width != self.in_features:
             self.weight = F.pad(self.weight, (0, self.width - self.in_features))
@@ -140,7 +148,9 @@ class PackedInt8:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if self.device.type != "cpu":
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
+        elif self.native and x2.shape[0] <= NATIVE_INT8_ROWS:
+            out = cpu_kernels.int8_mm(_float32(x2), self.weight, self.scales)
+        elif not self.native and x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
             xb = _bfloat16(x2)
             if self.width != self.in_features:
                 xb = F.pad(xb, (0, self.width - self.in_features))
@@ -158,19 +168,28 @@ class PackedInt8:
 
 
 class PackedInt4:
-    """A group-wise int4 weight laid out for one device's kernel: on the CPU
-    aten._weight_int4pack_mm_for_cpu (above CPU_INT4_KERNEL_ROWS rows, a dequantised bfloat16
-    product), on CUDA of compute capability 8.0+ aten._weight_int4pack_mm (tinygemm). Both
-    take bfloat16 activations and compute (q - 8) * scale + zero per group; their packed
+    """A group-wise int4 weight laid out for one device's kernel. CPU: our native kernel up to
+    NATIVE_INT4_ROWS rows, in its own layout (cpu_kernels.pack_int4), float32 throughout;
+    where it is unavailable, aten._weight_int4pack_mm_for_cpu in torch's layout up to
+    CPU_INT4_KERNEL_ROWS rows (bfloat16 activations). Above those, the weight dequantised to
+    bfloat16 a block of rows at a time for oneDNN's GEMM. CUDA (compute capability 8.0+):
+    aten._weight_int4pack_mm (tinygemm). All compute (q - 8) * scale + zero per group; the
     layouts differ, so a weight is packed for its device here, at load time."""
 
-    def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32):
+    def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32,
+                 native: Optional[bool] = None):
         self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
         self.shape = (q.out_features, q.in_features)
         check_int4_device(self.device)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.group_size = q.group_size
         q = q.to(self.device)
+        self.native = (self.device.type == "cpu" and native is not False
+                       and cpu_kernels.available())
+        if self.native:  # (rows rounded up to 4, in / 2) uint8, (rows, in / G, 2) bfloat16
+            self.weight, self.scales_and_zeros = cpu_kernels.pack_int4(q.values(), q.scales,
+                                                                       q.zeros)
+            return
         tile = _CPU_BLOCK if self.device.type == "cpu" else _CUDA_TILE
         pad = -self.out_features % tile  # padding rows: zero scales and zeros, outputs dropped
         # (in / G, padded, 2) bfloat16: each group's scale next to its zero, as both kernels
@@ -200,7 +219,15 @@ class PackedInt4:
         return self._block_t(0, self.out_features, torch.float32).t().to(dtype)
 
     def _block_t(self, start: int, end: int, dtype=torch.bfloat16) -> torch.Tensor:
-        """Rows start..end (start a multiple of 64) dequantised and transposed, (in, rows).
+        """Rows start..end dequantised and transposed, (in, rows) (start a multiple of 64 in
+        torch's layout)."""
+        if self.native:
+            return cpu_kernels.int4_dequantize(self.weight, self.scales_and_zeros,
+                                               self.group_size, start, end, dtype).t()
+        return self._torch_block_t(start, end, dtype)
+
+    def _torch_block_t(self, start: int, end: int, dtype=torch.bfloat16) -> torch.Tensor:
+        """_block_t from torch's CPU layout.
         In the CPU kernel's layout a block of 64 rows is (in, 32) bytes: byte [c, j] holds row
         j's value of column c in its low nibble and row j + 32's in its high nibble (checked
         once per process against the kernel's own packing: _cpu_layout_known)."""
@@ -219,8 +246,16 @@ class PackedInt4:
         return w.view(n_in, -1)[:, : end - start].to(dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        xb = _bfloat16(x.reshape(-1, self.in_features))  # (rows, in)
-        if self.device.type != "cpu":
+        x2 = x.reshape(-1, self.in_features)  # (rows, in)
+        if self.native and x2.shape[0] <= NATIVE_INT4_ROWS:
+            out = cpu_kernels.int4_mm(_float32(x2), self.weight, self.scales_and_zeros,
+                                      self.group_size, self.out_features)
+            return (out if out.dtype == x.dtype else out.to(x.dtype)).view(
+                *x.shape[:-1], self.out_features)
+        xb = _bfloat16(x2)
+        if self.native:
+            out = _by_row_blocks(xb, self._block_t, self.out_features)
+        elif self.device.type != "cpu":
             out = torch._weight_int4pack_mm(xb, self.weight, self.group_size,
                                             self.scales_and_zeros)
         elif xb.shape[0] > CPU_INT4_KERNEL_ROWS and _cpu_layout_known():
@@ -252,6 +287,13 @@ def _cpu_int4_layout(q: Int4Weight, rows: int) -> torch.Tensor:
     return out
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous float32 tensor, copied only when it is not one already."""
+    if x.dtype != torch.float32:
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _bfloat16(x: torch.Tensor) -> torch.Tensor:
     """x as a contiguous bfloat16 tensor, copied only when it is not one already."""
     if x.dtype != torch.bfloat16:
@@ -269,7 +311,8 @@ def _cpu_layout_known() -> bool:
         probe = Int4Weight(((values[:, 1::2] << 4) | values[:, ::2]).to(torch.uint8),
                            torch.ones(rows, 2, dtype=torch.bfloat16),
                            torch.full((rows, 2), 8.0, dtype=torch.bfloat16))
-        _LAYOUT_KNOWN = torch.equal(PackedInt4(probe).dequantize(), values.float())
+        _LAYOUT_KNOWN = torch.equal(PackedInt4(probe, native=False).dequantize(),
+                                    values.float())
     return _LAYOUT_KNOWN
 
 

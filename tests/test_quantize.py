@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llama import cpu_kernels
 from llama import quantize as qz
 from llama import linear as products
-from llama.linear import (CPU_INT4_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS, PackedInt4, PackedInt8,
-                          check_int4_device, linear, pack)
+from llama.linear import (CPU_INT4_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS, NATIVE_INT4_ROWS,
+                          NATIVE_INT8_ROWS, PackedInt4, PackedInt8, check_int4_device, linear,
+                          pack)
 from llama.quantize import (GROUP_SIZES, Int4Weight, QuantizationError, concat,
                             from_tensors, narrow, quantize, quantize_int4, quantize_int8)
 
@@ -130,23 +132,39 @@ def relative_error(y, ref):
     return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
+NATIVE = cpu_kernels.available()
+# our kernels where they build (tests/test_native_kernels.py), and torch's in every case
+ROUTES = [pytest.param(True, id="native", marks=pytest.mark.skipif(
+    not NATIVE, reason="native CPU kernels unavailable")), pytest.param(False, id="torch")]
+
+
 def check_product(packed, q, x):
-    """The packed product against F.linear of the dequantized weight: with x itself, and (more
-    tightly) with x rounded to bfloat16, as the kernels take it."""
+    """The packed product against F.linear of the dequantized weight: with x itself, as our
+    kernels take it (float32 throughout), and with x rounded to bfloat16, as torch's kernels
+    and the dequantised product take it."""
     y = linear(x, packed)
     assert y.shape == (*x.shape[:-1], q.out_features) and y.dtype == x.dtype
     w = q.dequantize()
-    assert relative_error(y, F.linear(x.float(), w)) < 1e-2
-    assert relative_error(y, F.linear(x.bfloat16().float(), w)) < 5e-3
+    rows = x.numel() // x.shape[-1]
+    limit = NATIVE_INT8_ROWS if isinstance(packed, PackedInt8) else NATIVE_INT4_ROWS
+    if packed.native and rows <= limit:
+        # float32 products of the float32 dequantized weights, in another order of additions
+        assert relative_error(y, F.linear(x.float(), w)) < (1e-6 if x.dtype == torch.float32
+                                                             else 5e-3)
+    else:
+        assert relative_error(y, F.linear(x.float(), w)) < 1e-2
+        assert relative_error(y, F.linear(x.bfloat16().float(), w)) < 5e-3
 
 
-@pytest.mark.parametrize("rows", [1, 4, CPU_INT8_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS + 1, 300])
-@pytest.mark.parametrize("in_features", [192, 100])  # 100: padded to 112 for the CPU kernel
+@pytest.mark.parametrize("native", ROUTES)
+@pytest.mark.parametrize("rows", [1, 4, CPU_INT8_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS + 1,
+                                  NATIVE_INT8_ROWS, NATIVE_INT8_ROWS + 1, 300])
+@pytest.mark.parametrize("in_features", [192, 100])  # 100: padded to 112 for the CPU kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_products(rows, in_features, dtype):
+def test_int8_products(rows, in_features, dtype, native):
     q = quantize_int8(llama_like(200, in_features))
-    packed = pack(q, "cpu", dtype)
-    assert isinstance(packed, PackedInt8)
+    packed = PackedInt8(q, "cpu", dtype, native=native)
+    assert packed.native == native
     assert (packed.out_features, packed.in_features) == (200, in_features)
     assert torch.equal(packed.dequantize(), q.dequantize())
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
@@ -154,17 +172,19 @@ def test_int8_products(rows, in_features, dtype):
     check_product(packed, q, x.view(1, rows, in_features))  # (bsz, seqlen, dim) as in the model
 
 
-@pytest.mark.parametrize("rows", [1, 4, CPU_INT4_KERNEL_ROWS, CPU_INT4_KERNEL_ROWS + 1])
+@pytest.mark.parametrize("native", ROUTES)
+@pytest.mark.parametrize("rows", [1, 4, NATIVE_INT4_ROWS, NATIVE_INT4_ROWS + 1,
+                                  CPU_INT4_KERNEL_ROWS, CPU_INT4_KERNEL_ROWS + 1])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_int4_products(rows, group_size):
-    q = quantize_int4(llama_like(200, 256), group_size)  # 200 rows: padded to 256 in the pack
-    packed = pack(q, "cpu")
-    assert isinstance(packed, PackedInt4)
+def test_int4_products(rows, group_size, native):
+    q = quantize_int4(llama_like(202, 256), group_size)  # 202 rows: padded in either layout
+    packed = PackedInt4(q, "cpu", native=native)
+    assert packed.native == native
     assert torch.equal(packed.dequantize(), q.dequantize())
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     check_product(packed, q, x)
     check_product(packed, q, x.view(rows, 1, 256))
-    check_product(pack(q, "cpu", torch.bfloat16), q, x.bfloat16())
+    check_product(PackedInt4(q, "cpu", torch.bfloat16, native=native), q, x.bfloat16())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -178,12 +198,16 @@ def test_row_concatenation_equals_separate_products(mode, rows):
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_sizes():
+@pytest.mark.parametrize("native", ROUTES)
+def test_packed_sizes(native):
     w = llama_like(256, 512)
     q8, q4 = quantize_int8(w), quantize_int4(w, 128)
-    assert pack(q8).nbytes == q8.nbytes == 256 * 512 + 256 * 2
-    assert pack(q4).nbytes == q4.nbytes == 256 * 256 + 256 * 4 * 2 * 2
-    assert pack(quantize_int4(llama_like(200, 512), 128)).nbytes == 256 * 256 + 256 * 4 * 2 * 2
+    assert PackedInt8(q8, native=native).nbytes == q8.nbytes == 256 * 512 + 256 * 2
+    assert PackedInt4(q4, native=native).nbytes == q4.nbytes == 256 * 256 + 256 * 4 * 2 * 2
+    # rows padded to a multiple of 4 in our layout, of 64 in torch's
+    padded = 200 if native else 256
+    assert (PackedInt4(quantize_int4(llama_like(200, 512), 128), native=native).nbytes
+            == padded * 256 + padded * 4 * 2 * 2)
 
 
 def test_the_cpu_int4_layout_is_the_one_prefills_read():
@@ -191,7 +215,8 @@ def test_the_cpu_int4_layout_is_the_one_prefills_read():
     layout differs is detected at run time (prefills then use the kernel) and fails here."""
     assert products._cpu_layout_known()
     q = quantize_int4(llama_like(130, 64), 32)
-    assert torch.equal(pack(q)._block_t(64, 130, torch.float32).t(), q.dequantize()[64:])
+    assert torch.equal(PackedInt4(q, native=False)._block_t(64, 130, torch.float32).t(),
+                       q.dequantize()[64:])
 
 
 def test_products_of_a_non_contiguous_input():
@@ -200,10 +225,13 @@ def test_products_of_a_non_contiguous_input():
         torch.testing.assert_close(linear(x, pack(q)), linear(x.contiguous(), pack(q)))
 
 
-def test_compiled_products_on_the_cpu_equal_eager_ones():
-    """A compiled decode step traces linear() on packed weights as one graph."""
+@pytest.mark.parametrize("native", ROUTES)
+def test_compiled_products_on_the_cpu_equal_eager_ones(native):
+    """A compiled decode step traces linear() on packed weights as one graph (our kernels are
+    operators with shape functions: inductor calls them)."""
     w = llama_like(128, 64)
-    for packed in (pack(quantize_int8(w)), pack(quantize_int4(w, 32))):
+    for packed in (PackedInt8(quantize_int8(w), native=native),
+                   PackedInt4(quantize_int4(w, 32), native=native)):
         step = torch.compile(lambda x, p=packed: linear(x, p), fullgraph=True, dynamic=False)
         x = torch.randn(2, 1, 64)
         with torch.no_grad():

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from llama.linear import PackedInt4, PackedInt8
+from llama import cpu_kernels
+from llama.linear import NATIVE_INT4_ROWS, NATIVE_INT8_ROWS, PackedInt4, PackedInt8
 from llama.model import Transformer
 from llama.quantize import QuantizationError, is_quantized, quantize
 from tests.conftest import REPO, model_args, run_script
@@ -20,7 +21,7 @@ def _tokens(bsz=2, seqlen=12, seed=0):
 
 def _dequantized_model(checkpoints, kind, mode):
     """The float model whose weights are the quantized ones, dequantized: what a quantized
-    model should compute, up to the bfloat16 activations its products take."""
+    model should compute, up to the bfloat16 activations its prefill products take."""
     state = {}
     for name, tensor in checkpoints.state(kind).items():
         if name == "rope.freqs":
@@ -46,17 +47,21 @@ def test_a_quantized_model_computes_its_dequantized_weights(kind, mode, build, c
     tokens = _tokens()
     expected = _dequantized_model(checkpoints, kind, mode).forward(tokens, 0)
     got = quantized.forward(tokens, 0)
-    # bfloat16 activations inside the products: about 3 significant digits
+    # 24 rows: the dequantised bfloat16 product, about 3 significant digits
     assert _relative(got, expected) < 1e-2
     full = build(kind).model.forward(tokens, 0)
     # random Gaussian weights: 4 bits cost more than in a trained model (README)
     assert _relative(got, full) < (0.05 if mode == "int8" else 0.35)
-    # the same logits through generation's cache and the decode steps (whose products of
-    # few rows take the int kernels rather than the prefill's route: bfloat16 both)
+    # the same logits through generation's cache and the decode steps, whose products of few
+    # rows (here every one: 12 rows, then 2) take our native kernels where they build: float32
+    # products of the dequantized weights, as the float model computes (else torch's kernels,
+    # bfloat16 activations)
     cache = quantized.new_cache(2, 16)
-    prefill = quantized.forward(tokens[:, :8], 0, cache)
-    steps = [quantized.forward(tokens[:, i:i + 1], i, cache) for i in range(8, 12)]
+    prefill = quantized.forward(tokens[:, :6], 0, cache)
+    steps = [quantized.forward(tokens[:, i:i + 1], i, cache) for i in range(6, 12)]
     assert _relative(torch.cat([prefill] + steps, 1), got) < 1e-2
+    native = cpu_kernels.available() and 12 <= min(NATIVE_INT8_ROWS, NATIVE_INT4_ROWS)
+    assert _relative(torch.cat([prefill] + steps, 1), expected) < (1e-5 if native else 1e-2)
 
 
 def test_quantized_weights_take_less_memory(build):
@@ -76,9 +81,10 @@ def test_quantized_weights_take_less_memory(build):
 def test_two_processes_hold_the_scales_of_one(mode, checkpoints, tokenizer_path, tmp_path):
     """Each rank quantizes its own slices; row-parallel weights keep whole-row scales (int8)
     or whole groups (int4), so two processes hold what one process does, and decode alike.
-    Their sums are not bit-identical: a row-parallel product's partial sums come out of the
-    kernels in bfloat16 on each rank, so greedy paths may part where two candidates are
-    within bfloat16's rounding (README). The first tokens agree, and their logprobs as
+    Their sums are not bit-identical: a row-parallel product's partial sums come out of a
+    prefill's bfloat16 product on each rank (and of every product's where our float32 native
+    kernels are unavailable), so greedy paths may part where two candidates are within
+    bfloat16's rounding (README). The first tokens agree, and their logprobs as
     closely as the float model's in bfloat16 on 1 and 2 processes (up to 0.06 apart here)."""
     outputs = []
     for n_shards, nproc in ((1, None), (2, 2)):
@@ -119,8 +125,11 @@ def test_generation_and_metas_forward_on_a_quantized_model(build):
     logits = generator.model.forward(torch.tensor([prompt + tokens[0][:3]]), 0)
     assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == tokens[0]
     expected = torch.log_softmax(logits[0, len(prompt) - 1:], -1).max(-1).values
-    # decode steps take the int kernels, a whole text the prefill route: bfloat16 both
-    assert logprobs[0] == pytest.approx(expected.tolist(), abs=0.05)
+    # a text this short is few rows everywhere: our native kernels (float32) in both, else
+    # torch's kernels (bfloat16 activations)
+    assert len(prompt) + 3 <= NATIVE_INT8_ROWS
+    tolerance = 1e-4 if cpu_kernels.available() else 0.05
+    assert logprobs[0] == pytest.approx(expected.tolist(), abs=tolerance)
 
 
 def test_bad_quantization_requests_say_what_works(build, checkpoints, tokenizer_path):
@@ -162,5 +171,7 @@ def test_the_compiled_decode_step_takes_quantized_weights(build):
     compiled = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=6,
                                          logprobs=True)
     assert [c["tokens"] for c in compiled] == [e["tokens"] for e in eager]
+    # our native kernels are operators the compiled step calls as they are (float32 both)
+    tolerance = 1e-4 if cpu_kernels.available() else 1e-2
     for c, e in zip(compiled, eager):
-        assert c["logprobs"] == pytest.approx(e["logprobs"], abs=1e-2)
+        assert c["logprobs"] == pytest.approx(e["logprobs"], abs=tolerance)

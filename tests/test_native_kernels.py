@@ -1,0 +1,192 @@
+"""Our native CPU kernels (llama/cpu_kernels.cpp) against float products of the dequantized
+weights: row counts of decode steps, odd widths and padding, 1 and 2 threads, the AVX2 and
+plain C++ builds, and the fallback to torch's kernels where they cannot be built."""
+
+import platform
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import cpu_kernels
+from llama.linear import linear, pack
+from llama.quantize import quantize_int4, quantize_int8
+from tests.conftest import run_script
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"native CPU kernels unavailable: "
+                                       f"{cpu_kernels.unavailable_reason()}")
+ROWS = [1, 2, 4, 7, 16]
+
+
+def weights(out_f, in_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.02
+    w[:, :3] *= 40  # outlier columns
+    return w
+
+
+def activations(rows, in_f, seed=1):
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(seed))
+    x[:, 5 % in_f] *= 60  # an outlier channel, as in Llama's residual stream
+    return x
+
+
+def relative(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def padded_int8(q, width):
+    return F.pad(q.weight, (0, width - q.in_features)).contiguous()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out_f, in_f", [(64, 768), (67, 100), (5, 16), (130, 33), (3, 1)])
+def test_int8_kernel(rows, out_f, in_f):
+    """(67, 100): 3 output rows past the last tile of 4, 100 columns padded to 112."""
+    q = quantize_int8(weights(out_f, in_f))
+    width = -(-in_f // 16) * 16
+    x = activations(rows, in_f)
+    y = cpu_kernels.int8_mm(x, padded_int8(q, width), q.scales)
+    assert y.shape == (rows, out_f) and y.dtype == torch.float32
+    reference = x.double() @ q.dequantize().double().t()
+    assert relative(y, reference) < 1e-6
+    torch.testing.assert_close(y, F.linear(x, q.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("out_f", [4, 5, 130])
+def test_int4_kernel(rows, group_size, out_f):
+    """Output rows padded to a multiple of 4 in the layout; the padding is never written."""
+    in_f = 2 * group_size + 128
+    q = quantize_int4(weights(out_f, in_f), group_size)
+    packed, sz = cpu_kernels.pack_int4(q.values(), q.scales, q.zeros)
+    assert packed.shape == (-(-out_f // 4) * 4, in_f // 2)
+    x = activations(rows, in_f)
+    y = cpu_kernels.int4_mm(x, packed, sz, group_size, out_f)
+    assert y.shape == (rows, out_f)
+    reference = x.double() @ q.dequantize().double().t()
+    assert relative(y, reference) < 1e-6
+    torch.testing.assert_close(y, F.linear(x, q.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_dequantize_gives_the_saved_formats_values(group_size):
+    q = quantize_int4(weights(70, 256), group_size)
+    packed, sz = cpu_kernels.pack_int4(q.values(), q.scales, q.zeros)
+    full = q.dequantize()
+    assert torch.equal(cpu_kernels.int4_dequantize(packed, sz, group_size, 0, 70), full)
+    assert torch.equal(cpu_kernels.int4_dequantize(packed, sz, group_size, 3, 69,
+                                                   torch.bfloat16), full[3:69].bfloat16())
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Each output is one thread's, summed in a fixed order: bit-identical on 1 and 2 threads
+    (the weights are large enough to be split)."""
+    q8 = quantize_int8(weights(1030, 512))
+    q4 = quantize_int4(weights(1030, 512), 32)
+    p4 = cpu_kernels.pack_int4(q4.values(), q4.scales, q4.zeros)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = activations(4, 512)
+            results.append((cpu_kernels.int8_mm(x, q8.weight, q8.scales),
+                            cpu_kernels.int4_mm(x, *p4, 32, 1030)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
+    calls = []
+    for name in ("int8_mm", "int4_mm"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name,
+                            lambda *a, f=original, n=name: calls.append(n) or f(*a))
+    w = weights(96, 128)
+    for packed in (pack(quantize_int8(w)), pack(quantize_int4(w, 32))):
+        assert packed.native
+        linear(torch.randn(4, 1, 128), packed)  # a decode step of 4 rows
+        linear(torch.randn(1, 40, 128), packed)  # a prefill: the dequantised product
+    assert calls == ["int8_mm", "int4_mm"]
+
+
+def test_without_the_kernels_one_warning_and_torchs_kernels(monkeypatch, tmp_path):
+    """A machine without a compiler or ninja: one line of warning, torch's routes, the same
+    products (to bfloat16's precision)."""
+    from torch.utils import cpp_extension
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_state",
+                        {"tried": False, "ops": None, "isa": None, "error": None})
+    monkeypatch.setenv("LLAMA_KERNEL_CACHE", str(tmp_path))  # nothing built there
+    monkeypatch.setattr(cpp_extension, "load", no_ninja)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert not cpu_kernels.available()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "\n" not in message and "Ninja is required" in message and "torch's" in message
+    assert cpu_kernels.isa() is None
+    w = weights(64, 128)
+    x = activations(2, 128)
+    for q in (quantize_int8(w), quantize_int4(w, 32)):
+        packed = pack(q)
+        assert not packed.native
+        assert relative(linear(x, packed), x.double() @ q.dequantize().double().t()) < 1e-2
+    assert not cpu_kernels.available()  # no second attempt, no second warning
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state",
+                        {"tried": False, "ops": None, "isa": None, "error": None})
+    monkeypatch.setenv("LLAMA_NATIVE_KERNELS", "0")
+    assert not cpu_kernels.available()
+    assert not pack(quantize_int8(weights(8, 32))).native
+
+
+BUILD_CHECK = textwrap.dedent('''
+    import sys, torch
+    from pathlib import Path
+    from llama import cpu_kernels
+    from llama.quantize import quantize_int4, quantize_int8
+    stale = Path(sys.argv[1]) / f"llama_cpu_kernels_{cpu_kernels._fingerprint()}"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()  # what a build killed midway leaves
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+    print(cpu_kernels.isa())
+    w = torch.randn(67, 192) * 0.02
+    q8, q4 = quantize_int8(w), quantize_int4(w, 64)
+    packed = cpu_kernels.pack_int4(q4.values(), q4.scales, q4.zeros)
+    for rows in (1, 3, 7):
+        x = torch.randn(rows, 192)
+        for y, q in ((cpu_kernels.int8_mm(x, q8.weight, q8.scales), q8),
+                     (cpu_kernels.int4_mm(x, *packed, 64, 67), q4)):
+            ref = x.double() @ q.dequantize().double().t()
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-6, rows
+''')
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 builds")
+@pytest.mark.parametrize("arch, isa", [("x86-64-v3", "avx2"), ("x86-64", "generic")])
+def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
+    """What an AVX2-only CPU (x86-64-v3: AVX2, FMA) or any x86-64 compiles, run here: a build
+    of their own (the flags are part of its name), in a cache where a build was killed midway:
+    it neither waits for that build's lock nor keeps its leftovers."""
+    if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    script = tmp_path / "check.py"
+    script.write_text(BUILD_CHECK)
+    cache = tmp_path / "cache"
+    result = run_script([str(script), str(cache)], timeout=600,
+                        env={"LLAMA_KERNEL_ARCH": arch, "LLAMA_KERNEL_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [isa]
+    (built,) = cache.iterdir()  # the build's own directory, renamed into place
+    assert (built / "built").exists() and not (built / "lock").exists()
