@@ -1,10 +1,15 @@
 """Weights used as one matrix: the fused q/k/v and w1/w3 products. Their layers share an
-input, so one product over the stacked rows serves all of them."""
+input, so one product over the stacked rows serves all of them. Float weights are laid out as
+one matrix in place (pack_weights); quantized ones are packed together for their device's
+kernels (use_quantized)."""
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from llama.linear import pack
+from llama.quantize import QuantizationError
 
 
 # Layers whose weights are used as one matrix: their products share the same input.
@@ -96,3 +101,42 @@ def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:
             param.data = matrix[row: row + rows]
             row += rows
     return matrix
+
+
+def use_quantized(model: nn.Module, quantized: dict, like: torch.Tensor,
+                  after_copy=None) -> None:
+    """Replace the model's weights named in `quantized` (saved formats of llama/quantize.py) by
+    weights packed for `like`'s device, with activations of its dtype: wq|wk|wv and w1|w3
+    each packed as one, whose layers then hold no weight of their own. `after_copy`: see
+    pack_weights (here: a saved weight's tensors that packing copied)."""
+    device, dtype = like.device, like.dtype
+
+    def pack_weights_of(*names):
+        pieces = [quantized.pop(name) for name in names]
+        packed = pack(pieces if len(pieces) > 1 else pieces[0], device, dtype)
+        kept = {t.untyped_storage().data_ptr() for t in vars(packed).values()
+                if isinstance(t, torch.Tensor)}  # what packing used as it was
+        for piece in pieces if after_copy else ():
+            for tensor in piece.tensors().values():
+                if tensor.untyped_storage().data_ptr() not in kept:
+                    after_copy(tensor)
+        return packed
+
+    def use(module: nn.Module, packed) -> None:
+        del module.weight  # the Parameter: its layer now computes with `packed`
+        module.weight = packed
+
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        for owner, fused, names in ((layer.attention, layer.attention._qkv, "wq wk wv"),
+                                    (layer.feed_forward, layer.feed_forward._w13, "w1 w3")):
+            module_name = "attention" if owner is layer.attention else "feed_forward"
+            fused.set_packed(pack_weights_of(*(f"{p}{module_name}.{n}.weight"
+                                               for n in names.split())))
+            for n in names.split():
+                use(owner._modules[n], None)
+        use(layer.attention.wo, pack_weights_of(f"{p}attention.wo.weight"))
+        use(layer.feed_forward.w2, pack_weights_of(f"{p}feed_forward.w2.weight"))
+    use(model.output, pack_weights_of("output.weight"))
+    if quantized:
+        raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")

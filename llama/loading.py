@@ -188,8 +188,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         # needed again; what the copies before it freed on the heap goes back to the OS
         if is_mapped(tensor):
             checkpoint.release_file_pages(tensor)
-        else:
-            checkpoint.trim_heap()
+        checkpoint.trim_heap()  # packing a saved int4 weight unpacks it to a temporary too
 
     model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state

@@ -5,7 +5,7 @@ Names, signatures and per-rank shapes are those of Meta's `llama/model.py`, so a
 `model.forward(tokens, start_pos)` keeps its keys and values in a cache the model owns
 (`Attention.cache_k` / `cache_v`), allocated on first use. Generation passes a `KVCache` of its
 own instead, sized to each call. For speed, the q/k/v and w1/w3 weights are used as one matrix
-each (linear.FusedRows), and matrix products take the routes of linear.py.
+each (fused.FusedRows), and matrix products take the routes of linear.py.
 """
 
 import math
@@ -23,8 +23,8 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from llama.args import ModelArgs, ffn_hidden_dim
 from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
-from llama.fused import FusedRows, pack_weights
-from llama.linear import FEW_ROWS, linear, pack, row_count
+from llama.fused import FusedRows, pack_weights, use_quantized
+from llama.linear import FEW_ROWS, linear, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -348,48 +348,11 @@ class Transformer(nn.Module):
         quantized = {name: state.pop(name) for name in list(state)
                      if not isinstance(state[name], torch.Tensor)}
         if quantized:
-            model._use_quantized(quantized, state["norm.weight"], after_copy)
+            use_quantized(model, quantized, state["norm.weight"], after_copy)
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
-
-    def _use_quantized(self, quantized: dict, like: torch.Tensor, after_copy=None) -> None:
-        """Replace the weights named in `quantized` (saved formats of llama/quantize.py) by
-        weights packed for `like`'s device, with activations of its dtype: wq|wk|wv and w1|w3
-        each packed as one, whose layers then hold no weight of their own. `after_copy`: see
-        pack_weights (here: a saved weight's tensors that packing copied)."""
-        device, dtype = like.device, like.dtype
-
-        def pack_weights_of(*names):
-            pieces = [quantized.pop(name) for name in names]
-            packed = pack(pieces if len(pieces) > 1 else pieces[0], device, dtype)
-            kept = {t.untyped_storage().data_ptr() for t in vars(packed).values()
-                    if isinstance(t, torch.Tensor)}  # what packing used as it was
-            for piece in pieces if after_copy else ():
-                for tensor in piece.tensors().values():
-                    if tensor.untyped_storage().data_ptr() not in kept:
-                        after_copy(tensor)
-            return packed
-
-        def use(module: nn.Module, packed) -> None:
-            del module.weight  # the Parameter: its layer now computes with `packed`
-            module.weight = packed
-
-        for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            for owner, fused, names in ((layer.attention, layer.attention._qkv, "wq wk wv"),
-                                        (layer.feed_forward, layer.feed_forward._w13, "w1 w3")):
-                module_name = "attention" if owner is layer.attention else "feed_forward"
-                fused.set_packed(pack_weights_of(*(f"{p}{module_name}.{n}.weight"
-                                                   for n in names.split())))
-                for n in names.split():
-                    use(owner._modules[n], None)
-            use(layer.attention.wo, pack_weights_of(f"{p}attention.wo.weight"))
-            use(layer.feed_forward.w2, pack_weights_of(f"{p}feed_forward.w2.weight"))
-        use(self.output, pack_weights_of("output.weight"))
-        if quantized:
-            raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention
