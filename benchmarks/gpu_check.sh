@@ -6,7 +6,10 @@
 # slow one cannot starve the rest; logs go to $OUT (default /tmp/gpu-check). fairscale and
 # fire must be importable (pip install -e ., or PYTHONPATH).
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh          # the checks above (~9.5 min at most)
+#   bash benchmarks/gpu_check.sh quant    # quantized weights (~9 min at most): their CUDA
+#       tests, 7B int8/int4 against bfloat16 with the compiled step (bench.py --quantize),
+#       and a random 70B-shaped model built in int8 on the one GPU (benchmarks/quant_gpu.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -26,6 +29,14 @@ step() {  # step NAME SECONDS COMMAND...: run it, log to $OUT/NAME.log, note a f
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+if [ "${1:-base}" = quant ]; then
+    step pytest-quant 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
+        tests/test_cuda.py -k "cuda or quantized"
+    step bench-7B-quant 240 python3 benchmarks/bench.py --shape 7B --device cuda --batch 1 8 \
+        --runs 3 --compile --mixed --gen-len 64 --quantize int8 int4
+    step quant-70B 150 python3 benchmarks/quant_gpu.py --shape 70B --mode int8 --gen-len 32
+    exit $status
+fi
 step pytest 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step bench-7B-eager 180 python3 benchmarks/bench.py --shape 7B --device cuda --batch 1 8 \
     --runs 3 --compare hf

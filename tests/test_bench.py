@@ -148,3 +148,14 @@ def test_profile_step_runs_on_the_cpu():
     for step in ("eager step at batch 2", "compiled step at batch 2"):
         assert step in out.stdout, out.stdout
     assert "2 rows:" in out.stdout  # the weight-read table
+
+
+def test_quant_gpu_builds_and_decodes_a_quantized_model(capsys):
+    """benchmarks/quant_gpu.py (run on lent GPUs, e.g. 70B in int8): its CPU smoke run."""
+    import quant_gpu
+
+    assert quant_gpu.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "int4",
+                           "--prompt-len", "4", "--gen-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "int8: built in" in out and "int4 g32: built in" in out
+    assert out.count("eager decode, batch 1:") == 2

@@ -135,3 +135,21 @@ def test_a_cpu_model_moved_with_cuda_equals_one_built_there(build):
     torch.testing.assert_close(moved.forward(tokens.cuda(), 0), half.forward(tokens.cuda(), 0),
                                atol=0, rtol=0)
     assert moved.layers[0].attention.cache_k.is_cuda
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_on_the_gpu_computes_its_weights_and_compiles(mode, build,
+                                                                         checkpoints):
+    """Quantized weights packed for CUDA (int8 dequantised in the product, int4 through
+    tinygemm): the logits of the float model of the dequantized weights, on the GPU in
+    bfloat16; the compiled step (CUDA graphs) gives the eager step's greedy tokens."""
+    from tests.test_quantized_model import _dequantized_model, _relative, _tokens
+
+    gpu = build("gqa", device="cuda", quantize=mode)
+    expected = _dequantized_model(checkpoints, "gqa", mode).forward(_tokens(), 0)
+    got = gpu.model.forward(_tokens().cuda(), 0).cpu()
+    assert _relative(got, expected) < 3e-2  # bfloat16 activations and products
+    eager = gpu.text_completion(PROMPTS, temperature=0, max_gen_len=12)
+    gpu.compile_decode()
+    compiled = gpu.text_completion(PROMPTS, temperature=0, max_gen_len=12)
+    assert [c["generation"] for c in compiled] == [e["generation"] for e in eager]
