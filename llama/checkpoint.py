@@ -12,18 +12,15 @@ keeps its name for its int8/uint8 values and gains `<layer>.scales` (and `<layer
 split as llama/quantize.py's formats split (`split_dim(name, mode)`).
 """
 
-import ctypes
-import functools
 import json
-import mmap
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from llama import host_memory
 from llama.args import ModelArgs
 from llama.quantize import SAVED_DTYPES, Quantization, QuantizationError, is_quantized
 from llama.quantize import saved_key, split_field
@@ -410,7 +407,7 @@ def rank_state_dict(shards: Dict[int, Dict[str, torch.Tensor]], n_shards: int,
             out[name] = tensor
         if release_copied and copied:
             for piece in pieces:  # copied out: the file's pages behind it are not needed again
-                release_file_pages(piece)
+                host_memory.release_file_pages(piece)
     return out
 
 
@@ -425,41 +422,6 @@ def _check_replicated(shards: Dict[int, Dict[str, torch.Tensor]], name: str) -> 
                 f"consolidated.{index:02d}.pth: a row-parallel int8 weight's scales must be "
                 f"the whole rows' (python -m llama.quantize writes them so), or the shards' "
                 f"columns cannot be joined")
-
-
-def release_file_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a memory-mapped checkpoint tensor from this process (they
-    are clean file pages; touching them again would re-read the file). Keeps peak memory near
-    the converted weights' size instead of converted + original. Only for tensors of
-    load_shard's memory maps: on ordinary memory this would zero the data. Linux only; a
-    no-op elsewhere or if the kernel refuses."""
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
-        return
-    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    start, end = tensor.data_ptr(), tensor.data_ptr() + span * tensor.element_size()
-    page = mmap.PAGESIZE
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside the range
-    if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps freed memory in its heap, and
-    the temporaries of converting one tensor (quantizing it, a block of rows at a time) leave
-    holes between the weights being kept, which count in the process's memory: trimmed after
-    each tensor, peak memory stays near what is kept. glibc only; a no-op elsewhere."""
-    if sys.platform.startswith("linux") and hasattr(_libc(), "malloc_trim"):
-        _libc().malloc_trim(0)
-
-
-_MADV_DONTNEED = 4
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def shards_for_rank(n_shards: int, world_size: int, rank: int) -> List[int]:

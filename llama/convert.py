@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama import checkpoint, hf_config
+from llama import checkpoint, hf_config, host_memory
 from llama.checkpoint import CheckpointError
 from llama.fixtures import params_json
 from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
@@ -151,7 +151,7 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
 
     def release(name: str) -> None:  # once read: drop the shards' pages behind it
         for index in range(len(paths)):
-            checkpoint.release_file_pages(shards[index][name])
+            host_memory.release_file_pages(shards[index][name])
 
     tied = torch.equal(full("output.weight"), full("tok_embeddings.weight"))
     release("output.weight")

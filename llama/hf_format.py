@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llama import checkpoint, hf_config
+from llama import checkpoint, hf_config, host_memory
 from llama.checkpoint import CheckpointError
 from llama.args import ModelArgs
 
@@ -290,7 +290,7 @@ class HFCheckpoint:
                 kept = convert(name, stored)
                 if kept is not stored:
                     if is_mapped(piece):
-                        checkpoint.release_file_pages(piece)
+                        host_memory.release_file_pages(piece)
                     state[name] = kept
                     continue
                 if heads is not None:
@@ -302,6 +302,6 @@ class HFCheckpoint:
                 tensor = tensor.contiguous()
             copied = tensor.untyped_storage().data_ptr() != piece.untyped_storage().data_ptr()
             if copied and is_mapped(piece):
-                checkpoint.release_file_pages(piece)
+                host_memory.release_file_pages(piece)
             state[name] = tensor
         return state, is_mapped

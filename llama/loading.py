@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-from llama import checkpoint, hf_format
+from llama import checkpoint, hf_format, host_memory
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
 from llama.quantize import DEFAULT_GROUP_SIZE
@@ -187,8 +187,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         # the original of a weight that fusing or packing copied: its file pages are not
         # needed again; what the copies before it freed on the heap goes back to the OS
         if is_mapped(tensor):
-            checkpoint.release_file_pages(tensor)
-        checkpoint.trim_heap()  # packing a saved int4 weight unpacks it to a temporary too
+            host_memory.release_file_pages(tensor)
+        host_memory.trim_heap()  # packing a saved int4 weight unpacks it to a temporary too
 
     model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state
@@ -236,7 +236,7 @@ def quantizer(mode: str, group_size: int, world_size: int, device, args):
             torch.distributed.all_reduce(absmax, op=torch.distributed.ReduceOp.MAX,
                                          group=get_model_parallel_group())
         quantized = quantize(tensor, mode, group_size, absmax, name, out=out_for(name))
-        checkpoint.trim_heap()  # the temporaries' pages (see trim_heap)
+        host_memory.trim_heap()  # the temporaries' pages (see trim_heap)
         return quantized
 
     return convert

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from llama import checkpoint
+from llama import checkpoint, host_memory
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError
 from llama.convert import check_destination, check_tokenizer, find_tokenizer, rope_freqs
@@ -122,7 +122,7 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
             return tensor
         quantized = quantize(tensor, mode, quantization.group_size or DEFAULT_GROUP_SIZE,
                              absmax.get(name), name)
-        checkpoint.trim_heap()  # the temporaries' pages (see trim_heap)
+        host_memory.trim_heap()  # the temporaries' pages (see trim_heap)
         return quantized
 
     dst.mkdir(parents=True, exist_ok=True)
