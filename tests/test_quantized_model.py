@@ -175,3 +175,32 @@ def test_the_compiled_decode_step_takes_quantized_weights(build):
     tolerance = 1e-4 if cpu_kernels.available() else 1e-2
     for c, e in zip(compiled, eager):
         assert c["logprobs"] == pytest.approx(e["logprobs"], abs=tolerance)
+
+
+def test_the_chat_scripts_run_quantized(checkpoints, tokenizer_path, build):
+    """example_chat_completion.py and the interactive chat with --quantize int4: the
+    quantized model's answers (those of Llama.build(quantize="int4"))."""
+    import os
+    import sys
+
+    from tests.test_examples import Terminal, _answer
+
+    common = ["--ckpt_dir", checkpoints("gqa"), "--tokenizer_path", tokenizer_path,
+              "--temperature", "0", "--max_gen_len", "8", "--quantize", "int4"]
+    result = run_script(["example_chat_completion.py"] + common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "int4 weights" in result.stderr and result.stdout.count("> Assistant: ") == 4
+    expected = build("gqa", max_seq_len=512, quantize="int4").chat_completion(
+        [[{"role": "user", "content": "what is the recipe of mayonnaise?"}]],
+        temperature=0, max_gen_len=8)[0]["generation"]["content"]
+    assert f"> Assistant: {expected}\n" in result.stdout
+
+    term = Terminal([sys.executable, "example_chat_interactive.py"] + common,
+                    {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    term.expect("User: ")
+    term.type("what is the recipe of mayonnaise?")
+    term.expect("User: ", count=2)
+    assert _answer(term.screen.split("Assistant: ")[1]) == expected.strip()
+    term.type("/exit")
+    term.expect("Bye.")
+    assert term.close() == 0
