@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import functools
 import os
-import signal
 import statistics
 import sys
 import time
@@ -42,12 +41,12 @@ from serve_clients import (  # noqa: E402
     Answer,
     Ask,
     expected_answer,
-    model_files,
     request_mix,
     rss_bytes,
     run_clients,
     same_answer,
     scheduled_completion,
+    start_run,
     stream_completion,
 )
 
@@ -227,19 +226,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # killed (or Ctrl-C'd from a shell that ignores SIGINT in background jobs): stop the server
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ckpt, tokenizer_path, llama, asks = start_run(args, args.prompt_lens, args.answer_lens)
     from llama.engine import Engine
-    from llama.generation import Llama
     from llama.model import ModelArgs, count_parameters
     from llama.scheduler import Scheduler
     from tests.server_fixtures import running_server
 
-    torch.set_num_threads(args.threads)
-    ckpt, tokenizer_path = model_files(args.shape, args.root)
-    llama = Llama.build(str(ckpt), str(tokenizer_path), 512, 1, device="cpu", verbose=False)
-    asks = request_mix(llama.tokenizer, args.requests, args.seed, args.prompt_lens,
-                       args.answer_lens)
     max_seq_len = -(-(max(len(a.tokens) + a.max_tokens for a in asks)) // 64) * 64
     batch = args.max_batch_size or max(args.clients)
     params = count_parameters(ModelArgs(vocab_size=VOCAB, **SHAPES[args.shape]))

@@ -43,6 +43,22 @@ def model_files(shape: str, root: Path):
     return ckpt, tokenizer
 
 
+def start_run(args, prompt_lens=PROMPT_LENS, answer_lens=ANSWER_LENS):
+    """What both benchmarks do first: SIGTERM ends the run (its `finally` stops the server it
+    started; a shell's background job ignores Ctrl-C), torch's threads, the model's files, the
+    library on them, and the seeded requests. Returns (ckpt, tokenizer_path, llama, asks)."""
+    import signal
+
+    from llama.generation import Llama
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    torch.set_num_threads(args.threads)
+    ckpt, tokenizer_path = model_files(args.shape, args.root)
+    llama = Llama.build(str(ckpt), str(tokenizer_path), 512, 1, device="cpu", verbose=False)
+    asks = request_mix(llama.tokenizer, args.requests, args.seed, prompt_lens, answer_lens)
+    return ckpt, tokenizer_path, llama, asks
+
+
 @dataclass
 class Ask:
     """One request: a prompt (its text, and its tokens as the server encodes them) and the

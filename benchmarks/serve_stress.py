@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import statistics
 import sys
 import time
@@ -38,10 +37,9 @@ from serve_clients import (  # noqa: E402
     Answer,
     Ask,
     expected_answers,
-    model_files,
-    request_mix,
     rss_bytes,
     same_answer,
+    start_run,
     stream_completion,
     watch_rss,
 )
@@ -162,17 +160,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # killed (or Ctrl-C'd from a shell that ignores SIGINT in background jobs): stop the server
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ckpt, tokenizer_path, llama, asks = start_run(args, PROMPT_LENS, ANSWER_LENS)
     import os
 
-    from llama.generation import Llama
     from tests.server_fixtures import read_log, running_server
 
-    torch.set_num_threads(args.threads)
-    ckpt, tokenizer_path = model_files(args.shape, args.root)
-    llama = Llama.build(str(ckpt), str(tokenizer_path), 512, 1, device="cpu", verbose=False)
-    asks = request_mix(llama.tokenizer, args.requests, args.seed, PROMPT_LENS, ANSWER_LENS)
     plan = hang_up_plan(len(asks), args.hang_up, args.seed, args.max_delay)
     start = time.perf_counter()
     expected = expected_answers(llama, asks)
