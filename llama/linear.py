@@ -43,9 +43,9 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt
             return F.linear(x, weight)
         out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in),
                         weight.view(blocks, n_out // blocks, n_in).transpose(1, 2))
-    elif rows <= FEW_ROWS and _ONEDNN and not torch.compiler.is_compiling():  # (not lowerable)
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, n_in), weight, None, "none",
-                                                 [], "")
+    elif rows <= FEW_ROWS and _ONEDNN:
+        product = _onednn_op if torch.compiler.is_compiling() else _onednn
+        out = product(x.reshape(rows, n_in), weight)
     else:
         return F.linear(x, weight)
     return out.view(*x.shape[:-1], n_out)
@@ -60,6 +60,23 @@ def row_count(x: torch.Tensor) -> int:
 # fused q/k/v and w1/w3 products. Above it MKL, and separate w1 and w3 products (FeedForward).
 FEW_ROWS = 256
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+# The same product as an operator torch.compile keeps as a call of its own: it cannot trace
+# mkldnn's op, and without this a compiled step fell back to F.linear (MKL), 2-3x slower at
+# 2-16 rows. Eager calls skip the wrapper (its dispatch costs ~10 us a call).
+if _ONEDNN:
+    @torch.library.custom_op("llama::onednn_linear", mutates_args=())
+    def _onednn_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _onednn(x, weight)
+
+    @_onednn_op.register_fake
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _row_blocks(n_out: int) -> int:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import llama.linear
+
 from llama.checkpoint import IGNORED_KEYS, full_shapes, shard_shape, split_dim
 from llama.linear import linear
 from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
@@ -150,6 +152,21 @@ def test_linear_fast_paths_equal_f_linear(rows, n_out):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # a non-contiguous weight (a view of every other row) takes the plain path
     torch.testing.assert_close(linear(x, weight[::2]), x @ weight[::2].t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not llama.linear._ONEDNN, reason="torch built without oneDNN")
+def test_a_compiled_product_of_few_rows_keeps_onednn(monkeypatch):
+    """Under torch.compile the 2-256-row route stays oneDNN's product (an operator of ours
+    around it), not MKL's F.linear, 2-3x slower there: same result, and oneDNN is called."""
+    calls = []
+    onednn = llama.linear._onednn
+    monkeypatch.setattr(llama.linear, "_onednn", lambda x, w: calls.append(1) or onednn(x, w))
+    weight = torch.randn(256, 192)
+    x = torch.randn(4, 192)
+    step = torch.compile(lambda x: linear(x, weight), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(step(x), torch.nn.functional.linear(x, weight), atol=1e-5,
+                               rtol=1e-5)
+    assert calls
 
 
 def test_attention_mask_hides_padding_and_the_future():
