@@ -14,9 +14,11 @@ split as llama/quantize.py's formats split (`split_dim(name, mode)`).
 
 import json
 import pickle
+import shutil
+import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -444,18 +446,32 @@ def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int
     return shards
 
 
-def save_checkpoint(out_dir: Path, shards: List[Dict[str, torch.Tensor]], params: dict,
-                    checklist: bool = True) -> None:
-    """Write params.json, consolidated.NN.pth and (unless not `checklist`: hashing 7B's files
-    takes half a minute) a checklist.chk of their md5s."""
+def save_checkpoint(out_dir: Path, shards: Iterable[Dict[str, torch.Tensor]],
+                    params: Union[dict, Path], checklist: bool = True,
+                    say: Optional[Callable[[str], None]] = None) -> None:
+    """Write consolidated.NN.pth for each of `shards`, params.json (a dict, or the path of a
+    params.json to copy as it is) and (unless not `checklist`: hashing 7B's files takes half
+    a minute) a checklist.chk of their md5s. `shards` may build each shard as it is asked for
+    (a generator expression), so that only one is held at a time; `say` hears of each file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "params.json").write_text(json.dumps(params))
+    if isinstance(params, dict):
+        (out_dir / "params.json").write_text(json.dumps(params))
+    else:
+        shutil.copyfile(params, out_dir / "params.json")
     names = ["params.json"]
-    for index, shard in enumerate(shards):
-        name = f"consolidated.{index:02d}.pth"
+    shards = iter(shards)
+    while True:
+        start = time.time()
+        shard = next(shards, None)  # built now, if built on demand
+        if shard is None:
+            break
+        name = f"consolidated.{len(names) - 1:02d}.pth"
         torch.save(shard, out_dir / name)
+        del shard
         names.append(name)
+        if say is not None:
+            say(f"wrote {out_dir / name} ({time.time() - start:.1f} s)")
     if checklist:
         write_checklist(out_dir, names)
 

@@ -234,19 +234,13 @@ def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
         check_tokenizer(tokenizer_path, args.vocab_size)
     checkpoint.check_world_size(args, n_shards, flag="--shards", parts="shards")
     source.check(args)
-    dst.mkdir(parents=True, exist_ok=True)
-    names = ["params.json"]
-    for rank in range(n_shards):
-        start = time.time()
+    def shard(rank):
         state, _ = source.rank_state_dict(args, rank, n_shards, copy=True)
         state[checkpoint.IGNORED_KEYS[0]] = rope_freqs(args, state["tok_embeddings.weight"].dtype)
-        name = f"consolidated.{rank:02d}.pth"
-        torch.save(state, dst / name)
-        names.append(name)
-        del state
-        say(f"wrote {dst / name} ({time.time() - start:.1f} s)")
-    (dst / "params.json").write_text(json.dumps(params_json(args)))
-    checkpoint.write_checklist(dst, names)
+        return state
+
+    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params_json(args),
+                               say=say)
     if tokenizer_path.is_file():
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
     else:

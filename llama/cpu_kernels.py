@@ -100,7 +100,8 @@ def _fingerprint() -> str:
         cpu += "".join(sorted(set(lines)))
     except OSError:
         cpu += platform.processor()
-    text = SOURCE.read_bytes() + " ".join(_flags()).encode() + cpu.encode() + torch.__version__.encode()
+    text = (SOURCE.read_bytes() + " ".join(_flags()).encode() + cpu.encode()
+            + torch.__version__.encode())
     return hashlib.sha256(text).hexdigest()[:12]
 
 

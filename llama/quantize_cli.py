@@ -18,10 +18,8 @@ Sources are memory-mapped and read one tensor at a time; one output shard is bui
 """
 
 import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -125,10 +123,7 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
         host_memory.trim_heap()  # the temporaries' pages (see trim_heap)
         return quantized
 
-    dst.mkdir(parents=True, exist_ok=True)
-    names = ["params.json"]
-    for rank in range(n_shards):
-        start = time.time()
+    def shard(rank):
         state = {}
         for name, value in source.read(rank, n_shards, convert).items():
             if isinstance(value, torch.Tensor):  # a view of the source: saved on its own
@@ -139,14 +134,10 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
         if freqs is None:
             freqs = rope_freqs(args, state["tok_embeddings.weight"].dtype)
         state[checkpoint.IGNORED_KEYS[0]] = freqs.clone()
-        name = f"consolidated.{rank:02d}.pth"
-        torch.save(state, dst / name)
-        names.append(name)
-        del state
-        say(f"wrote {dst / name} ({time.time() - start:.1f} s)")
+        return state
+
     params = {**source.params, checkpoint.QUANTIZATION_FIELD: quantization.to_json()}
-    (dst / "params.json").write_text(json.dumps(params))
-    checkpoint.write_checklist(dst, names)
+    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params, say=say)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
     else:

@@ -9,12 +9,9 @@ memory stays near the size of one output shard.
 """
 
 import argparse
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 from llama import checkpoint
 from llama.args import ModelArgs
@@ -39,10 +36,8 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
                                      saved=True)
     for i, path in enumerate(paths):
         checkpoint.check_shard(path, shards[i], args, len(paths), quantization)
-    dst.mkdir(parents=True, exist_ok=True)
-    names = ["params.json"]
-    for rank in range(world_size):
-        start = time.time()
+
+    def shard(rank):
         state = checkpoint.rank_state_dict(shards, len(paths), args, rank, world_size,
                                            quantization=quantization)
         # clone: a slice of a memory-mapped shard would otherwise save that whole shard
@@ -50,14 +45,11 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
         for extra in checkpoint.IGNORED_KEYS:
             if extra in shards[0]:
                 state[extra] = shards[0][extra].clone()
-        name = f"consolidated.{rank:02d}.pth"
-        torch.save(state, dst / name)
-        names.append(name)
-        del state
-        if verbose:
-            print(f"wrote {dst / name} ({time.time() - start:.1f} s)", file=sys.stderr)
-    shutil.copyfile(src / "params.json", dst / "params.json")
-    checkpoint.write_checklist(dst, names)
+        return state
+
+    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(world_size)),
+                               src / "params.json",
+                               say=(lambda line: print(line, file=sys.stderr)) if verbose else None)
     if verbose:
         print(f"{len(paths)} shards -> {world_size}; wrote {dst / 'checklist.chk'}",
               file=sys.stderr)
