@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama import checkpoint, hf_config, host_memory
+from llama import checkpoint, hf_config, host_memory, saving
 from llama.checkpoint import CheckpointError
 from llama.fixtures import params_json
 from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
@@ -239,7 +239,7 @@ def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
         state[checkpoint.IGNORED_KEYS[0]] = rope_freqs(args, state["tok_embeddings.weight"].dtype)
         return state
 
-    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params_json(args),
+    saving.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params_json(args),
                                say=say)
     if tokenizer_path.is_file():
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")

@@ -8,7 +8,8 @@ from typing import Dict, Optional
 
 import torch
 
-from llama.checkpoint import IGNORED_KEYS, full_shapes, save_checkpoint, split_state_dict
+from llama.checkpoint import IGNORED_KEYS, full_shapes
+from llama.saving import save_checkpoint, split_state_dict
 from llama.model import ModelArgs, precompute_freqs_cis
 
 

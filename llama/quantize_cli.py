@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from llama import checkpoint, host_memory
+from llama import checkpoint, host_memory, saving
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError
 from llama.convert import check_destination, check_tokenizer, find_tokenizer, rope_freqs
@@ -137,7 +137,7 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
         return state
 
     params = {**source.params, checkpoint.QUANTIZATION_FIELD: quantization.to_json()}
-    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params, say=say)
+    saving.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params, say=say)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
     else:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-from llama import checkpoint
+from llama import checkpoint, saving
 from llama.args import ModelArgs
 
 
@@ -47,7 +47,7 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
                 state[extra] = shards[0][extra].clone()
         return state
 
-    checkpoint.save_checkpoint(dst, (shard(rank) for rank in range(world_size)),
+    saving.save_checkpoint(dst, (shard(rank) for rank in range(world_size)),
                                src / "params.json",
                                say=(lambda line: print(line, file=sys.stderr)) if verbose else None)
     if verbose:

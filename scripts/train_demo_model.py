@@ -32,16 +32,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.checkpoint import (  # noqa: E402
-    IGNORED_KEYS,
-    full_shapes,
-    save_checkpoint,
-    split_state_dict,
-)
+from llama.checkpoint import IGNORED_KEYS, full_shapes  # noqa: E402
 from llama.demo import encode_pages, heldout_windows, split_topics, windows  # noqa: E402
 from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis  # noqa: E402
+from llama.saving import save_checkpoint, split_state_dict  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["The list is", "A class is", "The return value of the function", "If the object"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.checkpoint import save_checkpoint, split_state_dict
+from llama.saving import save_checkpoint, split_state_dict
 from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint
 from llama.model import ModelArgs
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import save_checkpoint, split_state_dict
+from llama.saving import save_checkpoint, split_state_dict
 from llama.fixtures import params_json, random_weights, train_tokenizer
 from llama.args import ModelArgs
 from tests.conftest import model_args

@@ -14,7 +14,7 @@ from llama import Llama
 from llama.checklist import verify_checklist
 from llama.checkpoint import CheckpointError, full_shapes, shard_shape
 from llama.memory import LLAMA2, markdown_table, weight_bytes
-from llama.quantize import Quantization, QuantizationError
+from llama.quantize import Quantization
 from llama.quantize_cli import main as quantize_main, quantize_checkpoint
 from llama.reshard import main as reshard_main
 from llama.validation import ArgumentError
