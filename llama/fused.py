@@ -3,31 +3,18 @@ input, so one product over the stacked rows serves all of them. Float weights ar
 one matrix in place (pack_weights); quantized ones are packed together for their device's
 kernels (use_quantized)."""
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from llama.linear import pack
 from llama.quantize import QuantizationError
+from llama.views import consecutive_rows
 
 
 # Layers whose weights are used as one matrix: their products share the same input.
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
-
-
-def packed_rows(weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The one matrix the weights are consecutive row blocks of, if they already lie that way
-    in memory (each contiguous, one right after another); None otherwise."""
-    first, rows = weights[0], sum(w.shape[0] for w in weights)
-    cols = first.shape[1]
-    address = first.data_ptr()
-    for w in weights:
-        if (w.dtype != first.dtype or w.device != first.device or w.shape[1] != cols
-                or not w.is_contiguous() or w.data_ptr() != address):
-            return None
-        address += w.numel() * w.element_size()
-    return first.as_strided((rows, cols), (cols, 1))
 
 
 def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None) -> None:
@@ -90,7 +77,7 @@ def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:
     same Parameter objects, so optimisers and hooks keep them). No copy when they already lie
     that way (pack_weights does that while loading)."""
     weights = [p.detach() for p in params]
-    matrix = packed_rows(weights)
+    matrix = consecutive_rows(weights)
     if matrix is not None:
         return matrix
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as parameters are

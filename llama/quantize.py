@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from llama.views import consecutive_rows
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # 32: 22% less output error than 128 for 5-15% slower products (docs/QUANTIZATION.md)
@@ -424,7 +426,9 @@ def concat(pieces: Sequence[QuantizedWeight], dim: int = 0,
                                 f"joined")
     if dim == 0:
         fields = zip(*(p.tensors().values() for p in pieces))
-        return type(pieces[0])(*(_joined_rows(ts) for ts in fields))
+        # a view where they lie one after another (quantized so while loading:
+        # empty_like_rows), else a copy
+        return type(pieces[0])(*(_rows_of(ts) for ts in fields))
     if dim != 1:
         raise QuantizationError(f"{name}: a weight joins along dim 0 or 1, not {dim}")
     if isinstance(pieces[0], Int8Weight):
@@ -436,18 +440,9 @@ def concat(pieces: Sequence[QuantizedWeight], dim: int = 0,
     return Int4Weight(*(torch.cat(ts, dim=1) for ts in fields))
 
 
-def _joined_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors' rows as one tensor: a view when they already lie one after another in one
-    buffer (quantized so while loading: `empty_like_rows`), else a copy."""
-    first = tensors[0]
-    storage, address = first.untyped_storage().data_ptr(), first.data_ptr()
-    for t in tensors:
-        if (t.dtype != first.dtype or t.shape[1:] != first.shape[1:] or not t.is_contiguous()
-                or t.untyped_storage().data_ptr() != storage or t.data_ptr() != address):
-            return torch.cat(list(tensors), dim=0)
-        address += t.numel() * t.element_size()
-    rows = sum(t.shape[0] for t in tensors)
-    return first.as_strided((rows, *first.shape[1:]), first.stride())
+def _rows_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    view = consecutive_rows(tensors)
+    return torch.cat(list(tensors), dim=0) if view is None else view
 
 
 def empty_like_rows(mode: str, group_size: int, shapes: Sequence[Tuple[int, int]],
