@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import llama.linear as lin  # noqa: E402
+from llama import cpu_kernels  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.args import ModelArgs  # noqa: E402
 from llama.chat_format import dialog_to_tokens  # noqa: E402
@@ -83,7 +84,9 @@ def routes():
             return out
         return wrapped
 
-    spies = [(torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
+    spies = [(cpu_kernels, "int8_mm", "our int8 kernel (rows rounded to int16)"),
+             (cpu_kernels, "int4_mm", "our int4 kernel"),
+             (torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
              (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
              (lin, "_by_row_blocks", lambda block_t, n: "dequantised bf16 GEMM ("
               + type(block_t.__self__).__name__ + ")")]
@@ -255,18 +258,30 @@ def demo_part(quick: bool) -> None:
 class ActivationInt8:
     """W8A8, the foil: our int8 weight (its int8 values and row scales) times activations
     rounded to int8 as well, with one scale for the whole activation tensor of a product call
-    ("tensor") or one per token ("token"); absmax / 127, as LLM.int8()'s vector-wise and
-    dynamic per-tensor schemes do. Computed in float32 (the integer sums are exact up to
-    float32 rounding)."""
+    ("tensor"), one per token ("token"), or one per 32 values of a token ("block32", as
+    llama.cpp's q8_0 x q8_0 dot product rounds its activations); absmax / 127, as LLM.int8()'s
+    vector-wise and dynamic per-tensor schemes do. Computed in float32 (the integer sums are
+    exact up to float32 rounding). per="kernel": not a foil but our native int8 kernel itself
+    (int16 activations per token) for every product, prefills included."""
 
     def __init__(self, packed, per: str):
         self.per, self.device, self.dtype = per, packed.device, torch.float32
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.q = packed.weight[:, : packed.in_features].to(torch.float32)  # (out, in)
         self.scales = packed.scales.to(torch.float32)  # (out,)
+        self.weight, self.kernel_scales = packed.weight, packed.scales  # padded, bfloat16
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.float32)  # (rows, in)
+        if self.per == "kernel":
+            out = cpu_kernels.int8_mm(x2.contiguous(), self.weight, self.kernel_scales)
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.per == "block32":
+            xb = x2.view(x2.shape[0], -1, 32)
+            sx = (xb.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
+            xd = (torch.round(xb / sx).clamp_(-127, 127) * sx).view_as(x2)
+            out = (xd @ self.q.t()) * self.scales
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         absmax = x2.abs().amax() if self.per == "tensor" else x2.abs().amax(1, keepdim=True)
         sx = (absmax / 127).clamp(min=1e-12)
         xq = torch.round(x2 / sx).clamp_(-127, 127)
@@ -328,12 +343,13 @@ def noisy_state(state: dict, int8: dict, seed: int = 3) -> dict:
 
 def s_model(args: ModelArgs, state: dict, per: Optional[str] = None) -> Transformer:
     """The model of `state`; per="float32": its quantized weights dequantized into a float32
-    model; "tensor" or "token": its int8 weights as W8A8 foils (ActivationInt8)."""
+    model; "tensor", "token", "block32": its int8 weights as W8A8 foils, "kernel": as our
+    native int8 kernel (ActivationInt8)."""
     if per == "float32":
         state = {k: v if isinstance(v, torch.Tensor) else v.dequantize()
                  for k, v in state.items()}
     model = Transformer.from_state_dict(args, dict(state))  # (it rearranges its argument)
-    if per in ("tensor", "token"):
+    if per in ("tensor", "token", "block32", "kernel"):
         use_activation_int8(model, per)
     return model
 
@@ -382,8 +398,13 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
                ("int4 g128 weight-only (ours)", "int4", 128, None),
                ("W8A8, one activation scale per tensor (foil)", "int8", None, "tensor"),
                ("W8A8, one activation scale per token (foil)", "int8", None, "token"),
+               ("W8A8, one activation scale per 32 values (llama.cpp's q8_0; foil)", "int8",
+                None, "block32"),
+               ("int8, int16 activations per token (our decode kernel, for every product)",
+                "int8", None, "kernel"),
                ("float32 + noise of int8's error size (reference)", "int8", None, "noise")]
-    schemes = [s for s in schemes if not (quick and s[2] == 128)]
+    schemes = [s for s in schemes if not (quick and s[2] == 128)
+               and (s[3] != "kernel" or cpu_kernels.available())]
     print(f"\n## Random S model (dim 768, {args.n_layers} layers, vocab 32000; random_weights "
           f"seed 0): {bsz} sequences of {seqlen} random tokens, teacher-forced in prefills of "
           f"{chunk} sequences ({bsz * seqlen} positions)\n")

@@ -1,34 +1,37 @@
-// Weight-only int8 and int4 matrix products of few rows (decode steps) on the CPU, in float32.
+// int8 and int4 weight matrix products of few rows (decode steps) on the CPU, in float32.
 //
-//   int8_mm(x, weight, scales)          y[r, o] = scales[o] * sum_k x[r, k] * weight[o, k]
+//   int8_mm(x, weight, scales)          y[r, o] = scales[o] * s[r] * sum_k q[r, k] * weight[o, k],
+//                                       q, s: x's rows rounded to int16, one scale per row
 //   int4_mm(x, packed, sz, G, n_out)    y[r, o] = sum_k x[r, k] * ((q[o, k] - 8) * s + z),
 //                                       (s, z) = sz[o, k / G]
 //   int4_dequantize(packed, sz, G, start, end, bf16)   rows start..end of the int4 weight
 //
-// x: (rows, K) float32, contiguous. int8 weight: (N, W) int8, W >= K a multiple of 16, columns
+// x: (rows, K) float32, contiguous. int8 weight: (N, W) int8, W >= K a multiple of 32, columns
 // K..W zero; scales: (N,) bfloat16. int4 weight in this file's layout (llama/cpu_kernels.py,
 // pack_int4): (N4, K / 2) uint8, N4 = N rounded up to 4, each 32 columns of a row as 16 bytes,
 // byte j = column j (low nibble) | column j + 16 (high nibble); sz: (N4, K / G, 2) bfloat16.
-// Accumulation and output are float32; every output is computed by one thread in a fixed
-// order, so results do not depend on the thread count.
+// int8 sums are exact integers; int4 accumulates in float32. Every output is computed by one
+// thread in a fixed order, so results do not depend on the thread count.
 //
 // Threads split the output rows (at::parallel_for, torch's pool), so each core streams its
 // own slab of the weight; each weight vector loaded is used for up to ROWS activation rows.
-// The instruction set is chosen at compile time (-march=native: AVX-512, AVX2+FMA, or plain
-// C++); isa() names it and says whether this CPU can run it.
+// The instruction set is chosen at compile time (-march=native: AVX-512 F+BW, with VNNI where
+// the CPU has it; AVX2+FMA; or plain C++); isa() names it and says whether this CPU runs it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LK_AVX512 1
-static constexpr int ROWS = 4;  // activation rows per tile: 4 x 4 float accumulators
+static constexpr int ROWS = 4;  // activation rows per tile: 4 x 4 accumulators
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LK_AVX2 1
@@ -67,92 +70,154 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
 }
 
 // ------------------------------------------------------------------------------------ int8
+// Activations are rounded to int16 with one scale per row (token), s = max|x| / 32767, and
+// multiplied with the int8 weight in integers: y = (sum_k q[r, k] * w[o, k]) * s[r] * scale[o].
+// The integer sum is exact, so results are the same bit for bit on every instruction set and
+// thread count. Each element's rounding error is at most s / 2, 2^-16 of its row's largest:
+// finer than bfloat16 for every element within 128x of that largest. On AVX-512 VNNI one
+// instruction (vpdpwssd) does 32 multiply-adds, where the float32 product took a conversion
+// of each weight and an FMA per 16: ~2x the speed for 1-16 rows (docs/QUANTIZATION.md).
 
-// Outputs o0..o0+NO of rows r0..r0+NR.
-template <int NO, int NR>
-static void int8_tile(const float* x, int64_t K, const int8_t* w, int64_t W,
-                      const uint16_t* scales, float* y, int64_t N) {
+static constexpr int64_t I16_MAX = 32767;
+
+// Rows of x (R, K) as int16 (R, W), zero past K, and their scales. A row with an infinite or
+// NaN value gets a NaN scale, so its outputs are NaN, as a float product's would be.
+static void quantize_rows_i16(const float* x, int64_t R, int64_t K, int64_t W, int16_t* q,
+                              float* scales) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    int16_t* qr = q + r * W;
+    float amax = 0.f, finite = 0.f;  // finite: sum of x - x, NaN if any x is inf or NaN
+    int64_t k = 0;
 #if defined(LK_AVX512)
-  __m512 acc[NO][NR];
-  for (int o = 0; o < NO; ++o)
-    for (int r = 0; r < NR; ++r) acc[o][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[NO];
-    if ((k & 63) == 0)
-      for (int o = 0; o < NO; ++o)
-        _mm_prefetch(reinterpret_cast<const char*>(w + o * W + k + PREFETCH8), PF_HINT);
-    for (int o = 0; o < NO; ++o)
-      wv[o] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * W + k))));
-    for (int r = 0; r < NR; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * K + k);
-      for (int o = 0; o < NO; ++o) acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+    __m512 vmax = _mm512_setzero_ps(), vfin = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vfin = _mm512_add_ps(vfin, _mm512_sub_ps(v, v));
     }
-  }
-  if (k < K) {  // the weight's zero padding is read; x is masked
-    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[NO];
-    for (int o = 0; o < NO; ++o)
-      wv[o] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * W + k))));
-    for (int r = 0; r < NR; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * K + k);
-      for (int o = 0; o < NO; ++o) acc[o][r] = _mm512_fmadd_ps(wv[o], xv, acc[o][r]);
+    amax = _mm512_reduce_max_ps(vmax);
+    finite = _mm512_reduce_add_ps(vfin);
+#endif
+    for (; k < K; ++k) {
+      amax = std::max(amax, std::fabs(xr[k]));
+      finite += xr[k] - xr[k];
     }
+    if (finite != 0.f || !(amax <= 3.4e38f)) {  // NaN compares unequal; inf > max float
+      std::memset(qr, 0, W * sizeof(int16_t));
+      scales[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = amax > 0.f ? static_cast<float>(I16_MAX) / amax : 0.f;
+    scales[r] = amax / static_cast<float>(I16_MAX);
+    k = 0;
+#if defined(LK_AVX512)
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16)  // nearest, ties to even (the default rounding mode)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm512_cvtsepi32_epi16(
+          _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv))));
+#endif
+    for (; k < K; ++k) qr[k] = static_cast<int16_t>(std::nearbyint(xr[k] * inv));
+    for (; k < W; ++k) qr[k] = 0;
   }
-  for (int o = 0; o < NO; ++o)
-    for (int r = 0; r < NR; ++r)
-      y[r * N + o] = _mm512_reduce_add_ps(acc[o][r]) * bf16_to_float(scales[o]);
+}
+
+#if defined(LK_AVX512)
+static constexpr int64_t STEP8 = 32;  // columns per step: 32 int16 lanes
+// Columns summed in int32 before the sum moves to int64: each int32 lane adds two products
+// of at most 128 * 32767 per step, and 4096 columns are 128 steps: < 2^30.
+static constexpr int64_t CHUNK8 = 4096;
+using i16vec = __m512i;
+static inline i16vec load_w(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline i16vec load_x(const int16_t* p) { return _mm512_loadu_si512(p); }
+static inline i16vec dot_i16(i16vec acc, i16vec w, i16vec x) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+static inline i16vec zero_i32() { return _mm512_setzero_si512(); }
+static inline int64_t sum_i32(i16vec v) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(
+      _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+      _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
 #elif defined(LK_AVX2)
-  __m256 acc[NO][NR];
-  for (int o = 0; o < NO; ++o)
-    for (int r = 0; r < NR; ++r) acc[o][r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[NO];
+static constexpr int64_t STEP8 = 16;
+static constexpr int64_t CHUNK8 = 2048;  // 128 steps of 16 columns, as above
+using i16vec = __m256i;
+static inline i16vec load_w(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline i16vec load_x(const int16_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+static inline i16vec dot_i16(i16vec acc, i16vec w, i16vec x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+}
+static inline i16vec zero_i32() { return _mm256_setzero_si256(); }
+static inline int64_t sum_i32(i16vec v) {
+  const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i half = _mm_add_epi64(_mm256_castsi256_si128(wide),
+                                     _mm256_extracti128_si256(wide, 1));
+  return _mm_cvtsi128_si64(half) + _mm_extract_epi64(half, 1);
+}
+#endif
+
+// Outputs o0..o0+NO of rows r0..r0+NR: q (rows, W) int16, W a multiple of 32.
+template <int NO, int NR>
+static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t* w,
+                      const uint16_t* scales, float* y, int64_t N) {
+  int64_t total[NO][NR] = {};
+#if defined(LK_AVX512) || defined(LK_AVX2)
+  for (int64_t c = 0; c < W; c += CHUNK8) {
+    const int64_t end = std::min(c + CHUNK8, W);
+    i16vec acc[NO][NR];
     for (int o = 0; o < NO; ++o)
-      wv[o] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + o * W + k))));
-    for (int r = 0; r < NR; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * K + k);
-      for (int o = 0; o < NO; ++o) acc[o][r] = _mm256_fmadd_ps(wv[o], xv, acc[o][r]);
+      for (int r = 0; r < NR; ++r) acc[o][r] = zero_i32();
+    for (int64_t k = c; k < end; k += STEP8) {
+      i16vec wv[NO];
+      for (int o = 0; o < NO; ++o) {
+        if ((k & 63) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + o * W + k + PREFETCH8), PF_HINT);
+        wv[o] = load_w(w + o * W + k);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const i16vec xv = load_x(q + r * W + k);
+        for (int o = 0; o < NO; ++o) acc[o][r] = dot_i16(acc[o][r], wv[o], xv);
+      }
     }
+    for (int o = 0; o < NO; ++o)
+      for (int r = 0; r < NR; ++r) total[o][r] += sum_i32(acc[o][r]);
   }
-  float tail[NO][NR] = {};
-  for (; k < K; ++k)
-    for (int o = 0; o < NO; ++o)
-      for (int r = 0; r < NR; ++r) tail[o][r] += static_cast<float>(w[o * W + k]) * x[r * K + k];
-  for (int o = 0; o < NO; ++o)
-    for (int r = 0; r < NR; ++r) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[o][r]), _mm256_extractf128_ps(acc[o][r], 1));
-      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-      s = _mm_add_ss(s, _mm_movehdup_ps(s));
-      y[r * N + o] = (_mm_cvtss_f32(s) + tail[o][r]) * bf16_to_float(scales[o]);
-    }
 #else
   for (int o = 0; o < NO; ++o)
-    for (int r = 0; r < NR; ++r) {
-      float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += static_cast<float>(w[o * W + k]) * x[r * K + k];
-      y[r * N + o] = sum * bf16_to_float(scales[o]);
-    }
+    for (int r = 0; r < NR; ++r)
+      for (int64_t k = 0; k < W; ++k)
+        total[o][r] += static_cast<int64_t>(w[o * W + k]) * q[r * W + k];
 #endif
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r)
+      y[r * N + o] = static_cast<float>(total[o][r]) * xs[r] * bf16_to_float(scales[o]);
 }
 
 template <int NO>
-static void int8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t W,
+static void int8_rows(const int16_t* q, const float* xs, int64_t R, int64_t W, const int8_t* w,
                       const uint16_t* scales, float* y, int64_t N) {
   // the same few weight rows for every tile of activation rows: read from memory once
   for (int64_t r = 0; r < R; r += ROWS) {
-    const float* xr = x + r * K;
+    const int16_t* qr = q + r * W;
     float* yr = y + r * N;
     switch (R - r < ROWS ? R - r : ROWS) {
-      case 1: int8_tile<NO, 1>(xr, K, w, W, scales, yr, N); break;
-      case 2: int8_tile<NO, 2>(xr, K, w, W, scales, yr, N); break;
+      case 1: int8_tile<NO, 1>(qr, xs + r, W, w, scales, yr, N); break;
+      case 2: int8_tile<NO, 2>(qr, xs + r, W, w, scales, yr, N); break;
 #if !defined(LK_AVX2)
-      case 3: int8_tile<NO, 3>(xr, K, w, W, scales, yr, N); break;
-      case 4: int8_tile<NO, 4>(xr, K, w, W, scales, yr, N); break;
+      case 3: int8_tile<NO, 3>(qr, xs + r, W, w, scales, yr, N); break;
+      case 4: int8_tile<NO, 4>(qr, xs + r, W, w, scales, yr, N); break;
 #endif
     }
   }
@@ -170,12 +235,16 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "int8_mm: weight must be a contiguous (N, W) int8 tensor");
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0), W = weight.size(1);
-  TORCH_CHECK(W >= K && W % 16 == 0, "int8_mm: the weight's width must be >= K and a multiple "
-              "of 16 (zero-padded)");
+  TORCH_CHECK(W >= K && W % 32 == 0, "int8_mm: the weight's width must be >= K and a multiple "
+              "of 32 (zero-padded)");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N &&
               scales.is_contiguous(), "int8_mm: scales must be (N,) bfloat16");
+  at::Tensor q = at::empty({R, W}, x.options().dtype(at::kShort));
+  at::Tensor xs = at::empty({R}, x.options());
+  quantize_rows_i16(x.data_ptr<float>(), R, K, W, q.data_ptr<int16_t>(), xs.data_ptr<float>());
   at::Tensor y = at::empty({R, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const int16_t* qp = q.data_ptr<int16_t>();
+  const float* sx = xs.data_ptr<float>();
   const int8_t* wp = weight.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
@@ -184,9 +253,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * OUTS;
       if (o + OUTS <= N) {
-        int8_rows<OUTS>(xp, R, K, wp + o * W, W, sp + o, yp + o, N);
+        int8_rows<OUTS>(qp, sx, R, W, wp + o * W, sp + o, yp + o, N);
       } else {
-        for (int64_t i = o; i < N; ++i) int8_rows<1>(xp, R, K, wp + i * W, W, sp + i, yp + i, N);
+        for (int64_t i = o; i < N; ++i) int8_rows<1>(qp, sx, R, W, wp + i * W, sp + i, yp + i, N);
       }
     }
   });

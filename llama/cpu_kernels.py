@@ -1,4 +1,4 @@
-"""Native CPU kernels for int8 and int4 weight-only products of few rows (llama/cpu_kernels.cpp).
+"""Native CPU kernels for int8 and int4 weight products of few rows (llama/cpu_kernels.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -26,6 +26,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
+INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
+I16_MAX = 32767
 
 _lock = threading.Lock()
 _state = {"tried": False, "ops": None, "isa": None, "error": None}
@@ -48,9 +50,24 @@ def unavailable_reason() -> Optional[str]:
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(rows, N) float32 = x (rows, K) float32 @ (weight (N, W >= K) int8 * scales (N,) bf16).T;
-    the weight's columns beyond K are zero, W a multiple of 16."""
+    """(rows, N) float32 = x (rows, K) float32 @ (weight (N, W >= K) int8 * scales (N,) bf16).T,
+    with x's rows rounded to int16 first (one scale per row, max|x| / 32767; int16_rows gives
+    them) and the sums taken in integers: exact, so the same on every CPU and thread count.
+    The weight's columns beyond K are zero, W a multiple of 32."""
     return _ops().int8_mm(x, weight, scales)
+
+
+def int16_rows(x: torch.Tensor):
+    """What int8_mm multiplies: x's rows (rows, K) float32 as int16 values (rows, K) and one
+    float32 scale per row, max|x| / 32767 (NaN where a row has an inf or NaN). Computed in
+    torch, the same operations as the kernel's: the reference its tests compare against."""
+    amax = x.abs().amax(1)
+    scales = amax / I16_MAX
+    # a tensor numerator: scalar / tensor is computed as scalar * (1 / tensor) in torch
+    inv = torch.where(amax > 0, torch.full_like(amax, I16_MAX) / amax, torch.zeros_like(amax))
+    q = (x * inv[:, None]).round().to(torch.int16)
+    bad = ~torch.isfinite(x).all(1)
+    return q.masked_fill_(bad[:, None], 0), scales.masked_fill_(bad, float("nan"))
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,

@@ -98,18 +98,19 @@ def _threads() -> int:
 
 
 # ----------------------------------------------------------------------- quantized weights
-# Weight-only quantization: activations are never quantized (Llama's activations have outlier
-# channels; per-token int8 activations measured 8-12x the output error of int8 weights alone,
-# docs/QUANTIZATION.md).
+# Activations are never rounded to int8 (Llama's activations have outlier channels; per-token
+# int8 activations measured 8-12x the output error of int8 weights alone, docs/QUANTIZATION.md).
 #
 # CPU, products of few rows (decode steps): our native kernels (llama/cpu_kernels.cpp), which
-# take float32 activations and accumulate and return float32. Where they cannot be built,
+# take float32 activations and return float32. The int8 one rounds each row to int16 (one
+# scale per token: finer than bfloat16 for values within 128x of the row's largest) and sums
+# in integers, ~2x the speed of converting every weight to float32. Where they cannot be built,
 # torch's kernels, vectorised for bfloat16 activations only: activations are then cast to
 # bfloat16 and the result back to x's dtype. Above the row thresholds (prefills) the weight is
 # dequantised to bfloat16, a block of rows at a time, for oneDNN's bfloat16 GEMM (AVX512-BF16),
 # faster there than any of the kernels (matrix-vector kernels at heart) and than float32.
 # Measured crossovers: docs/QUANTIZATION.md; figures: benchmarks/quant_kernels.py.
-NATIVE_INT8_ROWS = 16  # measured crossovers with the dequantised product: 16-20 rows
+NATIVE_INT8_ROWS = 48  # crossover with the dequantised product ~64 rows (docs/QUANTIZATION.md)
 NATIVE_INT4_ROWS = 12  # 10-12 rows (int4 dequantises faster, natively)
 CPU_INT8_KERNEL_ROWS = 8  # torch's kernels (no native kernels)
 CPU_INT4_KERNEL_ROWS = 128
@@ -128,7 +129,7 @@ def _by_row_blocks(xb: torch.Tensor, block_t, n_out: int) -> torch.Tensor:
 class PackedInt8:
     """An int8 weight with one scale per output row, laid out for products on one device.
 
-    CPU: our native kernel up to NATIVE_INT8_ROWS rows (float32 throughout), or where it is
+    CPU: our native kernel up to NATIVE_INT8_ROWS rows (int16 activations per row), or where it is
     unavailable aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS (bfloat16 activations);
     above, the int8 values as bfloat16 (exact) in oneDNN's GEMM, scales applied to its output.
     CUDA (and other devices): F.linear(x, weight.to(x.dtype)) * scales, gpt-fast's form, which
@@ -141,12 +142,13 @@ class PackedInt8:
         self.shape = (q.out_features, q.in_features)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.weight = q.weight.to(self.device).contiguous()  # int8 (out, in)
-        # the CPU kernels read whole 16-column blocks (torch's crashed past the end of a row):
-        # weights whose width is not a multiple of 16 get zero columns
+        # the CPU kernels read whole blocks of columns (torch's crashed past the end of a row):
+        # weights whose width is not a multiple of 32 get zero columns
         on_cpu = self.device.type == "cpu"
         # native: our kernels (None: where they are available; False: torch's)
         self.native = on_cpu and native is not False and cpu_kernels.available()
-        self.width = -(-self.in_features // 16) * 16 if on_cpu else self.in_features
+        align = cpu_kernels.INT8_WIDTH_ALIGN
+        self.width = -(-self.in_features // align) * align if on_cpu else self.in_features
         if self.width != self.in_features:
             self.weight = F.pad(self.weight, (0, self.width - self.in_features))
         # the CPU kernel takes scales in its activations' dtype, bfloat16 (exact: saved so)

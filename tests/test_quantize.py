@@ -139,9 +139,10 @@ ROUTES = [pytest.param(True, id="native", marks=pytest.mark.skipif(
 
 
 def check_product(packed, q, x):
-    """The packed product against F.linear of the dequantized weight: with x itself, as our
-    kernels take it (float32 throughout), and with x rounded to bfloat16, as torch's kernels
-    and the dequantised product take it."""
+    """The packed product against F.linear of the dequantized weight: with x itself, as our int4
+    kernel takes it (float32 throughout), with x's rows rounded to int16 as our int8 kernel
+    takes them, and with x rounded to bfloat16, as torch's kernels and the dequantised product
+    take it."""
     y = linear(x, packed)
     assert y.shape == (*x.shape[:-1], q.out_features) and y.dtype == x.dtype
     w = q.dequantize()
@@ -149,8 +150,12 @@ def check_product(packed, q, x):
     limit = NATIVE_INT8_ROWS if isinstance(packed, PackedInt8) else NATIVE_INT4_ROWS
     if packed.native and rows <= limit:
         # float32 products of the float32 dequantized weights, in another order of additions
-        assert relative_error(y, F.linear(x.float(), w)) < (1e-6 if x.dtype == torch.float32
-                                                             else 5e-3)
+        xf = x.float().reshape(-1, x.shape[-1])
+        if isinstance(packed, PackedInt8):
+            xq, xs = cpu_kernels.int16_rows(xf)
+            xf = xq.float() * xs[:, None]
+        assert relative_error(y, F.linear(xf, w).view(y.shape)) < (
+            1e-6 if x.dtype == torch.float32 else 5e-3)
     else:
         assert relative_error(y, F.linear(x.float(), w)) < 1e-2
         assert relative_error(y, F.linear(x.bfloat16().float(), w)) < 5e-3
@@ -159,7 +164,7 @@ def check_product(packed, q, x):
 @pytest.mark.parametrize("native", ROUTES)
 @pytest.mark.parametrize("rows", [1, 4, CPU_INT8_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS + 1,
                                   NATIVE_INT8_ROWS, NATIVE_INT8_ROWS + 1, 300])
-@pytest.mark.parametrize("in_features", [192, 100])  # 100: padded to 112 for the CPU kernels
+@pytest.mark.parametrize("in_features", [192, 100])  # 100: padded to 128 for the CPU kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_products(rows, in_features, dtype, native):
     q = quantize_int8(llama_like(200, in_features))

@@ -53,15 +53,17 @@ def test_a_quantized_model_computes_its_dequantized_weights(kind, mode, build, c
     # random Gaussian weights: 4 bits cost more than in a trained model (README)
     assert _relative(got, full) < (0.05 if mode == "int8" else 0.35)
     # the same logits through generation's cache and the decode steps, whose products of few
-    # rows (here every one: 12 rows, then 2) take our native kernels where they build: float32
-    # products of the dequantized weights, as the float model computes (else torch's kernels,
-    # bfloat16 activations)
+    # rows (here every one: 12 rows, then 2) take our native kernels where they build: int4,
+    # float32 products of the dequantized weights, as the float model computes; int8, with
+    # activations rounded to int16 per row, 2^-16 of the row's largest (else torch's kernels,
+    # bfloat16 activations, 2^-9 of each value)
     cache = quantized.new_cache(2, 16)
     prefill = quantized.forward(tokens[:, :6], 0, cache)
     steps = [quantized.forward(tokens[:, i:i + 1], i, cache) for i in range(6, 12)]
     assert _relative(torch.cat([prefill] + steps, 1), got) < 1e-2
     native = cpu_kernels.available() and 12 <= min(NATIVE_INT8_ROWS, NATIVE_INT4_ROWS)
-    assert _relative(torch.cat([prefill] + steps, 1), expected) < (1e-5 if native else 1e-2)
+    bound = (1e-5 if mode == "int4" else 5e-4) if native else 1e-2
+    assert _relative(torch.cat([prefill] + steps, 1), expected) < bound
 
 
 def test_quantized_weights_take_less_memory(build):
@@ -125,10 +127,12 @@ def test_generation_and_metas_forward_on_a_quantized_model(build):
     logits = generator.model.forward(torch.tensor([prompt + tokens[0][:3]]), 0)
     assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == tokens[0]
     expected = torch.log_softmax(logits[0, len(prompt) - 1:], -1).max(-1).values
-    # a text this short is few rows everywhere: our native kernels (float32) in both, else
-    # torch's kernels (bfloat16 activations)
+    # a text this short is few rows everywhere: our native kernel in both, else torch's kernels
+    # (bfloat16 activations). The kernel rounds activations to int16 per row, so the float32
+    # differences of a full forward and a cached one can move a value by a rounding step
+    # (2^-16 of its row's largest): ~1e-4 here
     assert len(prompt) + 3 <= NATIVE_INT8_ROWS
-    tolerance = 1e-4 if cpu_kernels.available() else 0.05
+    tolerance = 1e-3 if cpu_kernels.available() else 0.05
     assert logprobs[0] == pytest.approx(expected.tolist(), abs=tolerance)
 
 
@@ -171,8 +175,9 @@ def test_the_compiled_decode_step_takes_quantized_weights(build):
     compiled = generator.text_completion(PROMPTS[:3], temperature=0, max_gen_len=6,
                                          logprobs=True)
     assert [c["tokens"] for c in compiled] == [e["tokens"] for e in eager]
-    # our native kernels are operators the compiled step calls as they are (float32 both)
-    tolerance = 1e-4 if cpu_kernels.available() else 1e-2
+    # our native kernels are operators the compiled step calls as they are; the compiled
+    # step's float32 differences can move an int16 rounding step, as above
+    tolerance = 1e-3 if cpu_kernels.available() else 1e-2
     for c, e in zip(compiled, eager):
         assert c["logprobs"] == pytest.approx(e["logprobs"], abs=tolerance)
 
