@@ -5,7 +5,7 @@ Prompts of different lengths are left-padded: `pads[i]` cache slots at the start
 padding that no real token attends to, and rotary positions start after them.
 """
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -117,6 +117,20 @@ class PackedTokens:
         """(n_real, d) -> (bsz, seqlen, d), zeros in the padding slots"""
         out = x.new_zeros(self.shape.numel(), x.shape[-1])
         return out.index_copy_(0, self.index, x).view(*self.shape, x.shape[-1])
+
+
+class RowRanges(NamedTuple):
+    """A decode step's mask as each row's attended slots, starts[i] .. ends[i] - 1 (int64 (bsz,)
+    tensors): what the native CPU attention kernel takes (llama/cpu_attention.cpp)."""
+    starts: torch.Tensor
+    ends: torch.Tensor
+
+
+def row_ranges(positions: torch.Tensor, bsz: int, starts: Optional[torch.Tensor]) -> RowRanges:
+    """The RowRanges of one query per row written at slot positions[i] (one position for all
+    rows, or one per row), attending from starts[i] (0 when None) to it, as decode_mask."""
+    ends = (positions + 1).expand(bsz).contiguous()
+    return RowRanges(starts.contiguous() if starts is not None else torch.zeros_like(ends), ends)
 
 
 def decode_mask(positions: torch.Tensor, kv_len: int, starts: Optional[torch.Tensor]):

@@ -1,4 +1,5 @@
-"""Native CPU kernels for int8 and int4 weight products of few rows (llama/cpu_kernels.cpp).
+"""Native CPU kernels: int8 and int4 weight products of few rows (llama/cpu_kernels.cpp) and a
+decode step's attention (llama/cpu_attention.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -24,7 +25,7 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp")]
 GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -83,6 +84,20 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, sta
     return _ops().int4_dequantize(packed, sz, group_size, start, end, dtype == torch.bfloat16)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                     ends: torch.Tensor, scale: float) -> torch.Tensor:
+    """A decode step's attention (llama/cpu_attention.cpp): q (B, G, R, D) float32, R query
+    heads per key/value head; k, v (B, G, L, D) float32 views of the cache; row b attends keys
+    starts[b] .. ends[b] - 1 (int64 (B,) tensors). Returns (B, G, R, D)."""
+    return _ops().decode_attention(q, k, v, starts, ends, scale)
+
+
+def fast_attention() -> bool:
+    """Whether decode_attention runs vectorised here (AVX-512 builds; elsewhere it is plain
+    C++, slower than torch's attention, so the model keeps torch's)."""
+    return isa() == "avx512"
+
+
 def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """The kernels' layout of an int4 weight: values (N, K) uint8 in 0..15, scales and zeros
     (N, K / G) bfloat16 -> (packed (N4, K / 2) uint8, sz (N4, K / G, 2) bfloat16), N4 = N
@@ -117,7 +132,8 @@ def _fingerprint() -> str:
         cpu += "".join(sorted(set(lines)))
     except OSError:
         cpu += platform.processor()
-    text = (SOURCE.read_bytes() + " ".join(_flags()).encode() + cpu.encode()
+    text = (b"".join(source.read_bytes() for source in SOURCES) + " ".join(_flags()).encode()
+            + cpu.encode()
             + torch.__version__.encode())
     return hashlib.sha256(text).hexdigest()[:12]
 
@@ -173,7 +189,7 @@ def _build(cpp_extension, name: str, build_dir: Path) -> None:
     print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
           f"into {build_dir}", file=sys.stderr, flush=True)
     try:
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=_flags(),
+        cpp_extension.load(name, [str(source) for source in SOURCES], extra_cflags=_flags(),
                            extra_ldflags=["-fopenmp"], build_directory=str(private),
                            is_python_module=False, verbose=False)
         (private / "built").touch()
@@ -199,6 +215,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("llama_kernels::int4_mm")
     def _(x, packed, sz, group_size, n_out):
         return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("llama_kernels::decode_attention")
+    def _(q, k, v, starts, ends, scale):
+        return torch.empty_like(q)
 
     @torch.library.register_fake("llama_kernels::int4_dequantize")
     def _(packed, sz, group_size, start, end, bf16):

@@ -22,7 +22,9 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from llama.args import ModelArgs, ffn_hidden_dim
-from llama.cache import CAUSAL, KVCache, OwnCache, PackedTokens, attention_mask, decode_mask
+from llama import cpu_kernels
+from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, attention_mask,
+                         decode_mask, row_ranges)
 from llama.fused import FusedRows, pack_weights, use_quantized
 from llama.linear import FEW_ROWS, linear, row_count
 from llama.parallel import (
@@ -205,7 +207,11 @@ class Attention(nn.Module):
             values = cache_v[:, :, :end_pos]
 
         scale = 1.0 / math.sqrt(hd)
-        if isinstance(mask, str):  # CAUSAL: a prefill from slot 0
+        if isinstance(mask, RowRanges):  # a CPU decode step: our kernel, each row's own slots
+            q = xq.reshape(bsz, n_kv, n_rep, hd).contiguous()  # head h = kv head h // n_rep
+            out = cpu_kernels.decode_attention(q, keys, values, *mask, scale)
+            out = out.view(bsz, 1, n_heads * hd)
+        elif isinstance(mask, str):  # CAUSAL: a prefill from slot 0
             out = self._causal_prefill(xq, keys, values, packing, last_only, scale)
         else:
             if mask is not None and mask.dim() == 2:  # the reference's (seqlen, keys)
@@ -332,6 +338,10 @@ class Transformer(nn.Module):
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                init_method=keep_uninitialised)
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
+        # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp,
+        # 1.4-1.7x torch's there) rather than torch's: set for quantized models, whose products
+        # load the native kernels anyway; a float model can opt in.
+        self.native_attention = False
         with torch.device("cpu"):  # also when the model is built on the meta device
             self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
                                                   params.rope_theta)
@@ -349,6 +359,8 @@ class Transformer(nn.Module):
                      if not isinstance(state[name], torch.Tensor)}
         if quantized:
             use_quantized(model, quantized, state["norm.weight"], after_copy)
+            model.native_attention = (state["norm.weight"].device.type == "cpu"
+                                      and cpu_kernels.fast_attention())
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
@@ -407,8 +419,12 @@ class Transformer(nn.Module):
         positions = slots if pads is None else (slots - pads[:, None]).clamp(min=0)
         freqs_cis = self.freqs_cis[positions].expand(bsz, -1, -1)  # (bsz, seqlen, hd // 2)
         # No mask for one query that sees every slot. A prefill from slot 0 is plain causal
-        # attention (row by row over the real slots when padded).
-        if static:
+        # attention (row by row over the real slots when padded). A CPU decode step may take
+        # our attention kernel instead, given each row's range of slots (native_attention).
+        if seqlen == 1 and self.native_attention and h.device.type == "cpu" and (
+                h.dtype == torch.float32):
+            mask = row_ranges(slots[:, 0], bsz, pads)
+        elif static:
             mask = decode_mask(slots[:, 0], cache.length, pads)
         elif start_pos == 0 and seqlen > 1:
             mask = CAUSAL

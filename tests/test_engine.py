@@ -4,6 +4,7 @@ finished ones free theirs at once, and each row's tokens are those it gets alone
 import pytest
 import torch
 
+from llama import cpu_kernels
 from llama.engine import Engine, Sequence
 from llama.sampling import RowNoise
 from llama.text import TextTracker
@@ -35,9 +36,16 @@ def _run(engine, arrivals):
     return everything
 
 
+# torch's attention, and our CPU kernel over each row's own slots where it is vectorised
+ATTENTION = [pytest.param(False, id="torch-attention"), pytest.param(True, id="native-attention",
+             marks=pytest.mark.skipif(not cpu_kernels.fast_attention(), reason="no AVX-512"))]
+
+
+@pytest.mark.parametrize("native", ATTENTION)
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, build):
+def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, native, build):
     generator = build(kind, max_seq_len=64, max_batch_size=4)
+    generator.model.native_attention = native
     limits = [12, 5, 9, 14, 7, 10]
     alone = [generator.generate([_encode(generator, p)], limit, temperature=0,
                                 logprobs=True) for p, limit in zip(PROMPTS, limits)]
@@ -61,10 +69,12 @@ def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, build):
     assert engine.free_slots == 3 and not engine.sequences
 
 
-def test_each_rows_step_equals_a_full_forward_over_its_text(build, checkpoints):
+@pytest.mark.parametrize("native", ATTENTION)
+def test_each_rows_step_equals_a_full_forward_over_its_text(native, build, checkpoints):
     """Rows at different cache positions (one prefilled while another decodes): each step's
     logits are those of the restated reference run over that row's whole text."""
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
+    generator.model.native_attention = native
     reference = ReferenceModel(checkpoints.state("gqa"), checkpoints.params("gqa"), 1, 64)
     engine = _server_engine(generator, slots=2)
     first = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=10)

@@ -225,3 +225,61 @@ def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     assert result.stdout.split() == [isa]
     (built,) = cache.iterdir()  # the build's own directory, renamed into place
     assert (built / "built").exists() and not (built / "lock").exists()
+
+
+# ---------------------------------------------------------------------- decode attention
+@pytest.mark.parametrize("bsz, kv_heads, rep, head_dim, length", [
+    (1, 12, 1, 64, 200), (4, 3, 1, 64, 33), (3, 2, 4, 128, 77), (2, 1, 8, 32, 5), (2, 2, 2, 24, 19)])
+def test_decode_attention_kernel(bsz, kv_heads, rep, head_dim, length):
+    """Against softmax attention in float64 over each row's own range of a strided view of a
+    longer cache (as the model passes it); 24: a head size the vectorised loops do not cover."""
+    g = torch.Generator().manual_seed(length)
+    cache_k, cache_v = (torch.randn(bsz, kv_heads, length + 9, head_dim, generator=g) * 3
+                        for _ in range(2))
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+    q = torch.randn(bsz, kv_heads, rep, head_dim, generator=g)
+    starts = torch.randint(0, length // 2, (bsz,), generator=g)
+    ends = torch.randint(length // 2 + 1, length + 1, (bsz,), generator=g)
+    out = cpu_kernels.decode_attention(q, k, v, starts, ends, head_dim ** -0.5)
+    keys = torch.arange(length)
+    attend = (keys >= starts[:, None]) & (keys < ends[:, None])  # (bsz, length)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                         attn_mask=attend[:, None, None], scale=head_dim ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rejects_ranges_outside_the_cache():
+    q, k = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 8, 16)
+    for starts, ends in (([0], [9]), ([3], [3]), ([-1], [2])):
+        with pytest.raises(RuntimeError, match="row 0 attends keys"):
+            cpu_kernels.decode_attention(q, k, k, torch.tensor(starts), torch.tensor(ends), 1.0)
+
+
+@pytest.mark.skipif(not cpu_kernels.fast_attention(), reason="the attention kernel is "
+                    "vectorised for AVX-512 only; elsewhere models keep torch's")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_model_decodes_alike_with_the_attention_kernel(build, compiled):
+    """A float32 model opted in (native_attention) against torch's attention: a left-padded
+    batch (rows attend from their own first slot), greedy, eager and compiled (the kernel is an
+    operator the compiled step calls)."""
+    from tests.test_engine import PROMPTS
+    results = []
+    for native in (False, True):
+        generator = build("gqa", max_seq_len=64, max_batch_size=4)
+        generator.model.native_attention = native
+        if compiled:
+            generator.compile_decode()
+        prompts = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:4]]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            results.append(generator.generate(prompts, 12, temperature=0, logprobs=True))
+        ran = {e.key for e in prof.key_averages()}
+        assert ("llama_kernels::decode_attention" in ran) == native
+    (tokens, logprobs), (native_tokens, native_logprobs) = results
+    assert native_tokens == tokens
+    for got, want in zip(native_logprobs, logprobs):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_quantized_cpu_models_take_the_attention_kernel(build):
+    assert build("gqa", quantize="int8").model.native_attention == cpu_kernels.fast_attention()
+    assert not build("gqa").model.native_attention
