@@ -98,6 +98,17 @@ def fast_attention() -> bool:
     return isa() == "avx512"
 
 
+def use_attention_kernel(model) -> bool:
+    """Let `model` (a Transformer) take decode_attention in its decode steps where that pays:
+    on the CPU, in float32, with an AVX-512 build (built here on first use). Returns whether
+    it does; the server and quantized CPU models call this, a float model built otherwise
+    keeps torch's attention unless it is called."""
+    weight = model.norm.weight
+    model.native_attention = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                              and fast_attention())
+    return model.native_attention
+
+
 def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """The kernels' layout of an int4 weight: values (N, K) uint8 in 0..15, scales and zeros
     (N, K / G) bfloat16 -> (packed (N4, K / 2) uint8, sz (N4, K / G, 2) bfloat16), N4 = N

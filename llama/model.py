@@ -339,8 +339,8 @@ class Transformer(nn.Module):
                                                init_method=keep_uninitialised)
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp,
-        # 1.4-1.7x torch's there) rather than torch's: set for quantized models, whose products
-        # load the native kernels anyway; a float model can opt in.
+        # 1.4-1.7x torch's there) rather than torch's: set by cpu_kernels.use_attention_kernel,
+        # for quantized models and the server.
         self.native_attention = False
         with torch.device("cpu"):  # also when the model is built on the meta device
             self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
@@ -357,12 +357,13 @@ class Transformer(nn.Module):
             model = cls(params)
         quantized = {name: state.pop(name) for name in list(state)
                      if not isinstance(state[name], torch.Tensor)}
-        if quantized:
-            use_quantized(model, quantized, state["norm.weight"], after_copy)
-            model.native_attention = (state["norm.weight"].device.type == "cpu"
-                                      and cpu_kernels.fast_attention())
+        is_quantized = bool(quantized)
+        if is_quantized:
+            use_quantized(model, quantized, state["norm.weight"], after_copy)  # (empties it)
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
+        if is_quantized:  # their products load the native kernels anyway
+            cpu_kernels.use_attention_kernel(model)
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
 

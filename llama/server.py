@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional
 
+from llama import cpu_kernels
 from llama.chat_format import UNSAFE_ERROR
 from llama.openai_api import (
     ApiError,
@@ -365,6 +366,8 @@ def main(argv=None) -> int:
                             device=args.device, dtype=args.dtype, seed=args.seed,
                             quantize=args.quantize, group_size=args.group_size)
     model, tokenizer = generator.model, generator.tokenizer
+    # rows of different lengths read only their own cache slots (and faster: README)
+    cpu_kernels.use_attention_kernel(model)
     engine = Engine(model, tokenizer.eos_id, model.new_cache(args.max_batch_size, max_seq_len),
                     release_finished=True)
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue)
