@@ -40,7 +40,8 @@ def relative(y, ref):
 
 
 def padded_int8(q, width=None):
-    width = width or -(-q.in_features // cpu_kernels.INT8_WIDTH_ALIGN) * cpu_kernels.INT8_WIDTH_ALIGN
+    align = cpu_kernels.INT8_WIDTH_ALIGN
+    width = width or -(-q.in_features // align) * align
     return F.pad(q.weight, (0, width - q.in_features)).contiguous()
 
 
@@ -229,7 +230,8 @@ def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
 
 # ---------------------------------------------------------------------- decode attention
 @pytest.mark.parametrize("bsz, kv_heads, rep, head_dim, length", [
-    (1, 12, 1, 64, 200), (4, 3, 1, 64, 33), (3, 2, 4, 128, 77), (2, 1, 8, 32, 5), (2, 2, 2, 24, 19)])
+    (1, 12, 1, 64, 200), (4, 3, 1, 64, 33), (3, 2, 4, 128, 77), (2, 1, 8, 32, 5),
+    (2, 2, 2, 24, 19)])
 def test_decode_attention_kernel(bsz, kv_heads, rep, head_dim, length):
     """Against softmax attention in float64 over each row's own range of a strided view of a
     longer cache (as the model passes it); 24: a head size the vectorised loops do not cover."""

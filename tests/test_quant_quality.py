@@ -49,8 +49,9 @@ def test_weight_only_keeps_top1_where_a_per_tensor_activation_scale_loses_it():
     """A small random model with outlier channels planted in its products' inputs (x50-x100,
     the float function unchanged): int8 weights with float activations keep most top-1
     choices, and so does our int8 kernel with its int16 activations; int8 activations with
-    one scale per tensor keep almost none, with one per 32 values (llama.cpp's q8_0) fewer. Measured: 0.72 and
-    0.0 (other seeds: 0.61-0.72 and 0-0.008; without the outliers both keep 0.86-0.95)."""
+    one scale per tensor keep almost none (measured: 0.72 and 0.0; other seeds: 0.61-0.72 and
+    0-0.008; without the outliers both keep 0.86-0.95), with one per 32 values (llama.cpp's
+    q8_0) fewer than float activations."""
     torch.manual_seed(0)
     qq.init_process_groups(torch.device("cpu"), 1, announce=False)
     args = qq.ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=2048, max_seq_len=64,
