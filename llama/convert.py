@@ -234,13 +234,14 @@ def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
         check_tokenizer(tokenizer_path, args.vocab_size)
     checkpoint.check_world_size(args, n_shards, flag="--shards", parts="shards")
     source.check(args)
+
     def shard(rank):
         state, _ = source.rank_state_dict(args, rank, n_shards, copy=True)
         state[checkpoint.IGNORED_KEYS[0]] = rope_freqs(args, state["tok_embeddings.weight"].dtype)
         return state
 
     saving.save_checkpoint(dst, (shard(rank) for rank in range(n_shards)), params_json(args),
-                               say=say)
+                           say=say)
     if tokenizer_path.is_file():
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
     else:

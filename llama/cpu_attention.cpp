@@ -133,7 +133,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t vb = v.stride(0), vg = v.stride(1), vl = v.stride(2);
   const float s = static_cast<float>(scale);
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, inv(R);  // one thread's buffers, reused item after item
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / G, g = item % G, first = sp[b], n = ep[b] - sp[b];
       const float* keys = kp + b * kb + g * kg + first * kl;
@@ -144,7 +144,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       for (int64_t j = 0; j < n; ++j)  // every key read once, for all R queries
         for (int64_t r = 0; r < R; ++r)
           scores[r * n + j] = dot(queries + r * D, keys + j * kl, D) * s;
-      std::vector<float> inv(R);
       for (int64_t r = 0; r < R; ++r) inv[r] = 1.f / softmax_numerators(&scores[r * n], n);
       for (int64_t i = 0; i < R * D; ++i) outs[i] = 0.f;
       for (int64_t j = 0; j < n; ++j)  // every value read once

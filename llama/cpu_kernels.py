@@ -144,8 +144,7 @@ def _fingerprint() -> str:
     except OSError:
         cpu += platform.processor()
     text = (b"".join(source.read_bytes() for source in SOURCES) + " ".join(_flags()).encode()
-            + cpu.encode()
-            + torch.__version__.encode())
+            + cpu.encode() + torch.__version__.encode())
     return hashlib.sha256(text).hexdigest()[:12]
 
 

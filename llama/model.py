@@ -309,11 +309,11 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(params.dim, eps=params.norm_eps)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                init_method=keep_uninitialised)
-        # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp,
         # 1.4-1.7x torch's there) rather than torch's: set by cpu_kernels.use_attention_kernel,
         # for quantized models and the server.
         self.native_attention = False
+        # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         with torch.device("cpu"):  # also when the model is built on the meta device
             self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
                                                   params.rope_theta)

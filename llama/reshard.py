@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from llama import checkpoint, saving
 from llama.args import ModelArgs
 
@@ -47,9 +46,9 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
                 state[extra] = shards[0][extra].clone()
         return state
 
-    saving.save_checkpoint(dst, (shard(rank) for rank in range(world_size)),
-                               src / "params.json",
-                               say=(lambda line: print(line, file=sys.stderr)) if verbose else None)
+    say = (lambda line: print(line, file=sys.stderr)) if verbose else None
+    saving.save_checkpoint(dst, (shard(rank) for rank in range(world_size)), src / "params.json",
+                           say=say)
     if verbose:
         print(f"{len(paths)} shards -> {world_size}; wrote {dst / 'checklist.chk'}",
               file=sys.stderr)
