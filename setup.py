@@ -13,7 +13,8 @@ setup(
     description="Llama 2 inference: Meta's reference API and checkpoint format, on CPU or GPU, "
                 "any shard count on any number of processes",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["demo_model/*", "static/*", "cpu_kernels.cpp", "cpu_attention.cpp"]},
+    package_data={"llama": ["demo_model/*", "static/*", "cpu_kernels.cpp", "cpu_float.cpp",
+                             "cpu_attention.cpp"]},
     python_requires=">=3.9",
     install_requires=requirements("requirements.txt"),
     extras_require={"dev": requirements("requirements-dev.txt"),

@@ -56,3 +56,12 @@ def ffn_hidden_dim(dim: int, hidden_dim: int, multiple_of: int,
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def count_parameters(params: ModelArgs) -> int:
+    """Parameters of the full (unsharded) model, without building it."""
+    hd, dim = params.head_dim, params.dim
+    attention = dim * params.n_heads * hd * 2 + dim * params.n_kv_heads * hd * 2
+    ffn = 3 * dim * params.ffn_hidden_dim
+    per_layer = attention + ffn + 2 * dim
+    return params.n_layers * per_layer + 2 * params.vocab_size * dim + dim

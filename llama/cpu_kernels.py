@@ -1,5 +1,5 @@
-"""Native CPU kernels: int8 and int4 weight products of few rows (llama/cpu_kernels.cpp) and a
-decode step's attention (llama/cpu_attention.cpp).
+"""Native CPU kernels: int8 and int4 weight products of few rows (llama/cpu_kernels.cpp), float32
+ones (llama/cpu_float.cpp) and a decode step's attention (llama/cpu_attention.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.cpp", "cpu_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu_kernels.cpp", "cpu_float.cpp", "cpu_attention.cpp")]
 GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -84,6 +85,12 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, sta
     return _ops().int4_dequantize(packed, sz, group_size, start, end, dtype == torch.bfloat16)
 
 
+def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, N) = x (rows, K) @ weight (N, K).T in float32 (llama/cpu_float.cpp), each row's
+    outputs the same bit for bit whatever the other rows and the thread count."""
+    return _ops().float_mm(x, weight)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                      ends: torch.Tensor, scale: float) -> torch.Tensor:
     """A decode step's attention (llama/cpu_attention.cpp): q (B, G, R, D) float32, R query
@@ -98,15 +105,27 @@ def fast_attention() -> bool:
     return isa() == "avx512"
 
 
-def use_attention_kernel(model) -> bool:
-    """Let `model` (a Transformer) take decode_attention in its decode steps where that pays:
-    on the CPU, in float32, with an AVX-512 build (built here on first use). Returns whether
-    it does; the server and quantized CPU models call this, a float model built otherwise
-    keeps torch's attention unless it is called."""
+def fast_float() -> bool:
+    """Whether float_mm runs vectorised here (AVX-512 or AVX2 builds; the plain C++ one sums
+    one element at a time, slower than torch's products)."""
+    return isa() in ("avx512", "avx2")
+
+
+def use_native_kernels(model) -> bool:
+    """Let `model` (a Transformer) take our kernels where they pay, on the CPU in float32:
+    float_mm for products of few rows (vector builds) and decode_attention in decode steps
+    (AVX-512 builds). Builds them here on first use (~30-60 s, once per machine). Returns
+    whether the model takes either. The server and quantized CPU models call this; a float
+    model built otherwise keeps torch's routes unless it is called, so a first run never waits
+    for a compiler."""
     weight = model.norm.weight
-    model.native_attention = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                              and fast_attention())
-    return model.native_attention
+    float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
+    model.native_attention = float32_cpu and fast_attention()
+    products = float32_cpu and fast_float()
+    for module in model.modules():
+        if hasattr(module, "native_products"):
+            module.native_products = products
+    return model.native_attention or products
 
 
 def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
@@ -225,6 +244,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("llama_kernels::int4_mm")
     def _(x, packed, sz, group_size, n_out):
         return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("llama_kernels::float_mm")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("llama_kernels::decode_attention")
     def _(q, k, v, starts, ends, scale):

@@ -16,11 +16,16 @@ from llama.quantize import (Int4Weight, Int8Weight, QuantizationError, Quantized
                             narrow)
 
 
-def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"]
-           ) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"],
+           native: bool = False) -> torch.Tensor:
     """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4).
     A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores;
     README):
+
+    - with `native` (a model that took cpu_kernels.use_native_kernels), 1 to NATIVE_FLOAT_ROWS
+      rows: our kernel (llama/cpu_float.cpp), which reads the weight once for all the rows,
+      ~1.3x oneDNN's product at 4-8 rows and ~1.1-1.3x the route below at one; a row's result
+      does not depend on the other rows. Otherwise:
 
     - one row (a decode step at batch 1, where reading the weight is the whole cost): the
       weight's rows are split into blocks, each a matrix-vector product of its own, run as
@@ -37,7 +42,9 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt
     if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)
     n_out, n_in = weight.shape
-    if rows == 1:
+    if native and 0 < rows <= NATIVE_FLOAT_ROWS:
+        out = cpu_kernels.float_mm(x.reshape(rows, n_in).contiguous(), weight)
+    elif rows == 1:
         blocks = _row_blocks(n_out)
         if blocks == 1:
             return F.linear(x, weight)
@@ -59,6 +66,9 @@ def row_count(x: torch.Tensor) -> int:
 # Up to this many rows a product is "small" (a decode step, a short prefill): oneDNN, and
 # fused q/k/v and w1/w3 products. Above it MKL, and separate w1 and w3 products (FeedForward).
 FEW_ROWS = 256
+# Up to this many rows a `native` product takes our float32 kernel: its time against oneDNN's
+# crossed at 16-24 rows over S's matrices (benchmarks/quant_kernels.py, "native f32").
+NATIVE_FLOAT_ROWS = 16
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

@@ -21,7 +21,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from llama.args import ModelArgs, ffn_hidden_dim
+from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
 from llama import cpu_kernels
 from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, attention_mask,
                          decode_mask, row_ranges)
@@ -85,6 +85,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    native_products = False  # float32 products of few rows: our kernel (use_native_kernels)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         world = world_size()
@@ -146,7 +148,8 @@ class Attention(nn.Module):
         if _hooked(self.wq) or _hooked(self.wk) or _hooked(self.wv):
             xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         else:
-            xqkv = linear(x, self.wqkv)  # (..., (n_heads + 2 * n_kv) * hd)
+            # (..., (n_heads + 2 * n_kv) * hd)
+            xqkv = linear(x, self.wqkv, self.native_products)
         if packing is not None:
             xqkv = packing.unpack(xqkv)  # zeros in the padding slots
         bsz, seqlen, _ = xqkv.shape
@@ -205,7 +208,8 @@ class Attention(nn.Module):
                 out = packing.pack(out)
         if _hooked(self.wo):
             return self.wo(out)
-        return sum_over_ranks(linear(out, self.wo.weight))  # RowParallelLinear
+        # RowParallelLinear
+        return sum_over_ranks(linear(out, self.wo.weight, self.native_products))
 
     def _causal_prefill(self, xq, keys, values, packing, last_only, scale):
         """Attention of a prefill from slot 0, as plain causal attention: the kernel skips the
@@ -234,6 +238,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    native_products = False  # as Attention's
+
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int,
                  ffn_dim_multiplier: Optional[float]):
         super().__init__()
@@ -255,7 +261,8 @@ class FeedForward(nn.Module):
         if _hooked(self.w1) or _hooked(self.w3):
             hidden = F.silu(self.w1(x)) * self.w3(x)
         elif row_count(x) <= FEW_ROWS or self._w13.packed is not None:
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)  # (.., hidden / mp)
+            # (.., hidden / mp) each
+            gate, up = linear(x, self.w13, self.native_products).chunk(2, dim=-1)
             hidden = F.silu(gate) * up
         else:  # a long prefill: two products give contiguous halves, updated in place
             # (measured ~4% faster prefill on S and M than the fused product's strided halves)
@@ -263,7 +270,7 @@ class FeedForward(nn.Module):
             hidden.mul_(linear(x, self.w3.weight))
         if _hooked(self.w2):
             return self.w2(hidden)
-        return sum_over_ranks(linear(hidden, self.w2.weight))
+        return sum_over_ranks(linear(hidden, self.w2.weight, self.native_products))
 
 
 class TransformerBlock(nn.Module):
@@ -293,6 +300,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    native_products = False  # as Attention's
+
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size <= 0:
@@ -310,8 +319,8 @@ class Transformer(nn.Module):
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                init_method=keep_uninitialised)
         # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp,
-        # 1.4-1.7x torch's there) rather than torch's: set by cpu_kernels.use_attention_kernel,
-        # for quantized models and the server.
+        # 1.4-1.7x torch's there) rather than torch's: set by cpu_kernels.use_native_kernels,
+        # for quantized models and the server (which also set the modules' native_products).
         self.native_attention = False
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         with torch.device("cpu"):  # also when the model is built on the meta device
@@ -335,7 +344,7 @@ class Transformer(nn.Module):
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
         if is_quantized:  # their products load the native kernels anyway
-            cpu_kernels.use_attention_kernel(model)
+            cpu_kernels.use_native_kernels(model)
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
 
@@ -427,16 +436,7 @@ class Transformer(nn.Module):
         if _hooked(self.output):
             return self.output(h).float()
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
-        return gather_over_ranks(linear(h, self.output.weight)).float()
-
-
-def count_parameters(params: ModelArgs) -> int:
-    """Parameters of the full (unsharded) model, without building it."""
-    hd, dim = params.head_dim, params.dim
-    attention = dim * params.n_heads * hd * 2 + dim * params.n_kv_heads * hd * 2
-    ffn = 3 * dim * params.ffn_hidden_dim
-    per_layer = attention + ffn + 2 * dim
-    return params.n_layers * per_layer + 2 * params.vocab_size * dim + dim
+        return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
 
 
 __all__: List[str] = ["ModelArgs", "RMSNorm", "precompute_freqs_cis", "reshape_for_broadcast",

@@ -367,7 +367,7 @@ def main(argv=None) -> int:
                             quantize=args.quantize, group_size=args.group_size)
     model, tokenizer = generator.model, generator.tokenizer
     # rows of different lengths read only their own cache slots (and faster: README)
-    cpu_kernels.use_attention_kernel(model)
+    cpu_kernels.use_native_kernels(model)
     engine = Engine(model, tokenizer.eos_id, model.new_cache(args.max_batch_size, max_seq_len),
                     release_finished=True)
     scheduler = Scheduler(engine, tokenizer, max_queue=args.max_queue)

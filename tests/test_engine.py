@@ -36,16 +36,27 @@ def _run(engine, arrivals):
     return everything
 
 
-# torch's attention, and our CPU kernel over each row's own slots where it is vectorised
-ATTENTION = [pytest.param(False, id="torch-attention"), pytest.param(True, id="native-attention",
-             marks=pytest.mark.skipif(not cpu_kernels.fast_attention(), reason="no AVX-512"))]
+# torch's routes; our CPU attention over each row's own slots where it is vectorised; and with
+# it our float32 products (use_native_kernels), whose rows do not depend on each other
+KERNELS = [pytest.param("torch"),
+           pytest.param("attention", marks=pytest.mark.skipif(
+               not cpu_kernels.fast_attention(), reason="no AVX-512")),
+           pytest.param("all", marks=pytest.mark.skipif(
+               not cpu_kernels.fast_float(), reason="no vectorised build"))]
 
 
-@pytest.mark.parametrize("native", ATTENTION)
+def _use(model, kernels):
+    if kernels == "attention":
+        model.native_attention = True
+    elif kernels == "all":
+        assert cpu_kernels.use_native_kernels(model)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, native, build):
+def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, kernels, build):
     generator = build(kind, max_seq_len=64, max_batch_size=4)
-    generator.model.native_attention = native
+    _use(generator.model, kernels)
     limits = [12, 5, 9, 14, 7, 10]
     alone = [generator.generate([_encode(generator, p)], limit, temperature=0,
                                 logprobs=True) for p, limit in zip(PROMPTS, limits)]
@@ -63,18 +74,20 @@ def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, native, b
         step += 1
     for seq, (tokens, logprobs) in zip(seqs, alone):
         assert seq.tokens == tokens[0]
+        if kernels == "all":  # every product and attention row by row: the same bits
+            assert seq.token_logprobs == logprobs[0]
         assert seq.token_logprobs == pytest.approx(logprobs[0], abs=1e-4)
         assert seq.finish_reason == ("length" if len(seq.tokens) == seq.limit else "stop")
         assert seq.slot == -1  # released
     assert engine.free_slots == 3 and not engine.sequences
 
 
-@pytest.mark.parametrize("native", ATTENTION)
-def test_each_rows_step_equals_a_full_forward_over_its_text(native, build, checkpoints):
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_each_rows_step_equals_a_full_forward_over_its_text(kernels, build, checkpoints):
     """Rows at different cache positions (one prefilled while another decodes): each step's
     logits are those of the restated reference run over that row's whole text."""
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
-    generator.model.native_attention = native
+    _use(generator.model, kernels)
     reference = ReferenceModel(checkpoints.state("gqa"), checkpoints.params("gqa"), 1, 64)
     engine = _server_engine(generator, slots=2)
     first = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=10)

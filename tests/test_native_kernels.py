@@ -1,8 +1,8 @@
-"""Our native CPU kernels (llama/cpu_kernels.cpp) against float products of the dequantized
-weights (int4) and against integer products of the int16-rounded activations computed in torch
-(int8): row counts of decode steps, odd widths and padding, sums past int32, 1 and 2 threads,
-the AVX2 and plain C++ builds, and the fallback to torch's kernels where they cannot be
-built."""
+"""Our native CPU kernels (llama/cpu_kernels.cpp, cpu_float.cpp) against float products of the
+dequantized weights (int4), against integer products of the int16-rounded activations computed
+in torch (int8) and against float64 (float32): row counts of decode steps, odd widths and
+padding, sums past int32, 1 and 2 threads, rows alone or in a batch, the AVX2 and plain C++
+builds, and the fallback to torch's kernels where they cannot be built."""
 
 import platform
 import textwrap
@@ -114,6 +114,32 @@ def test_int4_dequantize_gives_the_saved_formats_values(group_size):
                                                    torch.bfloat16), full[3:69].bfloat16())
 
 
+@pytest.mark.parametrize("out_f, in_f", [(64, 768), (67, 100), (5, 16), (130, 33), (3, 1),
+                                         (9, 4100)])
+def test_float_kernel(out_f, in_f):
+    """float32 products against float64, with column counts off the vector width and output
+    rows past the last tile of 4. Each row's outputs are the same bits alone as in a batch of
+    any size: a server's request computes the same alone or joining others."""
+    w = weights(out_f, in_f)
+    x = activations(16, in_f)
+    y = cpu_kernels.float_mm(x, w)
+    assert y.shape == (16, out_f) and y.dtype == torch.float32
+    reference = x.double() @ w.double().t()
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5 * float(
+        reference.abs().max()))
+    for rows in ROWS:
+        batch = cpu_kernels.float_mm(x[:rows], w)
+        assert torch.equal(batch, y[:rows])
+        assert torch.equal(cpu_kernels.float_mm(x[rows - 1: rows], w), y[rows - 1: rows])
+
+
+def test_float_kernel_rejects_what_it_cannot_take():
+    with pytest.raises(RuntimeError, match="K as x's"):
+        cpu_kernels.float_mm(torch.zeros(2, 8), torch.zeros(4, 9))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_kernels.float_mm(torch.zeros(8, 2).t(), torch.zeros(4, 8))
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Each output is one thread's, summed in a fixed order: bit-identical on 1 and 2 threads
     (the weights are large enough to be split)."""
@@ -127,7 +153,8 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(threads)
             x = activations(4, 512)
             results.append((cpu_kernels.int8_mm(x, q8.weight, q8.scales),
-                            cpu_kernels.int4_mm(x, *p4, 32, 1030)))
+                            cpu_kernels.int4_mm(x, *p4, 32, 1030),
+                            cpu_kernels.float_mm(x, weights(1030, 512))))
     finally:
         torch.set_num_threads(before)
     for one, two in zip(*results):
@@ -146,6 +173,24 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
         linear(torch.randn(4, 1, 128), packed)  # a decode step of 4 rows
         linear(torch.randn(1, 100, 128), packed)  # a prefill: the dequantised product
     assert calls == ["int8_mm", "int4_mm"]
+
+
+@pytest.mark.skipif(not cpu_kernels.fast_float(), reason="the float32 kernel is vectorised for "
+                    "AVX2 and AVX-512 only; elsewhere models keep torch's products")
+def test_float_products_take_the_kernel_when_asked_and_few_rows(monkeypatch):
+    from llama.linear import NATIVE_FLOAT_ROWS
+    calls = []
+    original = cpu_kernels.float_mm
+    monkeypatch.setattr(cpu_kernels, "float_mm", lambda *a: calls.append(a[0].shape) or
+                        original(*a))
+    w = weights(96, 128)
+    for rows, native in ((1, True), (4, True), (NATIVE_FLOAT_ROWS, True),
+                         (NATIVE_FLOAT_ROWS + 1, True), (4, False)):
+        x = activations(rows, 128).view(rows, 1, 128)
+        y = linear(x, w, native)
+        assert y.shape == (rows, 1, 96)
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert calls == [(1, 128), (4, 128), (NATIVE_FLOAT_ROWS, 128)]
 
 
 def test_without_the_kernels_one_warning_and_torchs_kernels(monkeypatch, tmp_path):
@@ -205,6 +250,10 @@ BUILD_CHECK = textwrap.dedent('''
         xq, xs = cpu_kernels.int16_rows(x)
         ref8 = ((xq.long() @ q8.weight.long().t()).float() * xs[:, None]) * q8.scales.float()
         assert torch.equal(cpu_kernels.int8_mm(x, q8.weight, q8.scales), ref8), rows
+        y = cpu_kernels.float_mm(x, w)  # float32: close to float64, each row as it is alone
+        torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5,
+                                   atol=1e-6)
+        assert torch.equal(cpu_kernels.float_mm(x[-1:], w), y[-1:]), rows
 ''')
 
 
@@ -257,31 +306,50 @@ def test_decode_attention_rejects_ranges_outside_the_cache():
             cpu_kernels.decode_attention(q, k, k, torch.tensor(starts), torch.tensor(ends), 1.0)
 
 
-@pytest.mark.skipif(not cpu_kernels.fast_attention(), reason="the attention kernel is "
-                    "vectorised for AVX-512 only; elsewhere models keep torch's")
+def _opt_in(model, kernels):
+    """Our kernels for `model`: "attention" alone, or "all" (use_native_kernels). Returns the
+    operators it should then call."""
+    if kernels == "attention":
+        model.native_attention = True
+        return {"llama_kernels::decode_attention"}
+    cpu_kernels.use_native_kernels(model)
+    return {"llama_kernels::float_mm"} | (
+        {"llama_kernels::decode_attention"} if cpu_kernels.fast_attention() else set())
+
+
+KERNELS = [pytest.param("attention", marks=pytest.mark.skipif(
+               not cpu_kernels.fast_attention(), reason="the attention kernel is vectorised for "
+               "AVX-512 only; elsewhere models keep torch's")),
+           pytest.param("all", marks=pytest.mark.skipif(
+               not cpu_kernels.fast_float(), reason="no vectorised build here"))]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_model_decodes_alike_with_the_attention_kernel(build, compiled):
-    """A float32 model opted in (native_attention) against torch's attention: a left-padded
-    batch (rows attend from their own first slot), greedy, eager and compiled (the kernel is an
-    operator the compiled step calls)."""
+def test_a_model_decodes_alike_with_the_native_kernels(build, compiled, kernels):
+    """A float32 model opted in against torch's routes: a left-padded batch (rows attend from
+    their own first slot), greedy, eager and compiled (the kernels are operators the compiled
+    step calls)."""
     from tests.test_engine import PROMPTS
     results = []
     for native in (False, True):
         generator = build("gqa", max_seq_len=64, max_batch_size=4)
-        generator.model.native_attention = native
+        expected = _opt_in(generator.model, kernels) if native else set()
         if compiled:
             generator.compile_decode()
         prompts = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS[:4]]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             results.append(generator.generate(prompts, 12, temperature=0, logprobs=True))
         ran = {e.key for e in prof.key_averages()}
-        assert ("llama_kernels::decode_attention" in ran) == native
+        assert ran & {"llama_kernels::decode_attention", "llama_kernels::float_mm"} == expected
     (tokens, logprobs), (native_tokens, native_logprobs) = results
     assert native_tokens == tokens
     for got, want in zip(native_logprobs, logprobs):
         assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_quantized_cpu_models_take_the_attention_kernel(build):
-    assert build("gqa", quantize="int8").model.native_attention == cpu_kernels.fast_attention()
-    assert not build("gqa").model.native_attention
+def test_quantized_cpu_models_take_the_native_kernels(build):
+    quantized, plain = build("gqa", quantize="int8").model, build("gqa").model
+    assert quantized.native_attention == cpu_kernels.fast_attention()
+    assert quantized.layers[0].feed_forward.native_products == cpu_kernels.fast_float()
+    assert not plain.native_attention and not plain.layers[0].attention.native_products
