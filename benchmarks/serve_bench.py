@@ -69,43 +69,51 @@ def library_one_at_a_time(llama, asks: List[Ask]):
 
 
 class EngineClock:
-    """Time spent in an engine's prefills (add) and decode steps (step), counted by wrapping
-    the instance's methods: where a scheduler's wall time goes."""
+    """Time spent in an engine's prefills alone (add, with --prefill-chunk 0) and in the model
+    runs of its steps (advance), those carrying prompt chunks counted apart, by wrapping the
+    instance's methods: where a scheduler's wall time goes."""
 
     def __init__(self, engine):
         self.reset()
-        add, step = engine.add, engine.step
+        add, advance = engine.add, engine.advance
 
         def timed_add(seq):
             start = time.perf_counter()
             try:
                 return add(seq)
             finally:
-                self.figures["prefill s"] += time.perf_counter() - start
-                self.figures["prefills"] += 1
+                if not engine.prefill_chunk:
+                    self.figures["prefill s"] += time.perf_counter() - start
+                    self.figures["prefills"] += 1
 
-        def timed_step():
-            rows = len(engine.sequences)
+        def timed_advance():
+            rows = sum(seq.decoding for seq in engine.sequences)
+            kind = "mixed" if engine.prefilling else "step"
             start = time.perf_counter()
             try:
-                return step()
+                return advance()
             finally:
-                self.figures["step s"] += time.perf_counter() - start
-                self.figures["steps"] += 1
-                self.figures["rows"] += rows
+                self.figures[f"{kind} s"] += time.perf_counter() - start
+                self.figures[f"{kind}s"] += 1
+                self.figures[f"{kind} rows"] += rows
 
-        engine.add, engine.step = timed_add, timed_step
+        engine.add, engine.advance = timed_add, timed_advance
 
     def reset(self) -> None:
-        self.figures = dict.fromkeys(("prefill s", "prefills", "step s", "steps", "rows"), 0)
+        self.figures = dict.fromkeys(("prefill s", "prefills", "step s", "steps", "step rows",
+                                      "mixed s", "mixeds", "mixed rows"), 0)
 
 
 def clock_line(label: str, f: dict) -> str:
-    steps = max(f["steps"], 1)
-    return (f"{label}: of {f['wall']:.1f} s, prefills {f['prefill s']:.1f} s "
-            f"({f['prefills']:.0f}), decode steps {f['step s']:.1f} s ({f['steps']:.0f} steps of "
-            f"{f['rows'] / steps:.1f} rows on average, {f['step s'] / steps * 1e3:.1f} ms "
-            f"each), the rest {f['wall'] - f['prefill s'] - f['step s']:.1f} s")
+    def steps(kind):
+        n = max(f[f"{kind}s"], 1)
+        return (f"{f[f'{kind} s']:.1f} s ({f[f'{kind}s']:.0f} steps of {f[f'{kind} rows'] / n:.1f} "
+                f"decode rows on average, {f[f'{kind} s'] / n * 1e3:.1f} ms each)")
+
+    busy = f["prefill s"] + f["step s"] + f["mixed s"]
+    return (f"{label}: of {f['wall']:.1f} s, prefills alone {f['prefill s']:.1f} s "
+            f"({f['prefills']:.0f}), decode steps {steps('step')}, steps with prompt chunks "
+            f"{steps('mixed')}, the rest {f['wall'] - busy:.1f} s")
 
 
 # ---------------------------------------------------------------------- figures
@@ -209,6 +217,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-http", action="store_true",
                         help="also serve the clients through a Scheduler in this process "
                              "(the server's engine loop without HTTP)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="the server's --prefill_chunk (default: its default); 0: each "
+                             "prompt prefilled alone as it joins")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads, here and in the server")
@@ -230,6 +241,7 @@ def main(argv=None) -> int:
     from llama.engine import Engine
     from llama.model import ModelArgs, count_parameters
     from llama.scheduler import Scheduler
+    from llama.server import PREFILL_CHUNK
     from tests.server_fixtures import running_server
 
     max_seq_len = -(-(max(len(a.tokens) + a.max_tokens for a in asks)) // 64) * 64
@@ -240,8 +252,11 @@ def main(argv=None) -> int:
           f"{'/'.join(map(str, args.prompt_lens))} tokens x answers "
           f"{'/'.join(map(str, args.answer_lens))} tokens, temperature 0; server "
           f"--max_batch_size {batch} --max_seq_len {max_seq_len}")
+    chunk = PREFILL_CHUNK if args.prefill_chunk is None else args.prefill_chunk
+    print(f"--prefill_chunk {chunk}")
     server_args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer_path),
-                   "--max_batch_size", str(batch), "--max_seq_len", str(max_seq_len)]
+                   "--max_batch_size", str(batch), "--max_seq_len", str(max_seq_len),
+                   "--prefill_chunk", str(chunk)]
     runs = []  # (library's figures, server's figures, no-HTTP figures) per run
     probe = min(len(args.prompt_lens) * len(args.answer_lens), len(asks))  # one of each pair
     with running_server(*server_args, env={"OMP_NUM_THREADS": str(args.threads)}) as url:
@@ -250,7 +265,8 @@ def main(argv=None) -> int:
         direct_send = None
         if args.no_http:
             engine = Engine(llama.model, llama.tokenizer.eos_id,
-                            llama.model.new_cache(batch, max_seq_len), release_finished=True)
+                            llama.model.new_cache(batch, max_seq_len), release_finished=True,
+                            prefill_chunk=chunk)
             clock = EngineClock(engine)
             scheduler = Scheduler(engine, llama.tokenizer)
             scheduler.start()

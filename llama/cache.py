@@ -5,7 +5,7 @@ Prompts of different lengths are left-padded: `pads[i]` cache slots at the start
 padding that no real token attends to, and rotary positions start after them.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -124,6 +124,41 @@ class RowRanges(NamedTuple):
     tensors): what the native CPU attention kernel takes (llama/cpu_attention.cpp)."""
     starts: torch.Tensor
     ends: torch.Tensor
+
+
+class Segments:
+    """Where the tokens of a mixed step go (a server's batch: prompts prefilled in chunks that
+    ride with the decode rows, so the weights are read once for both). In the flat order of
+    the step's tokens:
+
+    - one token for each of cache rows 0 .. rows - 1, written at slot positions[i] (a device
+      tensor) and attending the row's slots 0 .. positions[i]. Rows without a decoding
+      sequence among them (free, or still prefilling) compute a token nobody reads, written
+      where nothing is kept: slot 0 of a free row, or the slot the row's next chunk writes over;
+    - then each chunk (row, start, count): `count` prompt tokens of cache row `row`, written
+      at slots start .., each attending the row's slots 0 .. its own.
+
+    Every row starts at slot 0 (no left padding), so a token's rotary position is its slot.
+    `kv_len`: the slots the decode rows read (their largest position + 1). The model sets
+    `ranges` (its attention kernel) or `mask` (torch's attention) for the decode rows."""
+
+    def __init__(self, positions: torch.Tensor, chunks: List[Tuple[int, int, int]],
+                 kv_len: int):
+        self.positions, self.chunks, self.kv_len = positions, chunks, kv_len
+        self.rows = positions.numel()
+        self.offsets, offset = [], self.rows
+        for _, _, count in chunks:
+            self.offsets.append(offset)
+            offset += count
+        self.tokens = offset
+        device = positions.device
+        self.slots = torch.cat([positions] + [torch.arange(start, start + count, device=device)
+                                              for _, start, count in chunks])
+        # rows of the step's output that have logits: every decode row, each chunk's last token
+        self.last = torch.tensor(list(range(self.rows)) + [offset + count - 1 for offset, (
+            _, _, count) in zip(self.offsets, chunks)], device=device)
+        self.ranges: Optional[RowRanges] = None
+        self.mask: Optional[torch.Tensor] = None
 
 
 def row_ranges(positions: torch.Tensor, bsz: int, starts: Optional[torch.Tensor]) -> RowRanges:

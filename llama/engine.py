@@ -6,7 +6,10 @@ the server's continuous batching drive this same step.
 A library call prefills its whole batch at once, left-padded, and keeps every row in the
 batch until all are done, as the reference does (so its results are the reference's). A
 server adds sequences one by one into free slots while others decode, and frees a slot as soon
-as its sequence ends; each row then writes and reads its own cache positions.
+as its sequence ends; each row then writes and reads its own cache positions. With
+`prefill_chunk`, a sequence added is not prefilled at once: its prompt rides with the next
+steps' decode rows, up to prefill_chunk prompt tokens a step (cache.Segments), so the batch
+never stops for a prefill and the weights are read once for both.
 """
 
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from llama.cache import KVCache
+from llama.cache import KVCache, Segments
 from llama.sampling import ReferenceNoise, RowNoise, sample
 from llama.text import TextTracker
 
@@ -37,10 +40,16 @@ class Sequence:
     slot: int = -1  # its row of the cache
     start: int = 0  # its first cache slot (left padding before it)
     position: int = 0  # the cache slot its next token goes to
+    prefilled: int = 0  # prompt tokens in the cache (all of them once it decodes)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt is in the cache: it has next-token logits."""
+        return self.prefilled == len(self.prompt)
 
     def accept(self, token: int, eos_id: int, logprob: float = 0.0,
                top: Optional[List[Tuple[int, float]]] = None) -> None:
@@ -67,13 +76,19 @@ class Engine:
 
     `compiled_step(tokens, positions, cache, pads)`, if given, is the model's forward compiled
     for one token per row (Llama.compile_decode): it then runs every step over all the slots
-    of `cache`, whose tensors keep their addresses."""
+    of `cache`, whose tensors keep their addresses, and each sequence added is prefilled at
+    once. Otherwise, with `prefill_chunk` > 0, prompts ride with the decode steps (see the
+    module's docstring)."""
 
     def __init__(self, model, eos_id: int, cache: KVCache,
-                 compiled_step: Optional[Callable] = None, release_finished: bool = False):
+                 compiled_step: Optional[Callable] = None, release_finished: bool = False,
+                 prefill_chunk: int = 0):
         self.model, self.eos_id, self.cache = model, eos_id, cache
         self.compiled_step = compiled_step
         self.release_finished = release_finished  # server: free a slot as its row ends
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be an int >= 0, got {prefill_chunk!r}")
+        self.prefill_chunk = 0 if compiled_step is not None else prefill_chunk
         self.slots: List[Optional[Sequence]] = [None] * cache.rows
         self.device = model.output.weight.device
         with torch.inference_mode(False):  # ordinary tensors, which a compiled step can take
@@ -83,6 +98,8 @@ class Engine:
             self.occupied = torch.zeros(cache.rows, dtype=torch.long, device=self.device)
         self.logits: Optional[torch.Tensor] = None  # (rows in use, vocab): next-token logits
         self.batch: Optional[Tuple[float, float, Optional[ReferenceNoise]]] = None
+        self.prefilling: List[Sequence] = []  # (prefill_chunk) prompts not all in the cache, FIFO
+        self.sampled: Optional[torch.Tensor] = None  # the tokens of sample(), for advance()
         self.steps = 0
         if compiled_step is not None:
             cache.mark_static()  # a captured graph writes it in place
@@ -104,6 +121,7 @@ class Engine:
             tokens[row, longest - lens[row]:] = torch.tensor(seq.prompt, dtype=torch.long,
                                                             device=self.device)
             seq.slot, seq.start, seq.position = row, longest - lens[row], longest
+            seq.prefilled = len(seq.prompt)
             self.slots[row] = seq
             if seq.limit == 0:
                 seq.finish_reason = "length"
@@ -121,25 +139,36 @@ class Engine:
 
     @torch.inference_mode()
     def add(self, seq: Sequence) -> int:
-        """Prefill one sequence alone into the lowest free slot, while the others keep their
-        places; it joins the batch at the next step. Returns its slot."""
+        """Put a sequence in the lowest free slot, while the others keep their places, and
+        prefill it: alone, now (it joins the batch at the next step), or with prefill_chunk
+        over the next steps. Returns its slot."""
         slot = self.slots.index(None)
-        seq.slot, seq.start, seq.position = slot, 0, len(seq.prompt)
+        seq.slot, seq.start = slot, 0
         self.slots[slot] = seq
+        if seq.limit == 0:
+            seq.finish_reason = "length"
+        if self.prefill_chunk:
+            seq.position = seq.prefilled = 0  # (its first chunk's slot; not yet advancing)
+            self.positions[slot], self.starts[slot], self.occupied[slot] = 0, 0, 0
+            if not seq.finished:
+                self.prefilling.append(seq)
+            return slot
+        seq.position = seq.prefilled = len(seq.prompt)
         tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         row = self.cache.view(slice(slot, slot + 1))
         last = self.model.forward(tokens, 0, row, None, last_logits_only=True)[:, -1]
         rows = self._rows_in_use()
+        self._grow_logits(rows, last)
+        self.logits[slot] = last[0]
+        self.positions[slot], self.starts[slot], self.occupied[slot] = seq.position, 0, 1
+        return slot
+
+    def _grow_logits(self, rows: int, like: torch.Tensor) -> None:
         if self.logits is None or self.logits.shape[0] < rows:
-            grown = last.new_zeros((rows, last.shape[-1]))
+            grown = like.new_zeros((rows, like.shape[-1]))
             if self.logits is not None:
                 grown[: self.logits.shape[0]] = self.logits
             self.logits = grown
-        self.logits[slot] = last[0]
-        self.positions[slot], self.starts[slot], self.occupied[slot] = seq.position, 0, 1
-        if seq.limit == 0:
-            seq.finish_reason = "length"
-        return slot
 
     @torch.inference_mode()
     def release(self, seq: Sequence) -> None:
@@ -147,6 +176,8 @@ class Engine:
         sequence added, whose prefill overwrites its cache."""
         if seq.slot >= 0 and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
+            if seq in self.prefilling:
+                self.prefilling.remove(seq)
             self.positions[seq.slot], self.starts[seq.slot], self.occupied[seq.slot] = 0, 0, 0
             seq.slot = -1
 
@@ -158,27 +189,61 @@ class Engine:
     def free_slots(self) -> int:
         return self.slots.count(None)
 
-    def _rows_in_use(self) -> int:
-        """Rows the step computes: up to the highest occupied slot (all with a compiled step,
-        whose shapes stay fixed). Free slots below it are computed too, and ignored."""
+    def _rows_in_use(self, sequences: Optional[List[Sequence]] = None) -> int:
+        """Rows the step computes: up to the highest slot of `sequences` (default: every
+        occupied slot; all slots with a compiled step, whose shapes stay fixed). Slots below
+        it without one of them are computed too, and ignored."""
         if self.compiled_step is not None:
             return len(self.slots)
-        occupied = [i for i, seq in enumerate(self.slots) if seq is not None]
-        return occupied[-1] + 1 if occupied else 0
+        if sequences is None:
+            sequences = self.sequences
+        return max((seq.slot for seq in sequences), default=-1) + 1
 
     # ------------------------------------------------------------------ one decode step
     @torch.inference_mode()
     def step(self) -> List[Sequence]:
-        """Sample a token for every occupied slot, apply it (EOS, limits, stop strings), then
-        run the model on the new tokens of the sequences still going. Returns the sequences
-        that took part (finished ones included); with release_finished their slots are freed.
-        """
-        sequences = self.sequences
-        rows = self._rows_in_use()
-        if not sequences:
-            return []
-        logits = self.logits[:rows]
-        tokens = self._sample(logits, sequences)  # (rows,), on the device
+        """Sample a token for every decoding slot, apply it (EOS, limits, stop strings), then
+        run the model on the new tokens of the sequences still going, and on the next chunks
+        of prompts being prefilled: sample() then advance(). Returns the sequences that
+        sampled (finished ones included); with release_finished their slots are freed."""
+        sequences = self.sample()
+        self.advance()
+        return sequences
+
+    @torch.inference_mode()
+    def sample(self) -> List[Sequence]:
+        """A step's first half: every decoding slot's next token, taken by its sequence. Its
+        tokens are known from here on (a server sends them before the model runs)."""
+        everyone = self.sequences
+        sequences = [seq for seq in everyone if seq.decoding]
+        self.sampled = None
+        if sequences:
+            rows = self._rows_in_use(sequences)
+            logits = self.logits[:rows]
+            self.sampled = self._sample(logits, sequences)  # (rows,), on the device
+            self._accept(self.sampled, logits, sequences)
+            self.steps += 1
+        if self.release_finished:
+            for seq in everyone:
+                if seq.finished:
+                    self.release(seq)
+        return sequences
+
+    @torch.inference_mode()
+    def advance(self) -> None:
+        """A step's second half: the model on the sampled tokens of the sequences still going
+        and on the next prompt chunks, for the next step's logits."""
+        tokens, self.sampled = self.sampled, None
+        chunks = self._chunks()
+        decoding = [seq for seq in self.sequences if seq.decoding]
+        if chunks:
+            self._forward_mixed(tokens, decoding, chunks)
+        elif any(not seq.finished for seq in decoding):
+            rows = self._rows_in_use(decoding)
+            self._forward(tokens[:rows], rows)
+
+    def _accept(self, tokens: torch.Tensor, logits: torch.Tensor,
+                sequences: List[Sequence]) -> None:
         want_logprobs = any(s.logprobs or s.top_logprobs for s in sequences)
         if want_logprobs:
             logp = torch.log_softmax(logits, dim=-1)
@@ -193,15 +258,6 @@ class Engine:
                             if seq.top_logprobs else None)
             seq.accept(host_tokens[i], self.eos_id, chosen[i] if want_logprobs else 0.0,
                        alternatives)
-        self.steps += 1
-        if self.release_finished:
-            for seq in sequences:
-                if seq.finished:
-                    self.release(seq)
-        if any(not s.finished for s in self.sequences):
-            rows = self._rows_in_use()
-            self._forward(tokens[:rows], rows)
-        return sequences
 
     def _sample(self, logits: torch.Tensor, sequences: List[Sequence]) -> torch.Tensor:
         if self.batch is not None:  # a library call: one temperature, the batch's draws
@@ -243,3 +299,48 @@ class Engine:
         self.positions[:rows] += self.occupied[:rows]
         for seq in sequences:
             seq.position += 1
+
+    def _chunks(self) -> List[Tuple[Sequence, int, int]]:
+        """This step's prompt chunks (sequence, first slot, tokens): the prompts waiting, in
+        the order they came, up to prefill_chunk tokens in all."""
+        chunks, budget = [], self.prefill_chunk
+        for seq in self.prefilling:
+            count = min(len(seq.prompt) - seq.prefilled, budget)
+            if count <= 0:
+                break
+            chunks.append((seq, seq.prefilled, count))
+            budget -= count
+        return chunks
+
+    def _forward_mixed(self, tokens: Optional[torch.Tensor], decoding: List[Sequence],
+                       chunks: List[Tuple[Sequence, int, int]]) -> None:
+        """One forward over the decoding rows' new tokens and the prompt chunks
+        (cache.Segments): the decode rows get their next logits, and a prompt whose last
+        chunk this is gets its first and starts decoding at the next step."""
+        rows = self._rows_in_use(decoding)
+        # where each of rows 0 .. rows - 1 writes (see Segments): a decoding row at its next
+        # slot, a prefilling one where its next chunk goes, a free one at slot 0
+        host = [0] * rows
+        for seq in self.sequences:
+            if seq.slot < rows:
+                host[seq.slot] = seq.position if seq.decoding else seq.prefilled
+        prompts = [torch.tensor(seq.prompt[start: start + count], dtype=torch.long,
+                                device=self.device) for seq, start, count in chunks]
+        flat = torch.cat(([tokens[:rows]] if rows else []) + prompts)
+        segments = Segments(self.positions[:rows],
+                            [(seq.slot, start, count) for seq, start, count in chunks],
+                            max(host, default=-1) + 1)
+        logits = self.model.forward_segments(flat, segments, self.cache)
+        self._grow_logits(len(self.slots), logits)
+        if rows:
+            self.logits[:rows] = logits[:rows]
+            self.positions[:rows] += self.occupied[:rows]
+            for seq in decoding:
+                seq.position += 1
+        for i, (seq, start, count) in enumerate(chunks):
+            seq.prefilled = start + count
+            self.positions[seq.slot] = seq.position = seq.prefilled
+            if seq.decoding:
+                self.logits[seq.slot] = logits[rows + i]
+                self.occupied[seq.slot] = 1
+                self.prefilling.remove(seq)

@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
-from llama import cpu_kernels
-from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, attention_mask,
-                         decode_mask, row_ranges)
+from llama import attend, cpu_kernels
+from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, Segments,
+                         attention_mask, decode_mask, row_ranges)
 from llama.fused import FusedRows, pack_weights, use_quantized
 from llama.linear import FEW_ROWS, linear, row_count
 from llama.parallel import (
@@ -152,12 +152,19 @@ class Attention(nn.Module):
             xqkv = linear(x, self.wqkv, self.native_products)
         if packing is not None:
             xqkv = packing.unpack(xqkv)  # zeros in the padding slots
+        mixed = isinstance(mask, Segments)
+        if mixed:  # (tokens, ...): one row of tokens at their own places
+            xqkv = xqkv[None]
         bsz, seqlen, _ = xqkv.shape
         # q and k are adjacent columns: rotate them in one go.
         xqk = xqkv[..., : (n_heads + n_kv) * hd].view(bsz, seqlen, n_heads + n_kv, hd)
         xqk = apply_rotary(xqk, freqs_cis)
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
+        scale = 1.0 / math.sqrt(hd)
+        if mixed:
+            out = attend.segments(xq[0], xk[0], xv[0], cache[0], cache[1], mask, scale, n_rep)
+            return self._output(out)
 
         static = isinstance(start_pos, torch.Tensor)
         if cache is None:
@@ -181,60 +188,22 @@ class Attention(nn.Module):
             keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
             values = cache_v[:, :, :end_pos]
 
-        scale = 1.0 / math.sqrt(hd)
         if isinstance(mask, RowRanges):  # a CPU decode step: our kernel, each row's own slots
-            q = xq.reshape(bsz, n_kv, n_rep, hd).contiguous()  # head h = kv head h // n_rep
-            out = cpu_kernels.decode_attention(q, keys, values, *mask, scale)
-            out = out.view(bsz, 1, n_heads * hd)
+            out = attend.decode_kernel(xq, keys, values, mask, scale, n_rep)
         elif isinstance(mask, str):  # CAUSAL: a prefill from slot 0
-            out = self._causal_prefill(xq, keys, values, packing, last_only, scale)
+            pads = packing.pads if packing is not None else None
+            out = attend.causal_prefill(xq, keys, values, pads, last_only, scale, n_rep)
         else:
-            if mask is not None and mask.dim() == 2:  # the reference's (seqlen, keys)
-                mask = mask[None, None]
-            if last_only:
-                xq, mask = xq[:, -1:], (mask[:, :, -1:] if mask is not None else None)
-            q_len = xq.shape[1]
-            # Grouped-query attention without repeating keys: the n_rep query heads that
-            # share a kv head are stacked along the query axis. Head h uses kv head
-            # h // n_rep, as the reference's repeat_kv does.
-            xq = xq.view(bsz, q_len, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4)
-            xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
-            if mask is not None and n_rep > 1:
-                mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, end_pos)
-            out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=scale)
-            out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
-            out = out.reshape(bsz, q_len, n_heads * hd)  # (bsz, q_len, n_local_heads * hd)
+            out = attend.masked(xq, keys, values, mask, scale, n_rep, last_only)
             if packing is not None and not last_only:
                 out = packing.pack(out)
+        return self._output(out)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
         if _hooked(self.wo):
             return self.wo(out)
         # RowParallelLinear
         return sum_over_ranks(linear(out, self.wo.weight, self.native_products))
-
-    def _causal_prefill(self, xq, keys, values, packing, last_only, scale):
-        """Attention of a prefill from slot 0, as plain causal attention: the kernel skips the
-        blocks above the diagonal (half the work on long prompts). A left-padded batch goes
-        row by row over each row's real slots, so padding is neither computed nor attended.
-        xq: (bsz, seqlen, heads, hd). Returns (bsz, 1, heads * hd) with last_only, else one
-        row per token as x came in: (bsz, seqlen, heads * hd), or packed (real tokens, ...)."""
-        if packing is None:
-            parts = [(slice(None), 0)]
-        else:
-            parts = [(slice(row, row + 1), pad) for row, pad in enumerate(packing.pads)]
-        outs = []
-        for rows, pad in parts:
-            q = xq[rows, -1:] if last_only else xq[rows, pad:]
-            # is_causal sets the first query against the first key: right here, where the
-            # queries sit in the keys' own slots. A lone last query sees every key. Head h
-            # uses kv head h // n_rep, as the reference's repeat_kv does.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[rows, :, pad:],
-                                                 values[rows, :, pad:],
-                                                 is_causal=q.shape[1] > 1,
-                                                 enable_gqa=self.n_rep > 1, scale=scale)
-            outs.append(out.transpose(1, 2).flatten(2))  # (rows, queries, heads * hd)
-        if packing is None or last_only:
-            return torch.cat(outs)
-        return torch.cat([out[0] for out in outs])  # the packed order: row by row
 
 
 class FeedForward(nn.Module):
@@ -436,6 +405,28 @@ class Transformer(nn.Module):
         if _hooked(self.output):
             return self.output(h).float()
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
+        return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
+
+    @torch.inference_mode()
+    def forward_segments(self, tokens: torch.Tensor, segments: Segments,
+                         cache: KVCache) -> torch.Tensor:
+        """A mixed step of a server's batch (see Segments): tokens (segments.tokens,) are a
+        token for each decode row, then the chunks' prompt tokens. Returns float32 logits
+        (segments.rows + len(segments.chunks), vocab): each decode row's, then each chunk's
+        last token's. Every product runs once over all the step's tokens."""
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))  # (tokens, dim)
+        freqs_cis = self.freqs_cis[segments.slots][None]  # (1, tokens, hd // 2)
+        if segments.rows:
+            positions = segments.positions
+            if self.native_attention and h.device.type == "cpu" and h.dtype == torch.float32:
+                segments.ranges = row_ranges(positions, segments.rows, None)
+            else:
+                segments.mask = decode_mask(positions, segments.kv_len, None)
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, 0, freqs_cis, segments, (cache.k[layer_id], cache.v[layer_id]))
+        h = self.norm(h.index_select(0, segments.last))
         return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
 
 

@@ -242,24 +242,26 @@ class Scheduler:
             self.running[request_id] = (sequence, 0)
 
     def _step(self) -> None:
+        """One engine step: sample, report the new tokens (before the model runs for the
+        next ones, so clients see each token a forward pass sooner), then advance."""
         if not self.running:
             return
         try:
-            self.engine.step()
+            self.engine.sample()
+            for request_id, (sequence, sent) in list(self.running.items()):
+                sent = self._report(request_id, sequence, sent)
+                if sequence.finished:
+                    del self.running[request_id]
+                    self._forget(request_id)
+                    self.counts["finished"] += 1
+                else:
+                    self.running[request_id] = (sequence, sent)
+            self.engine.advance()
         except Exception as error:  # a bug or a device failure: fail what runs, stay up
             for request_id, (sequence, _) in list(self.running.items()):
                 self.engine.release(sequence)
                 self._report_error(request_id, error)
             self.running.clear()
-            return
-        for request_id, (sequence, sent) in list(self.running.items()):
-            sent = self._report(request_id, sequence, sent)
-            if sequence.finished:
-                del self.running[request_id]
-                self._forget(request_id)
-                self.counts["finished"] += 1
-            else:
-                self.running[request_id] = (sequence, sent)
 
     # ------------------------------------------------------------------ reporting (rank 0)
     def _report(self, request_id: int, sequence: Sequence, sent: int) -> int:
