@@ -13,6 +13,9 @@ are interleaved call by call, so a slow spell of a shared machine hits them all 
 
 Candidates (x is float32, as in the model, unless the name says bf16):
   f32 F.linear / f32 ours        torch's and our float32 route (llama/linear.py)
+  f32 native                     our float32 kernel (llama/cpu_float.cpp), the route of models
+                                 that took use_native_kernels (up to 64 rows, to place the
+                                 threshold)
   bf16 F.linear                  bfloat16 weights and activations (x already bf16)
   i8pack bf16 / i8pack f32io     aten._weight_int8pack_mm, x bf16 / x cast to bf16 and back
   i4 gG bf16 / i4 g128 f32io     aten._weight_int4pack_mm_for_cpu, group size G
@@ -163,6 +166,8 @@ def candidates(with_lib: bool, only=None):
 
         upto64 = lambda rows: rows <= 64  # noqa: E731
         if cpu_kernels.available():
+            table["f32 native"] = (lambda w: w, lambda w, x, xb: cpu_kernels.float_mm(x, w),
+                                   upto64)
             table["native i8"] = (lambda w: pack(quantize_int8(w), "cpu"), native_route, upto64)
             for group in (32, 128):
                 table[f"native i4 g{group}"] = (

@@ -8,7 +8,7 @@
 // the weight is streamed once for all R rows: a tile of OUTS weight rows is loaded a vector at
 // a time and used for ROWS activation rows, then again (from cache) for the next ROWS rows.
 // Threads split the output rows (at::parallel_for), so each core streams its own slab.
-// Measured against torch's routes: docs/QUANTIZATION.md ("float32 products").
+// Measured against torch's routes: README, Performance ("float32 products of few rows").
 //
 // Every output is one fixed sequence of operations: lane j of a vector accumulator adds the
 // products of columns j, j + V, j + 2V, ... in order (FMA), the lanes are then summed by a fixed

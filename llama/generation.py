@@ -8,8 +8,7 @@ back, syncing with the host once.
 import functools
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Iterator, List, Literal, Optional, Sequence, Tuple, TypedDict
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
@@ -32,6 +31,7 @@ from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
 from llama.loading import check_build_arguments, check_quantize_arguments, load_model
 from llama.model import KVCache, Transformer
+from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer
@@ -48,8 +48,6 @@ __all__ = ["Llama", "TextStream", "CompletionPrediction", "ChatPrediction", "Fin
            "Role", "Message", "Dialog", "B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS",
            "UNSAFE_ERROR", "sample_top_p"]
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -62,15 +60,6 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
-    finish_reason: FinishReason
-
-
-@dataclass
-class _Result:
-    """One prompt's finished generation."""
-    tokens: List[int]
-    logprobs: List[float]
-    text: Optional[str]  # None: decode the tokens
     finish_reason: FinishReason
 
 
@@ -233,7 +222,7 @@ class Llama:
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
-                refused = _Result(tokens=[], logprobs=[], text=UNSAFE_ERROR, finish_reason="stop")
+                refused = Result(tokens=[], logprobs=[], text=UNSAFE_ERROR, finish_reason="stop")
                 results.append(self._prediction(refused, logprobs, _as_assistant))
             else:
                 results.append(self._prediction(next(safe_rows), logprobs, _as_assistant))
@@ -274,13 +263,13 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None) -> List[_Result]:
+                            echo, stop, noise_batch=None) -> List[Result]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
         if len(prompt_tokens) > size:
             noise_batch = None  # the reference cannot run such a batch: nothing to follow
-        rows: List[_Result] = []
+        rows: List[Result] = []
         for begin in range(0, len(prompt_tokens), size):
             rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
@@ -291,7 +280,7 @@ class Llama:
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                   stop=None, stream=False, index_offset=0, noise_batch=None,
                   cancel=None) -> Iterator[str]:
-        """Yields text pieces of row 0 when `stream`; returns a _Result per prompt.
+        """Yields text pieces of row 0 when `stream`; returns a Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise).
         `cancel()` is asked after each step; rank 0's answer holds for every rank."""
@@ -324,8 +313,8 @@ class Llama:
         # Prefill: all prompts in one pass, left-padded to the longest.
         want_prompt_logprobs = logprobs and echo
         logits = engine.add_batch(rows, noise, all_logits=want_prompt_logprobs)
-        prompt_logprobs = (_prompt_logprobs(rows, logits, unshifted=min_len == total_len)
-                           if want_prompt_logprobs else None)
+        scored = (prompt_logprobs(rows, logits, unshifted=min_len == total_len)
+                  if want_prompt_logprobs else None)
         # Decode: every row steps until all are done, as in the reference.
         while not all(row.finished for row in rows):
             engine.step()
@@ -335,8 +324,8 @@ class Llama:
             if cancel is not None and broadcast_object(bool(cancel())):  # one more collective
                 for row in rows:
                     row.finish_reason = row.finish_reason or "cancelled"
-        results = [_finish(row, echo, prompt_logprobs[i] if prompt_logprobs else None,
-                           self.tokenizer.eos_id) for i, row in enumerate(rows)]
+        results = [finish(row, echo, scored[i] if scored else None, self.tokenizer.eos_id)
+                   for i, row in enumerate(rows)]
         if stream:
             rest = rows[0].text.rest()
             if rest:
@@ -356,7 +345,7 @@ class Llama:
             self._cache = self.model.new_cache(bsz, length)
         return self._cache
 
-    def _prediction(self, result: _Result, logprobs: bool, wrap):
+    def _prediction(self, result: Result, logprobs: bool, wrap):
         text = result.text if result.text is not None else self.tokenizer.decode(result.tokens)
         prediction = {"generation": wrap(text)}
         if logprobs:
@@ -429,47 +418,3 @@ def _validate_dialog(dialog, index: int) -> None:
 
 def _as_assistant(text: str) -> Message:
     return {"role": "assistant", "content": text}
-
-
-def _prompt_logprobs(rows: List[EngineSequence], logits: torch.Tensor,
-                     unshifted: bool) -> List[List[float]]:
-    """Each prompt token's log-probability given the tokens before it (0 for the first), for
-    echo. logits: (bsz, max_len, vocab) over the left-padded prompts."""
-    max_len = logits.shape[1]
-    tokens = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-    for i, row in enumerate(rows):
-        tokens[i, max_len - len(row.prompt):] = torch.tensor(row.prompt, device=logits.device)
-    logp = torch.log_softmax(logits, dim=-1)
-    if unshifted:
-        # The reference, when no token is generated at all (every prompt fills the run),
-        # scores each prompt token against the logits of its own position; kept as it is so
-        # results match it.
-        scores = logp.gather(2, tokens[:, :, None])[:, :, 0]
-    else:
-        scores = torch.zeros(tokens.shape, device=logits.device)
-        scores[:, 1:] = logp[:, :-1].gather(2, tokens[:, 1:, None])[:, :, 0]
-    out = []
-    for row, row_scores in zip(rows, scores.tolist()):
-        probs = row_scores[max_len - len(row.prompt):]
-        if not unshifted:
-            probs[0] = 0.0
-        out.append(probs)
-    return out
-
-
-def _finish(row: EngineSequence, echo: bool, prompt_logprobs: Optional[List[float]],
-            eos_id: int) -> _Result:
-    """A row's result as the reference gives it: tokens before a stop string; with echo the
-    prompt first (and its logprobs), everything cut at the first EOS."""
-    tokens = row.text.tokens_before_stop() if row.text is not None else list(row.tokens)
-    probs = row.token_logprobs[: len(tokens)]
-    text = row.text.text if row.text is not None else None
-    finish_reason = row.finish_reason
-    if echo:
-        tokens = row.prompt + tokens
-        probs = (prompt_logprobs or []) + probs if row.logprobs else []
-        text = None  # the prompt's text and the answer's, decoded together
-    if eos_id in tokens:
-        cut = tokens.index(eos_id)
-        tokens, probs, text, finish_reason = tokens[:cut], probs[:cut], None, "stop"
-    return _Result(tokens, probs, text, finish_reason)

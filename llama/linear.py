@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_kernels
-from llama.quantize import (Int4Weight, Int8Weight, QuantizationError, QuantizedWeight, concat,
-                            narrow)
+from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight
+from llama.quantize_shards import concat, narrow
 
 
 def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"],

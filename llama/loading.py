@@ -209,7 +209,8 @@ def quantizer(mode: str, group_size: int, world_size: int, device, args):
     buffer, so the model uses them as they are (no copy, and no freed pieces left between
     the weights being kept)."""
     from llama.fused import FUSED_WEIGHTS
-    from llama.quantize import empty_like_rows, is_quantized, quantize, row_absmax
+    from llama.quantize import is_quantized, quantize, row_absmax
+    from llama.quantize_shards import empty_like_rows
 
     shapes = checkpoint.full_shapes(args)
     outs = {}  # name -> the rows of its fused matrix to quantize into

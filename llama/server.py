@@ -41,9 +41,12 @@ PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 RETRY_AFTER_S = 1
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
-# Prompt tokens a step prefills alongside the decode rows: a step then costs at most about
-# one 256-token prefill (S on 2 cores: ~0.3 s), and prompts up to 256 tokens take one step.
-PREFILL_CHUNK = 256
+# Prompt tokens a step prefills alongside the decode rows (0: each prompt alone as it joins).
+# Measured on the 2-core CPU (README, "Throughput with concurrent clients"): riding with the
+# decode rows saved no time there (the products of a prefill are bound by arithmetic, not by
+# reading the weights), small chunks smooth the streams of the other clients but delay first
+# tokens. So 0 by default; chunks are for a steadier stream, and for GPUs (unmeasured).
+PREFILL_CHUNK = 0
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
@@ -348,8 +351,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed for requests without one")
     parser.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
                         help="prompt tokens prefilled per step, riding with the decode rows "
-                             "(longer prompts take several steps); 0: each prompt prefilled "
-                             f"alone as it joins, the batch waiting (default {PREFILL_CHUNK})")
+                             "(longer prompts take several steps: other clients' streams "
+                             "never stall for a long prefill); 0: each prompt prefilled alone "
+                             f"as it joins, the batch waiting (default {PREFILL_CHUNK})")
     args = parser.parse_args(argv)
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")

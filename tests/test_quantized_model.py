@@ -105,7 +105,8 @@ def test_row_parallel_slices_are_quantized_as_the_whole_matrix():
     """What each of two ranks computes while loading (its column slice of wo, with the
     all-reduced row maxima for int8) equals the same columns of the whole matrix quantized in
     one process: the same integers and the same scales."""
-    from llama.quantize import narrow, quantize_int8, row_absmax
+    from llama.quantize import quantize_int8, row_absmax
+    from llama.quantize_shards import narrow
 
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
     for mode in ("int8", "int4"):

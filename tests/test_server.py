@@ -384,3 +384,26 @@ def test_a_negative_prefill_chunk_is_refused_before_loading():
     result = run_script(["-m", "llama.server", "--prefill_chunk", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefill_chunk must be 0 or more, got -1" in result.stderr
+
+
+def test_prompts_prefilled_in_chunks_riding_with_the_batch_answer_alike(library):
+    """--prefill_chunk 8: the chat prompts (~30-40 tokens) go into the cache 8 tokens a step,
+    in the same forward passes as the other streams' tokens; every answer is the library's."""
+    expected = library.chat_completion([_chat(q) for q in QUESTIONS[:4]], temperature=0,
+                                       max_gen_len=24)
+    answers = [None] * 4
+    with running_server("--max_batch_size", "4", "--prefill_chunk", "8") as url:
+        def ask(i):
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            stream = client.chat.completions.create(
+                model="llama-demo", messages=_chat(QUESTIONS[i]), temperature=0,
+                max_tokens=24, stream=True)
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)  # arriving one after another, while the others run
+        for thread in threads:
+            thread.join(timeout=120)
+    assert answers == [e["generation"]["content"] for e in expected]
