@@ -1,9 +1,11 @@
 """Where a CPU decode step's time goes, float32 against quantized weights: the time of one step
 (eager and, with --compile, compiled) per batch size, and torch.profiler's split of an eager
 step into the matrix products, attention, every other op, and time in no op (Python, module
-calls, dispatch).
+calls, dispatch). "native": float32 weights on our kernels (cpu_kernels.use_native_kernels, as
+the server runs them), "none": on torch's routes.
 
     python benchmarks/cpu_step.py --shape S --quantize none int8 int4 --batch 1 4
+    python benchmarks/cpu_step.py --shape S --quantize none native --batch 1 4 6 8
     taskset -c 0 python benchmarks/cpu_step.py --threads 1 --compile   # pinned, compiled too
 
 Random weights are drawn in memory (no checkpoint); models take turns step by step, so a busy
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench import SHAPES, VOCAB, NoEosTokenizer  # noqa: E402
+from llama import cpu_kernels  # noqa: E402
 from llama.checkpoint import IGNORED_KEYS  # noqa: E402
 from llama.distributed import init_process_groups  # noqa: E402
 from llama.fixtures import random_weights  # noqa: E402
@@ -86,7 +89,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="S", choices=sorted(SHAPES))
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"],
-                        choices=["none", "int8", "int4"])
+                        choices=["none", "native", "int8", "int4"])
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--position", type=int, default=192, help="cache slots before the step")
@@ -99,8 +102,10 @@ def main():
     init_process_groups(torch.device("cpu"), 1)
     model_args = ModelArgs(vocab_size=VOCAB, max_seq_len=args.position + 8,
                            max_batch_size=max(args.batch), **SHAPES[args.shape])
-    models = {mode: random_model(model_args, None if mode == "none" else mode, args.group_size)
-              for mode in args.quantize}
+    models = {mode: random_model(model_args, None if mode in ("none", "native") else mode,
+                                 args.group_size) for mode in args.quantize}
+    if "native" in models and not cpu_kernels.use_native_kernels(models["native"]):
+        print("native: our kernels do not run vectorised here; the model keeps torch's routes")
     print(f"shape {args.shape}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"position {args.position}, load average {os.getloadavg()[0]:.1f}")
     for compiled in (False, True) if args.compile else (False,):

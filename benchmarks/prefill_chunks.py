@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_bench import percentile  # noqa: E402
 from serve_clients import (  # noqa: E402
+    ANSWER_LENS,
+    PROMPT_LENS,
     REPO,
     request_mix,
     run_clients,
@@ -44,12 +46,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--root", type=Path, default=REPO / "bench_out")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny shape, 6 short requests, chunks 0 and 4, 1 turn")
     args = parser.parse_args(argv)
+    lens = (PROMPT_LENS, ANSWER_LENS)
+    if args.quick:
+        args.shape, args.requests, args.reps, args.chunks = "tiny", 6, 1, [0, 4]
+        args.clients, lens = 2, ((8, 16), (4, 8))
 
     from llama.engine import Engine
     from llama.scheduler import Scheduler
 
-    _, _, llama, asks = start_run(args)
+    _, _, llama, asks = start_run(args, *lens)
     length = -(-(max(len(a.tokens) + a.max_tokens for a in asks)) // 64) * 64
     schedulers = {}
     for chunk in args.chunks:

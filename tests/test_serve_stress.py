@@ -55,3 +55,13 @@ def test_serve_bench_quick_runs_end_to_end(tmp_path):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 3  # the header and 1 and 2 clients
     assert all(row.split(" | ")[-2] == "6/6" for row in rows[1:]), rows
+
+
+def test_prefill_chunks_compares_alike_answers(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prefill_chunks.py"),
+                          "--quick", "--threads", "1", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| 0", "| 4"]
+    assert "answers the same under every value: True" in out.stdout
