@@ -5,7 +5,9 @@
 serve_bench.py's request mix (48 requests, greedy) from N clients (default 8) to one
 Scheduler per `--prefill_chunk` value, all in this process without HTTP (the server's engine
 loop, as `serve_bench.py --no-http` runs it). The values take turns, request mix by request
-mix, so a slow spell of a shared machine hits them alike. Per value: aggregate tok/s, time to
+mix, so a slow spell of a shared machine hits them alike. (The schedulers' threads step a
+model this process's main thread loaded, which costs every value alike ~20% a step; see
+llama/server.py, _built_and_run_on_a_thread.) Per value: aggregate tok/s, time to
 first token and inter-token gaps (p50/p95), each a median over the reps, and whether every
 answer was the same under each value.
 """

@@ -319,11 +319,9 @@ def _uvicorn_server(uvicorn):
 
 def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
     """build() a scheduler on a thread of its own, which then runs its loop; returns it once
-    built (raising what building raised). The model is loaded and stepped on that one thread,
-    the HTTP server runs on this one: with OpenMP threads started from two threads, libgomp
-    stops its idle threads spinning (more of them than cores), and every parallel region of
-    a step then waited ~40 us to wake them: measured 24 ms a step of S at batch 1 against 20
-    from one thread."""
+    built (raising what building raised). So one thread loads and steps the model: OpenMP
+    regions started from two threads made libgomp stop its idle threads spinning, and each
+    region of a step waited ~40 us to wake them (S, batch 1: 24 ms a step against 20)."""
     built: dict = {}
     ready = threading.Event()
 

@@ -47,21 +47,22 @@ def test_a_third_hanging_up_leaves_the_others_answers_whole():
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_serve_bench_quick_runs_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_bench.py"),
-                          "--quick", "--threads", "1", "--root", str(tmp_path)],
+def _quick_run(script, root):
+    """A benchmark's --quick run; returns its output and the rows of its tables."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick",
+                          "--threads", "1", "--root", str(root)],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    return out.stdout, [line for line in out.stdout.splitlines() if line.startswith("| ")]
+
+
+def test_serve_bench_quick_runs_end_to_end(tmp_path):
+    _, rows = _quick_run("serve_bench.py", tmp_path)
     assert len(rows) == 3  # the header and 1 and 2 clients
     assert all(row.split(" | ")[-2] == "6/6" for row in rows[1:]), rows
 
 
 def test_prefill_chunks_compares_alike_answers(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "prefill_chunks.py"),
-                          "--quick", "--threads", "1", "--root", str(tmp_path)],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    stdout, rows = _quick_run("prefill_chunks.py", tmp_path)
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| 0", "| 4"]
-    assert "answers the same under every value: True" in out.stdout
+    assert "answers the same under every value: True" in stdout
