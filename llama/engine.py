@@ -176,8 +176,7 @@ class Engine:
         sequence added, whose prefill overwrites its cache."""
         if seq.slot >= 0 and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
-            if seq in self.prefilling:
-                self.prefilling.remove(seq)
+            self._done_prefilling(seq)
             self.positions[seq.slot], self.starts[seq.slot], self.occupied[seq.slot] = 0, 0, 0
             seq.slot = -1
 
@@ -300,6 +299,10 @@ class Engine:
         for seq in sequences:
             seq.position += 1
 
+    def _done_prefilling(self, seq: Sequence) -> None:
+        # by identity: sequences are dataclasses, whose == compares their fields
+        self.prefilling = [other for other in self.prefilling if other is not seq]
+
     def _chunks(self) -> List[Tuple[Sequence, int, int]]:
         """This step's prompt chunks (sequence, first slot, tokens): the prompts waiting, in
         the order they came, up to prefill_chunk tokens in all."""
@@ -343,4 +346,4 @@ class Engine:
             if seq.decoding:
                 self.logits[seq.slot] = logits[rows + i]
                 self.occupied[seq.slot] = 1
-                self.prefilling.remove(seq)
+                self._done_prefilling(seq)
