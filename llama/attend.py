@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_kernels
-from llama.cache import RowRanges, Segments
+from llama.cache import RowRanges, Segments, attention_mask
 
 
 def masked(xq, keys, values, mask, scale: float, n_rep: int, last_only: bool = False):
@@ -96,8 +96,7 @@ def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, scale: float, n_rep: i
         if start == 0:
             mask, causal = None, count > 1
         else:  # queries at slots start.. see every key up to their own
-            keys_at = torch.arange(end, device=xq.device)
-            mask = keys_at[None, :] <= torch.arange(start, end, device=xq.device)[:, None]
+            mask = attention_mask(torch.arange(start, end, device=xq.device), end, None)
             causal = False
         out = F.scaled_dot_product_attention(q, cache_k[row: row + 1, :, :end],
                                              cache_v[row: row + 1, :, :end], attn_mask=mask,

@@ -321,18 +321,15 @@ class Engine:
         (cache.Segments): the decode rows get their next logits, and a prompt whose last
         chunk this is gets its first and starts decoding at the next step."""
         rows = self._rows_in_use(decoding)
-        # where each of rows 0 .. rows - 1 writes (see Segments): a decoding row at its next
-        # slot, a prefilling one where its next chunk goes, a free one at slot 0
-        host = [0] * rows
-        for seq in self.sequences:
-            if seq.slot < rows:
-                host[seq.slot] = seq.position if seq.decoding else seq.prefilled
+        # the slots rows 0 .. rows - 1 read up to (see Segments): a decoding row's next one, a
+        # prefilling one's next chunk's first (its position), a free one's slot 0
+        kv_len = max((seq.position for seq in self.sequences if seq.slot < rows), default=0) + 1
         prompts = [torch.tensor(seq.prompt[start: start + count], dtype=torch.long,
                                 device=self.device) for seq, start, count in chunks]
         flat = torch.cat(([tokens[:rows]] if rows else []) + prompts)
         segments = Segments(self.positions[:rows],
                             [(seq.slot, start, count) for seq, start, count in chunks],
-                            max(host, default=-1) + 1)
+                            kv_len)
         logits = self.model.forward_segments(flat, segments, self.cache)
         self._grow_logits(len(self.slots), logits)
         if rows:

@@ -360,20 +360,14 @@ class Transformer(nn.Module):
                     f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a "
                     f"larger max_seq_len")
             slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None]
-        if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
-        if _hooked(self.tok_embeddings):
-            h = self.tok_embeddings(tokens)
-        else:  # ParallelEmbedding: each rank holds a slice of the embedding dimension
-            h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
+        h = self._embed(tokens)
         # rotary positions count from each row's first real slot
         positions = slots if pads is None else (slots - pads[:, None]).clamp(min=0)
         freqs_cis = self.freqs_cis[positions].expand(bsz, -1, -1)  # (bsz, seqlen, hd // 2)
         # No mask for one query that sees every slot. A prefill from slot 0 is plain causal
         # attention (row by row over the real slots when padded). A CPU decode step may take
         # our attention kernel instead, given each row's range of slots (native_attention).
-        if seqlen == 1 and self.native_attention and h.device.type == "cpu" and (
-                h.dtype == torch.float32):
+        if seqlen == 1 and self._kernel_attention(h):
             mask = row_ranges(slots[:, 0], bsz, pads)
         elif static:
             mask = decode_mask(slots[:, 0], cache.length, pads)
@@ -401,11 +395,7 @@ class Transformer(nn.Module):
             h = packing.unpack(h)
         if last_logits_only:
             h = h[:, -1:]
-        h = self.norm(h)
-        if _hooked(self.output):
-            return self.output(h).float()
-        # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
-        return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
+        return self._logits(h)
 
     @torch.inference_mode()
     def forward_segments(self, tokens: torch.Tensor, segments: Segments,
@@ -414,19 +404,36 @@ class Transformer(nn.Module):
         token for each decode row, then the chunks' prompt tokens. Returns float32 logits
         (segments.rows + len(segments.chunks), vocab): each decode row's, then each chunk's
         last token's. Every product runs once over all the step's tokens."""
-        if self.freqs_cis.device != tokens.device:
-            self.freqs_cis = self.freqs_cis.to(tokens.device)
-        h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))  # (tokens, dim)
+        h = self._embed(tokens)  # (tokens, dim)
         freqs_cis = self.freqs_cis[segments.slots][None]  # (1, tokens, hd // 2)
         if segments.rows:
             positions = segments.positions
-            if self.native_attention and h.device.type == "cpu" and h.dtype == torch.float32:
+            if self._kernel_attention(h):
                 segments.ranges = row_ranges(positions, segments.rows, None)
             else:
                 segments.mask = decode_mask(positions, segments.kv_len, None)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, 0, freqs_cis, segments, (cache.k[layer_id], cache.v[layer_id]))
-        h = self.norm(h.index_select(0, segments.last))
+        return self._logits(h.index_select(0, segments.last))
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        if _hooked(self.tok_embeddings):
+            return self.tok_embeddings(tokens)
+        # ParallelEmbedding: each rank holds a slice of the embedding dimension
+        return gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
+
+    def _kernel_attention(self, h: torch.Tensor) -> bool:
+        """Whether one-query rows take our attention kernel (opted in, CPU, float32)."""
+        return self.native_attention and h.device.type == "cpu" and h.dtype == torch.float32
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the output product, float32."""
+        h = self.norm(h)
+        if _hooked(self.output):
+            return self.output(h).float()
+        # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
         return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
 
 

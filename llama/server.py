@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")
 
-    from llama.cli import resolve_model_paths
+    from llama.cli import is_rank0, resolve_model_paths
     from llama.distributed import shutdown
     from llama.engine import Engine
     from llama.generation import Llama
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
                         release_finished=True, prefill_chunk=args.prefill_chunk)
         return Scheduler(engine, tokenizer, max_queue=args.max_queue)
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank0():
         scheduler = build()
         # Ctrl-C reaches every process of the group, and torchrun passes SIGTERM on: rank 0
         # decides when to stop, finishing or cancelling what runs, then tells this rank.
