@@ -1,7 +1,7 @@
 """Where a CPU decode step's time goes, float32 against quantized weights: the time of one step
 (eager and, with --compile, compiled) per batch size, and torch.profiler's split of an eager
 step into the matrix products, attention, every other op, and time in no op (Python, module
-calls, dispatch). "native": float32 weights on our kernels (cpu_kernels.use_native_kernels, as
+calls, dispatch). "native": float32 weights on our kernels (Transformer.use_native_kernels, as
 the server runs them), "none": on torch's routes.
 
     python benchmarks/cpu_step.py --shape S --quantize none int8 int4 --batch 1 4
@@ -104,7 +104,7 @@ def main():
                            max_batch_size=max(args.batch), **SHAPES[args.shape])
     models = {mode: random_model(model_args, None if mode in ("none", "native") else mode,
                                  args.group_size) for mode in args.quantize}
-    if "native" in models and not cpu_kernels.use_native_kernels(models["native"]):
+    if "native" in models and not models["native"].use_native_kernels():
         print("native: our kernels do not run vectorised here; the model keeps torch's routes")
     print(f"shape {args.shape}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"position {args.position}, load average {os.getloadavg()[0]:.1f}")

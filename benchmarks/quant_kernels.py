@@ -172,10 +172,10 @@ def candidates(with_lib: bool, only=None):
             for group in (32, 128):
                 table[f"native i4 g{group}"] = (
                     lambda w, g=group: pack(quantize_int4(w, g), "cpu"), native_route, upto64)
-        table["lib int8 torch"] = (lambda w: products.PackedInt8(quantize_int8(w), native=False),
+        table["lib int8 torch"] = (lambda w: products.PackedInt8(quantize_int8(w), our_kernels=False),
                                    lambda q, x, xb: linear(x, q), every)
         table["lib int4 g32 torch"] = (
-            lambda w: products.PackedInt4(quantize_int4(w, 32), native=False),
+            lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False),
             lambda q, x, xb: linear(x, q), every)
         table["lib int8"] = (lambda w: pack(quantize_int8(w), "cpu"),
                              lambda q, x, xb: linear(x, q), every)
@@ -186,7 +186,7 @@ def candidates(with_lib: bool, only=None):
         table["lib int4 g32 deq"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
                                      dequantised_route, deq)
         table["lib int4 g32 kern"] = (
-            lambda w: products.PackedInt4(quantize_int4(w, 32), native=False), kernel_route, mid)
+            lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False), kernel_route, mid)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table

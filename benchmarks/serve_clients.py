@@ -49,7 +49,6 @@ def start_run(args, prompt_lens=PROMPT_LENS, answer_lens=ANSWER_LENS):
     library on them, and the seeded requests. Returns (ckpt, tokenizer_path, llama, asks)."""
     import signal
 
-    from llama.cpu_kernels import use_native_kernels
     from llama.generation import Llama
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -57,7 +56,7 @@ def start_run(args, prompt_lens=PROMPT_LENS, answer_lens=ANSWER_LENS):
     ckpt, tokenizer_path = model_files(args.shape, args.root)
     llama = Llama.build(str(ckpt), str(tokenizer_path), 512, 1, device="cpu", verbose=False)
     # the attention the server runs (llama/server.py), so its answers and speed compare alike
-    use_native_kernels(llama.model)
+    llama.model.use_native_kernels()
     asks = request_mix(llama.tokenizer, args.requests, args.seed, prompt_lens, answer_lens)
     return ckpt, tokenizer_path, llama, asks
 

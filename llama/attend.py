@@ -1,8 +1,7 @@
 """How a layer's queries attend to its cached keys and values, by kind of call: a prefill from
 slot 0 (causal), a decode step (one query per row; our CPU kernel or torch's attention under a
 mask), the general masked case, and a mixed step (decode rows and prompt chunks together,
-llama/cache.py's Segments). Attention (llama/model.py) computes the projections, writes the
-cache and calls one of these.
+llama/cache.py's Segments). The step plans of llama/plan.py write the cache and call these.
 
 Shapes: xq (bsz, seqlen, n_heads, hd); keys and values (bsz, n_kv, cache slots, hd). Query
 head h uses kv head h // n_rep, as the reference's repeat_kv does, without repeating keys.
@@ -69,11 +68,13 @@ def causal_prefill(xq, keys, values, pads: Optional[List[int]], last_only: bool,
     return torch.cat([out[0] for out in outs])
 
 
-def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, scale: float, n_rep: int):
+def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, ranges: Optional[RowRanges],
+             mask: Optional[torch.Tensor], scale: float, n_rep: int):
     """A mixed step: xq (tokens, n_heads, hd), xk and xv (tokens, n_kv, hd) in Segments' order
     (a token for each of cache rows 0 .. seg.rows - 1, then each chunk's tokens). Writes their
     keys and values into the whole cache (cache_k, cache_v: every row), the decode rows' first
-    and the chunks' after, then attends. Returns (tokens, n_heads * hd)."""
+    and the chunks' after, then attends: the decode rows through our kernel (`ranges`) or
+    under `mask`. Returns (tokens, n_heads * hd)."""
     rows, n_heads, hd = seg.rows, xq.shape[1], xq.shape[2]
     if rows:
         at = torch.arange(rows, device=xq.device)
@@ -86,10 +87,10 @@ def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, scale: float, n_rep: i
     if rows:
         keys, values = cache_k[:rows, :, : seg.kv_len], cache_v[:rows, :, : seg.kv_len]
         q = xq[:rows, None]  # (rows, 1, n_heads, hd)
-        if seg.ranges is not None:
-            outs.append(decode_kernel(q, keys, values, seg.ranges, scale, n_rep)[:, 0])
+        if ranges is not None:
+            outs.append(decode_kernel(q, keys, values, ranges, scale, n_rep)[:, 0])
         else:
-            outs.append(masked(q, keys, values, seg.mask, scale, n_rep)[:, 0])
+            outs.append(masked(q, keys, values, mask, scale, n_rep)[:, 0])
     for (row, start, count), offset in zip(seg.chunks, seg.offsets):
         q = xq[None, offset: offset + count].transpose(1, 2)  # (1, n_heads, count, hd)
         end = start + count

@@ -9,11 +9,6 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-# The mask meaning "plain causal attention from slot 0": queries sit in the keys' own slots, so
-# the kernel applies causality itself (and skips the blocks above the diagonal).
-CAUSAL = "causal"
-
-
 class KVCache:
     """Keys and values of every layer for one generation call: per layer, a tensor of
     (bsz, n_local_kv_heads, length, head_dim). Attention reads a prefix of the length axis in
@@ -139,8 +134,7 @@ class Segments:
       at slots start .., each attending the row's slots 0 .. its own.
 
     Every row starts at slot 0 (no left padding), so a token's rotary position is its slot.
-    `kv_len`: the slots the decode rows read (their largest position + 1). The model sets
-    `ranges` (its attention kernel) or `mask` (torch's attention) for the decode rows."""
+    `kv_len`: the slots the decode rows read (their largest position + 1)."""
 
     def __init__(self, positions: torch.Tensor, chunks: List[Tuple[int, int, int]],
                  kv_len: int):
@@ -157,8 +151,6 @@ class Segments:
         # rows of the step's output that have logits: every decode row, each chunk's last token
         self.last = torch.tensor(list(range(self.rows)) + [offset + count - 1 for offset, (
             _, _, count) in zip(self.offsets, chunks)], device=device)
-        self.ranges: Optional[RowRanges] = None
-        self.mask: Optional[torch.Tensor] = None
 
 
 def row_ranges(positions: torch.Tensor, bsz: int, starts: Optional[torch.Tensor]) -> RowRanges:

@@ -111,23 +111,6 @@ def fast_float() -> bool:
     return isa() in ("avx512", "avx2")
 
 
-def use_native_kernels(model) -> bool:
-    """Let `model` (a Transformer) take our kernels where they pay, on the CPU in float32:
-    float_mm for products of few rows (vector builds) and decode_attention in decode steps
-    (AVX-512 builds). Builds them here on first use (~30-60 s, once per machine). Returns
-    whether the model takes either. The server and quantized CPU models call this; a float
-    model built otherwise keeps torch's routes unless it is called, so a first run never waits
-    for a compiler."""
-    weight = model.norm.weight
-    float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
-    model.native_attention = float32_cpu and fast_attention()
-    products = float32_cpu and fast_float()
-    for module in model.modules():
-        if hasattr(module, "native_products"):
-            module.native_products = products
-    return model.native_attention or products
-
-
 def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """The kernels' layout of an int4 weight: values (N, K) uint8 in 0..15, scales and zeros
     (N, K / G) bfloat16 -> (packed (N4, K / 2) uint8, sz (N4, K / G, 2) bfloat16), N4 = N

@@ -1,14 +1,15 @@
-"""Weights used as one matrix: the fused q/k/v and w1/w3 products. Their layers share an
-input, so one product over the stacked rows serves all of them. Float weights are laid out as
-one matrix in place (pack_weights); quantized ones are packed together for their device's
-kernels (use_quantized)."""
+"""The model's products and the weights they use (Projection): one layer's weight, or the
+fused q/k/v and w1/w3, whose layers share an input, so one product over the stacked rows
+serves all of them. Float weights are laid out as one matrix in place (pack_weights);
+quantized ones are packed together for their device's kernels (use_quantized)."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from llama.linear import pack
+from llama.linear import linear, pack
 from llama.quantize import QuantizationError
 from llama.views import consecutive_rows
 
@@ -34,28 +35,55 @@ def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None)
                 after_copy(original)
 
 
-class FusedRows:
-    """The weights of some column-parallel layers of a module (`names`) as one matrix of
-    consecutive row blocks, so that one product serves them all.
+class Projection:
+    """One product of a module's input by the weights of some of its column- or row-parallel
+    layers (`names`): one layer's, or several layers' stacked as one matrix of consecutive row
+    blocks (q/k/v, w1/w3), so that one product serves them all. `reduce` combines the ranks'
+    partial results of an unhooked product (what the layers' own calls would do).
 
     The layers keep their own Parameters, which are views of the matrix's rows: state_dict,
     hooks and in-place edits see them as usual, and no byte is stored twice. Whatever replaces
     a weight (`.half()`, `.to()`, `w.data = ...`, a new Parameter, `load_state_dict(assign=
     True)`, a deep copy) is noticed by the weights' addresses on the next call, and the matrix
-    is laid out again from what the layers then hold."""
+    is laid out again from what the layers then hold.
 
-    def __init__(self, *names: str):
-        self.names = names
+    The product's route belongs to the weight: the float matrix itself (torch's routes), the
+    matrix wrapped by `route` (e.g. linear.FloatKernel), or a quantized weight packed for its
+    device (`packed`, linear.pack)."""
+
+    def __init__(self, *names: str, reduce: Optional[Callable] = None):
+        self.names, self.reduce = names, reduce
         self.matrix: Optional[torch.Tensor] = None
         self.addresses: Tuple[int, ...] = ()
         self.packed = None  # a quantized model's one packed weight (see set_packed)
+        self.route: Optional[Callable] = None  # wraps the float matrix for its products
+        self.routed = None  # route(matrix), made again when the matrix is laid out again
 
     def set_packed(self, packed) -> None:
         """Use a quantized weight packed from the layers' rows (linear.pack) instead: the
         layers then hold no weights of their own."""
         self.packed = packed
 
+    def set_route(self, route: Optional[Callable]) -> None:
+        """Wrap the float matrix with `route` for its products (None: torch's routes)."""
+        self.route, self.routed = route, None
+
+    def __call__(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x through the layers' weights: one product, or, when a layer has forward hooks,
+        each layer called as such (its hooks fire, and it reduces over ranks itself)."""
+        if self.hooked(owner):
+            outs = [owner._modules[name](x) for name in self.names]
+            return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        out = linear(x, self.product_weight(owner))
+        return self.reduce(out) if self.reduce is not None else out
+
+    def hooked(self, owner: nn.Module) -> bool:
+        """Whether one of the layers has forward hooks to run (see hooked())."""
+        return any(hooked(owner._modules[name]) for name in self.names)
+
     def weight(self, owner: nn.Module):
+        """The layers' weights as one matrix (a view when they lie that way), or the packed
+        quantized weight."""
         if self.packed is not None:
             return self.packed
         if torch.compiler.is_compiling() and self.matrix is not None:  # laid out by eager calls
@@ -64,12 +92,37 @@ class FusedRows:
         if tuple(p.data_ptr() for p in params) != self.addresses:
             self.matrix = _lay_out(params)
             self.addresses = tuple(p.data_ptr() for p in params)
+            self.routed = None
         return self.matrix
 
+    def product_weight(self, owner: nn.Module):
+        """What linear() multiplies by: weight(), wrapped by the route if there is one."""
+        weight = self.weight(owner)
+        if self.route is None or self.packed is not None:
+            return weight
+        if self.routed is None or self.routed.weight is not weight:
+            self.routed = self.route(weight)
+        return self.routed
+
     def __deepcopy__(self, memo):
-        copy = FusedRows(*self.names)  # a copy's layers are laid out afresh on first use
+        copy = Projection(*self.names, reduce=self.reduce)  # laid out afresh on first use
         copy.packed = self.packed  # (a packed weight is never changed in place: shared)
+        copy.route = self.route
         return copy
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling the module would run forward hooks (its own or global ones): then the
+    model calls it rather than taking a faster route around it, so the hooks fire."""
+    if not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+            or _global_forward_pre_hooks):
+        return False
+    if not isinstance(module.weight, torch.Tensor):
+        raise QuantizationError(
+            "forward hooks on the projections of a quantized model are not supported (their "
+            "weights are packed for the device's kernels, q/k/v and w1/w3 as one): hook the "
+            "Attention, FeedForward or TransformerBlock modules instead")
+    return True
 
 
 def _lay_out(params: List[nn.Parameter]) -> torch.Tensor:
@@ -113,17 +166,19 @@ def use_quantized(model: nn.Module, quantized: dict, like: torch.Tensor,
         del module.weight  # the Parameter: its layer now computes with `packed`
         module.weight = packed
 
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}."
-        for owner, fused, names in ((layer.attention, layer.attention._qkv, "wq wk wv"),
-                                    (layer.feed_forward, layer.feed_forward._w13, "w1 w3")):
-            module_name = "attention" if owner is layer.attention else "feed_forward"
-            fused.set_packed(pack_weights_of(*(f"{p}{module_name}.{n}.weight"
-                                               for n in names.split())))
-            for n in names.split():
-                use(owner._modules[n], None)
-        use(layer.attention.wo, pack_weights_of(f"{p}attention.wo.weight"))
-        use(layer.feed_forward.w2, pack_weights_of(f"{p}feed_forward.w2.weight"))
-    use(model.output, pack_weights_of("output.weight"))
+    for prefix, owner, projection in projections(model):
+        packed = pack_weights_of(*(f"{prefix}{name}.weight" for name in projection.names))
+        projection.set_packed(packed)
+        for name in projection.names:  # a fused product's layers hold no weight of their own
+            use(owner._modules[name], packed if len(projection.names) == 1 else None)
     if quantized:
         raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")
+
+
+def projections(model: nn.Module) -> Iterator[Tuple[str, nn.Module, Projection]]:
+    """Every Projection of the model: (its owner's name prefix, e.g. "layers.0.attention.",
+    the owner, the projection)."""
+    for name, module in model.named_modules():
+        for value in vars(module).values():
+            if isinstance(value, Projection):
+                yield (f"{name}." if name else ""), module, value

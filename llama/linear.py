@@ -16,35 +16,32 @@ from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedW
 from llama.quantize_shards import concat, narrow
 
 
-def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"],
-           native: bool = False) -> torch.Tensor:
-    """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4).
-    A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores;
-    README):
+def linear(x: torch.Tensor, weight: Union[torch.Tensor, "FloatKernel", "PackedInt8",
+                                           "PackedInt4"]) -> torch.Tensor:
+    """x @ weight.T by the weight's own route: a plain float tensor takes torch's fastest
+    (float_product); a wrapped weight (FloatKernel, PackedInt8, PackedInt4) its `product`."""
+    if isinstance(weight, torch.Tensor):
+        return float_product(x, weight)
+    return weight.product(x)
 
-    - with `native` (a model that took cpu_kernels.use_native_kernels), 1 to NATIVE_FLOAT_ROWS
-      rows: our kernel (llama/cpu_float.cpp), which reads the weight once for all the rows,
-      ~1.3x oneDNN's product at 4-8 rows and ~1.1-1.3x the route below at one; a row's result
-      does not depend on the other rows. Otherwise:
+
+def float_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear with torch's faster routes for float32 on the CPU (measured on 2 cores:
+    docs/PERFORMANCE.md):
 
     - one row (a decode step at batch 1, where reading the weight is the whole cost): the
       weight's rows are split into blocks, each a matrix-vector product of its own, run as
-      one batched product so each thread streams its own contiguous slab of the weight.
-      MKL's threaded matrix-vector product reads weights about 1.5x slower;
-    - 2 to 256 rows: oneDNN's matrix product, about 1.5-2x MKL's (F.linear's) for the 4 to
-      16 rows of a batched decode step, and ~10% faster for a 128-token prefill. From about
-      512 rows on, MKL is the faster again.
+      one batched product so each thread streams its own contiguous slab of the weight
+      (MKL's threaded matrix-vector product reads weights slower);
+    - 2 to FEW_ROWS rows: oneDNN's matrix product, faster than MKL's (F.linear's) for the
+      rows of a batched decode step and a short prefill. Longer products: MKL.
 
     Only the order of the float32 additions differs from F.linear."""
-    if not isinstance(weight, torch.Tensor):
-        return weight.product(x)
     rows = row_count(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)
     n_out, n_in = weight.shape
-    if native and 0 < rows <= NATIVE_FLOAT_ROWS:
-        out = cpu_kernels.float_mm(x.reshape(rows, n_in).contiguous(), weight)
-    elif rows == 1:
+    if rows == 1:
         blocks = _row_blocks(n_out)
         if blocks == 1:
             return F.linear(x, weight)
@@ -58,6 +55,25 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt
     return out.view(*x.shape[:-1], n_out)
 
 
+class FloatKernel:
+    """A float32 CPU weight whose products of 1 to NATIVE_FLOAT_ROWS rows take our kernel
+    (llama/cpu_float.cpp: the weight read once for all the rows, each row's result
+    independent of the others); other products take float_product. Chosen for a model's
+    weights by Transformer.use_native_kernels."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (out, in) float32, contiguous
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        rows = row_count(x)
+        if 0 < rows <= NATIVE_FLOAT_ROWS and x.dtype == torch.float32:
+            n_out, n_in = self.weight.shape
+            out = cpu_kernels.float_mm(x.reshape(rows, n_in).contiguous(), self.weight)
+            return out.view(*x.shape[:-1], n_out)
+        return float_product(x, self.weight)
+
+
 def row_count(x: torch.Tensor) -> int:
     """The rows a product over x's last dimension has: its tokens, however batched."""
     return x.numel() // x.shape[-1]
@@ -66,8 +82,8 @@ def row_count(x: torch.Tensor) -> int:
 # Up to this many rows a product is "small" (a decode step, a short prefill): oneDNN, and
 # fused q/k/v and w1/w3 products. Above it MKL, and separate w1 and w3 products (FeedForward).
 FEW_ROWS = 256
-# Up to this many rows a `native` product takes our float32 kernel: its time against oneDNN's
-# crossed at 16-24 rows over S's matrices (benchmarks/quant_kernels.py, "native f32").
+# Up to this many rows FloatKernel takes our float32 kernel (the crossover with oneDNN's:
+# docs/PERFORMANCE.md, benchmarks/quant_kernels.py "native f32").
 NATIVE_FLOAT_ROWS = 16
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -147,7 +163,7 @@ class PackedInt8:
     eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
 
     def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32,
-                 native: Optional[bool] = None):
+                 our_kernels: Optional[bool] = None):
         self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
         self.shape = (q.out_features, q.in_features)
         self.out_features, self.in_features = q.out_features, q.in_features
@@ -155,8 +171,8 @@ class PackedInt8:
         # the CPU kernels read whole blocks of columns (torch's crashed past the end of a row):
         # weights whose width is not a multiple of 32 get zero columns
         on_cpu = self.device.type == "cpu"
-        # native: our kernels (None: where they are available; False: torch's)
-        self.native = on_cpu and native is not False and cpu_kernels.available()
+        # our kernels (None: where they are available; False: torch's)
+        self.our_kernels = on_cpu and our_kernels is not False and cpu_kernels.available()
         align = cpu_kernels.INT8_WIDTH_ALIGN
         self.width = -(-self.in_features // align) * align if on_cpu else self.in_features
         if self.width != self.in_features:
@@ -177,9 +193,9 @@ class PackedInt8:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if self.device.type != "cpu":
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif self.native and x2.shape[0] <= NATIVE_INT8_ROWS:
+        elif self.our_kernels and x2.shape[0] <= NATIVE_INT8_ROWS:
             out = cpu_kernels.int8_mm(_float32(x2), self.weight, self.scales)
-        elif not self.native and x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
+        elif not self.our_kernels and x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
             xb = _bfloat16(x2)
             if self.width != self.in_features:
                 xb = F.pad(xb, (0, self.width - self.in_features))
@@ -206,16 +222,16 @@ class PackedInt4:
     layouts differ, so a weight is packed for its device here, at load time."""
 
     def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32,
-                 native: Optional[bool] = None):
+                 our_kernels: Optional[bool] = None):
         self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
         self.shape = (q.out_features, q.in_features)
         check_int4_device(self.device)
         self.out_features, self.in_features = q.out_features, q.in_features
         self.group_size = q.group_size
         q = q.to(self.device)
-        self.native = (self.device.type == "cpu" and native is not False
-                       and cpu_kernels.available())
-        if self.native:  # (rows rounded up to 4, in / 2) uint8, (rows, in / G, 2) bfloat16
+        self.our_kernels = (self.device.type == "cpu" and our_kernels is not False
+                            and cpu_kernels.available())
+        if self.our_kernels:  # (rows rounded up to 4, in / 2) uint8, (rows, in / G, 2) bfloat16
             self.weight, self.scales_and_zeros = cpu_kernels.pack_int4(q.values(), q.scales,
                                                                        q.zeros)
             return
@@ -250,7 +266,7 @@ class PackedInt4:
     def _block_t(self, start: int, end: int, dtype=torch.bfloat16) -> torch.Tensor:
         """Rows start..end dequantised and transposed, (in, rows) (start a multiple of 64 in
         torch's layout)."""
-        if self.native:
+        if self.our_kernels:
             return cpu_kernels.int4_dequantize(self.weight, self.scales_and_zeros,
                                                self.group_size, start, end, dtype).t()
         return self._torch_block_t(start, end, dtype)
@@ -276,13 +292,13 @@ class PackedInt4:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
-        if self.native and x2.shape[0] <= NATIVE_INT4_ROWS:
+        if self.our_kernels and x2.shape[0] <= NATIVE_INT4_ROWS:
             out = cpu_kernels.int4_mm(_float32(x2), self.weight, self.scales_and_zeros,
                                       self.group_size, self.out_features)
             return (out if out.dtype == x.dtype else out.to(x.dtype)).view(
                 *x.shape[:-1], self.out_features)
         xb = _bfloat16(x2)
-        if self.native:
+        if self.our_kernels:
             out = _by_row_blocks(xb, self._block_t, self.out_features)
         elif self.device.type != "cpu":
             out = torch._weight_int4pack_mm(xb, self.weight, self.group_size,
@@ -340,7 +356,7 @@ def _cpu_layout_known() -> bool:
         probe = Int4Weight(((values[:, 1::2] << 4) | values[:, ::2]).to(torch.uint8),
                            torch.ones(rows, 2, dtype=torch.bfloat16),
                            torch.full((rows, 2), 8.0, dtype=torch.bfloat16))
-        _LAYOUT_KNOWN = torch.equal(PackedInt4(probe, native=False).dequantize(),
+        _LAYOUT_KNOWN = torch.equal(PackedInt4(probe, our_kernels=False).dequantize(),
                                     values.float())
     return _LAYOUT_KNOWN
 

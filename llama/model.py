@@ -19,14 +19,12 @@ from fairscale.nn.model_parallel.layers import (
     RowParallelLinear,
 )
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from llama import cpu_kernels, plan as plans
 from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
-from llama import attend, cpu_kernels
-from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, Segments,
-                         attention_mask, decode_mask, row_ranges)
-from llama.fused import FusedRows, pack_weights, use_quantized
-from llama.linear import FEW_ROWS, linear, row_count
+from llama.cache import KVCache, OwnCache, Segments, attention_mask
+from llama.fused import Projection, hooked, pack_weights, projections, use_quantized
+from llama.linear import FEW_ROWS, FloatKernel, linear, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -41,20 +39,6 @@ from llama.rotary import (  # noqa: F401  (Meta's names, importable from here as
     precompute_freqs_cis,
     reshape_for_broadcast,
 )
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling the module would run forward hooks (its own or global ones): then the
-    model calls it rather than taking a faster route around it, so the hooks fire."""
-    if not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
-            or _global_forward_pre_hooks):
-        return False
-    if not isinstance(module.weight, torch.Tensor):
-        raise QuantizationError(
-            "forward hooks on the projections of a quantized model are not supported (their "
-            "weights are packed for the device's kernels, q/k/v and w1/w3 as one): hook the "
-            "Attention, FeedForward or TransformerBlock modules instead")
-    return True
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +69,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    native_products = False  # float32 products of few rows: our kernel (use_native_kernels)
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         world = world_size()
@@ -103,7 +85,8 @@ class Attention(nn.Module):
                                        gather_output=False, init_method=keep_uninitialised)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False,
                                     input_is_parallel=True, init_method=keep_uninitialised)
-        self._qkv = FusedRows("wq", "wk", "wv")
+        self._qkv = Projection("wq", "wk", "wv")
+        self._wo = Projection("wo", reduce=sum_over_ranks)  # RowParallelLinear's sum
         # The reference's cache, for forward(tokens, start_pos): allocated on first use.
         self.own_cache = OwnCache(args.max_batch_size, args.max_seq_len)
 
@@ -135,80 +118,29 @@ class Attention(nn.Module):
         return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
                                   weight.device, weight.dtype)
 
-    def forward(self, x, start_pos, freqs_cis, mask, cache=None, packing=None,
-                last_only=False):
-        """x: (bsz, seqlen, dim), or (real tokens, dim) with `packing`; freqs_cis: see
-        apply_rotary; mask: a boolean (True = attend) or additive mask over the keys, None
-        for none, or CAUSAL. `cache`: this layer's (keys, values), each (bsz, n_local_kv_heads,
-        cache length, head_dim); None for this module's own cache. With last_only, every
-        token's keys and values go to the cache but only each row's last position is attended
-        from: the output is (bsz, 1, dim)."""
+    def forward(self, x, start_pos, freqs_cis, mask, cache=None, plan=None):
+        """Meta's (x, start_pos, freqs_cis, mask): x (bsz, seqlen, dim) at cache slots
+        start_pos.., under `mask` (None for none). The model passes a step plan instead
+        (llama/plan.py), which decides the cache writes and attention, and `cache`: this
+        layer's (keys, values), each (rows, n_local_kv_heads, slots, head_dim); None for this
+        module's own cache."""
+        if plan is None:
+            plan = plans.for_layer_call(start_pos, x.shape[1], mask, x.device)
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
-        if _hooked(self.wq) or _hooked(self.wk) or _hooked(self.wv):
-            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
-        else:
-            # (..., (n_heads + 2 * n_kv) * hd)
-            xqkv = linear(x, self.wqkv, self.native_products)
-        if packing is not None:
-            xqkv = packing.unpack(xqkv)  # zeros in the padding slots
-        mixed = isinstance(mask, Segments)
-        if mixed:  # (tokens, ...): one row of tokens at their own places
-            xqkv = xqkv[None]
+        xqkv = plan.rows(self._qkv(self, x))  # (bsz, seqlen, (n_heads + 2 * n_kv) * hd)
         bsz, seqlen, _ = xqkv.shape
         # q and k are adjacent columns: rotate them in one go.
         xqk = xqkv[..., : (n_heads + n_kv) * hd].view(bsz, seqlen, n_heads + n_kv, hd)
         xqk = apply_rotary(xqk, freqs_cis)
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
-        scale = 1.0 / math.sqrt(hd)
-        if mixed:
-            out = attend.segments(xq[0], xk[0], xv[0], cache[0], cache[1], mask, scale, n_rep)
-            return self._output(out)
-
-        static = isinstance(start_pos, torch.Tensor)
-        if cache is None:
-            cache = self._own_cache(bsz, 1 if static else start_pos + seqlen)
-        cache_k, cache_v = cache[0][:bsz], cache[1][:bsz]
-        if static:
-            # The tensor-position step (Transformer.forward): one slot per row written at a
-            # position held on the device, the whole cache read under a mask.
-            if start_pos.numel() == 1:  # the same slot in every row
-                cache_k[:, :, start_pos] = xk.transpose(1, 2)  # compiled as an in-place write
-                cache_v[:, :, start_pos] = xv.transpose(1, 2)
-            else:  # each row its own slot: (bsz, n_kv, hd) written at (row, :, start_pos[row])
-                rows = torch.arange(bsz, device=start_pos.device)
-                cache_k[rows, :, start_pos] = xk[:, 0]
-                cache_v[rows, :, start_pos] = xv[:, 0]
-            keys, values = cache_k, cache_v
-        else:
-            end_pos = start_pos + seqlen
-            cache_k[:, :, start_pos:end_pos] = xk.transpose(1, 2)
-            cache_v[:, :, start_pos:end_pos] = xv.transpose(1, 2)
-            keys = cache_k[:, :, :end_pos]  # (bsz, n_kv, end_pos, hd), a view
-            values = cache_v[:, :, :end_pos]
-
-        if isinstance(mask, RowRanges):  # a CPU decode step: our kernel, each row's own slots
-            out = attend.decode_kernel(xq, keys, values, mask, scale, n_rep)
-        elif isinstance(mask, str):  # CAUSAL: a prefill from slot 0
-            pads = packing.pads if packing is not None else None
-            out = attend.causal_prefill(xq, keys, values, pads, last_only, scale, n_rep)
-        else:
-            out = attend.masked(xq, keys, values, mask, scale, n_rep, last_only)
-            if packing is not None and not last_only:
-                out = packing.pack(out)
-        return self._output(out)
-
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
-        if _hooked(self.wo):
-            return self.wo(out)
-        # RowParallelLinear
-        return sum_over_ranks(linear(out, self.wo.weight, self.native_products))
+        keys, values = cache if cache is not None else self._own_cache(bsz, plan.end)
+        out = plan.attend(xq, xk, xv, keys, values, 1.0 / math.sqrt(hd), n_rep)
+        return self._wo(self, out)
 
 
 class FeedForward(nn.Module):
-    native_products = False  # as Attention's
-
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int,
                  ffn_dim_multiplier: Optional[float]):
         super().__init__()
@@ -219,7 +151,8 @@ class FeedForward(nn.Module):
                                     init_method=keep_uninitialised)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False,
                                        init_method=keep_uninitialised)
-        self._w13 = FusedRows("w1", "w3")
+        self._w13 = Projection("w1", "w3")
+        self._w2 = Projection("w2", reduce=sum_over_ranks)  # RowParallelLinear's sum
 
     @property
     def w13(self) -> torch.Tensor:
@@ -227,19 +160,15 @@ class FeedForward(nn.Module):
         return self._w13.weight(self)
 
     def forward(self, x):
-        if _hooked(self.w1) or _hooked(self.w3):
-            hidden = F.silu(self.w1(x)) * self.w3(x)
-        elif row_count(x) <= FEW_ROWS or self._w13.packed is not None:
-            # (.., hidden / mp) each
-            gate, up = linear(x, self.w13, self.native_products).chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-        else:  # a long prefill: two products give contiguous halves, updated in place
-            # (measured ~4% faster prefill on S and M than the fused product's strided halves)
+        if row_count(x) > FEW_ROWS and self._w13.packed is None and not self._w13.hooked(self):
+            # a long prefill: two products give contiguous halves, updated in place (faster
+            # than the fused product's strided halves: docs/PERFORMANCE.md)
             hidden = F.silu(linear(x, self.w1.weight), inplace=True)
             hidden.mul_(linear(x, self.w3.weight))
-        if _hooked(self.w2):
-            return self.w2(hidden)
-        return sum_over_ranks(linear(hidden, self.w2.weight, self.native_products))
+        else:
+            gate, up = self._w13(self, x).chunk(2, dim=-1)  # (.., hidden / mp) each
+            hidden = F.silu(gate) * up
+        return self._w2(self, hidden)
 
 
 class TransformerBlock(nn.Module):
@@ -256,21 +185,19 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, freqs_cis, mask, cache=None, packing=None,
-                last_only=False):
-        """The reference's (x, start_pos, freqs_cis, mask), and Attention's other arguments.
-        With last_only, only each row's last position comes out: (bsz, 1, dim)."""
+    def forward(self, x, start_pos, freqs_cis, mask, cache=None, plan=None):
+        """The reference's (x, start_pos, freqs_cis, mask), or the model's step plan and this
+        layer's cache (see Attention). A plan with last_only gives each row's last position
+        only: (bsz, 1, dim)."""
+        if plan is None:
+            plan = plans.for_layer_call(start_pos, x.shape[1], mask, x.device)
         attended = self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache,
-                                  packing, last_only)
-        if last_only:
-            x = packing.last_rows(x) if packing is not None else x[:, -1:]
-        h = x + attended
+                                  plan)
+        h = plan.residual(x) + attended
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    native_products = False  # as Attention's
-
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size <= 0:
@@ -287,9 +214,10 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(params.dim, eps=params.norm_eps)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False,
                                                init_method=keep_uninitialised)
-        # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp,
-        # 1.4-1.7x torch's there) rather than torch's: set by cpu_kernels.use_native_kernels,
-        # for quantized models and the server (which also set the modules' native_products).
+        # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
+        self._output = Projection("output", reduce=gather_over_ranks)
+        # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp)
+        # rather than torch's: chosen by use_native_kernels.
         self.native_attention = False
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         with torch.device("cpu"):  # also when the model is built on the meta device
@@ -313,9 +241,23 @@ class Transformer(nn.Module):
         # Strict: every tensor of the model must come from the state dict.
         model.load_state_dict(state, strict=True, assign=True)
         if is_quantized:  # their products load the native kernels anyway
-            cpu_kernels.use_native_kernels(model)
+            model.use_native_kernels()
         model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
         return model
+
+    def use_native_kernels(self) -> bool:
+        """Take our kernels where they pay, on the CPU in float32: float weights' products of
+        few rows (linear.FloatKernel, vector builds) and decode steps' attention (AVX-512
+        builds). Builds them on first use (~30-60 s, once per machine). Returns whether the
+        model takes either. The server and quantized CPU models call this; a float model
+        built otherwise keeps torch's routes, so a first run never waits for a compiler."""
+        weight = self.norm.weight
+        float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.native_attention = float32_cpu and cpu_kernels.fast_attention()
+        products = float32_cpu and cpu_kernels.fast_float()
+        for _, _, projection in projections(self):
+            projection.set_route(FloatKernel if products else None)
+        return self.native_attention or products
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention
@@ -347,55 +289,19 @@ class Transformer(nn.Module):
         mask rather than a prefix of it, so every shape stays the same from step to step: the
         form to compile and capture once as a CUDA graph. The logits are the same."""
         bsz, seqlen = tokens.shape
-        static = isinstance(start_pos, torch.Tensor)
-        if static:
+        cache_length = cache.length if cache is not None else None
+        if isinstance(start_pos, torch.Tensor):
             if seqlen != 1 or cache is None or start_pos.numel() not in (1, bsz):
                 raise ValueError("a tensor start_pos takes one token per row, a KVCache, and "
                                  "one position for all rows or one per row")
-            slots = start_pos.view(-1, 1)  # (1 or bsz, 1): the slot each row writes
-        else:
-            if start_pos + seqlen > self.freqs_cis.shape[0]:
-                raise ValueError(
-                    f"positions up to {start_pos + seqlen} need rotary angles beyond the "
-                    f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a "
-                    f"larger max_seq_len")
-            slots = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None]
-        h = self._embed(tokens)
-        # rotary positions count from each row's first real slot
-        positions = slots if pads is None else (slots - pads[:, None]).clamp(min=0)
-        freqs_cis = self.freqs_cis[positions].expand(bsz, -1, -1)  # (bsz, seqlen, hd // 2)
-        # No mask for one query that sees every slot. A prefill from slot 0 is plain causal
-        # attention (row by row over the real slots when padded). A CPU decode step may take
-        # our attention kernel instead, given each row's range of slots (native_attention).
-        if seqlen == 1 and self._kernel_attention(h):
-            mask = row_ranges(slots[:, 0], bsz, pads)
-        elif static:
-            mask = decode_mask(slots[:, 0], cache.length, pads)
-        elif start_pos == 0 and seqlen > 1:
-            mask = CAUSAL
-        elif pads is not None or seqlen > 1:
-            mask = attention_mask(slots[0], start_pos + seqlen, pads)
-        else:
-            mask = None
-
-        # A left-padded prefill computes only the real tokens' rows in every per-token step
-        # (projections, feed-forward, norms); attention sees them back in their slots.
-        packing = PackedTokens(slots[0], pads) if pads is not None and seqlen > 1 else None
-        if packing is not None:
-            h = packing.pack(h)
-        # When only the last position's logits are wanted, the last layer needs every token's
-        # keys and values but nothing else of the positions before it: its attention output,
-        # wo and feed-forward run for the last position alone (1/n_layers of a prefill saved).
-        last_layer_only_last = last_logits_only and seqlen > 1
-        for layer_id, layer in enumerate(self.layers):
-            last_only = last_layer_only_last and layer_id == self.n_layers - 1
-            layer_cache = (cache.k[layer_id], cache.v[layer_id]) if cache is not None else None
-            h = layer(h, start_pos, freqs_cis, mask, layer_cache, packing, last_only)
-        if packing is not None and not last_layer_only_last:
-            h = packing.unpack(h)
-        if last_logits_only:
-            h = h[:, -1:]
-        return self._logits(h)
+        elif start_pos + seqlen > self.freqs_cis.shape[0]:
+            raise ValueError(
+                f"positions up to {start_pos + seqlen} need rotary angles beyond the "
+                f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a larger "
+                f"max_seq_len")
+        plan = plans.for_tokens(bsz, seqlen, start_pos, cache_length, pads,
+                                self._kernel_attention(tokens.device), tokens.device)
+        return self.run(tokens, plan, cache, last_logits_only)
 
     @torch.inference_mode()
     def forward_segments(self, tokens: torch.Tensor, segments: Segments,
@@ -404,37 +310,43 @@ class Transformer(nn.Module):
         token for each decode row, then the chunks' prompt tokens. Returns float32 logits
         (segments.rows + len(segments.chunks), vocab): each decode row's, then each chunk's
         last token's. Every product runs once over all the step's tokens."""
-        h = self._embed(tokens)  # (tokens, dim)
-        freqs_cis = self.freqs_cis[segments.slots][None]  # (1, tokens, hd // 2)
-        if segments.rows:
-            positions = segments.positions
-            if self._kernel_attention(h):
-                segments.ranges = row_ranges(positions, segments.rows, None)
-            else:
-                segments.mask = decode_mask(positions, segments.kv_len, None)
+        plan = plans.mixed(segments, self._kernel_attention(tokens.device))
+        return self.run(tokens, plan, cache, rows=segments.last)
+
+    def run(self, tokens: torch.Tensor, plan: plans.StepPlan, cache: Optional[KVCache],
+            last_logits_only: bool = False, rows: Optional[torch.Tensor] = None):
+        """The layers over `tokens` as `plan` says (llama/plan.py): float32 logits for every
+        position, each row's last (last_logits_only), or the flat positions `rows` of a
+        mixed step."""
+        h = plan.pack(self._embed(tokens))
+        freqs_cis = self.freqs_cis[plan.positions]  # (bsz or 1, seqlen, hd // 2)
+        if rows is None:
+            freqs_cis = freqs_cis.expand(tokens.shape[0], -1, -1)
+        last_plan = plan.last_layer(last_logits_only and tokens.shape[-1] > 1)
         for layer_id, layer in enumerate(self.layers):
-            h = layer(h, 0, freqs_cis, segments, (cache.k[layer_id], cache.v[layer_id]))
-        return self._logits(h.index_select(0, segments.last))
+            layer_plan = last_plan if layer_id == self.n_layers - 1 else plan
+            layer_cache = (cache.k[layer_id], cache.v[layer_id]) if cache is not None else None
+            h = layer(h, None, freqs_cis, None, layer_cache, layer_plan)
+        if rows is not None:
+            return self._logits(h.index_select(0, rows))
+        return self._logits(last_plan.logits_rows(h, last_logits_only))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
             self.freqs_cis = self.freqs_cis.to(tokens.device)
-        if _hooked(self.tok_embeddings):
+        if hooked(self.tok_embeddings):
             return self.tok_embeddings(tokens)
         # ParallelEmbedding: each rank holds a slice of the embedding dimension
         return gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
 
-    def _kernel_attention(self, h: torch.Tensor) -> bool:
+    def _kernel_attention(self, device: torch.device) -> bool:
         """Whether one-query rows take our attention kernel (opted in, CPU, float32)."""
-        return self.native_attention and h.device.type == "cpu" and h.dtype == torch.float32
+        return (self.native_attention and device.type == "cpu"
+                and self.norm.weight.dtype == torch.float32)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and the output product, float32."""
-        h = self.norm(h)
-        if _hooked(self.output):
-            return self.output(h).float()
-        # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
-        return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
+        return self._output(self, self.norm(h)).float()
 
 
 __all__: List[str] = ["ModelArgs", "RMSNorm", "precompute_freqs_cis", "reshape_for_broadcast",

@@ -411,7 +411,7 @@ def main(argv=None) -> int:
                                 quantize=args.quantize, group_size=args.group_size)
         model, tokenizer = generator.model, generator.tokenizer
         # rows of different lengths read only their own cache slots (and faster: README)
-        cpu_kernels.use_native_kernels(model)
+        model.use_native_kernels()
         engine = Engine(model, tokenizer.eos_id,
                         model.new_cache(args.max_batch_size, max_seq_len),
                         release_finished=True, prefill_chunk=args.prefill_chunk)

@@ -56,7 +56,7 @@ def _use(model, kernels):
     if kernels == "attention":
         model.native_attention = True
     elif kernels == "all":
-        assert cpu_kernels.use_native_kernels(model)
+        assert model.use_native_kernels()
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)

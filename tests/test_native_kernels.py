@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_kernels
-from llama.linear import linear, pack
+from llama.linear import FloatKernel, linear, pack
 from llama.quantize import quantize_int4, quantize_int8
 from tests.conftest import run_script
 
@@ -169,7 +169,7 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
                             lambda *a, f=original, n=name: calls.append(n) or f(*a))
     w = weights(96, 128)
     for packed in (pack(quantize_int8(w)), pack(quantize_int4(w, 32))):
-        assert packed.native
+        assert packed.our_kernels
         linear(torch.randn(4, 1, 128), packed)  # a decode step of 4 rows
         linear(torch.randn(1, 100, 128), packed)  # a prefill: the dequantised product
     assert calls == ["int8_mm", "int4_mm"]
@@ -177,7 +177,7 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
 
 @pytest.mark.skipif(not cpu_kernels.fast_float(), reason="the float32 kernel is vectorised for "
                     "AVX2 and AVX-512 only; elsewhere models keep torch's products")
-def test_float_products_take_the_kernel_when_asked_and_few_rows(monkeypatch):
+def test_float_products_take_the_kernel_when_wrapped_and_few_rows(monkeypatch):
     from llama.linear import NATIVE_FLOAT_ROWS
     calls = []
     original = cpu_kernels.float_mm
@@ -187,7 +187,7 @@ def test_float_products_take_the_kernel_when_asked_and_few_rows(monkeypatch):
     for rows, native in ((1, True), (4, True), (NATIVE_FLOAT_ROWS, True),
                          (NATIVE_FLOAT_ROWS + 1, True), (4, False)):
         x = activations(rows, 128).view(rows, 1, 128)
-        y = linear(x, w, native)
+        y = linear(x, FloatKernel(w) if native else w)
         assert y.shape == (rows, 1, 96)
         torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
     assert calls == [(1, 128), (4, 128), (NATIVE_FLOAT_ROWS, 128)]
@@ -215,7 +215,7 @@ def test_without_the_kernels_one_warning_and_torchs_kernels(monkeypatch, tmp_pat
     x = activations(2, 128)
     for q in (quantize_int8(w), quantize_int4(w, 32)):
         packed = pack(q)
-        assert not packed.native
+        assert not packed.our_kernels
         assert relative(linear(x, packed), x.double() @ q.dequantize().double().t()) < 1e-2
     assert not cpu_kernels.available()  # no second attempt, no second warning
 
@@ -225,7 +225,7 @@ def test_turned_off_by_the_environment(monkeypatch):
                         {"tried": False, "ops": None, "isa": None, "error": None})
     monkeypatch.setenv("LLAMA_NATIVE_KERNELS", "0")
     assert not cpu_kernels.available()
-    assert not pack(quantize_int8(weights(8, 32))).native
+    assert not pack(quantize_int8(weights(8, 32))).our_kernels
 
 
 BUILD_CHECK = textwrap.dedent('''
@@ -312,7 +312,7 @@ def _opt_in(model, kernels):
     if kernels == "attention":
         model.native_attention = True
         return {"llama_kernels::decode_attention"}
-    cpu_kernels.use_native_kernels(model)
+    model.use_native_kernels()
     return {"llama_kernels::float_mm"} | (
         {"llama_kernels::decode_attention"} if cpu_kernels.fast_attention() else set())
 
@@ -351,5 +351,7 @@ def test_a_model_decodes_alike_with_the_native_kernels(build, compiled, kernels)
 def test_quantized_cpu_models_take_the_native_kernels(build):
     quantized, plain = build("gqa", quantize="int8").model, build("gqa").model
     assert quantized.native_attention == cpu_kernels.fast_attention()
-    assert quantized.layers[0].feed_forward.native_products == cpu_kernels.fast_float()
-    assert not plain.native_attention and not plain.layers[0].attention.native_products
+    assert quantized.layers[0].feed_forward.w13 is quantized.layers[0].feed_forward._w13.packed
+    assert not plain.native_attention and plain.layers[0].attention._qkv.route is None
+    plain.use_native_kernels()
+    assert (plain.layers[0].attention._qkv.route is FloatKernel) == cpu_kernels.fast_float()

@@ -149,7 +149,7 @@ def check_product(packed, q, x):
     w = q.dequantize()
     rows = x.numel() // x.shape[-1]
     limit = NATIVE_INT8_ROWS if isinstance(packed, PackedInt8) else NATIVE_INT4_ROWS
-    if packed.native and rows <= limit:
+    if packed.our_kernels and rows <= limit:
         # float32 products of the float32 dequantized weights, in another order of additions
         xf = x.float().reshape(-1, x.shape[-1])
         if isinstance(packed, PackedInt8):
@@ -169,8 +169,8 @@ def check_product(packed, q, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_products(rows, in_features, dtype, native):
     q = quantize_int8(llama_like(200, in_features))
-    packed = PackedInt8(q, "cpu", dtype, native=native)
-    assert packed.native == native
+    packed = PackedInt8(q, "cpu", dtype, our_kernels=native)
+    assert packed.our_kernels == native
     assert (packed.out_features, packed.in_features) == (200, in_features)
     assert torch.equal(packed.dequantize(), q.dequantize())
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
@@ -184,13 +184,13 @@ def test_int8_products(rows, in_features, dtype, native):
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 def test_int4_products(rows, group_size, native):
     q = quantize_int4(llama_like(202, 256), group_size)  # 202 rows: padded in either layout
-    packed = PackedInt4(q, "cpu", native=native)
-    assert packed.native == native
+    packed = PackedInt4(q, "cpu", our_kernels=native)
+    assert packed.our_kernels == native
     assert torch.equal(packed.dequantize(), q.dequantize())
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
     check_product(packed, q, x)
     check_product(packed, q, x.view(rows, 1, 256))
-    check_product(PackedInt4(q, "cpu", torch.bfloat16, native=native), q, x.bfloat16())
+    check_product(PackedInt4(q, "cpu", torch.bfloat16, our_kernels=native), q, x.bfloat16())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -208,11 +208,11 @@ def test_row_concatenation_equals_separate_products(mode, rows):
 def test_packed_sizes(native):
     w = llama_like(256, 512)
     q8, q4 = quantize_int8(w), quantize_int4(w, 128)
-    assert PackedInt8(q8, native=native).nbytes == q8.nbytes == 256 * 512 + 256 * 2
-    assert PackedInt4(q4, native=native).nbytes == q4.nbytes == 256 * 256 + 256 * 4 * 2 * 2
+    assert PackedInt8(q8, our_kernels=native).nbytes == q8.nbytes == 256 * 512 + 256 * 2
+    assert PackedInt4(q4, our_kernels=native).nbytes == q4.nbytes == 256 * 256 + 256 * 4 * 2 * 2
     # rows padded to a multiple of 4 in our layout, of 64 in torch's
     padded = 200 if native else 256
-    assert (PackedInt4(quantize_int4(llama_like(200, 512), 128), native=native).nbytes
+    assert (PackedInt4(quantize_int4(llama_like(200, 512), 128), our_kernels=native).nbytes
             == padded * 256 + padded * 4 * 2 * 2)
 
 
@@ -221,7 +221,7 @@ def test_the_cpu_int4_layout_is_the_one_prefills_read():
     layout differs is detected at run time (prefills then use the kernel) and fails here."""
     assert products._cpu_layout_known()
     q = quantize_int4(llama_like(130, 64), 32)
-    assert torch.equal(PackedInt4(q, native=False)._block_t(64, 130, torch.float32).t(),
+    assert torch.equal(PackedInt4(q, our_kernels=False)._block_t(64, 130, torch.float32).t(),
                        q.dequantize()[64:])
 
 
@@ -236,8 +236,8 @@ def test_compiled_products_on_the_cpu_equal_eager_ones(native):
     """A compiled decode step traces linear() on packed weights as one graph (our kernels are
     operators with shape functions: inductor calls them)."""
     w = llama_like(128, 64)
-    for packed in (PackedInt8(quantize_int8(w), native=native),
-                   PackedInt4(quantize_int4(w, 32), native=native)):
+    for packed in (PackedInt8(quantize_int8(w), our_kernels=native),
+                   PackedInt4(quantize_int4(w, 32), our_kernels=native)):
         step = torch.compile(lambda x, p=packed: linear(x, p), fullgraph=True, dynamic=False)
         x = torch.randn(2, 1, 64)
         with torch.no_grad():
