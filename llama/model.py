@@ -289,17 +289,7 @@ class Transformer(nn.Module):
         mask rather than a prefix of it, so every shape stays the same from step to step: the
         form to compile and capture once as a CUDA graph. The logits are the same."""
         bsz, seqlen = tokens.shape
-        cache_length = cache.length if cache is not None else None
-        if isinstance(start_pos, torch.Tensor):
-            if seqlen != 1 or cache is None or start_pos.numel() not in (1, bsz):
-                raise ValueError("a tensor start_pos takes one token per row, a KVCache, and "
-                                 "one position for all rows or one per row")
-        elif start_pos + seqlen > self.freqs_cis.shape[0]:
-            raise ValueError(
-                f"positions up to {start_pos + seqlen} need rotary angles beyond the "
-                f"{self.freqs_cis.shape[0]} (2 x max_seq_len) computed: build with a larger "
-                f"max_seq_len")
-        plan = plans.for_tokens(bsz, seqlen, start_pos, cache_length, pads,
+        plan = plans.for_tokens(bsz, seqlen, start_pos, cache, pads, self.freqs_cis.shape[0],
                                 self._kernel_attention(tokens.device), tokens.device)
         return self.run(tokens, plan, cache, last_logits_only)
 

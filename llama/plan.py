@@ -144,19 +144,26 @@ class Mixed(StepPlan):
 
 
 # ------------------------------------------------------------------------- building plans
-def for_tokens(bsz: int, seqlen: int, start_pos, cache_length: Optional[int],
-               pads: Optional[torch.Tensor], kernel: bool, device) -> StepPlan:
+def for_tokens(bsz: int, seqlen: int, start_pos, cache, pads: Optional[torch.Tensor],
+               rotary_length: int, kernel: bool, device) -> StepPlan:
     """The plan of Transformer.forward(tokens, start_pos, cache, pads): `start_pos` an int
     (tokens at slots start_pos..), or an integer tensor of one slot for all rows or one per
     row with one token each (the compiled step's form: shapes fixed from step to step).
-    `kernel`: one-query rows take our CPU attention kernel."""
+    `rotary_length`: the positions the model has rotary angles for. `kernel`: one-query rows
+    take our CPU attention kernel."""
+    cache_length = cache.length if cache is not None else None
     if isinstance(start_pos, torch.Tensor):
-        slots = start_pos.view(-1)
-        return decode(slots, bsz, cache_length, pads, kernel)
+        if seqlen != 1 or cache is None or start_pos.numel() not in (1, bsz):
+            raise ValueError("a tensor start_pos takes one token per row, a KVCache, and one "
+                             "position for all rows or one per row")
+        return decode(start_pos.view(-1), bsz, cache_length, pads, kernel)
+    end = start_pos + seqlen
+    if end > rotary_length:
+        raise ValueError(f"positions up to {end} need rotary angles beyond the {rotary_length} "
+                         f"(2 x max_seq_len) computed: build with a larger max_seq_len")
     if seqlen == 1 and kernel:
         return decode(torch.tensor([start_pos], device=device), bsz, cache_length, pads, kernel,
-                      end=start_pos + 1)
-    end = start_pos + seqlen
+                      end=end)
     slots = torch.arange(start_pos, end, device=device)[None]  # (1, seqlen)
     positions = _rotary_positions(slots, pads)
     packing = PackedTokens(slots[0], pads) if pads is not None and seqlen > 1 else None
