@@ -16,8 +16,7 @@ class KVCache:
 
     One tensor per layer rather than one for all: a compiled step writes a token's keys into
     each in place, whereas writes into slices of one shared tensor are compiled into copies of
-    the whole cache every step (measured on an H100, 7B at batch 8: a 23 ms step instead of
-    ~8 ms; README).
+    the whole cache every step (measured on an H100: docs/PERFORMANCE.md).
     """
 
     def __init__(self, n_layers: int, bsz: int, n_kv_heads: int, length: int, head_dim: int,

@@ -1,6 +1,6 @@
 """Every matrix product of the model, and the route each takes per device and weight format.
 
-`linear(x, weight)` is F.linear with faster routes where measured (README, Performance); this is
+`linear(x, weight)` is F.linear with faster routes where measured (docs/PERFORMANCE.md); this is
 the only module that knows about oneDNN, torch's int8/int4 kernels or their packed layouts, so
 the model's math stays plain. `weight` is a float tensor, or a quantized weight packed for its
 device by `pack` (from llama/quantize.py's saved formats).
@@ -93,8 +93,8 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # The same product as an operator torch.compile keeps as a call of its own: it cannot trace
-# mkldnn's op, and without this a compiled step fell back to F.linear (MKL), 2-3x slower at
-# 2-16 rows. Eager calls skip the wrapper (its dispatch costs ~10 us a call).
+# mkldnn's op, and without this a compiled step fell back to F.linear (MKL), much slower at
+# 2-16 rows. Eager calls skip the wrapper (its dispatch has a cost of its own).
 if _ONEDNN:
     @torch.library.custom_op("llama::onednn_linear", mutates_args=())
     def _onednn_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ if _ONEDNN:
 
 def _row_blocks(n_out: int) -> int:
     """How many row blocks to split a matrix-vector product into: one or two per thread
-    (measured alike on 2 cores); 1 when neither divides the rows into blocks of >= 64."""
+    (measured alike); 1 when neither divides the rows into blocks of >= 64."""
     threads = _threads()
     for blocks in (2 * threads, threads):
         if blocks > 1 and n_out % blocks == 0 and n_out // blocks >= 64:
@@ -125,12 +125,12 @@ def _threads() -> int:
 
 # ----------------------------------------------------------------------- quantized weights
 # Activations are never rounded to int8 (Llama's activations have outlier channels; per-token
-# int8 activations measured 8-12x the output error of int8 weights alone, docs/QUANTIZATION.md).
+# int8 activations multiplied the output error of int8 weights alone, docs/QUANTIZATION.md).
 #
 # CPU, products of few rows (decode steps): our native kernels (llama/cpu_kernels.cpp), which
 # take float32 activations and return float32. The int8 one rounds each row to int16 (one
 # scale per token: finer than bfloat16 for values within 128x of the row's largest) and sums
-# in integers, ~2x the speed of converting every weight to float32. Where they cannot be built,
+# in integers, faster than converting every weight to float32. Where they cannot be built,
 # torch's kernels, vectorised for bfloat16 activations only: activations are then cast to
 # bfloat16 and the result back to x's dtype. Above the row thresholds (prefills) the weight is
 # dequantised to bfloat16, a block of rows at a time, for oneDNN's bfloat16 GEMM (AVX512-BF16),
@@ -279,7 +279,7 @@ class PackedInt4:
         n_in, g = self.in_features, self.group_size
         blocks = self.weight.view(-1, n_in, 32)[start // _CPU_BLOCK: -(-end // _CPU_BLOCK)]
         nb = blocks.shape[0]
-        # float32 arithmetic: exact, and bfloat16's broadcast multiply is ~40x slower on the CPU
+        # float32 arithmetic: exact, and bfloat16's broadcast multiply is far slower on the CPU
         w = torch.empty(n_in, nb, 2, 32)  # (in, blocks, 2 halves, 32 rows)
         w[:, :, 0].copy_((blocks & 15).transpose(0, 1))
         w[:, :, 1].copy_((blocks >> 4).transpose(0, 1))
