@@ -6,7 +6,7 @@ import base64
 import binascii
 import os
 import re
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from llama.validation import ArgumentFileNotFoundError, ArgumentValueError
 
@@ -108,10 +108,11 @@ class Llama3Tokenizer:
             t.append(self.eos_id)
         return t
 
-    def decode(self, t: Sequence[int]) -> str:
+    def decode(self, t: Union[int, Sequence[int]]) -> str:
+        """The text of token ids (or of one id, as SentencePiece's decode takes)."""
         # byte-level BPE: a token may hold part of a character; an incomplete one decodes to
         # U+FFFD, as SentencePiece's byte pieces do
-        return self.model.decode(list(t))
+        return self.model.decode([t] if isinstance(t, int) else list(t))
 
     def token_text(self, token: int) -> Tuple[str, List[int]]:
         """A token's text as it sits inside a longer text, and its bytes; a token holding only

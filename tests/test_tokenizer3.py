@@ -65,6 +65,7 @@ def test_decode_round_trips_and_is_meta_s(ours, meta, text):
     assert ours.decode(tokens) == text == meta.decode(tokens)
     # token by token too: a piece of a character decodes as Meta's does (U+FFFD)
     assert [ours.decode([t]) for t in tokens] == [meta.decode([t]) for t in tokens]
+    assert [ours.decode(t) for t in tokens] == [ours.decode([t]) for t in tokens]  # as SP's
     # each token's bytes, as the server reports them, make up the text's
     assert b"".join(bytes(ours.token_text(t)[1]) for t in tokens) == text.encode("utf-8")
 

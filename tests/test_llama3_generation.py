@@ -1,0 +1,114 @@
+"""A tiny random model with Llama 3's vocabulary and tokenizer, end to end through Llama.build:
+the chat prompt the model is fed is Meta's, and generation ends at each of Llama 3's stop
+tokens in every API. The stop token is made the greedy choice at a chosen step by swapping its
+output row with the row of the token greedy decoding picks there (so the logits are otherwise
+unchanged), and checked against the model's own forward pass."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.fixtures import params_json, random_weights
+from llama.model import ModelArgs
+from llama.saving import save_checkpoint, split_state_dict
+from tests.llama3_reference import meta_dialog_tokens, meta_tokenizer, meta_tokenizer_path
+
+ARGS = ModelArgs(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                 multiple_of=32, rope_theta=500000.0)
+DIALOG = [{"role": "system", "content": "Always answer with Haiku"},
+          {"role": "user", "content": "I am going to Paris, what should I see?"},
+          {"role": "assistant", "content": "The Eiffel Tower."},
+          {"role": "user", "content": "What is so great about #1?"}]
+PROMPT = "The capital of France is"
+STEPS = 8
+
+
+def write(out_dir: Path, state) -> str:
+    # params.json as Meta's Llama 3 downloads have it: vocab_size given (not -1)
+    save_checkpoint(out_dir, split_state_dict(state, 1), {**params_json(ARGS),
+                                                          "vocab_size": ARGS.vocab_size})
+    return str(out_dir)
+
+
+def build(ckpt_dir: str) -> Llama:
+    return Llama.build(ckpt_dir, meta_tokenizer_path(), max_seq_len=96, max_batch_size=2,
+                       verbose=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_weights(ARGS, seed=31)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, weights):
+    return build(write(tmp_path_factory.mktemp("llama3") / "base", weights))
+
+
+def prompt_of(llama: Llama, api: str):
+    if api in ("chat", "stream_chat"):
+        return meta_dialog_tokens(meta_tokenizer(), DIALOG)
+    return llama.tokenizer.encode(PROMPT, bos=True, eos=False)
+
+
+def stop_made_greedy(tmp_path, weights, base: Llama, prompt, stop_id: int):
+    """A checkpoint whose greedy continuation of `prompt` is the base model's up to a step k,
+    then `stop_id`; returns (its directory, the k tokens before the stop)."""
+    (greedy,), _ = base.generate([prompt], max_gen_len=STEPS, temperature=0)
+    assert len(greedy) == STEPS and stop_id not in greedy  # no stop token by chance
+    k = next(k for k in range(2, STEPS) if greedy[k] not in greedy[:k])
+    state = dict(weights)
+    output = state["output.weight"].clone()
+    output[[greedy[k], stop_id]] = output[[stop_id, greedy[k]]]
+    state["output.weight"] = output
+    return write(tmp_path / "stop", state), greedy[:k]
+
+
+def test_chat_completion_feeds_the_model_meta_s_prompt(base):
+    seen = []
+    hook = base.model.tok_embeddings.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].tolist()))
+    try:
+        result = base.chat_completion([DIALOG], temperature=0, max_gen_len=3)[0]
+    finally:
+        hook.remove()
+    assert seen[0] == [meta_dialog_tokens(meta_tokenizer(), DIALOG)]  # the prefill
+    assert result["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("api, stop_name", [("chat", "<|eot_id|>"),
+                                            ("stream_chat", "<|eot_id|>"),
+                                            ("chat", "<|eom_id|>"),
+                                            ("text", "<|end_of_text|>"),
+                                            ("stream_text", "<|eot_id|>")])
+def test_generation_ends_at_each_stop_token(tmp_path, weights, base, api, stop_name):
+    stop_id = base.tokenizer.special_tokens[stop_name]
+    prompt = prompt_of(base, api)
+    ckpt, before_stop = stop_made_greedy(tmp_path, weights, base, prompt, stop_id)
+    llama = build(ckpt)
+    # the model itself: after those tokens its greedy choice is the stop token
+    logits = llama.model.forward(torch.tensor([prompt + before_stop]), 0)
+    assert int(logits[0, -1].argmax()) == stop_id
+    llama.free_cache()
+
+    expected = llama.tokenizer.decode(before_stop)
+    if api == "chat":
+        result = llama.chat_completion([DIALOG], temperature=0, max_gen_len=STEPS,
+                                       logprobs=True)[0]
+        text = result["generation"]["content"]
+        assert result["tokens"] == [llama.tokenizer.decode([t]) for t in before_stop]
+    elif api == "text":
+        result = llama.text_completion([PROMPT], temperature=0, max_gen_len=STEPS)[0]
+        text = result["generation"]
+    else:
+        stream = (llama.stream_chat(DIALOG, temperature=0, max_gen_len=STEPS) if
+                  api == "stream_chat" else
+                  llama.stream_text(PROMPT, temperature=0, max_gen_len=STEPS))
+        text = "".join(stream)
+        assert stream.text == text and stream.tokens == before_stop
+        result = {"finish_reason": stream.finish_reason}
+    assert text == expected and result["finish_reason"] == "stop"
+    tokens, _ = llama.generate([prompt], max_gen_len=STEPS, temperature=0)
+    assert tokens == [before_stop]
