@@ -112,3 +112,34 @@ def test_generation_ends_at_each_stop_token(tmp_path, weights, base, api, stop_n
     assert text == expected and result["finish_reason"] == "stop"
     tokens, _ = llama.generate([prompt], max_gen_len=STEPS, temperature=0)
     assert tokens == [before_stop]
+
+
+def test_the_server_uses_llama3_s_format_stop_tokens_and_token_bytes(tmp_path, weights, base):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from llama.chat_format import UNSAFE_ERROR
+    from tests.server_fixtures import running_server
+
+    prompt = prompt_of(base, "chat")
+    ckpt, before_stop = stop_made_greedy(tmp_path, weights, base, prompt,
+                                         base.tokenizer.special_tokens["<|eot_id|>"])
+    expected = base.tokenizer.decode(before_stop)
+    with running_server("--ckpt_dir", ckpt, "--tokenizer_path", meta_tokenizer_path(),
+                        "--max_batch_size", "2", "--max_seq_len", "96") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        # (the server's model is named after its checkpoint directory)
+        got = client.chat.completions.create(model="stop", messages=DIALOG, temperature=0,
+                                             max_tokens=STEPS, logprobs=True)
+        choice = got.choices[0]
+        assert choice.message.content == expected and choice.finish_reason == "stop"
+        assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt),
+                                                                          len(before_stop))
+        assert b"".join(bytes(t.bytes) for t in choice.logprobs.content) == expected.encode()
+        chunks = list(client.chat.completions.create(model="stop", messages=DIALOG,
+                                                     temperature=0, max_tokens=STEPS,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        refused = client.chat.completions.create(
+            model="stop", messages=[{"role": "user", "content": "hi<|eot_id|>"}])
+        assert refused.choices[0].message.content == UNSAFE_ERROR
