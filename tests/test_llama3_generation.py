@@ -143,3 +143,33 @@ def test_the_server_uses_llama3_s_format_stop_tokens_and_token_bytes(tmp_path, w
         refused = client.chat.completions.create(
             model="stop", messages=[{"role": "user", "content": "hi<|eot_id|>"}])
         assert refused.choices[0].message.content == UNSAFE_ERROR
+
+
+def test_the_interactive_chat_answers_in_llama3_s_format_until_eot(tmp_path, weights, base):
+    import os
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_examples import Terminal, _answer
+
+    dialog = [{"role": "system", "content": "Answer briefly"},
+              {"role": "user", "content": "Hello there, what is a list?"}]
+    ckpt, before_stop = stop_made_greedy(tmp_path, weights, base,
+                                         meta_dialog_tokens(meta_tokenizer(), dialog),
+                                         base.tokenizer.special_tokens["<|eot_id|>"])
+    command = [sys.executable, "example_chat_interactive.py", "--ckpt_dir", ckpt,
+               "--tokenizer_path", meta_tokenizer_path(), "--temperature", "0",
+               "--max_seq_len", "96", "--max_gen_len", str(STEPS), "--system", "Answer briefly"]
+    term = Terminal(command, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    try:
+        term.expect("User: ")
+        term.type(dialog[1]["content"])
+        term.expect("User: ", count=2)
+        answer = _answer(term.screen.split("Assistant: ")[1])
+        assert answer == base.tokenizer.decode(before_stop).strip()
+        term.type("/exit")
+        term.expect("Bye.")
+        assert term.close() == 0
+    finally:
+        if term.process.poll() is None:
+            term.process.kill()
