@@ -33,6 +33,7 @@ from llama.model import KVCache, Transformer
 from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
+from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
 from llama.tokenizers import AnyTokenizer, load_tokenizer, stop_tokens
 from llama.validation import (
     ArgumentError,

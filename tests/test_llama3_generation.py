@@ -13,6 +13,7 @@ from llama import Llama
 from llama.fixtures import params_json, random_weights
 from llama.model import ModelArgs
 from llama.saving import save_checkpoint, split_state_dict
+from llama.validation import ArgumentValueError
 from tests.llama3_reference import meta_dialog_tokens, meta_tokenizer, meta_tokenizer_path
 
 ARGS = ModelArgs(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -43,8 +44,20 @@ def weights():
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, weights):
-    return build(write(tmp_path_factory.mktemp("llama3") / "base", weights))
+def base_dir(tmp_path_factory, weights):
+    return write(tmp_path_factory.mktemp("llama3") / "base", weights)
+
+
+@pytest.fixture(scope="module")
+def base(base_dir):
+    return build(base_dir)
+
+
+def test_build_names_tokenizer_path_for_a_tiktoken_file_that_is_not_llama3_s(base_dir):
+    llama4 = str(Path(meta_tokenizer_path()).parent.parent / "llama4" / "tokenizer.model")
+    with pytest.raises(ArgumentValueError, match="^tokenizer_path '.*' is a tiktoken BPE file "
+                                                 "of 200000 tokens, not Llama 3's"):
+        Llama.build(base_dir, llama4, max_seq_len=96, max_batch_size=2, verbose=False)
 
 
 def prompt_of(llama: Llama, api: str):
