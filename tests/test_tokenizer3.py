@@ -109,3 +109,14 @@ def test_other_tiktoken_files_are_refused_by_name(tmp_path):
         load_tokenizer(str(neither))
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_tokenizer(str(tmp_path / "missing.model"))
+
+
+def test_a_long_text_fed_in_pieces_is_meta_s(ours, meta):
+    """Python's documentation: 465,126 characters, encoded in pieces of 400,000 as Meta does."""
+    from llama.fixtures import python_docs_text
+
+    text = python_docs_text()
+    assert len(text) > 400_000
+    tokens = ours.encode(text, bos=True, eos=True)
+    assert tokens == meta.encode(text, bos=True, eos=True)
+    assert ours.decode(tokens[1:-1]) == text
