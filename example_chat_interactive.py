@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 from llama import Llama
-from llama.chat_format import truncate_dialog
+from llama.chat_formats import truncate_dialog
 from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
 from llama.distributed import broadcast_object
 from llama.keyboard import Keyboard
@@ -102,7 +102,6 @@ def main(
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
                             dtype=dtype, seed=seed, quantize=quantize,
                             group_size=group_size)
-    encode = generator.tokenizer.encode
     system_turn = [{"role": "system", "content": system}] if system else []
     print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",
           flush=True)
@@ -121,7 +120,7 @@ def main(
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            fitted = truncate_dialog(history, encode, max_seq_len - reply_room)
+            fitted = truncate_dialog(generator.tokenizer, history, max_seq_len - reply_room)
             if fitted is None:
                 history.pop()
                 print(f"(that message is too long: with the system prompt it must fit in "

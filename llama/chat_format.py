@@ -87,11 +87,16 @@ def truncate_dialog(dialog: Dialog, encode: Callable[..., List[int]], max_tokens
                     ) -> Optional[Dialog]:
     """Drop the oldest user/assistant exchanges (keeping any system prompt and the last user
     turn) until the dialog fits in `max_tokens`. None if even the last turn alone is too long."""
+    return drop_oldest_turns(dialog, lambda d: len(dialog_to_tokens(d, encode)) <= max_tokens)
+
+
+def drop_oldest_turns(dialog: Dialog, fits: Callable[[Dialog], bool]) -> Optional[Dialog]:
+    """truncate_dialog for any format: `fits(dialog)` says whether a candidate is short enough."""
     system = [dialog[0]] if dialog[0]["role"] == "system" else []
     turns = list(dialog[len(system):])
     while True:
         candidate = system + turns
-        if len(dialog_to_tokens(candidate, encode)) <= max_tokens:
+        if fits(candidate):
             return candidate
         if len(turns) <= 1:
             return None

@@ -13,7 +13,7 @@ never stops for a prefill and the weights are read once for both.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Collection, List, Optional, Tuple, Union
 
 import torch
 
@@ -36,7 +36,7 @@ class Sequence:
     tokens: List[int] = field(default_factory=list)
     token_logprobs: List[float] = field(default_factory=list)
     top: List[List[Tuple[int, float]]] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: Optional[str] = None  # "stop" (a stop token or string) or "length"
     slot: int = -1  # its row of the cache
     start: int = 0  # its first cache slot (left padding before it)
     position: int = 0  # the cache slot its next token goes to
@@ -51,13 +51,14 @@ class Sequence:
         """Its prompt is in the cache: it has next-token logits."""
         return self.prefilled == len(self.prompt)
 
-    def accept(self, token: int, eos_id: int, logprob: float = 0.0,
+    def accept(self, token: int, stop_ids: Collection[int], logprob: float = 0.0,
                top: Optional[List[Tuple[int, float]]] = None) -> None:
-        """Take a sampled token. EOS ends the sequence without becoming part of it; so does
-        reaching the limit, or a stop string appearing in the text (cut before it)."""
+        """Take a sampled token. A stop token (EOS; Llama 3's end of turn...) ends the sequence
+        without becoming part of it; so does reaching the limit, or a stop string appearing
+        in the text (cut before it)."""
         if self.finished:
             return  # a finished row in a batch still steps; its tokens are discarded
-        if token == eos_id:
+        if token in stop_ids:
             self.finish_reason = "stop"
             return
         self.tokens.append(token)
@@ -80,10 +81,12 @@ class Engine:
     once. Otherwise, with `prefill_chunk` > 0, prompts ride with the decode steps (see the
     module's docstring)."""
 
-    def __init__(self, model, eos_id: int, cache: KVCache,
+    def __init__(self, model, stop_ids: Union[int, Collection[int]], cache: KVCache,
                  compiled_step: Optional[Callable] = None, release_finished: bool = False,
                  prefill_chunk: int = 0):
-        self.model, self.eos_id, self.cache = model, eos_id, cache
+        self.model, self.cache = model, cache
+        # the tokens that end a sequence (tokenizers.stop_tokens); one int is an EOS id alone
+        self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
         self.compiled_step = compiled_step
         self.release_finished = release_finished  # server: free a slot as its row ends
         if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
@@ -255,7 +258,7 @@ class Engine:
             i = seq.slot
             alternatives = (list(zip(top_ids[i], top_values[i]))[: seq.top_logprobs]
                             if seq.top_logprobs else None)
-            seq.accept(host_tokens[i], self.eos_id, chosen[i] if want_logprobs else 0.0,
+            seq.accept(host_tokens[i], self.stop_ids, chosen[i] if want_logprobs else 0.0,
                        alternatives)
 
     def _sample(self, logits: torch.Tensor, sequences: List[Sequence]) -> torch.Tensor:

@@ -22,10 +22,9 @@ from llama.chat_format import (
     Dialog,
     Message,
     Role,
-    dialog_to_tokens,
-    has_special_tags,
     validate_dialog,
 )
+from llama.chat_formats import dialog_tokens, has_special_tags
 from llama.distributed import broadcast_object, is_main_process
 from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
@@ -34,7 +33,8 @@ from llama.model import KVCache, Transformer
 from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
 from llama.text import TextTracker
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
+from llama.tokenizers import AnyTokenizer, load_tokenizer, stop_tokens
 from llama.validation import (
     ArgumentError,
     ArgumentTypeError,
@@ -106,7 +106,7 @@ class Llama:
                                                device, dtype, verify, verbose)
         check_quantize_arguments(quantize, group_size)
         try:
-            tokenizer = Tokenizer(model_path=tokenizer_path)
+            tokenizer = load_tokenizer(tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it
             message = "tokenizer_path" + str(error)[len(error.param):]
             raise type(error)("tokenizer_path", message) from None
@@ -117,7 +117,7 @@ class Llama:
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer):
         self.model = model
         self.tokenizer = tokenizer
         self._cache: Optional[KVCache] = None
@@ -159,8 +159,9 @@ class Llama:
         echo: bool = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate from token ids. Returns (tokens, logprobs) per prompt, as the reference:
-        tokens exclude the prompt unless `echo`, stop before EOS, and number at most
-        max_gen_len; logprobs (if asked) are each token's log-probability."""
+        tokens exclude the prompt unless `echo`, stop before a stop token (EOS; for Llama 3
+        also <|eot_id|> and <|eom_id|>), and number at most max_gen_len; logprobs (if asked)
+        are each token's log-probability."""
         rows = _drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
                                      echo))
         return ([row.tokens for row in rows],
@@ -178,8 +179,9 @@ class Llama:
     ) -> List[CompletionPrediction]:
         """Complete each prompt. Returns [{"generation": str, "finish_reason": ...}] (plus
         "tokens" and "logprobs" with logprobs=True). Batches larger than max_batch_size run
-        in chunks. Generation ends at EOS, at `max_gen_len` tokens (default max_seq_len - 1),
-        or before the first of the `stop` strings."""
+        in chunks. Generation ends at a stop token (EOS; for Llama 3 also end of turn or
+        message), at `max_gen_len` tokens (default max_seq_len - 1), or before the first of
+        the `stop` strings."""
         if not isinstance(prompts, (list, tuple)):
             raise ArgumentTypeError("prompts", "prompts must be a list of prompt strings, got "
                                                f"{type(prompts).__name__}")
@@ -201,7 +203,8 @@ class Llama:
         logprobs: bool = False,
         stop: Optional[Sequence[str]] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant, in the Llama 2 chat format. Returns
+        """Answer each dialog as the assistant, in the chat format of the tokenizer's family
+        (Llama 2's [INST] format, or Llama 3's headers ended by <|eot_id|>). Returns
         [{"generation": {"role": "assistant", "content": str}, "finish_reason": ...}] (plus
         "tokens" and "logprobs" with logprobs=True). A dialog that contains the format's
         special tags is not run; its answer is the reference's error text."""
@@ -210,8 +213,8 @@ class Llama:
                                                f"{type(dialogs).__name__}")
         for index, dialog in enumerate(dialogs):
             _validate_dialog(dialog, index)
-        unsafe = [has_special_tags(dialog) for dialog in dialogs]
-        all_tokens = [dialog_to_tokens(dialog, self.tokenizer.encode, index)
+        unsafe = [has_special_tags(self.tokenizer, dialog) for dialog in dialogs]
+        all_tokens = [dialog_tokens(self.tokenizer, dialog, index)
                       for index, dialog in enumerate(dialogs)]
         safe_tokens = [t for t, bad in zip(all_tokens, unsafe) if not bad]
         # The refused dialogs are not run, but sampling draws random numbers as if they were
@@ -250,9 +253,9 @@ class Llama:
         """Answer one dialog, yielding the assistant's text as it is generated (see
         stream_text). A dialog with special tags yields the reference's error text."""
         _validate_dialog(dialog, 0)
-        if has_special_tags(dialog):
+        if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
-        tokens = dialog_to_tokens(dialog, self.tokenizer.encode)
+        tokens = dialog_tokens(self.tokenizer, dialog)
         return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
 
     def free_cache(self) -> None:
@@ -302,7 +305,8 @@ class Llama:
         # a compiled step takes the cache whole: a slice of its rows would be copied each step
         compiled = self._compiled_step is not None and n_steps > 1
         cache = self._cache_for(bsz, max_len + n_steps, exact_rows=compiled)
-        engine = Engine(self.model, self.tokenizer.eos_id, cache,
+        stop_ids = stop_tokens(self.tokenizer)
+        engine = Engine(self.model, stop_ids, cache,
                         self._run_compiled_step if compiled else None)
         noise = None
         if temperature > 0:
@@ -324,7 +328,7 @@ class Llama:
             if cancel is not None and broadcast_object(bool(cancel())):  # one more collective
                 for row in rows:
                     row.finish_reason = row.finish_reason or "cancelled"
-        results = [finish(row, echo, scored[i] if scored else None, self.tokenizer.eos_id)
+        results = [finish(row, echo, scored[i] if scored else None, stop_ids)
                    for i, row in enumerate(rows)]
         if stream:
             rest = rows[0].text.rest()

@@ -70,7 +70,8 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                                   f"exist: pass tokenizer_path (Meta's downloads keep "
                                   f"tokenizer.model beside the model directories)"
                                   + ("; this directory has only tokenizer.json, and this library "
-                                     "reads SentencePiece tokenizer.model files"
+                                     "reads tokenizer.model files (a Llama 3 Hub repository "
+                                     "keeps its own as original/tokenizer.model)"
                                      if only_json else ""))
     if not os.path.exists(tokenizer_path):
         raise ArgumentFileNotFoundError(

@@ -8,7 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from llama.chat_format import dialog_to_tokens, has_special_tags, validate_dialog
+from llama.chat_format import validate_dialog
+from llama.chat_formats import dialog_tokens, has_special_tags
 
 # Fields we accept but that have no effect, and the values that mean "off": any other value
 # asks for something this server does not do, and is refused rather than ignored.
@@ -174,8 +175,8 @@ def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
         validate_dialog(dialog, 0)
     except (TypeError, ValueError) as error:
         raise ApiError(400, str(error).replace("dialog 0", "messages"), "messages") from None
-    job.refused = has_special_tags(dialog)
-    job.prompts = [[] if job.refused else dialog_to_tokens(dialog, tokenizer.encode)]
+    job.refused = has_special_tags(tokenizer, dialog)
+    job.prompts = [[] if job.refused else dialog_tokens(tokenizer, dialog)]
     if not job.refused:
         _limits(job, body, ("max_tokens", "max_completion_tokens"), max_seq_len, "messages")
     else:
@@ -209,14 +210,9 @@ def parse_completion(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
 
 # ---------------------------------------------------------------------- responses
 def token_text(tokenizer, token: int) -> Tuple[str, List[int]]:
-    """A token's text as it sits inside a longer text (SentencePiece's ▁ is a space), and its
-    UTF-8 bytes; a byte-fallback token is its one byte."""
-    piece = tokenizer.sp_model.id_to_piece(token)
-    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-        byte = int(piece[3:5], 16)
-        return (chr(byte) if byte < 0x80 else ""), [byte]
-    text = piece.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    """A token's text as it sits inside a longer text, and its bytes (the tokenizer's
+    token_text: SentencePiece's or tiktoken's pieces)."""
+    return tokenizer.token_text(token)
 
 
 def new_id(chat: bool) -> str:

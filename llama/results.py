@@ -1,9 +1,9 @@
 """A library call's results as the reference gives them, from the engine's finished rows: the
 prompt tokens' log-probabilities (echo), and each row's tokens, text and finish reason, cut
-before a stop string or at the first EOS."""
+before a stop string or at the first stop token (EOS)."""
 
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import Collection, List, Literal, Optional
 
 import torch
 
@@ -48,9 +48,10 @@ def prompt_logprobs(rows: List[EngineSequence], logits: torch.Tensor,
 
 
 def finish(row: EngineSequence, echo: bool, prompt_logprobs: Optional[List[float]],
-            eos_id: int) -> Result:
+            stop_ids: Collection[int]) -> Result:
     """A row's result as the reference gives it: tokens before a stop string; with echo the
-    prompt first (and its logprobs), everything cut at the first EOS."""
+    prompt first (and its logprobs), everything cut at the first stop token (Llama 2's EOS;
+    Llama 3's end of text, turn or message, as Meta's Llama 3 generate cuts)."""
     tokens = row.text.tokens_before_stop() if row.text is not None else list(row.tokens)
     probs = row.token_logprobs[: len(tokens)]
     text = row.text.text if row.text is not None else None
@@ -59,7 +60,7 @@ def finish(row: EngineSequence, echo: bool, prompt_logprobs: Optional[List[float
         tokens = row.prompt + tokens
         probs = (prompt_logprobs or []) + probs if row.logprobs else []
         text = None  # the prompt's text and the answer's, decoded together
-    if eos_id in tokens:
-        cut = tokens.index(eos_id)
+    cut = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+    if cut is not None:
         tokens, probs, text, finish_reason = tokens[:cut], probs[:cut], None, "stop"
     return Result(tokens, probs, text, finish_reason)

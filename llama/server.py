@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from llama import cpu_kernels
 from llama.chat_format import UNSAFE_ERROR
+from llama.tokenizers import stop_tokens
 from llama.openai_api import (
     ApiError,
     Job,
@@ -412,7 +413,7 @@ def main(argv=None) -> int:
         model, tokenizer = generator.model, generator.tokenizer
         # rows of different lengths read only their own cache slots (and faster: README)
         model.use_native_kernels()
-        engine = Engine(model, tokenizer.eos_id,
+        engine = Engine(model, stop_tokens(tokenizer),
                         model.new_cache(args.max_batch_size, max_seq_len),
                         release_finished=True, prefill_chunk=args.prefill_chunk)
         return Scheduler(engine, tokenizer, max_queue=args.max_queue)

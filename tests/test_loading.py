@@ -43,7 +43,7 @@ def test_missing_paths_say_what_is_missing(tmp_path, tokenizer_path, copy_of):
     ckpt = copy_of()
     with pytest.raises(FileNotFoundError, match="^tokenizer_path '.*' does not exist"):
         _build(ckpt, str(tmp_path / "tokenizer.model"))
-    with pytest.raises(ValueError, match="^tokenizer_path '.*' is not a SentencePiece model"):
+    with pytest.raises(ValueError, match="^tokenizer_path '.*' is neither a SentencePiece model"):
         _build(ckpt, str(ckpt / "params.json"))
     (ckpt / "params.json").unlink()
     with pytest.raises(CheckpointError, match="params.json not found"):
