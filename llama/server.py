@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
-from llama import cpu_kernels
 from llama.chat_format import UNSAFE_ERROR
 from llama.tokenizers import stop_tokens
 from llama.openai_api import (
