@@ -57,12 +57,16 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                         f"directory holding config.json and *.safetensors")
     if hf_format.is_hf_checkpoint(Path(ckpt_dir)):
         source = hf_format.HFCheckpoint(Path(ckpt_dir))  # config refusals, weight files
-        rope_theta = source.model_args().rope_theta
+        # max_seq_len too: a dynamic rope scaling refuses one past its context
+        rope_theta = source.model_args(max_seq_len).rope_theta
     else:
         checkpoint.find_shards(Path(ckpt_dir))
         rope_theta = checkpoint.read_params(Path(ckpt_dir)).get("rope_theta", 10000.0)
     if tokenizer_path is None:
         tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
+        hub_copy = os.path.join(ckpt_dir, "original", "tokenizer.model")  # Hub's Llama 3.x
+        if not os.path.isfile(tokenizer_path) and os.path.isfile(hub_copy):
+            tokenizer_path = hub_copy
         if not os.path.isfile(tokenizer_path):
             only_json = os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json"))
             raise ArgumentFileNotFoundError(
