@@ -227,7 +227,7 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
         (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = str(dtype).replace("torch.", "")
     ids = {}
-    if is_llama3(args):
+    if args.vocab_size == hf_config.LLAMA3_VOCAB:  # Llama 3's special tokens exist
         ids = dict(bos_token_id=hf_config.LLAMA3_BOS_ID, eos_token_id=hf_config.LLAMA3_EOS_IDS)
     _write_json(dst / "config.json", hf_config.hf_config(args, dtype_name, tied,
                                                          max_position_embeddings, **ids))

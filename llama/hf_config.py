@@ -25,7 +25,7 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 LLAMA2_CONTEXT = 4096
 # ... and these for Llama 3.x: <|begin_of_text|>, and the ends Meta's generation stops at
 # (<|end_of_text|>, <|eom_id|>, <|eot_id|>), as the Hub's 3.1+ configs list them.
-LLAMA3_BOS_ID, LLAMA3_EOS_IDS = 128000, [128001, 128008, 128009]
+LLAMA3_BOS_ID, LLAMA3_EOS_IDS, LLAMA3_VOCAB = 128000, [128001, 128008, 128009], 128256
 LLAMA3_CONTEXT, LLAMA31_CONTEXT = 8192, 131072
 
 

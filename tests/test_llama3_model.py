@@ -208,3 +208,22 @@ def test_int8_quantizes_the_output_matrix_and_computes_its_weights(build, checkp
     tokens = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     got, want = quantized.forward(tokens, 0), expected.forward(tokens, 0)
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_memory_estimate_of_llama3_shapes_counts_the_published_parameters():
+    """Parameter counts as published for the Hub's (tied) models, plus the output matrix our
+    model holds apart; quantized, the 128,256-row output matrix is 1 byte a weight."""
+    from llama.args import count_parameters
+    from llama.memory import LLAMA3, weight_bytes
+
+    published = {"3.2 1B": 1_235_814_400, "3.2 3B": 3_212_749_824, "3.1 8B": 8_030_261_248}
+    for name, count in published.items():
+        args = LLAMA3[name]
+        output = args.vocab_size * args.dim
+        tied = name.startswith("3.2")
+        assert count_parameters(args) - (output if tied else 0) == count
+        assert weight_bytes(args) == 2 * count_parameters(args)
+        kept = (args.vocab_size + 2 * args.n_layers + 1) * args.dim  # embedding and norms
+        int8 = weight_bytes(args, "int8")
+        assert 2 * kept + (count_parameters(args) - kept) < int8 < \
+            2 * kept + 1.01 * (count_parameters(args) - kept)
