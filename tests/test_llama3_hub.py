@@ -16,8 +16,7 @@ from llama.checkpoint import CheckpointError
 from llama.convert import hf_to_meta, meta_to_hf
 from llama.hf import hf_model
 from tests.conftest import model_args
-from tests.hf_fixtures import hub  # noqa: F401 (a fixture)
-from tests.hf_fixtures import code_tokenizer_path  # noqa: F401 (a fixture)
+from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
 PROMPT = torch.randint(3, 1000, (1, 200), generator=torch.Generator().manual_seed(5))
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
