@@ -180,3 +180,34 @@ def test_a_tied_hub_model_quantizes_its_output_matrix_apart_from_the_embedding(h
     full = _ours(directory, tokenizer_path)
     got = quantized.forward(PROMPT, 0)
     assert ((got - full).norm() / full.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_hub_model_quantized_to_metas_layout_loads_as_quantizing_at_load(
+        mode, hub, tokenizer_path, tmp_path):
+    from llama.quantize_cli import quantize_checkpoint
+
+    directory = hub("llama3", tied=True)
+    quantize_checkpoint(directory, tmp_path / "q", mode, say=lambda line: None)
+    params = json.loads((tmp_path / "q" / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["quantization"]["mode"] == mode
+
+    def logits(ckpt_dir, **kwargs):
+        generator = Llama.build(str(ckpt_dir), tokenizer_path, max_seq_len=256,
+                                max_batch_size=1, verbose=False, device="cpu", **kwargs)
+        return generator.model.forward(PROMPT, 0)
+
+    assert torch.equal(logits(tmp_path / "q"), logits(directory, quantize=mode))
+
+
+def test_a_tied_hub_model_on_two_processes_is_metas_layout_on_one(hub, tokenizer_path,
+                                                                  tmp_path):
+    from tests.test_llama3_model import _worker
+
+    split = _worker(str(hub("llama3", tied=True)), tokenizer_path, tmp_path / "split.json", 2)
+    one = _worker(str(hub.meta("llama3", tied=True)), tokenizer_path, tmp_path / "one.json",
+                  None)
+    assert split["world"] == 2 and split["shapes_ok"]
+    for got, want in zip(split["completions"], one["completions"]):
+        assert got["tokens"] == want["tokens"]
+        assert got["logprobs"] == pytest.approx(want["logprobs"], abs=1e-4)
