@@ -7,6 +7,7 @@ and quantized."""
 import json
 from pathlib import Path
 
+import llama_models.llama3.model as meta_model  # the reference: never skipped (dev deps)
 import pytest
 import torch
 
@@ -20,7 +21,6 @@ from llama.rope_scaling import RopeScaling, RopeScalingError
 from llama.rotary import precompute_freqs_cis
 from tests.conftest import REPO, model_args, run_script
 
-meta_model = pytest.importorskip("llama_models.llama3.model")
 
 # Meta's params.json of Llama 3.1 8B and 3.2 1B (llama-models' sku_list), as downloaded.
 LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
