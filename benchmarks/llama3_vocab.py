@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cpu_step import make_step, random_model  # noqa: E402
+
 from llama import cpu_kernels  # noqa: E402
 from llama.distributed import init_process_groups  # noqa: E402
 from llama.memory import LLAMA3  # noqa: E402

@@ -21,7 +21,6 @@ from llama.rope_scaling import RopeScaling, RopeScalingError
 from llama.rotary import precompute_freqs_cis
 from tests.conftest import REPO, model_args, run_script
 
-
 # Meta's params.json of Llama 3.1 8B and 3.2 1B (llama-models' sku_list), as downloaded.
 LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
               "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05,
@@ -108,8 +107,9 @@ def test_dynamic_scaling_is_refused_past_its_context():
 def _metas_transformer(ckpt_dir: str, max_seq_len: int, **changes):
     """Meta's llama3 Transformer (llama-models 0.3.0 runs on the CPU as it is, once
     fairscale's model-parallel group exists) holding the checkpoint's weights in float32."""
-    from llama.distributed import init_process_groups
     from llama_models.llama3.args import ModelArgs as MetaArgs
+
+    from llama.distributed import init_process_groups
 
     init_process_groups(torch.device("cpu"), announce=False)
     params = {**json.loads((Path(ckpt_dir) / "params.json").read_text()), **changes}
