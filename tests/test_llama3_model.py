@@ -168,6 +168,21 @@ def test_resharded_there_and_back_gives_the_same_tensors(checkpoints, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_shards_without_rope_freqs_load_alike(build, checkpoints, tokenizer_path, tmp_path):
+    """Meta's Llama 3 shards need not carry the rope.freqs extra Llama 2's did."""
+    from llama import Llama
+    from llama.saving import save_checkpoint, split_state_dict
+
+    state = {k: v for k, v in checkpoints.state("llama3").items() if k != "rope.freqs"}
+    params = json.loads((Path(checkpoints("llama3")) / "params.json").read_text())
+    save_checkpoint(tmp_path, split_state_dict(state, 1), params)
+    tokens = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
+    without = Llama.build(str(tmp_path), tokenizer_path, max_seq_len=64, max_batch_size=1,
+                          verbose=False, device="cpu")
+    assert torch.equal(without.model.forward(tokens, 0),
+                       build("llama3", max_batch_size=1).model.forward(tokens, 0))
+
+
 def _worker(ckpt_dir, tokenizer_path, out, nproc, quantize=""):
     args = [str(REPO / "tests" / "mp_worker.py"), ckpt_dir, tokenizer_path, str(out)]
     result = run_script(args + (["", "", quantize] if quantize else []), nproc=nproc)
