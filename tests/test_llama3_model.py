@@ -103,6 +103,19 @@ def test_dynamic_scaling_is_refused_past_its_context():
                   rope_scaling={"type": "linear", "factor": 2.0})
 
 
+def test_context_warnings_know_llama3s_trained_contexts(build):
+    from llama.validation import LlamaWarning, context_warning
+
+    assert "the 8192 tokens Llama 3 was" in context_warning(8193, 500000.0)
+    assert context_warning(8192, 500000.0) is None
+    assert context_warning(131072, 500000.0, "llama3") is None
+    assert "the 131072 tokens Llama 3.1+ was" in context_warning(131073, 500000.0, "llama3")
+    assert context_warning(8192, 10000.0, "linear") is None  # a fine-tune's own length
+    assert "4096 tokens Llama 2" in context_warning(4097, 10000.0)
+    with pytest.warns(LlamaWarning, match="max_seq_len=140000 is above the 131072 tokens"):
+        build("llama3", max_seq_len=140000, max_batch_size=1)
+
+
 # ------------------------------------------------------------------ against Meta's model
 def _metas_transformer(ckpt_dir: str, max_seq_len: int, **changes):
     """Meta's llama3 Transformer (llama-models 0.3.0 runs on the CPU as it is, once
