@@ -48,7 +48,8 @@ def read_config(path: Path) -> dict:
 def _refuse(path: Path, field: str, value, why: str) -> None:
     raise UnsupportedConfigError(
         f"{path}: {field}={value!r} is not supported: {why}. This library runs Llama's "
-        f"architecture (Llama 2 and 3.x) exactly and refuses other models rather than run them approximately")
+        f"architecture (Llama 2 and 3.x) exactly and refuses other models rather than run "
+        f"them approximately")
 
 
 def check_supported(config: dict, path: Path) -> None:
@@ -210,7 +211,8 @@ def hf_config(args: ModelArgs, dtype: str = "bfloat16", tie_word_embeddings: boo
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": hf_scaling(args.rope_scaling),
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": hf_scaling(args.rope_scaling),
         "max_position_embeddings": max_position_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tie_word_embeddings,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
