@@ -211,3 +211,40 @@ def test_a_tied_hub_model_on_two_processes_is_metas_layout_on_one(hub, tokenizer
     for got, want in zip(split["completions"], one["completions"]):
         assert got["tokens"] == want["tokens"]
         assert got["logprobs"] == pytest.approx(want["logprobs"], abs=1e-4)
+
+
+def test_conversion_with_metas_llama3_tokenizer_and_vocabulary(tmp_path):
+    """Llama 3's real vocabulary (128,256 rows) and Meta's tiktoken tokenizer.model (shipped by
+    llama-models): Llama 3's ids in config.json, the tokenizer carried both ways (from the
+    Hub's original/ on the way back)."""
+    import llama_models
+
+    from llama.convert import bpe_vocab_size, check_tokenizer
+    from llama.fixtures import LLAMA3_SHAPE, write_random_checkpoint
+
+    meta_tokenizer = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    assert bpe_vocab_size(meta_tokenizer) == 128256 and check_tokenizer(meta_tokenizer,
+                                                                        128256) is None
+    with pytest.raises(CheckpointError, match="has 128256 pieces but the weights have 1000"):
+        check_tokenizer(meta_tokenizer, 1000)
+    args = ModelArgs(**LLAMA3_SHAPE, vocab_size=128256)
+    write_random_checkpoint(tmp_path / "meta", args, seed=4)
+    shutil.copyfile(meta_tokenizer, tmp_path / "meta" / "tokenizer.model")
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["vocab_size"] == 128256
+
+    meta_to_hf(tmp_path / "meta", tmp_path / "hf", say=lambda line: None)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (128000,
+                                                                    [128001, 128008, 128009])
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == meta_tokenizer.read_bytes()
+    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+
+    (tmp_path / "hf" / "original").mkdir()
+    (tmp_path / "hf" / "tokenizer.model").rename(tmp_path / "hf" / "original" / "tokenizer.model")
+    hf_to_meta(tmp_path / "hf", tmp_path / "back", say=lambda line: None)
+    assert (tmp_path / "back" / "tokenizer.model").read_bytes() == meta_tokenizer.read_bytes()
+    assert json.loads((tmp_path / "back" / "params.json").read_text())["vocab_size"] == 128256
+    before = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    after = torch.load(tmp_path / "back" / "consolidated.00.pth", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
