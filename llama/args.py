@@ -4,6 +4,8 @@ validated once."""
 from dataclasses import dataclass
 from typing import Optional
 
+from llama.rope_scaling import RopeScaling, RopeScalingError, check_context, meta_llama3
+
 
 @dataclass
 class ModelArgs:
@@ -19,10 +21,22 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1+: Meta's "llama3" frequency scaling
+    # Ours: the scaling itself (llama/rope_scaling.py): what use_scaled_rope means for this
+    # shape, or a Hub config's `rope_scaling` (a dict, as in JSON, is read into one).
+    rope_scaling: Optional[RopeScaling] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"ModelArgs.use_scaled_rope must be true or false, got "
+                             f"{self.use_scaled_rope!r}")
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling.from_json(self.rope_scaling)
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelArgs.rope_scaling must be a RopeScaling, a dict or None, "
+                             f"got {self.rope_scaling!r}")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                      "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
@@ -38,6 +52,21 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self._settle_rope_scaling()
+
+    def _settle_rope_scaling(self) -> None:
+        """use_scaled_rope and rope_scaling say the same thing once built: Meta's flag alone
+        gets Meta's numbers for this shape; a llama3 scaling sets the flag."""
+        scaling = self.rope_scaling
+        if self.use_scaled_rope and scaling is None:
+            self.rope_scaling = meta_llama3(self.dim, self.n_layers, self.n_heads,
+                                            self.n_kv_heads)
+        elif self.use_scaled_rope and scaling.rope_type != "llama3":
+            raise RopeScalingError(f"use_scaled_rope (Meta's llama3 scaling) contradicts "
+                                   f"rope_scaling {scaling.rope_type!r}; keep one")
+        elif scaling is not None and scaling.rope_type == "llama3":
+            self.use_scaled_rope = True
+        check_context(self.rope_scaling, self.max_seq_len)
 
     @property
     def head_dim(self) -> int:

@@ -29,7 +29,30 @@ from llama.quantize import saved_key, split_field
 IGNORED_KEYS = ("rope.freqs",)
 
 _PARAMS_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                  "ffn_dim_multiplier", "norm_eps", "rope_theta"}
+                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope",
+                  "rope_scaling"}  # rope_scaling: ours, for what use_scaled_rope cannot say
+# Fields Meta's Llama 3 ModelArgs knows that describe models this library does not run.
+_REFUSED_FIELDS = {
+    "vision_chunk_size": "Llama 3.2 Vision (11B, 90B) adds an image encoder and cross-attention "
+                         "layers; only the text models run here",
+    "vision_max_num_chunks": "Llama 3.2 Vision models are not supported (text models only)",
+    "vision_num_cross_attention_layers": "Llama 3.2 Vision models are not supported (text "
+                                         "models only)",
+    "vision_model": "Llama 3.2 Vision models are not supported (text models only)",
+    "quantization_args": "Meta's quantized Llama 3.2 releases (QLoRA / SpinQuant int4 with "
+                         "int8 activations) use their own tensor format; load the float "
+                         "checkpoint and pass quantize=, or use python -m llama.quantize",
+    "lora_args": "Meta's QLoRA checkpoints carry adapter tensors this model does not have; use "
+                 "the float checkpoint",
+    "max_seq_len": "the context length is a Llama.build argument (max_seq_len), not a "
+                   "checkpoint field; remove it from params.json",
+    "max_batch_size": "the batch size is a Llama.build argument (max_batch_size), not a "
+                      "checkpoint field; remove it from params.json",
+}
+# Their values in Meta's ModelArgs for a text model: harmless when a params.json spells them.
+_TEXT_DEFAULTS = {"vision_chunk_size": -1, "vision_max_num_chunks": 4,
+                  "vision_num_cross_attention_layers": -1, "quantization_args": None,
+                  "lora_args": None}
 QUANTIZATION_FIELD = "quantization"  # params.json's entry of a quantized checkpoint
 
 
@@ -180,6 +203,12 @@ def _read_params_json(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({error}); re-download it") from None
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} must hold a JSON object of model hyper-parameters")
+    for field in sorted(set(params) & set(_REFUSED_FIELDS)):
+        if field in _TEXT_DEFAULTS and params[field] == _TEXT_DEFAULTS[field]:
+            continue
+        raise CheckpointError(f"{path} has {field}={params[field]!r}: {_REFUSED_FIELDS[field]}")
+    params = {k: v for k, v in params.items()
+              if not (k in _TEXT_DEFAULTS and v == _TEXT_DEFAULTS[k])}
     unknown = sorted(set(params) - _PARAMS_FIELDS - {QUANTIZATION_FIELD})
     if unknown:
         raise CheckpointError(f"{path} has fields this library does not know: {unknown}; "

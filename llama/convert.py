@@ -33,6 +33,7 @@ from llama.fixtures import params_json
 from llama.hf_format import (SAFETENSORS_INDEX, HFCheckpoint, hf_name, is_hf_checkpoint,
                              rotary_heads, rotary_rows_to_hf)
 from llama.args import ModelArgs
+from llama.rope_scaling import scale_frequencies
 from llama.validation import ArgumentError
 
 MAX_SHARD_BYTES = 5 * 10 ** 9  # transformers' "5GB"
@@ -105,21 +106,57 @@ def find_tokenizer(src: Path, tokenizer: Optional[Path]) -> Optional[Path]:
     return found[0] if found else None
 
 
+# Llama 3's tokenizer.model is tiktoken's text format (one "base64 rank" line per token),
+# with Meta's 256 special tokens after the ranks; Llama 2's is a SentencePiece protobuf.
+_BPE_LINE = re.compile(rb"[A-Za-z0-9+/]+=*[ \t]+[0-9]+\r?\n?")
+LLAMA3_SPECIAL_TOKENS = 256
+
+
+def bpe_vocab_size(path: Path) -> Optional[int]:
+    """The vocabulary of a Llama 3 (tiktoken) tokenizer.model, or None for another format."""
+    with open(path, "rb") as f:
+        if not _BPE_LINE.fullmatch(f.readline()):
+            return None
+        f.seek(0)
+        return sum(1 for line in f if line.strip()) + LLAMA3_SPECIAL_TOKENS
+
+
 def check_tokenizer(path: Path, vocab_size: int):
+    """The SentencePiece tokenizer in `path` (None for a Llama 3 tokenizer), checked against
+    the weights' vocabulary."""
     from llama.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(str(path))
-    if tokenizer.n_words != vocab_size:
-        raise CheckpointError(f"{path} has {tokenizer.n_words} pieces but the weights have "
+    bpe = bpe_vocab_size(path)
+    tokenizer = None if bpe is not None else Tokenizer(str(path))
+    n_words = bpe if bpe is not None else tokenizer.n_words
+    if n_words != vocab_size:
+        raise CheckpointError(f"{path} has {n_words} pieces but the weights have "
                               f"{vocab_size} vocabulary rows: pass the tokenizer.model that came "
                               f"with these weights (--tokenizer)")
     return tokenizer
 
 
+def is_llama3(args: ModelArgs) -> bool:
+    """Llama 3.x, from its shape rules: the 128,256-token vocabulary, rotary base 500000 or
+    Meta's scaling (a Llama 2 derivative keeps 32000-ish pieces and base 1e4 or 1e6)."""
+    return args.use_scaled_rope or args.rope_theta == 500000.0 or args.vocab_size == 128256
+
+
+def default_context(args: ModelArgs) -> int:
+    """The context config.json declares when not told: 131072 for Llama 3.1 and later (scaled
+    rotary), 8192 for Llama 3, 4096 for Llama 2."""
+    if args.use_scaled_rope:
+        return hf_config.LLAMA31_CONTEXT
+    return hf_config.LLAMA3_CONTEXT if is_llama3(args) else hf_config.LLAMA2_CONTEXT
+
+
 def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
-               max_position_embeddings: int = hf_config.LLAMA2_CONTEXT,
+               max_position_embeddings: Optional[int] = None,
                tokenizer: Optional[Path] = None, say: Callable[[str], None] = print) -> None:
-    """Meta's checkpoint directory SRC as a Hugging Face directory DST."""
+    """Meta's checkpoint directory SRC as a Hugging Face directory DST. The output layer is
+    written as lm_head.weight unless it equals the embedding bit for bit (then config.json
+    says tie_word_embeddings, as the Hub's Llama 3.2 1B and 3B do). A Llama 3.x model gets
+    Meta's llama3 rope_scaling and Llama 3's special token ids."""
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, ("*.safetensors", "config.json"))
     if is_hf_checkpoint(src):
@@ -133,14 +170,19 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
     paths = checkpoint.find_shards(src)
     shards = {i: checkpoint.load_shard(path) for i, path in enumerate(paths)}
     params = checkpoint.read_params(src)
-    params.pop("vocab_size", None)
+    declared = params.pop("vocab_size", None)
     vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+    if declared not in (None, -1, vocab_size):
+        raise CheckpointError(f"{src / 'params.json'} says vocab_size={declared} but the "
+                              f"embedding has {vocab_size} rows")
     try:
         args = ModelArgs(**params, vocab_size=vocab_size)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{src / 'params.json'}: {error}") from None
     for index, path in enumerate(paths):
         checkpoint.check_shard(path, shards[index], args, len(paths))
+    if max_position_embeddings is None:
+        max_position_embeddings = default_context(args)
     tokenizer_path = find_tokenizer(src, tokenizer)
     sp = check_tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
 
@@ -184,11 +226,19 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                  "weight_map": {hf: file for file, group in zip(files, groups) for hf in group}}
         (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = str(dtype).replace("torch.", "")
+    ids = {}
+    if args.vocab_size == hf_config.LLAMA3_VOCAB:  # Llama 3's special tokens exist
+        ids = dict(bos_token_id=hf_config.LLAMA3_BOS_ID, eos_token_id=hf_config.LLAMA3_EOS_IDS)
     _write_json(dst / "config.json", hf_config.hf_config(args, dtype_name, tied,
-                                                         max_position_embeddings))
+                                                         max_position_embeddings, **ids))
     _write_json(dst / "generation_config.json",
-                hf_config.generation_config(max_position_embeddings))
-    if sp is not None:
+                hf_config.generation_config(max_position_embeddings, **ids,
+                                            **({"pad_token_id": None} if ids else {})))
+    if tokenizer_path is not None and sp is None:  # Llama 3's: this library reads it as it is
+        shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
+        say(f"note: copied Llama 3's tokenizer.model (tiktoken) to {dst}; transformers reads "
+            f"tokenizer.json, which this converter does not write")
+    elif sp is not None:
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
         piece = sp.sp_model.id_to_piece
         config, special = hf_config.tokenizer_configs(piece(sp.bos_id), piece(sp.eos_id),
@@ -216,10 +266,12 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def rope_freqs(args: ModelArgs, dtype: torch.dtype) -> torch.Tensor:
-    """The rope.freqs extra of Meta's shards: each rotary pair's inverse frequency (the model
-    computes its own; Meta's files carry it and the reference ignores it)."""
+    """The rope.freqs extra of Meta's shards: each rotary pair's inverse frequency, scaled as
+    the model scales it (the model computes its own; Meta's files carry it and the reference
+    ignores it)."""
     exponents = torch.arange(0, args.head_dim, 2)[: args.head_dim // 2].float() / args.head_dim
-    return (1.0 / (args.rope_theta ** exponents)).to(dtype)
+    freqs = scale_frequencies(1.0 / (args.rope_theta ** exponents), args.rope_scaling)
+    return freqs.to(dtype)
 
 
 def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
@@ -228,8 +280,10 @@ def hf_to_meta(src: Path, dst: Path, n_shards: int = 1,
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, ("*.pth", "params.json"))
     source = HFCheckpoint(src)
-    args = source.model_args()
-    tokenizer_path = src / "tokenizer.model"
+    args = source.shape_args()
+    # The Hub's Llama 3.x repositories keep Meta's tokenizer.model under original/.
+    tokenizer_path = next((p for p in (src / "tokenizer.model", src / "original" /
+                                       "tokenizer.model") if p.is_file()), src / "tokenizer.model")
     if tokenizer_path.is_file():
         check_tokenizer(tokenizer_path, args.vocab_size)
     checkpoint.check_world_size(args, n_shards, flag="--shards", parts="shards")
@@ -274,10 +328,10 @@ def main(argv=None) -> int:
                              "size) to write (default 1)")
     parser.add_argument("--max-shard-size", type=parse_size, default=MAX_SHARD_BYTES,
                         help="--to hf: largest safetensors file (default 5GB)")
-    parser.add_argument("--max-position-embeddings", type=int,
-                        default=hf_config.LLAMA2_CONTEXT,
-                        help="--to hf: the context length config.json declares (default 4096, "
-                             "Llama 2's; Code Llama's is 16384)")
+    parser.add_argument("--max-position-embeddings", type=int, default=None,
+                        help="--to hf: the context length config.json declares (default 131072 "
+                             "for Llama 3.1+, 8192 for Llama 3, 4096 for Llama 2; Code Llama's "
+                             "is 16384)")
     parser.add_argument("--tokenizer", default=None,
                         help="--to hf: tokenizer.model to copy (default: the one in SRC or "
                              "beside it)")

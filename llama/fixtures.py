@@ -11,6 +11,14 @@ import torch
 from llama.checkpoint import IGNORED_KEYS, full_shapes
 from llama.saving import save_checkpoint, split_state_dict
 from llama.model import ModelArgs, precompute_freqs_cis
+from llama.rope_scaling import meta_llama3
+
+# Llama 3.x's shape rules in miniature: grouped-query heads, ffn_dim_multiplier with a large
+# multiple_of, rope_theta 500000 and Meta's llama3 scaling (a head of 16 has frequencies in
+# all three of its bands: kept, blended, slowed).
+LLAMA3_SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64,
+                    ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0,
+                    use_scaled_rope=True)
 
 
 def python_docs_text() -> str:
@@ -61,21 +69,31 @@ def random_weights(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16, device=
             scale = (4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5
             tensor = scale * torch.randn(shape, generator=generator, device=device)
         state[name] = tensor.to(dtype).cpu()
-    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]  # position 1
+    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta,
+                                 scaling=args.rope_scaling).angle()[1]  # position 1
     state[IGNORED_KEYS[0]] = freqs.to(dtype)
     return state
 
 
 def params_json(args: ModelArgs) -> dict:
-    """params.json as Meta writes it: the shape, with vocab_size -1."""
+    """params.json as Meta writes it: the shape, with vocab_size -1 (Llama 2) or the real one
+    (Llama 3, recognised by its rotary base or scaling); use_scaled_rope for Meta's llama3
+    scaling, and our "rope_scaling" entry for any scaling that flag alone does not say."""
+    llama3 = args.rope_theta == 500000.0 or args.use_scaled_rope
     params = {"dim": args.dim, "multiple_of": args.multiple_of, "n_heads": args.n_heads,
-              "n_layers": args.n_layers, "norm_eps": args.norm_eps, "vocab_size": -1}
+              "n_layers": args.n_layers, "norm_eps": args.norm_eps,
+              "vocab_size": args.vocab_size if llama3 else -1}
     if args.n_kv_heads != args.n_heads:
         params["n_kv_heads"] = args.n_kv_heads
     if args.ffn_dim_multiplier is not None:
         params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
     if args.rope_theta != 10000.0:
         params["rope_theta"] = args.rope_theta
+    if args.use_scaled_rope:
+        params["use_scaled_rope"] = True
+    meta = meta_llama3(args.dim, args.n_layers, args.n_heads, args.n_kv_heads)
+    if args.rope_scaling is not None and args.rope_scaling != meta:
+        params["rope_scaling"] = args.rope_scaling.to_json()
     return params
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 from llama.checkpoint import CheckpointError
 from llama.args import ModelArgs
+from llama.rope_scaling import RopeScaling, RopeScalingError
 
 # What transformers' LlamaConfig assumes when a field is absent.
 DEFAULT_RMS_NORM_EPS = 1e-6
@@ -22,6 +23,10 @@ REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers",
 # Meta's own -hf conversions use these ids and this context length for Llama 2.
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 LLAMA2_CONTEXT = 4096
+# ... and these for Llama 3.x: <|begin_of_text|>, and the ends Meta's generation stops at
+# (<|end_of_text|>, <|eom_id|>, <|eot_id|>), as the Hub's 3.1+ configs list them.
+LLAMA3_BOS_ID, LLAMA3_EOS_IDS, LLAMA3_VOCAB = 128000, [128001, 128008, 128009], 128256
+LLAMA3_CONTEXT, LLAMA31_CONTEXT = 8192, 131072
 
 
 class UnsupportedConfigError(CheckpointError):
@@ -42,12 +47,13 @@ def read_config(path: Path) -> dict:
 
 def _refuse(path: Path, field: str, value, why: str) -> None:
     raise UnsupportedConfigError(
-        f"{path}: {field}={value!r} is not supported: {why}. This library runs Llama 2's "
-        f"architecture exactly and refuses other models rather than run them approximately")
+        f"{path}: {field}={value!r} is not supported: {why}. This library runs Llama's "
+        f"architecture (Llama 2 and 3.x) exactly and refuses other models rather than run "
+        f"them approximately")
 
 
 def check_supported(config: dict, path: Path) -> None:
-    """Refuse, naming the field and its value, every setting whose model differs from Llama 2's
+    """Refuse, naming the field and its value, every setting whose model differs from Llama's
     architecture (a model run without it would give wrong outputs, not an error)."""
     model_type = config.get("model_type")
     if model_type != "llama":
@@ -57,19 +63,7 @@ def check_supported(config: dict, path: Path) -> None:
     if architectures is not None and architectures != ["LlamaForCausalLM"]:
         _refuse(path, "architectures", architectures,
                 "only LlamaForCausalLM (a language-model head on the Llama body) can be loaded")
-    if config.get("rope_scaling") is not None:
-        _refuse(path, "rope_scaling", config["rope_scaling"],
-                "scaled rotary positions (long-context tunes) are not implemented")
-    rope = config.get("rope_parameters")
-    if rope is not None:
-        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
-            else rope
-        extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"}) \
-            if isinstance(rope, dict) else []
-        if kind != "default" or extra:
-            _refuse(path, "rope_parameters", rope,
-                    "only plain rotary embeddings (rope_type \"default\" with a rope_theta) are "
-                    "implemented; scaled rotary positions are not")
+    rope_scaling(config, path)  # refuses kinds it does not implement, by name
     for field in ("attention_bias", "mlp_bias"):
         if config.get(field, False) is not False:
             _refuse(path, field, config[field],
@@ -87,6 +81,40 @@ def check_supported(config: dict, path: Path) -> None:
             and head_dim != hidden // heads:
         _refuse(path, "head_dim", head_dim,
                 f"Llama 2's heads are hidden_size / num_attention_heads = {hidden // heads} wide")
+
+
+def rope_scaling(config: dict, path: Path) -> Optional[RopeScaling]:
+    """The scaled rotary frequencies `rope_scaling` (or transformers 5's `rope_parameters`)
+    asks for, with the numbers transformers fills in: llama3's original context from a
+    top-level original_max_position_embeddings, else its entry, else max_position_embeddings;
+    dynamic's threshold is max_position_embeddings."""
+    found = {}
+    for field in ("rope_scaling", "rope_parameters"):
+        entry = config.get(field)
+        if isinstance(entry, dict) and entry.get("rope_type", entry.get("type")) in (
+                "llama3", "dynamic"):
+            entry = dict(entry)
+            context = config.get("max_position_embeddings", 2048)  # LlamaConfig's default
+            kind = entry.get("rope_type", entry.get("type"))
+            if kind == "llama3":
+                context = config.get("original_max_position_embeddings",
+                                     entry.get("original_max_position_embeddings", context))
+            elif entry.get("original_max_position_embeddings", context) != context:
+                _refuse(path, field, config[field],
+                        "transformers' dynamic scaling starts at max_position_embeddings "
+                        f"({context}), not at original_max_position_embeddings")
+            entry["original_max_position_embeddings"] = context
+        try:
+            found[field] = RopeScaling.from_json(entry, field)
+        except RopeScalingError as error:
+            raise UnsupportedConfigError(f"{path}: {error}. This library runs Llama's "
+                                         f"architecture exactly and refuses other models "
+                                         f"rather than run them approximately") from None
+    if None not in found.values() and found["rope_scaling"] != found["rope_parameters"]:
+        raise CheckpointError(f"{path} gives two rotary scalings, rope_scaling="
+                              f"{config['rope_scaling']} and rope_parameters="
+                              f"{config['rope_parameters']}; keep one")
+    return found["rope_scaling"] or found["rope_parameters"]
 
 
 def rope_theta(config: dict, path: Path) -> float:
@@ -150,7 +178,8 @@ def model_args(config: dict, path: Path, max_seq_len: int = 2048, max_batch_size
                          vocab_size=config["vocab_size"], multiple_of=multiple_of,
                          ffn_dim_multiplier=multiplier,
                          norm_eps=float(config.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
-                         rope_theta=rope_theta(config, path), max_seq_len=max_seq_len,
+                         rope_theta=rope_theta(config, path),
+                         rope_scaling=rope_scaling(config, path), max_seq_len=max_seq_len,
                          max_batch_size=max_batch_size)
     except (ValueError, TypeError) as error:
         if isinstance(error, CheckpointError):
@@ -158,26 +187,44 @@ def model_args(config: dict, path: Path, max_seq_len: int = 2048, max_batch_size
         raise CheckpointError(f"{path}: {error}") from None
 
 
+def hf_scaling(scaling: Optional[RopeScaling]) -> Optional[dict]:
+    """config.json's rope_scaling entry, as transformers reads it (dynamic's threshold is
+    max_position_embeddings, not an entry of its own)."""
+    if scaling is None:
+        return None
+    entry = scaling.to_json()
+    if scaling.rope_type == "dynamic":
+        del entry["original_max_position_embeddings"]
+    return entry
+
+
 def hf_config(args: ModelArgs, dtype: str = "bfloat16", tie_word_embeddings: bool = False,
-              max_position_embeddings: int = LLAMA2_CONTEXT) -> dict:
-    """config.json for these shapes, as Meta's own Llama 2 -hf repositories write it (plus
-    rope_theta and the bias flags, which transformers reads too)."""
+              max_position_embeddings: int = LLAMA2_CONTEXT, bos_token_id=BOS_ID,
+              eos_token_id=EOS_ID) -> dict:
+    """config.json for these shapes, as Meta's own -hf repositories write it (plus rope_theta
+    and the bias flags, which transformers reads too). A dynamic scaling fixes
+    max_position_embeddings (its threshold)."""
+    if args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic":
+        max_position_embeddings = args.rope_scaling.original_max_position_embeddings
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_scaling": None,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": hf_scaling(args.rope_scaling),
         "max_position_embeddings": max_position_embeddings, "hidden_act": "silu",
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": None,
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": None,
         "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True, "torch_dtype": dtype,
     }
 
 
-def generation_config(max_position_embeddings: int = LLAMA2_CONTEXT) -> dict:
+def generation_config(max_position_embeddings: int = LLAMA2_CONTEXT, bos_token_id=BOS_ID,
+                      eos_token_id=EOS_ID, pad_token_id: Optional[int] = PAD_ID) -> dict:
     """generation_config.json with Meta's sampling defaults (also this library's)."""
-    return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
             "do_sample": True, "temperature": 0.6, "top_p": 0.9,
             "max_length": max_position_embeddings}
 

@@ -180,6 +180,11 @@ class HFCheckpoint:
         return hf_config.model_args(self.config, self.config_path, max_seq_len, max_batch_size,
                                     vocab_size)
 
+    def shape_args(self) -> ModelArgs:
+        """The model's shapes for reading or converting its files: no model is built, so no
+        context length applies (a dynamic rope scaling limits the one a model is built for)."""
+        return self.model_args(max_seq_len=1)
+
     def source_name(self, name: str) -> str:
         """The Hugging Face tensor Meta's tensor `name` is read from."""
         if name == "output.weight" and self.tied:

@@ -57,12 +57,22 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                         f"directory holding config.json and *.safetensors")
     if hf_format.is_hf_checkpoint(Path(ckpt_dir)):
         source = hf_format.HFCheckpoint(Path(ckpt_dir))  # config refusals, weight files
-        rope_theta = source.model_args().rope_theta
+        # max_seq_len too: a dynamic rope scaling refuses one past its context
+        shape = source.model_args(max_seq_len)
+        rope_theta = shape.rope_theta
+        scaling = shape.rope_scaling.rope_type if shape.rope_scaling is not None else None
     else:
         checkpoint.find_shards(Path(ckpt_dir))
-        rope_theta = checkpoint.read_params(Path(ckpt_dir)).get("rope_theta", 10000.0)
+        params = checkpoint.read_params(Path(ckpt_dir))
+        rope_theta = params.get("rope_theta", 10000.0)
+        entry = params.get("rope_scaling")  # ours, in a converted Hub model's params.json
+        scaling = "llama3" if params.get("use_scaled_rope") is True else \
+            entry.get("rope_type", entry.get("type")) if isinstance(entry, dict) else None
     if tokenizer_path is None:
         tokenizer_path = os.path.join(ckpt_dir, "tokenizer.model")
+        hub_copy = os.path.join(ckpt_dir, "original", "tokenizer.model")  # Hub's Llama 3.x
+        if not os.path.isfile(tokenizer_path) and os.path.isfile(hub_copy):
+            tokenizer_path = hub_copy
         if not os.path.isfile(tokenizer_path):
             only_json = os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json"))
             raise ArgumentFileNotFoundError(
@@ -81,7 +91,7 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
         raise ArgumentValueError(
             "tokenizer_path", f"tokenizer_path {os.fspath(tokenizer_path)!r} is a directory: it "
                               f"should be the tokenizer.model file downloaded with the weights")
-    warning = context_warning(max_seq_len, rope_theta)
+    warning = context_warning(max_seq_len, rope_theta, scaling)
     if warning:
         warnings.warn(warning, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
     return tokenizer_path

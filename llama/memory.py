@@ -1,5 +1,8 @@
 """Memory per model-parallel rank, computed from the shapes: the weights in each format and
-the KV cache. `python -m llama.memory` prints README's table for Llama 2 7B, 13B and 70B.
+the KV cache. `python -m llama.memory` prints README's table for Llama 2 7B, 13B and 70B;
+`python -m llama.memory 8192 llama3` the same for Llama 3.2 1B and 3B, 3.1 8B and 70B (Meta's
+layout: the output matrix apart from the embedding, also where the Hub ties them, since the
+model holds both; quantized, the 128,256-row output matrix is).
 
 Exact bytes of what a rank holds: quantized weights in their saved format (llama/quantize.py;
 a GPU's packed layouts take the same bytes), the embedding and the norms in the model's dtype,
@@ -25,6 +28,20 @@ LLAMA2 = {  # Meta's params.json, with the tokenizer's 32000 pieces
     "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
                      ffn_dim_multiplier=1.3, vocab_size=32000),
 }
+LLAMA3 = {  # Meta's params.json (llama-models' sku_list)
+    "3.2 1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                        ffn_dim_multiplier=1.5, multiple_of=256, rope_theta=500000.0,
+                        use_scaled_rope=True),
+    "3.2 3B": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
+                        ffn_dim_multiplier=1.0, multiple_of=256, rope_theta=500000.0,
+                        use_scaled_rope=True),
+    "3.1 8B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                        ffn_dim_multiplier=1.3, multiple_of=1024, rope_theta=500000.0,
+                        use_scaled_rope=True),
+    "3.1 70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+                         ffn_dim_multiplier=1.3, multiple_of=4096, rope_theta=500000.0,
+                         use_scaled_rope=True),
+}
 PROCESSES = (1, 2, 4, 8)
 GIB = 1024 ** 3
 
@@ -49,13 +66,15 @@ def weight_bytes(args: ModelArgs, mode: Optional[str] = None,
     return total
 
 
-def markdown_table(tokens: int = 4096) -> str:
-    """README's table: weights and KV cache (bfloat16) per rank, GiB."""
+def markdown_table(tokens: int = 4096, models=None) -> str:
+    """README's table: weights and KV cache (bfloat16) per rank, GiB, for `models` (name:
+    ModelArgs; Llama 2's by default). Process counts the model cannot split into are left
+    out (Llama 3's 8 kv heads)."""
     lines = [f"| model | processes | bf16 weights | int8 weights | int4 weights (g"
              f"{DEFAULT_GROUP_SIZE}) | KV cache per token | KV cache, {tokens} tokens |",
              "|---|---|---|---|---|---|---|"]
-    for size, args in LLAMA2.items():
-        for world in PROCESSES:
+    for size, args in (LLAMA2 if models is None else models).items():
+        for world in (w for w in PROCESSES if w in checkpoint.valid_world_sizes(args)):
             weights = [weight_bytes(args, mode, world_size=world) / GIB
                        for mode in (None, "int8", "int4")]
             per_token = KVCache.bytes_per_token(args, torch.bfloat16, world)
@@ -65,4 +84,5 @@ def markdown_table(tokens: int = 4096) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_table(*(int(a) for a in sys.argv[1:2])))
+    family = LLAMA3 if sys.argv[2:3] == ["llama3"] else LLAMA2
+    print(markdown_table(*(int(a) for a in sys.argv[1:2]), models=family))

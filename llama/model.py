@@ -222,7 +222,8 @@ class Transformer(nn.Module):
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
         with torch.device("cpu"):  # also when the model is built on the meta device
             self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2,
-                                                  params.rope_theta)
+                                                  params.rope_theta,
+                                                  scaling=params.rope_scaling)
 
     @classmethod
     def from_state_dict(cls, params: ModelArgs, state: dict, after_copy=None) -> "Transformer":

@@ -43,7 +43,7 @@ class _Source:
     def __init__(self, src: Path):
         if is_hf_checkpoint(src):
             hub = HFCheckpoint(src)
-            self.args = hub.model_args()
+            self.args = hub.shape_args()
             hub.check(self.args)
             self.n_shards = 1
             self.params = params_json(self.args)

@@ -2,14 +2,23 @@
 values rotated by its position's angle, as complex multiplication in float32. The names and
 signatures are Meta's (llama/model.py re-exports them)."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from llama.rope_scaling import META_SCALING, RopeScaling, scale_frequencies
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
+                         scaling: Optional[RopeScaling] = None) -> torch.Tensor:
+    """Meta's table of rotations, (end, dim // 2) complex64; `use_scaled` (Meta's Llama 3.1
+    argument) applies Meta's llama3 scaling with its constants, `scaling` any other (see
+    llama/rope_scaling.py)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
-    t = torch.arange(end, device=freqs.device)
+    if scaling is None and use_scaled:
+        scaling = META_SCALING
+    freqs = scale_frequencies(freqs, scaling)
+    t = torch.arange(end, device=freqs.device, dtype=torch.float32)
     freqs = torch.outer(t, freqs).float()
     return torch.polar(torch.ones_like(freqs), freqs)  # (end, dim // 2) complex64
 

@@ -15,8 +15,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-# Llama 2 was trained on contexts of this many tokens (Llama 2 paper, section 2.2).
+# Llama 2 was trained on contexts of this many tokens (Llama 2 paper, section 2.2); Llama 3
+# on 8192, and Llama 3.1+ (scaled rotary positions) extended to 131072 (Meta's model cards).
 LLAMA2_CONTEXT = 4096
+LLAMA3_CONTEXT, LLAMA31_CONTEXT = 8192, 131072
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -198,13 +200,26 @@ def check_arguments(arguments: Dict[str, Any]) -> None:
             CHECKS[name](value)
 
 
-def context_warning(max_seq_len: int, rope_theta: float) -> Optional[str]:
-    """A sentence when max_seq_len goes past the context Llama 2 was trained on (checkpoints
-    with another rope_theta, such as Code Llama's, were trained on longer ones), else None."""
-    if max_seq_len <= LLAMA2_CONTEXT or rope_theta != 10000.0:
+def context_warning(max_seq_len: int, rope_theta: float,
+                    rope_type: Optional[str] = None) -> Optional[str]:
+    """A sentence when max_seq_len goes past the context the model was trained on: Llama 2's
+    (rotary base 10000), Llama 3's (base 500000) or Llama 3.1's (`rope_type` "llama3", Meta's
+    scaled rotary positions), else None (other bases, such as Code Llama's, and other
+    scalings, such as the Hub's long-context fine-tunes, were trained on other lengths)."""
+    if rope_type == "llama3":
+        family, trained = "Llama 3.1+", LLAMA31_CONTEXT
+    elif rope_type is not None:
         return None
-    return (f"max_seq_len={max_seq_len} is above the {LLAMA2_CONTEXT} tokens Llama 2 was "
-            f"trained on: text past {LLAMA2_CONTEXT} tokens will degrade, and the KV cache "
+    elif rope_theta == 500000.0:
+        family, trained = "Llama 3", LLAMA3_CONTEXT
+    elif rope_theta == 10000.0:
+        family, trained = "Llama 2", LLAMA2_CONTEXT
+    else:
+        return None
+    if max_seq_len <= trained:
+        return None
+    return (f"max_seq_len={max_seq_len} is above the {trained} tokens {family} was "
+            f"trained on: text past {trained} tokens will degrade, and the KV cache "
             f"grows with every token kept")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama.saving import save_checkpoint, split_state_dict
-from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint
+from llama.fixtures import LLAMA3_SHAPE, params_json, train_tokenizer, write_random_checkpoint
 from llama.model import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,8 +22,10 @@ SHAPES = {
     "gqa": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),
     # multi-head attention, as in 7B/13B
     "mha": dict(dim=64, n_layers=2, n_heads=4, multiple_of=32),
+    # Llama 3.x's rules: rope_theta 500000, Meta's llama3 scaling, ffn_dim_multiplier, GQA
+    "llama3": LLAMA3_SHAPE,
 }
-SEEDS = {"gqa": 11, "mha": 12}
+SEEDS = {"gqa": 11, "mha": 12, "llama3": 13}
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ class Hub:
     def __init__(self, root: Path, checkpoints, tokenizer_path, code_tokenizer_path):
         self.root, self.checkpoints = root, checkpoints
         self.tokenizers = {"gqa": tokenizer_path, "mha": tokenizer_path,
-                           "code": code_tokenizer_path}
+                           "llama3": tokenizer_path, "code": code_tokenizer_path}
         self.dirs, self.states = {}, {}
 
     def args(self, kind: str, **overrides) -> ModelArgs:

@@ -173,11 +173,11 @@ def test_command_line_errors(hub, tmp_path, capsys):
     for path in src.iterdir():
         (refused / path.name).write_bytes(path.read_bytes())
     (refused / "config.json").write_text(json.dumps({**config, "rope_scaling": {
-        "type": "dynamic", "factor": 2.0}}))
+        "type": "yarn", "factor": 2.0}}))
     assert convert([str(refused), str(tmp_path / "z"), "--to", "meta"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1
-    assert "rope_scaling={'type': 'dynamic', 'factor': 2.0} is not supported" in err
+    assert "rope_scaling={'type': 'yarn', 'factor': 2.0} is not supported" in err
     other = tmp_path / "other.model"
     other.write_bytes((hub.meta("code") / "tokenizer.model").read_bytes())
     assert convert([str(hub.meta("gqa")), str(tmp_path / "w"), "--to", "hf", "--tokenizer",

@@ -152,9 +152,10 @@ class Exploit:
 
 # ---------------------------------------------------------------------------------- refusals
 REFUSED = [
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling=\\{'type': 'linear'"),
-    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5},
-     "rope_parameters=\\{'rope_type': 'llama3'"),
+    # linear, dynamic and llama3 scalings are run (tests/test_llama3_hub.py); the rest refused
+    ("rope_scaling", {"type": "yarn", "factor": 2.0}, "rope_scaling=\\{'type': 'yarn'"),
+    ("rope_parameters", {"rope_type": "longrope", "factor": 8.0, "rope_theta": 5e5},
+     "rope_parameters=\\{'rope_type': 'longrope'"),
     ("model_type", "mistral", "model_type='mistral'"),
     ("architectures", ["LlamaForSequenceClassification"],
      "architectures=\\['LlamaForSequenceClassification'\\]"),
