@@ -57,7 +57,7 @@ class Projection:
         self.addresses: Tuple[int, ...] = ()
         self.packed = None  # a quantized model's one packed weight (see set_packed)
         self.route: Optional[Callable] = None  # wraps the float matrix for its products
-        self.routed = None  # route(matrix), made again when the matrix is laid out again
+        self.routed, self.routed_for = None, None  # route(matrix), and the matrix it wraps
 
     def set_packed(self, packed) -> None:
         """Use a quantized weight packed from the layers' rows (linear.pack) instead: the
@@ -66,7 +66,7 @@ class Projection:
 
     def set_route(self, route: Optional[Callable]) -> None:
         """Wrap the float matrix with `route` for its products (None: torch's routes)."""
-        self.route, self.routed = route, None
+        self.route, self.routed, self.routed_for = route, None, None
 
     def __call__(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x through the layers' weights: one product, or, when a layer has forward hooks,
@@ -92,7 +92,6 @@ class Projection:
         if tuple(p.data_ptr() for p in params) != self.addresses:
             self.matrix = _lay_out(params)
             self.addresses = tuple(p.data_ptr() for p in params)
-            self.routed = None
         return self.matrix
 
     def product_weight(self, owner: nn.Module):
@@ -100,8 +99,8 @@ class Projection:
         weight = self.weight(owner)
         if self.route is None or self.packed is not None:
             return weight
-        if self.routed is None or self.routed.weight is not weight:
-            self.routed = self.route(weight)
+        if self.routed_for is not weight:  # laid out anew (or first use): wrap it again
+            self.routed, self.routed_for = self.route(weight), weight
         return self.routed
 
     def __deepcopy__(self, memo):

@@ -55,6 +55,14 @@ def float_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
+def native_route(weight: torch.Tensor):
+    """What Transformer.use_native_kernels makes of a float matrix for its products: a float32
+    CPU matrix takes our kernel (FloatKernel); any other keeps its own route."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous():
+        return FloatKernel(weight)
+    return weight
+
+
 class FloatKernel:
     """A float32 CPU weight whose products of 1 to NATIVE_FLOAT_ROWS rows take our kernel
     (llama/cpu_float.cpp: the weight read once for all the rows, each row's result

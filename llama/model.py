@@ -24,7 +24,7 @@ from llama import cpu_kernels, plan as plans
 from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
 from llama.cache import KVCache, OwnCache, Segments, attention_mask
 from llama.fused import Projection, hooked, pack_weights, projections, use_quantized
-from llama.linear import FEW_ROWS, FloatKernel, linear, row_count
+from llama.linear import FEW_ROWS, linear, native_route, row_count
 from llama.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         self.native_attention = float32_cpu and cpu_kernels.fast_attention()
         products = float32_cpu and cpu_kernels.fast_float()
         for _, _, projection in projections(self):
-            projection.set_route(FloatKernel if products else None)
+            projection.set_route(native_route if products else None)
         return self.native_attention or products
 
     def new_cache(self, bsz: int, length: int) -> KVCache:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import cpu_kernels
-from llama.linear import FloatKernel, linear, pack
+from llama.linear import FloatKernel, linear, native_route, pack
 from llama.quantize import quantize_int4, quantize_int8
 from tests.conftest import run_script
 
@@ -354,4 +354,4 @@ def test_quantized_cpu_models_take_the_native_kernels(build):
     assert quantized.layers[0].feed_forward.w13 is quantized.layers[0].feed_forward._w13.packed
     assert not plain.native_attention and plain.layers[0].attention._qkv.route is None
     plain.use_native_kernels()
-    assert (plain.layers[0].attention._qkv.route is FloatKernel) == cpu_kernels.fast_float()
+    assert (plain.layers[0].attention._qkv.route is native_route) == cpu_kernels.fast_float()
