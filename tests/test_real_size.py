@@ -1,0 +1,96 @@
+"""benchmarks/real_size.py at a tiny shape: the checkpoint it writes is Meta's layout, and a run
+measures a format in a process of its own, or says why a format is not run."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import real_size  # noqa: E402
+
+from llama.checkpoint import full_shapes  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+QUICK = ["--prompt-len", "12", "--gen-len", "4", "--batch", "1", "2", "--turns", "2",
+         "--turn-tokens", "16", "--answer-tokens", "4", "--bandwidth-gib", "0.0625"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real-size") / "tiny"
+    assert real_size.main(["--write", str(out), "--shape", "tiny", "--seed", "3"]) == 0
+    return out
+
+
+def test_writes_meta_layout_in_bfloat16(tiny):
+    args = real_size.shape_args("tiny")
+    assert sorted(p.name for p in tiny.iterdir()) == ["consolidated.00.pth", "params.json",
+                                                      "tokenizer.model"]
+    # params.json as Meta writes it: the shape, vocab_size -1
+    assert json.loads((tiny / "params.json").read_text()) == {
+        "dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05,
+        "vocab_size": -1, "n_kv_heads": 2}
+    assert Tokenizer(str(tiny / "tokenizer.model")).n_words == args.vocab_size == 32000
+    state = torch.load(tiny / "consolidated.00.pth", weights_only=True)
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    assert shapes == {**full_shapes(args), "rope.freqs": (args.head_dim // 2,)}
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    # scaled as a trained model's: norms near 1, products by 1/sqrt(fan-in), output 4x that
+    norm = state["layers.1.ffn_norm.weight"].float()
+    assert abs(norm.mean() - 1) < 0.05 and 0.05 < norm.std() < 0.15
+    w2 = state["layers.0.feed_forward.w2.weight"].float()
+    assert abs(w2.std() * w2.shape[1] ** 0.5 - 1) < 0.05
+    output = state["output.weight"].float()
+    assert abs(output.std() * 64 ** 0.5 - 4) < 0.1
+    # written once: a second --write of the same shape leaves it, another shape is refused
+    stamp = (tiny / "consolidated.00.pth").stat().st_mtime_ns
+    assert real_size.main(["--write", str(tiny), "--shape", "tiny"]) == 0
+    assert (tiny / "consolidated.00.pth").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="holds another checkpoint"):
+        real_size.main(["--write", str(tiny), "--shape", "S"])
+
+
+def test_run_measures_a_format_in_its_own_process(tiny, tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    assert real_size.main(["--run", str(tiny), "--formats", "float32", "--json", str(out)]
+                          + QUICK) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    (row,) = figures["results"]
+    assert row["format"] == "float32" and "not_run" not in row, row
+    assert row["weight_dtype"] == "float32"
+    # the step's weights: every checkpoint tensor but the embedding, in float32
+    state = torch.load(tiny / "consolidated.00.pth", weights_only=True)
+    assert row["weights_per_step"] == 4 * sum(
+        t.numel() for name, t in state.items() if name not in ("tok_embeddings.weight",
+                                                               "rope.freqs"))
+    assert set(row["decode_tok_s"]) == {"1", "2"}
+    assert all(rate > 0 for rate in row["decode_tok_s"].values()) and row["prefill_tok_s"] > 0
+    assert row["peak_rss"] >= row["peak_rss_load"] > 0 and row["load_s"] > 0
+    chat = row["chat_completion"]
+    assert len(chat["ttft_s"]) == 2 and chat["prompt_tokens"][1] > chat["prompt_tokens"][0]
+    # the largest call fits the max_seq_len the run chose
+    assert figures["max_seq_len"] >= chat["prompt_tokens"][1] + 4
+    assert figures["read_bandwidth"] > 0
+    table = [line for line in printed.splitlines() if line.startswith("| float32 |")]
+    assert len(table) == 1 and table[0].count("|") == printed.splitlines()[3].count("|")
+    assert printed.rstrip().endswith("--json " + str(out) + " " + " ".join(QUICK))
+
+
+def test_a_format_that_does_not_fit_is_not_run(tiny, capsys):
+    assert real_size.main(["--run", str(tiny), "--formats", "int8", "--memory-limit",
+                           "0.001"] + QUICK) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| int8 |"))
+    assert "not run: needs ~1.0 GiB (weights 0.0, KV cache 0.0, working 1.0); 0.0 GiB " \
+           "available (--memory-limit)" in row
+
+
+def test_read_rate_counts_weights_per_row_and_the_cache():
+    row = {"weights_per_step": 1000, "kv_per_token": 2, "prompt_len": 10, "gen_len": 20}
+    # per token: 1000 / 4 rows of weights, 2 bytes x 20 positions on average of cache
+    assert real_size.read_rate(row, 4, 3.0) == 3.0 * (250 + 40)
