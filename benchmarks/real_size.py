@@ -1,7 +1,7 @@
 """Llama 2 at its real size on this machine: a random checkpoint of the model's exact shape in
 Meta's layout, and every weight format measured on it, each in a process of its own.
 
-    python benchmarks/real_size.py --write ~/rs/7B --shape 7B     # 13.5 GB on disk, ~13.6 GB RSS
+    python benchmarks/real_size.py --write ~/rs/7B --shape 7B     # 13.5 GB; peak RSS ~13 GiB
     python benchmarks/real_size.py --run ~/rs/7B --formats float32 bf16 int8 int4 --json 7B.json
     python benchmarks/real_size.py --write /tmp/rs-S --shape S --run /tmp/rs-S   # a quick run
 
@@ -9,25 +9,29 @@ Meta's layout, and every weight format measured on it, each in a process of its 
 params.json (as Meta writes it) and a tokenizer.model with the shape's vocabulary (a
 SentencePiece model trained on Python's documentation; the rest of the vocabulary placeholder
 pieces). The weights are drawn in bfloat16 tensor by tensor (no float32 copy, the state dict
-held once: 7B peaks at ~13.6 GB) and scaled as llama/fixtures.py's random_weights scales them
+held once: 7B peaks near 13 GiB) and scaled as llama/fixtures.py's random_weights scales them
 (norms near 1, products by 1/sqrt(fan-in), the output layer so logits spread over several
 units), so activations stay within a trained model's range. Shapes: benchmarks/bench.py's
 (tiny, S, M, 7B, 13B, 70B) and 1B, Llama 3.2 1B's dimensions (untied output, its 128256-piece
 vocabulary through a SentencePiece tokenizer, no RoPE scaling).
 
 --run DIR --formats ... loads the checkpoint once per format through the public API, as a user
-would (float32: Llama.build(dtype=torch.float32), bf16: dtype=torch.bfloat16, int8/int4:
-quantize=...), each in a fresh process, and reports per format: load time, peak RSS (VmHWM)
-after loading and over the whole run, prefill tok/s of one --prompt-len prompt, decode tok/s
-(greedy, --gen-len tokens) at each --batch size, the bytes of weights one decode step reads
-and the GB/s that tok/s implies against this machine's read bandwidth (measured in the same
-run: the best of x.sum() and x.amax() over 1 GiB of float32, before and after the formats),
-and time to first token, turn by turn, of a --turns chat of ~--turn-tokens user messages:
-chat_completion of the growing dialog (its answers replayed: the same fixed ~--answer-tokens
-texts for every format), and Llama.chat_session's turns (its own greedy answers) where the
-library has chat sessions. A format whose estimated memory need exceeds what the process may
-use (MemAvailable, the cgroup's limit, --memory-limit) is not run and its row says why; a
-refusal by Llama.build (its memory check) is reported with its message.
+would (float32: Llama.build(dtype=torch.float32), bf16: dtype=torch.bfloat16, int8 and int4:
+quantize=..., default: neither), each in a fresh process, and reports per format: load time,
+peak RSS (VmHWM) after loading and over the whole run, prefill tok/s of one --prompt-len
+prompt, decode tok/s (greedy, --gen-len tokens) at each --batch size, the bytes of weights one
+decode step reads and the GB/s that tok/s implies against this machine's read bandwidth
+(measured in the same run: the best of x.sum() and x.amax() over 1 GiB of float32, before and
+after the formats), and time to first token, turn by turn, of a --turns chat of
+~--turn-tokens user messages: chat_completion of the growing dialog (its answers replayed: the
+same fixed ~--answer-tokens texts for every format), and Llama.chat_session's turns (its own
+greedy answers) where the library has chat sessions. The native CPU kernels are built first
+if they are not yet, so that no format's load time includes compiling them.
+
+A format whose estimated need (weights, KV cache, working memory) exceeds what a process may
+use (MemAvailable, the cgroup's limit, --memory-limit) is not run, and its row says why; a
+refusal by Llama.build (its memory check, where the library has one: the default format's
+weights are then left to it) is reported with its message.
 
 Prints a markdown table (one row per format), the turns' times and the command line; --json
 FILE writes the figures too. Numbers from a shared machine are noisy: compare formats within a
@@ -35,6 +39,7 @@ run, and run again before trusting a difference of a few percent.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -68,6 +73,7 @@ SHAPES = {**BENCH_SHAPES,
 VOCABS = {"1B": 128256}  # the others: Llama 2's 32000
 TRAINED_PIECES = 1000  # the tokenizer's real pieces; the rest are placeholders
 FORMATS = {  # Llama.build's arguments per format
+    "default": {},  # what a user gets who names no format
     "float32": {"dtype": torch.float32},
     "bf16": {"dtype": torch.bfloat16},
     "int8": {"quantize": "int8"},
@@ -164,7 +170,8 @@ def memory_need(args: ModelArgs, fmt: str, cache_tokens: int):
     """(bytes, how they add up) a format's process will hold: its weights (embedding and norms
     in float32 beside quantized products: the most the CPU's default can take), the KV cache
     it allocates in float32, and working memory (1 GiB, or a tenth of the weights for loading
-    temporaries when more)."""
+    temporaries when more). The default format counts as float32 weights, the CPU's default
+    where Llama.build does not decide memory itself."""
     mode = FORMATS[fmt].get("quantize")
     dtype = FORMATS[fmt].get("dtype", torch.float32)
     weights = weight_bytes(args, mode, dtype=dtype)
@@ -173,6 +180,12 @@ def memory_need(args: ModelArgs, fmt: str, cache_tokens: int):
     total = weights + cache + working
     return total, (f"~{total / GIB:.1f} GiB (weights {weights / GIB:.1f}, KV cache "
                    f"{cache / GIB:.1f}, working {working / GIB:.1f})")
+
+
+def library_checks_memory() -> bool:
+    """Whether Llama.build refuses a model that will not fit before loading it (then the
+    default format, whose weights' dtype the library chooses, is left to it)."""
+    return importlib.util.find_spec("llama.memory_fit") is not None
 
 
 # ---------------------------------------------------------------------- bandwidth
@@ -188,6 +201,13 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
             reduce(x)
             best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
+
+
+def native_kernels() -> str:
+    """The native CPU kernels' instruction set, or why they are unavailable."""
+    from llama import cpu_kernels
+
+    return cpu_kernels.isa() or f"unavailable ({cpu_kernels.unavailable_reason()})"
 
 
 # ---------------------------------------------------------------------- one format
@@ -260,15 +280,17 @@ def first_to_last(turns) -> str:
 
 
 def turn_lines(results) -> str:
-    """Each format's turns: time to first token (s) and the prompt's tokens."""
+    """Each format's turns: time to first token, the prompt's tokens (and how many of them a
+    session prefilled)."""
     lines = []
     for r in results:
         for way in ("chat_completion", "chat_session"):
             turns = r.get(way)
             if turns:
+                prefilled = turns.get("prefilled_tokens") or [None] * len(turns["ttft_s"])
                 lines.append(f"{r['format']:>7} {way:>15}: " + ", ".join(
-                    f"{t:.2f} s ({n} tokens)"
-                    for t, n in zip(turns["ttft_s"], turns["prompt_tokens"])))
+                    f"{t:.2f} s ({n} tokens" + (f", {p} prefilled)" if p is not None else ")")
+                    for t, n, p in zip(turns["ttft_s"], turns["prompt_tokens"], prefilled)))
     return "\n".join(lines)
 
 
@@ -279,7 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=list(SHAPES), help="--write's shape")
     parser.add_argument("--seed", type=int, default=0, help="--write's random numbers")
     parser.add_argument("--run", type=Path, metavar="DIR", help="measure this checkpoint")
-    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS),
+                        default=["float32", "bf16", "int8", "int4"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64, help="greedy tokens per decode")
@@ -336,6 +359,7 @@ def measure(a, argv) -> None:
     for name in ("prompt_len", "gen_len", "turns", "turn_tokens", "answer_tokens", "runs"):
         options += ["--" + name.replace("_", "-"), str(getattr(a, name))]
     options += ["--native-kernels"] if a.native_kernels else []
+    kernels = native_kernels()  # built now, if not yet, rather than in a format's load time
     bandwidth = read_bandwidth(a.bandwidth_gib)
     # the generation cache grows to the largest batch's rows; then a chat's one row
     cache_tokens = max(max(a.batch) * (a.prompt_len + a.gen_len), a.max_seq_len)
@@ -343,7 +367,7 @@ def measure(a, argv) -> None:
     for fmt in a.formats:
         need, parts = memory_need(args, fmt, cache_tokens)
         available, source = memory_available(a.memory_limit)
-        if need > available:
+        if need > available and not (fmt == "default" and library_checks_memory()):
             results.append({"format": fmt, "not_run": f"needs {parts}; "
                             f"{available / GIB:.1f} GiB available ({source})"})
         else:
@@ -354,7 +378,7 @@ def measure(a, argv) -> None:
     params = json.loads((a.run / "params.json").read_text())
     print(f"{a.run}: {size / 1e9:.3g} B parameters, params.json {json.dumps(params)}, "
           f"vocabulary {args.vocab_size}; torch {torch.__version__}, {a.threads} threads; "
-          f"{cpu_description()}")
+          f"{cpu_description()}; native kernels: {kernels}")
     print(f"prompt {a.prompt_len} tokens, {a.gen_len} greedy tokens per decode, batch "
           f"{' and '.join(map(str, a.batch))}; a chat of {a.turns} turns (~{a.turn_tokens}-token "
           f"messages, ~{a.answer_tokens}-token answers); max_seq_len {a.max_seq_len}; read "
