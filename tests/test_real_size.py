@@ -93,7 +93,7 @@ def test_a_format_that_does_not_fit_is_not_run(tiny, capsys):
     assert real_size.main(["--run", str(tiny), "--formats", "int8", "default",
                            "--memory-limit", "0.001"] + QUICK) == 0
     rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| int8 |") or line.startswith("| default |")}
+            if line.startswith(("| int8 |", "| default |"))}
     assert "not run: needs ~1.0 GiB (weights 0.0, KV cache 0.0, working 1.0); 0.0 GiB " \
            "available (--memory-limit)" in rows["int8"]
     # refused here, or by Llama.build's own memory check where the library has one
