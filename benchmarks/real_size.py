@@ -12,8 +12,9 @@ pieces). The weights are drawn in bfloat16 tensor by tensor (no float32 copy, th
 held once: 7B peaks near 13 GiB) and scaled as llama/fixtures.py's random_weights scales them
 (norms near 1, products by 1/sqrt(fan-in), the output layer so logits spread over several
 units), so activations stay within a trained model's range. Shapes: benchmarks/bench.py's
-(tiny, S, M, 7B, 13B, 70B) and 1B, Llama 3.2 1B's dimensions (untied output, its 128256-piece
-vocabulary through a SentencePiece tokenizer, no RoPE scaling).
+(tiny, S, M, 7B, 13B, 70B) and 1B, Llama 3.2 1B's params.json (its output matrix apart from
+the embedding, as Meta's layout holds it; its 128256 pieces through a SentencePiece tokenizer,
+so Llama 2's chat format).
 
 --run DIR --formats ... loads the checkpoint once per format through the public API, as a user
 would (float32: Llama.build(dtype=torch.float32), bf16: dtype=torch.bfloat16, int8 and int4:
@@ -67,9 +68,10 @@ from llama.memory import weight_bytes  # noqa: E402
 from llama.model import precompute_freqs_cis  # noqa: E402
 
 SHAPES = {**BENCH_SHAPES,
-          # Llama 3.2 1B's dimensions
+          # Llama 3.2 1B's params.json
           "1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8,
-                 "multiple_of": 256, "ffn_dim_multiplier": 1.5, "rope_theta": 500000.0}}
+                 "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5,
+                 "rope_theta": 500000.0, "use_scaled_rope": True}}
 VOCABS = {"1B": 128256}  # the others: Llama 2's 32000
 TRAINED_PIECES = 1000  # the tokenizer's real pieces; the rest are placeholders
 FORMATS = {  # Llama.build's arguments per format
@@ -99,7 +101,8 @@ def random_state(args: ModelArgs, seed: int):
         else:  # as fixtures.random_weights: 1/sqrt(fan-in), the output layer 4x
             tensor.mul_((4.0 if name == "output.weight" else 1.0) / shape[1] ** 0.5)
         state[name] = tensor
-    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta).angle()[1]  # position 1
+    freqs = precompute_freqs_cis(args.head_dim, 2, args.rope_theta,
+                                 scaling=args.rope_scaling).angle()[1]  # position 1
     state[IGNORED_KEYS[0]] = freqs.to(torch.bfloat16)
     return state
 
@@ -255,10 +258,12 @@ def table(results, bandwidth: float, batches) -> str:
                 kind = f"{r['format']}, {kind} embedding"
             cells = ([r["format"], kind, f"{r['load_s']:.1f}",
                       f"{r['peak_rss_load'] / GIB:.2f} / {r['peak_rss'] / GIB:.2f}",
-                      f"{r['prefill_tok_s']:.1f}"] + [f"{t:.2f}" for t in rates]
+                      f"{r['prefill_tok_s']:.1f}"]
+                     + [f"{t:.2f}" if t else "n/a" for t in rates]
                      + [f"{r['weights_per_step'] / 1e9:.3g}"]
-                     + [f"{g / 1e9:.3g} ({g / bandwidth:.0%})"
-                        for g in (read_rate(r, b, t) for b, t in zip(batches, rates))]
+                     + [f"{g / 1e9:.3g} ({g / bandwidth:.0%})" if g else "n/a"
+                        for g in (read_rate(r, b, t) if t else None
+                                  for b, t in zip(batches, rates))]
                      + [first_to_last(r.get("chat_completion")),
                         first_to_last(r.get("chat_session"))])
         lines.append("| " + " | ".join(cells) + " |")

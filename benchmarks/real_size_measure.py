@@ -52,18 +52,25 @@ def measure_format(ckpt: Path, fmt: str, build: dict, a, say=print) -> dict:
     out["prefill_tok_s"] = a.prompt_len / statistics.median(prefill)
     say(f"loaded in {out['load_s']:.1f} s; prefill {out['prefill_tok_s']:.1f} tok/s")
 
-    # Decode: each run's generation of gen_len tokens less the same batch's first token
+    # Decode: each run's generation of gen_len tokens less the same batch's first token,
+    # timed before and after it (the shorter: a busy spell only lengthens a call)
     out["decode_tok_s"] = {}
     for bsz in a.batch:
         prompts = random_prompts(bsz, a.prompt_len, vocab, seed=bsz)
         rates = []
         for _ in range(a.runs):
-            first, _ = seconds(llama.generate, prompts, 1, temperature=0)
+            before, _ = seconds(llama.generate, prompts, 1, temperature=0)
             whole, (tokens, _) = seconds(llama.generate, prompts, a.gen_len, temperature=0)
+            after, _ = seconds(llama.generate, prompts, 1, temperature=0)
             # tokens after each row's first; a row that met EOS counts what it made
-            rates.append((sum(len(row) for row in tokens) - bsz) / (whole - first))
-        out["decode_tok_s"][str(bsz)] = statistics.median(rates)
-        say(f"decode batch {bsz}: {out['decode_tok_s'][str(bsz)]:.2f} tok/s")
+            made = sum(len(row) for row in tokens) - bsz
+            decoding = whole - min(before, after)
+            if made > 0 and decoding > 0:
+                rates.append(made / decoding)
+        # None: too short to time on this machine (a longer --gen-len will do)
+        rate = statistics.median(rates) if rates else None
+        out["decode_tok_s"][str(bsz)] = rate
+        say(f"decode batch {bsz}: " + (f"{rate:.2f} tok/s" if rate else "too short to time"))
     llama.free_cache()  # the chat's calls need one row, longer
 
     users, answers = chat_texts(llama.tokenizer, a.turns, a.turn_tokens, a.answer_tokens)

@@ -15,7 +15,7 @@ import real_size  # noqa: E402
 from llama.checkpoint import full_shapes  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
-QUICK = ["--prompt-len", "12", "--gen-len", "4", "--batch", "1", "2", "--turns", "2",
+QUICK = ["--prompt-len", "12", "--gen-len", "8", "--batch", "1", "2", "--turns", "2",
          "--turn-tokens", "16", "--answer-tokens", "4", "--bandwidth-gib", "0.0625"]
 
 
