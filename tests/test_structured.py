@@ -158,3 +158,66 @@ def test_closed_objects_only_adds_what_is_missing():
     assert closed["additionalProperties"] is True
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["a"]["properties"]["b"] == {"enum": [{}]}
+
+
+def test_quantized_model_answers_validate(build):
+    llama = build("gqa", max_seq_len=256, max_batch_size=8, quantize="int8")
+    torch.manual_seed(5)
+    out = llama.text_completion(PROMPTS, temperature=1.0, top_p=1.0, max_gen_len=80,
+                                response_format=json_schema(SCHEMAS["pattern"]))
+    assert all(valid(row["generation"], SCHEMAS["pattern"]) for row in out), out
+
+
+def test_engine_rows_with_and_without_constraints_in_one_step(llama):
+    """Server-style engine: greedy rows (constrained or not) give the same tokens alone as
+    beside other rows, constrained or not, joining at different steps."""
+    from llama.engine import Engine, Sequence
+    from llama.structured import make_constraint
+
+    spec = GrammarSpec.json_schema(SCHEMAS["flat"])
+    encode = llama.tokenizer.encode
+    n_vocab = llama.model.params.vocab_size
+
+    def sequence(i, constrained):
+        seq = Sequence(prompt=encode(PROMPTS[i], bos=True, eos=False), limit=50)
+        if constrained:
+            seq.constraint = make_constraint(llama.tokenizer, n_vocab, spec, 50)
+        return seq
+
+    def run(rows, join_every=0):
+        engine = Engine(llama.model, llama.tokenizer.eos_id, llama.model.new_cache(8, 128),
+                        release_finished=True)
+        waiting = list(rows)
+        engine.add(waiting.pop(0))
+        while waiting or engine.sequences:
+            if waiting and (not join_every or engine.steps % join_every == 0):
+                engine.add(waiting.pop(0))
+            engine.step()
+        return [seq.tokens for seq in rows]
+
+    kinds = [True, False, True, False, True, True]
+    alone = [run([sequence(i, c)])[0] for i, c in enumerate(kinds)]
+    assert run([sequence(i, c) for i, c in enumerate(kinds)], join_every=3) == alone
+    for i, c in enumerate(kinds):
+        if c:
+            assert valid(llama.tokenizer.decode(alone[i]), SCHEMAS["flat"])
+
+
+def test_penalties_and_bias_follow_openais_formula():
+    from llama.penalties import logit_adjust
+
+    adjust = logit_adjust(0.5, 0.25, {"3": 2.0, 7: -100}, vocab_size=10)
+    logits = torch.arange(10, dtype=torch.float32)
+    tokens = [1, 1, 3, 9, 1]
+    expected = logits.clone()
+    for token in set(tokens):
+        expected[token] -= 0.25 * tokens.count(token) + 0.5
+    expected[3] += 2.0
+    expected[7] -= 100
+    adjust.apply(logits, tokens)
+    assert torch.equal(logits, expected)
+    assert logit_adjust(0, 0.0, {}, 10) is None
+    for bad in ({"presence_penalty": 2.5}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"10": 1}}, {"logit_bias": {"1": 101}}):
+        with pytest.raises(ArgumentValueError):
+            logit_adjust(vocab_size=10, **bad)
