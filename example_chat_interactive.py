@@ -12,8 +12,8 @@ and it says so.
 
 import contextlib
 import sys
-from json import load as load_json
 import time
+from json import load as load_json
 from typing import Optional
 
 from llama import Llama

@@ -8,13 +8,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from llama.chat_format import dialog_to_tokens, has_special_tags, validate_dialog
 from llama import openai_options
+from llama.chat_format import dialog_to_tokens, has_special_tags, validate_dialog
 
 # Fields we accept but that have no effect, and the values that mean "off": any other value
 # asks for something this server does not do, and is refused rather than ignored.
-NEUTRAL = {"suffix": ("",), "best_of": (1,), "parallel_tool_calls": (True, False),
-           "store": (False,), "service_tier": ("auto", "default")}
+NEUTRAL = {"suffix": ("",), "best_of": (1,), "store": (False,),
+           "service_tier": ("auto", "default")}
 IGNORED = {"user", "metadata", "model"}
 COMMON = {"max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
           "logprobs"} | openai_options.FIELDS

@@ -6,13 +6,19 @@ from typing import Any, Dict, List, Optional
 
 from llama.penalties import logit_adjust
 from llama.structured import make_constraint, response_format_spec
-from llama.tools import ToolError, convert_messages, grammar, parse_calls, parse_tools, \
-    system_prompt
+from llama.tools import (
+    ToolError,
+    convert_messages,
+    grammar,
+    parse_calls,
+    parse_tools,
+    system_prompt,
+)
 from llama.validation import ArgumentError
 
 MAX_N = 16  # choices per request (each takes a slot like a request of its own)
 FIELDS = {"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "n"}
-CHAT_FIELDS = FIELDS | {"tools", "tool_choice"}
+CHAT_FIELDS = FIELDS | {"tools", "tool_choice", "parallel_tool_calls"}
 
 
 def _api_error(param: str, message: str):
@@ -60,6 +66,11 @@ def read_options(job, body: Dict[str, Any], tokenizer) -> None:
         except ToolError as error:
             raise _api_error(error.param, str(error)) from None
         if job.tools is not None:
+            parallel = body.get("parallel_tool_calls")
+            if parallel is not None and not isinstance(parallel, bool):
+                raise _api_error("parallel_tool_calls", "'parallel_tool_calls' must be true or "
+                                                        f"false, got {parallel!r}")
+            job.tools.parallel = parallel is not False
             if job.spec is not None:
                 raise _api_error("response_format", "'response_format' cannot be combined "
                                                     "with 'tools' here: leave one out")

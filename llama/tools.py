@@ -34,6 +34,7 @@ class Tools:
     """The functions a request offers, and how the answer must use them."""
     functions: List[Dict[str, Any]]  # {"name", "description", "parameters"}
     choice: str = "auto"  # "auto", "required", or a function's name (forced)
+    parallel: bool = True  # more than one call in an answer (OpenAI's parallel_tool_calls)
 
     @property
     def offered(self) -> List[Dict[str, Any]]:
@@ -108,7 +109,7 @@ def call_schema(tools: Tools) -> Dict[str, Any]:
               "required": ["name", "arguments"]} for f in tools.offered]
     items = calls[0] if len(calls) == 1 else {"anyOf": calls}
     array: Dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
-    if tools.choice not in CHOICES:
+    if tools.choice not in CHOICES or not tools.parallel:
         array["maxItems"] = 1
     return {"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"]}
 

@@ -12,7 +12,7 @@ import torch
 from llama.constraint import Constraint, apply_masks
 from llama.grammar import GrammarSpec, closed_objects, vocabulary
 from llama.validation import ArgumentValueError
-from structured_schemas import SCHEMAS
+from tests.structured_schemas import SCHEMAS
 
 PROMPTS = ["The", "In Python, a class", "Return the", "x = 1", "A list", "def f(", "import",
            "Note:"]

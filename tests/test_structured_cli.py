@@ -11,7 +11,6 @@ import jsonschema
 
 from tests.conftest import REPO, free_port
 
-
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                           "ok": {"type": "boolean"},
                                           "n": {"type": "integer"}},

@@ -169,6 +169,12 @@ def test_named_function_and_auto(client):
     assert [c.function.name for c in answer.message.tool_calls] == ["get_time"]
     assert valid(answer.message.tool_calls[0].function.arguments,
                  TIME["function"]["parameters"])
+    for seed in range(3):  # one call only when parallel calls are off
+        single = client.chat.completions.create(
+            model="llama-demo", messages=[{"role": "user", "content": "Weather, time?"}],
+            tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+            temperature=1.0, seed=seed, max_tokens=80).choices[0]
+        assert len(single.message.tool_calls) == 1
     for seed in range(4):  # either text, or a call that validates
         auto = client.chat.completions.create(
             model="llama-demo", messages=[{"role": "user", "content": "Hello!"}],
@@ -227,6 +233,7 @@ def test_n_penalties_logit_bias_usage_and_max_completion_tokens(client, server):
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"best_of": 2}, "best_of"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
 ])
 def test_bad_fields_are_refused_by_name(server, body, param):
     response = httpx.post(server + "/v1/chat/completions",
