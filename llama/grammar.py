@@ -141,7 +141,7 @@ class Vocabulary:
         self.ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=n_vocab)
         self._matchers: "OrderedDict[GrammarSpec, llguidance.LLMatcher]" = OrderedDict()
         self._lock = threading.Lock()  # the server compiles on its HTTP threads
-        self.ranks = None  # closing-token preferences (llama/constraint.py), made on first use
+        self.ranks = self.order = None  # closing's preferences (constraint.py), on first use
 
     def matcher(self, spec: GrammarSpec) -> "llguidance.LLMatcher":
         """A matcher for spec in its start state: compiled once, then copied from the cache."""
