@@ -64,6 +64,12 @@ class Constraint:
         self.forced: List[int] = []  # a closing being followed
         shortest = self._closing(limit)
         if shortest is None:
+            if self._closing(4 * limit + 64) is None:
+                raise GrammarError(
+                    f"no complete answer to this {spec.kind} was found (within "
+                    f"{4 * limit + 64} tokens, by a greedy walk); known case: a regex or "
+                    f"grammar whose answer must start with a space, which llguidance does "
+                    f"not match against SentencePiece's space-prefixed pieces")
             raise ConstraintError(
                 f"the token budget ({limit}) is smaller than the shortest answer the "
                 f"{spec.kind} allows: raise max_tokens / max_gen_len")
