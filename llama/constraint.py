@@ -54,9 +54,10 @@ class Constraint:
 
     def __init__(self, vocab: Vocabulary, spec: GrammarSpec, limit: int):
         self.vocab, self.spec, self.limit = vocab, spec, limit
-        if vocab.ranks is None:
-            vocab.ranks = closing_ranks(vocab)
-            vocab.order = np.argsort(vocab.ranks)  # token ids, preferred first
+        if vocab.ranks is None:  # (the server's threads may race here: order set first)
+            ranks = closing_ranks(vocab)
+            vocab.order = np.argsort(ranks)  # token ids, preferred first
+            vocab.ranks = ranks
         self.matcher = vocab.matcher(spec)
         self.words = (vocab.n_vocab + 31) // 32
         self._mask = torch.empty(self.words, dtype=torch.int32)
