@@ -13,6 +13,7 @@ and it says so.
 import contextlib
 import sys
 import time
+from json import load as load_json
 from typing import Optional
 
 from llama import Llama
@@ -61,6 +62,8 @@ def main(
     show_speed: bool = False,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    json: bool = False,
+    schema: Optional[str] = None,
 ):
     """Chat in the terminal; answers are printed as they are generated.
 
@@ -85,6 +88,9 @@ def main(
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
         group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
+        json: every answer is a JSON object (constrained decoding; say in the system prompt
+            what it should hold)
+        schema: a JSON schema file every answer must match (constrained decoding)
     """
     # Keep room for an answer: the prompt may use what is left after it.
     reply_room = max_gen_len or max(16, max_seq_len // 4)
@@ -102,6 +108,11 @@ def main(
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
                             dtype=dtype, seed=seed, quantize=quantize,
                             group_size=group_size)
+    response_format = {"type": "json_object"} if json else None
+    if schema:
+        with open(schema) as file:
+            response_format = {"type": "json_schema",
+                               "json_schema": {"name": "answer", "schema": load_json(file)}}
     system_turn = [{"role": "system", "content": system}] if system else []
     print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",
           flush=True)
@@ -134,7 +145,8 @@ def main(
             answer_start = time.time()
             text, answer, stopped = stream_answer(generator, history, keyboard,
                                                   temperature=temperature, top_p=top_p,
-                                                  max_gen_len=max_gen_len)
+                                                  max_gen_len=max_gen_len,
+                                                  response_format=response_format)
             if show_speed and is_rank0() and not stopped:
                 seconds = time.time() - answer_start
                 print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} "

@@ -18,6 +18,7 @@ from typing import Callable, Collection, List, Optional, Tuple, Union
 import torch
 
 from llama.cache import KVCache, Segments
+from llama.logits import constrain_logits, take_constrained
 from llama.sampling import ReferenceNoise, RowNoise, sample
 from llama.text import TextTracker
 
@@ -33,6 +34,8 @@ class Sequence:
     top_logprobs: int = 0  # and the most likely alternatives' at each step
     text: Optional[TextTracker] = None  # its text, when streaming or checking stop strings
     noise: Optional[RowNoise] = None  # its own random draws (server); None: the batch's
+    constraint: Optional[object] = None  # its grammar (constraint.Constraint), if any
+    adjust: Optional[object] = None  # penalties and logit bias (penalties.LogitAdjust), if any
     tokens: List[int] = field(default_factory=list)
     token_logprobs: List[float] = field(default_factory=list)
     top: List[List[Tuple[int, float]]] = field(default_factory=list)
@@ -222,7 +225,9 @@ class Engine:
         if sequences:
             rows = self._rows_in_use(sequences)
             logits = self.logits[:rows]
+            constrain_logits(logits, sequences)  # penalties, bias, grammar masks: their rows
             self.sampled = self._sample(logits, sequences)  # (rows,), on the device
+            take_constrained(self.sampled, sequences)  # may swap a token for a closing one
             self._accept(self.sampled, logits, sequences)
             self.steps += 1
         if self.release_finished:

@@ -32,6 +32,7 @@ from llama.loading import check_build_arguments, check_quantize_arguments, load_
 from llama.model import KVCache, Transformer
 from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
+from llama.structured import check_no_stop, grammar_spec, make_constraint, response_format_spec
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
 from llama.tokenizers import AnyTokenizer, load_tokenizer, stop_tokens
@@ -176,12 +177,20 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop: Optional[Sequence[str]] = None,
+        response_format=None,
+        regex: Optional[str] = None,
+        grammar: Optional[str] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt. Returns [{"generation": str, "finish_reason": ...}] (plus
         "tokens" and "logprobs" with logprobs=True). Batches larger than max_batch_size run
         in chunks. Generation ends at a stop token (EOS; for Llama 3 also end of turn or
         message), at `max_gen_len` tokens (default max_seq_len - 1), or before the first of
-        the `stop` strings."""
+        the `stop` strings.
+
+        At most one of: `response_format` ({"type": "json_object"}, {"type": "json_schema",
+        "json_schema": {"schema": {...}}} or a pydantic model class), `regex`, `grammar` (a
+        Lark grammar) constrains every generation to match it, completed within
+        max_gen_len (docs/STRUCTURED_OUTPUT.md)."""
         if not isinstance(prompts, (list, tuple)):
             raise ArgumentTypeError("prompts", "prompts must be a list of prompt strings, got "
                                                f"{type(prompts).__name__}")
@@ -189,9 +198,10 @@ class Llama:
             if not isinstance(prompt, str):
                 raise ArgumentTypeError("prompts", f"prompts[{index}] must be a str, got "
                                                    f"{type(prompt).__name__}")
+        spec = grammar_spec(response_format, regex, grammar)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
-                                        logprobs, echo, stop)
+                                        logprobs, echo, stop, spec=spec)
         return [self._prediction(row, logprobs, lambda text: text) for row in rows]
 
     def chat_completion(
@@ -202,17 +212,21 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         stop: Optional[Sequence[str]] = None,
+        response_format=None,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in the chat format of the tokenizer's family
         (Llama 2's [INST] format, or Llama 3's headers ended by <|eot_id|>). Returns
         [{"generation": {"role": "assistant", "content": str}, "finish_reason": ...}] (plus
         "tokens" and "logprobs" with logprobs=True). A dialog that contains the format's
-        special tags is not run; its answer is the reference's error text."""
+        special tags is not run; its answer is the reference's error text. `response_format`
+        constrains the answers as in text_completion (the model is not told the schema: say
+        it in the dialog)."""
         if not isinstance(dialogs, (list, tuple)):
             raise ArgumentTypeError("dialogs", "dialogs must be a list of dialogs, got "
                                                f"{type(dialogs).__name__}")
         for index, dialog in enumerate(dialogs):
             _validate_dialog(dialog, index)
+        spec = response_format_spec(response_format)
         unsafe = [has_special_tags(self.tokenizer, dialog) for dialog in dialogs]
         all_tokens = [dialog_tokens(self.tokenizer, dialog, index)
                       for index, dialog in enumerate(dialogs)]
@@ -221,7 +235,8 @@ class Llama:
         # in the batch, as in the reference, so seeded samples of the others stay the same.
         noise_batch = ([len(t) for t in all_tokens], [i for i, bad in enumerate(unsafe) if not bad])
         safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
-                                                  top_p, logprobs, False, stop, noise_batch))
+                                                  top_p, logprobs, False, stop, noise_batch,
+                                                  spec))
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
@@ -234,8 +249,11 @@ class Llama:
     # ------------------------------------------------------------------ streaming
     def stream_text(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-                    cancel: Optional[Callable[[], bool]] = None) -> "TextStream":
-        """Complete one prompt, yielding text pieces as tokens arrive. Joined, the pieces equal
+                    cancel: Optional[Callable[[], bool]] = None, response_format=None,
+                    regex: Optional[str] = None, grammar: Optional[str] = None
+                    ) -> "TextStream":
+        """Complete one prompt, yielding text pieces as tokens arrive (constrained by
+        response_format, regex or grammar as in text_completion). Joined, the pieces equal
         text_completion's "generation" for the same arguments and the same random state
         (seed and earlier calls). After iteration the stream's `text` and `finish_reason` are
         set. Every rank must iterate; pieces are yielded on rank 0 only. `cancel()`, asked on
@@ -244,19 +262,23 @@ class Llama:
         if not isinstance(prompt, str):
             raise ArgumentTypeError("prompt", f"prompt must be a str, got "
                                               f"{type(prompt).__name__}")
+        spec = grammar_spec(response_format, regex, grammar)
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
 
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None,
-                    cancel: Optional[Callable[[], bool]] = None) -> "TextStream":
+                    cancel: Optional[Callable[[], bool]] = None, response_format=None
+                    ) -> "TextStream":
         """Answer one dialog, yielding the assistant's text as it is generated (see
-        stream_text). A dialog with special tags yields the reference's error text."""
+        stream_text; response_format as in chat_completion). A dialog with special tags
+        yields the reference's error text."""
         _validate_dialog(dialog, 0)
+        spec = response_format_spec(response_format)
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         tokens = dialog_tokens(self.tokenizer, dialog)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
 
     def free_cache(self) -> None:
         """Release the KV caches kept between calls (generation's, and the one the model
@@ -266,7 +288,7 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None) -> List[Result]:
+                            echo, stop, noise_batch=None, spec=None) -> List[Result]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
@@ -276,17 +298,19 @@ class Llama:
         for begin in range(0, len(prompt_tokens), size):
             rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
-                                          index_offset=begin, noise_batch=noise_batch))
+                                          index_offset=begin, noise_batch=noise_batch,
+                                          spec=spec))
         return rows
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                   stop=None, stream=False, index_offset=0, noise_batch=None,
-                  cancel=None) -> Iterator[str]:
+                  cancel=None, spec=None) -> Iterator[str]:
         """Yields text pieces of row 0 when `stream`; returns a Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise).
-        `cancel()` is asked after each step; rank 0's answer holds for every rank."""
+        `cancel()` is asked after each step; rank 0's answer holds for every rank. `spec`: a
+        grammar.GrammarSpec every row's generation must match."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
                                           params, self.tokenizer.n_words, index_offset)
@@ -301,6 +325,11 @@ class Llama:
                                temperature=temperature, top_p=top_p, logprobs=logprobs,
                                text=TextTracker(self.tokenizer, stop) if track_text else None)
                 for t in prompt_tokens]
+        if spec is not None:
+            check_no_stop(spec, stop)
+            for row in rows:
+                row.constraint = make_constraint(self.tokenizer, params.vocab_size, spec,
+                                                 row.limit)
         n_steps = max(row.limit for row in rows)
         # a compiled step takes the cache whole: a slice of its rows would be copied each step
         compiled = self._compiled_step is not None and n_steps > 1
@@ -363,12 +392,13 @@ class TextStream:
     """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
 
     def __init__(self, llama: Llama, prompt_tokens, max_gen_len, temperature, top_p, stop,
-                 cancel=None):
+                 cancel=None, spec=None):
         self._llama, self._prompt_tokens = llama, prompt_tokens
         if max_gen_len is None:
             max_gen_len = llama.model.params.max_seq_len - 1
         self._args = (max_gen_len, temperature, top_p, stop)
-        self._cancel = cancel
+        self._cancel, self._spec = cancel, spec
+        check_no_stop(spec, stop)
         if prompt_tokens is not None:  # bad arguments fail here, not when iterated
             check_generation_arguments([prompt_tokens], max_gen_len, temperature, top_p, stop,
                                        llama.model.params, llama.tokenizer.n_words)
@@ -385,7 +415,7 @@ class TextStream:
         max_gen_len, temperature, top_p, stop = self._args
         results = yield from _only_on_main(self._llama._generate(
             [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
-            stream=True, cancel=self._cancel))
+            stream=True, cancel=self._cancel, spec=self._spec))
         self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
             results[0].finish_reason
 

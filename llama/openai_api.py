@@ -8,19 +8,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from llama import openai_options
 from llama.chat_format import validate_dialog
 from llama.chat_formats import dialog_tokens, has_special_tags
 
 # Fields we accept but that have no effect, and the values that mean "off": any other value
 # asks for something this server does not do, and is refused rather than ignored.
-NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-           "suffix": ("",), "best_of": (1,), "tools": ([],), "tool_choice": ("none",),
-           "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
-           "store": (False,), "service_tier": ("auto", "default")}
+NEUTRAL = {"suffix": ("",), "best_of": (1,), "store": (False,),
+           "service_tier": ("auto", "default")}
 IGNORED = {"user", "metadata", "model"}
 COMMON = {"max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-          "n", "logprobs"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+          "logprobs"} | openai_options.FIELDS
+CHAT_FIELDS = COMMON | openai_options.CHAT_FIELDS | {"messages", "max_completion_tokens",
+                                                     "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 MAX_STOP = 4  # as OpenAI's API
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.6, 0.9  # Llama 2's own (Meta's examples)
@@ -57,6 +57,10 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    seeds: List[Optional[int]] = field(default_factory=list)  # per choice (n > 1: seed + j)
+    spec: Any = None  # grammar.GrammarSpec the answers must match (response_format, tools)
+    tools: Any = None  # tools.Tools offered to the model
+    adjust: Any = None  # penalties.LogitAdjust (penalties, logit_bias)
 
 
 def _number(body, name, low, high, default, low_open=False):
@@ -104,8 +108,6 @@ def _common(body: Dict[str, Any], allowed: set, model_name: str) -> Job:
     if model is not None and model != model_name:
         raise ApiError(404, f"the model {model!r} does not exist here; this server runs "
                             f"{model_name!r}", "model", code="model_not_found")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {body['n']!r}", "n")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -148,7 +150,7 @@ def _limits(job: Job, body, names: Tuple[str, ...], max_seq_len: int, what: str)
 def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
     job = _common(body, CHAT_FIELDS, model_name)
     job.chat = True
-    messages = body.get("messages")
+    messages = openai_options.chat_messages(body)  # tool calls and results as plain roles
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} "
                             "objects", "messages")
@@ -185,6 +187,7 @@ def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
     job.top_logprobs = _integer(body, "top_logprobs", 0, 20) or 0
     if job.top_logprobs and not job.logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    openai_options.read_options(job, body, tokenizer)
     return job
 
 
@@ -205,6 +208,7 @@ def parse_completion(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
     if job.echo and job.logprobs:
         raise ApiError(400, "'echo' with 'logprobs' is not supported (no prompt logprobs)",
                        "echo")
+    openai_options.read_options(job, body, tokenizer)
     return job
 
 

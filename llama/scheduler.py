@@ -19,7 +19,9 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from llama.distributed import broadcast_object, is_main_process
 from llama.engine import Engine, Sequence
+from llama.penalties import LogitAdjust
 from llama.sampling import RowNoise
+from llama.structured import make_constraint
 from llama.text import TextTracker
 
 
@@ -42,6 +44,8 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     seed: Optional[int] = None
+    spec: Optional[object] = None  # grammar.GrammarSpec the answer must match
+    adjust: Optional[LogitAdjust] = None  # penalties and logit bias (a template: per row)
     on_event: Callable[["Event"], None] = lambda event: None
     id: int = -1  # set by submit
 
@@ -193,7 +197,8 @@ class Scheduler:
                 self.requests[request.id] = request
                 work.admit.append((request.id, request.prompt, request.limit,
                                    request.temperature, request.top_p, request.stop,
-                                   request.logprobs, request.top_logprobs, request.seed))
+                                   request.logprobs, request.top_logprobs, request.seed,
+                                   request.spec, request.adjust))
                 free -= 1
         return work
 
@@ -228,12 +233,18 @@ class Scheduler:
             self._forget(request_id)
         vocab = self.engine.model.params.vocab_size
         for (request_id, prompt, limit, temperature, top_p, stop, logprobs, top_logprobs,
-             seed) in work.admit:
+             seed, spec, adjust) in work.admit:
             sequence = Sequence(prompt=prompt, limit=limit, temperature=temperature,
                                 top_p=top_p, logprobs=logprobs, top_logprobs=top_logprobs,
                                 text=TextTracker(self.tokenizer, stop),
                                 noise=RowNoise(seed, vocab, self.engine.device))
             try:
+                # every rank builds its own: the same grammar and tokens give the same masks
+                if spec is not None:
+                    sequence.constraint = make_constraint(self.tokenizer, vocab, spec, limit)
+                if adjust is not None:
+                    sequence.adjust = LogitAdjust(adjust.presence_penalty,
+                                                  adjust.frequency_penalty, adjust.logit_bias)
                 self.engine.add(sequence)
             except Exception as error:  # e.g. out of memory: this request fails, not others
                 self.engine.release(sequence)

@@ -36,7 +36,9 @@ from llama.openai_api import (
     parse_completion,
     usage,
 )
+from llama.openai_options import ToolAnswer
 from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
+from llama.tools import parse_calls
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 RETRY_AFTER_S = 1
@@ -137,7 +139,8 @@ class Run:
                 request = Request(prompt=prompt, limit=limit, temperature=job.temperature,
                                   top_p=job.top_p, stop=job.stop,
                                   logprobs=job.logprobs, top_logprobs=job.top_logprobs,
-                                  seed=job.seed,
+                                  seed=job.seeds[index] if job.seeds else job.seed,
+                                  spec=job.spec, adjust=job.adjust,
                                   on_event=self._receiver(index))
                 self.requests.append(self.scheduler.submit(request))
         except QueueFull as exc:
@@ -209,6 +212,10 @@ class Run:
             choice: Dict[str, Any] = {"index": i, "finish_reason": finish[i], "logprobs": None}
             if job.chat:
                 choice["message"] = {"role": "assistant", "content": texts[i], "refusal": None}
+                calls = parse_calls(texts[i]) if job.tools is not None else None
+                if calls:  # the answer is a call (tools.py's convention)
+                    choice["message"].update(content=None, tool_calls=calls)
+                    choice["finish_reason"] = "tool_calls"
                 if job.logprobs:
                     choice["logprobs"] = chat_logprobs(tokenizer, tokens[i], logprobs[i], top[i])
             else:
@@ -226,6 +233,7 @@ class Run:
         job = self.job
         extra = {"usage": None} if job.include_usage else {}
         prompt_tokens = completion_tokens = 0
+        answers = {}  # with tools: each choice's answer, a call held back until complete
         try:
             if job.chat:  # the first chunk carries the role
                 yield _sse({**head, **extra, "choices": [_chat_choice(0, {"role": "assistant",
@@ -237,9 +245,12 @@ class Run:
                 for i, text in enumerate(job.texts):
                     yield _sse({**head, **extra, "choices": [_text_choice(i, text)]})
             async for index, event in self.events_until_done():
-                if event.text or event.tokens:
+                text = event.text
+                if job.tools is not None:
+                    text = answers.setdefault(index, ToolAnswer()).add(text)
+                if text or (event.tokens and job.tools is None):
                     if job.chat:
-                        piece = _chat_choice(index, {"content": event.text})
+                        piece = _chat_choice(index, {"content": text})
                         if job.logprobs:
                             piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
                                                               event.logprobs, event.top)
@@ -252,8 +263,16 @@ class Run:
                 if event.done:
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
-                    last = (_chat_choice(index, {}, event.finish_reason) if job.chat else
-                            _text_choice(index, "", event.finish_reason))
+                    finish_reason = event.finish_reason
+                    if index in answers:  # tool calls come whole, as one delta
+                        calls = answers[index].calls()
+                        if calls:
+                            finish_reason = "tool_calls"
+                            yield _sse({**head, **extra, "choices": [_chat_choice(
+                                index, {"tool_calls": [dict(call, index=k) for k, call
+                                                       in enumerate(calls)]})]})
+                    last = (_chat_choice(index, {}, finish_reason) if job.chat else
+                            _text_choice(index, "", finish_reason))
                     yield _sse({**head, **extra, "choices": [last]})
             if job.include_usage:
                 yield _sse({**head, "choices": [],
