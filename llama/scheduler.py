@@ -42,6 +42,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     seed: Optional[int] = None
+    after: List[int] = field(default_factory=list)  # the text follows these (TextTracker)
     on_event: Callable[["Event"], None] = lambda event: None
     id: int = -1  # set by submit
 
@@ -73,6 +74,8 @@ class _Work:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, max_queue: int = 64,
                  heartbeat_s: float = 5.0):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more, got {max_queue}")
         self.engine, self.tokenizer = engine, tokenizer
         self.max_queue, self.heartbeat_s = max_queue, heartbeat_s
         self.lock = threading.Condition()
@@ -87,21 +90,39 @@ class Scheduler:
         self.next_id = 0
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self.thread: Optional[threading.Thread] = None
+        self.failed: Optional[str] = None  # why the loop died (see run)
 
     # ------------------------------------------------------------------ rank 0, any thread
     def submit(self, request: Request) -> Request:
-        """Queue a request; raises QueueFull when max_queue requests are already waiting."""
+        """Queue a request; raises QueueFull when it would find neither a free slot nor one
+        of max_queue places to wait in."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: List[Request]) -> List[Request]:
+        """Queue requests together (the choices of one HTTP request): all of them, or none
+        (QueueFull) when the free slots and max_queue places to wait cannot take them all."""
         with self.lock:
+            if self.failed is not None:
+                raise ShuttingDown(f"the server's scheduler failed ({self.failed}); it is "
+                                   f"stopping")
             if self.stopping or self.draining_until is not None:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
-            request.id, self.next_id = self.next_id, self.next_id + 1
-            if request.seed is None:  # drawn here so that every rank uses the same
-                request.seed = random.getrandbits(63)
-            self.waiting.append(request)
+            # admitted requests hold their slot until _forget, so this never counts a slot
+            # twice while a request moves from the queue to the batch
+            free = max(len(self.engine.slots) - len(self.requests), 0)
+            room = free + self.max_queue - len(self.waiting)
+            if len(requests) > room:
+                raise QueueFull(f"{len(self.requests)} requests run and {len(self.waiting)} "
+                                f"wait for a slot; {len(requests)} more do not fit "
+                                f"({len(self.engine.slots)} slots, --max_queue "
+                                f"{self.max_queue})")
+            for request in requests:
+                request.id, self.next_id = self.next_id, self.next_id + 1
+                if request.seed is None:  # drawn here so that every rank uses the same
+                    request.seed = random.getrandbits(63)
+                self.waiting.append(request)
             self.lock.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Drop a request (its client went away): from the queue, or from the batch at the
@@ -113,6 +134,11 @@ class Scheduler:
             elif request.id in self.requests:
                 self.to_cancel.append(request.id)
                 self.lock.notify()
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining" (stopping: finishing what runs) or "failed" (see run)."""
+        return "failed" if self.failed else "draining" if self.draining else "ok"
 
     @property
     def load(self) -> Dict[str, int]:
@@ -150,8 +176,33 @@ class Scheduler:
             self.thread.join()
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> None:
-        """Rank 0's loop: decide, broadcast, apply, step, report."""
+    def run(self, on_failed: Optional[Callable[[], None]] = None) -> None:
+        """Rank 0's loop: decide, broadcast, apply, step, report. If the loop itself fails
+        (a bug: a step's own failures are the requests'), every request waiting or running
+        gets an error, new ones are refused, and on_failed() is called: the server cannot
+        serve any more and should stop."""
+        try:
+            self._loop()
+        except BaseException as error:
+            self._fail_all(error)
+            if on_failed is not None:
+                on_failed()
+
+    def _fail_all(self, error: BaseException) -> None:
+        print(f"the scheduler failed; every request ends with an error:\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        message = f"the server's scheduler failed ({type(error).__name__}: {error})"
+        with self.lock:
+            self.failed = f"{type(error).__name__}: {error}"
+            doomed = list(self.waiting) + list(self.requests.values())
+            self.waiting.clear()
+            self.requests.clear()
+            self.running.clear()
+            self.counts["failed"] += len(doomed)
+        for request in doomed:
+            self._notify(request, Event(done=True, finish_reason="error", error=message))
+
+    def _loop(self) -> None:
         while True:
             work = self._decide()
             work = broadcast_object(work)
@@ -193,7 +244,8 @@ class Scheduler:
                 self.requests[request.id] = request
                 work.admit.append((request.id, request.prompt, request.limit,
                                    request.temperature, request.top_p, request.stop,
-                                   request.logprobs, request.top_logprobs, request.seed))
+                                   request.logprobs, request.top_logprobs, request.seed,
+                                   request.after))
                 free -= 1
         return work
 
@@ -228,10 +280,10 @@ class Scheduler:
             self._forget(request_id)
         vocab = self.engine.model.params.vocab_size
         for (request_id, prompt, limit, temperature, top_p, stop, logprobs, top_logprobs,
-             seed) in work.admit:
+             seed, after) in work.admit:
             sequence = Sequence(prompt=prompt, limit=limit, temperature=temperature,
                                 top_p=top_p, logprobs=logprobs, top_logprobs=top_logprobs,
-                                text=TextTracker(self.tokenizer, stop),
+                                text=TextTracker(self.tokenizer, stop, after),
                                 noise=RowNoise(seed, vocab, self.engine.device))
             try:
                 self.engine.add(sequence)

@@ -12,6 +12,7 @@ Needs the server extra: pip install -e ".[server]".
 import argparse
 import asyncio
 import contextlib
+import hmac
 import importlib.util
 import json
 import os
@@ -19,11 +20,13 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from llama import cpu_kernels
 from llama.chat_format import UNSAFE_ERROR
+from llama.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
 from llama.openai_api import (
     ApiError,
     Job,
@@ -48,6 +51,11 @@ DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its clie
 # reading the weights), small chunks smooth the streams of the other clients but delay first
 # tokens. So 0 by default; chunks are for a steadier stream, and for GPUs (unmeasured).
 PREFILL_CHUNK = 0
+MAX_BODY_BYTES = 4 * 2 ** 20  # a 4096-token prompt is at most ~64k characters; JSON escapes
+                              # write one in up to 12 bytes: 4 MiB leaves room for a history
+BODY_TIMEOUT_S = 10.0  # between two parts of a body
+HEAD_TIMEOUT_S = 10.0  # for a request's head (request line and headers)
+MAX_CONNECTIONS = 256  # beyond this a new connection closes the one idle longest
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
@@ -56,15 +64,37 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
+    from starlette.exceptions import HTTPException
+
     app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
+
+    # every answer, unknown routes and our own bugs included, is OpenAI's error object
+    @app.exception_handler(HTTPException)
+    async def http_error(http: HttpRequest, exc: HTTPException):
+        message = {404: f"no route {http.url.path}: the API is under /v1 (see GET /v1/models)",
+                   405: f"{http.method} is not allowed on {http.url.path}"}.get(
+                       exc.status_code, str(exc.detail))
+        return error(ApiError(exc.status_code, message, code=str(exc.status_code)))
+
+    @app.exception_handler(Exception)
+    async def server_error(http: HttpRequest, exc: Exception):
+        print(f"{http.method} {http.url.path} failed:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        return error(ApiError(500, f"the server failed ({type(exc).__name__}); see its log",
+                              type="server_error"))
 
     def error(exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     def check_key(http: HttpRequest) -> None:
-        if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key is None:
+            return
+        scheme, _, given = http.headers.get("authorization", "").strip().partition(" ")
+        # compared in constant time: how long a wrong key takes says nothing about the key
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                  api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY' "
                                 "(the server's --api_key)", type="authentication_error",
                            code="invalid_api_key")
@@ -75,7 +105,12 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.load}
+        # 503 unless serving: a load balancer or supervisor stops sending, or restarts us
+        status = scheduler.status
+        body = {"status": status, **scheduler.load}
+        if scheduler.failed:
+            body["error"] = scheduler.failed
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -89,11 +124,9 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
     async def complete(http: HttpRequest, parse):
         try:
             check_key(http)
-            try:
-                body = await http.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-                raise ApiError(400, f"the body is not valid JSON ({exc})") from None
-            job = parse(body, tokenizer, max_seq_len, model_name)
+            body = decode_json(await http.body())
+            # tokenizing takes a while for long prompts: not on the loop serving everyone
+            job = await asyncio.to_thread(parse, body, tokenizer, max_seq_len, model_name)
             run = Run(scheduler, job)
             run.submit()
         except ApiError as exc:
@@ -133,13 +166,15 @@ class Run:
             return
         job = self.job
         try:
-            for index, (prompt, limit) in enumerate(zip(job.prompts, job.limits)):
-                request = Request(prompt=prompt, limit=limit, temperature=job.temperature,
-                                  top_p=job.top_p, stop=job.stop,
-                                  logprobs=job.logprobs, top_logprobs=job.top_logprobs,
-                                  seed=job.seed,
-                                  on_event=self._receiver(index))
-                self.requests.append(self.scheduler.submit(request))
+            self.requests = self.scheduler.submit_all([
+                Request(prompt=prompt, limit=limit, temperature=job.temperature,
+                        top_p=job.top_p, stop=job.stop, logprobs=job.logprobs,
+                        top_logprobs=job.top_logprobs, seed=job.seed,
+                        # a completion continues its prompt: its text keeps the leading
+                        # space (OpenAI's clients append it to the prompt)
+                        after=[] if job.chat else prompt[-1:],
+                        on_event=self._receiver(index))
+                for index, (prompt, limit) in enumerate(zip(job.prompts, job.limits))])
         except QueueFull as exc:
             self.cancel()
             raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
@@ -317,7 +352,8 @@ def _uvicorn_server(uvicorn):
     return Server
 
 
-def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
+def _built_and_run_on_a_thread(build: Callable[[], Scheduler],
+                               on_failed: Callable[[], None]) -> Scheduler:
     """build() a scheduler on a thread of its own, which then runs its loop; returns it once
     built (raising what building raised). So one thread loads and steps the model: OpenMP
     regions started from two threads made libgomp stop its idle threads spinning, and each
@@ -333,7 +369,7 @@ def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
             return
         finally:
             ready.set()
-        built["scheduler"].run()
+        built["scheduler"].run(on_failed)
 
     thread = threading.Thread(target=run, name="llama-scheduler", daemon=True)
     thread.start()
@@ -373,8 +409,23 @@ def main(argv=None) -> int:
     parser.add_argument("--group_size", type=int, choices=[32, 64, 128],
                         help="int4 only: input columns sharing a scale (default 32)")
     parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY, "
-                             "else no key)")
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: the "
+                             "environment variable LLAMA_API_KEY, which keeps the key out of "
+                             "the process list; else no key)")
+    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"largest request body; larger ones get HTTP 413 (default "
+                             f"{MAX_BODY_BYTES})")
+    parser.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections at most: a new one beyond closes the one idle "
+                             f"longest (default {MAX_CONNECTIONS})")
+    parser.add_argument("--timeout", type=float, default=HEAD_TIMEOUT_S,
+                        help="seconds a client has to send a request's headers, and between "
+                             f"two parts of its body; slower ones are cut (default "
+                             f"{HEAD_TIMEOUT_S:g})")
+    parser.add_argument("--allowed_hosts",
+                        help="comma-separated host names the Host header may carry (default: "
+                             "localhost, 127.0.0.1 and ::1 when --host is one of them, so that "
+                             "no web page elsewhere can use the server; else any)")
     parser.add_argument("--model_name", help="the model's id in the API (default: the "
                                              "checkpoint directory's name)")
     parser.add_argument("--seed", type=int, default=1, help="seed for requests without one")
@@ -386,6 +437,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")
+    if args.api_key is not None and not args.api_key.strip():
+        given = any(a.startswith("--api_key") for a in (sys.argv[1:] if argv is None else argv))
+        where = "--api_key" if given else "LLAMA_API_KEY"
+        parser.error(f"{where} is empty: give a key, or unset it to serve without one")
+    for flag, low in (("max_queue", 0), ("max_body_bytes", 1), ("max_connections", 1), ("timeout", 0.001)):
+        if getattr(args, flag) < low:
+            parser.error(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
 
     from llama.cli import is_rank0, resolve_model_paths
     from llama.distributed import shutdown
@@ -428,19 +486,40 @@ def main(argv=None) -> int:
         shutdown()
         print(f"rank {rank} stopped", file=sys.stderr, flush=True)
         return 0
-    scheduler = _built_and_run_on_a_thread(build)
+    serving: Dict[str, Any] = {}
+
+    def scheduler_failed() -> None:  # on the scheduler's thread: nothing can be served now
+        if "server" in serving:
+            serving["server"].should_exit = True
+
+    scheduler = _built_and_run_on_a_thread(build, scheduler_failed)
     tokenizer = scheduler.tokenizer
     name = args.model_name or ("llama-demo" if demo else Path(ckpt_dir).resolve().name)
     app = create_app(scheduler, tokenizer, name, max_seq_len, args.api_key)
+    allowed = (args.allowed_hosts.split(",") if args.allowed_hosts
+               else default_allowed_hosts(args.host))
+    app = guard(app, args.max_body_bytes, args.timeout, allowed)
     print(f"Serving {name} on http://{args.host}:{args.port} (chat page at /, OpenAI API "
           f"under /v1)", file=sys.stderr, flush=True)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                    timeout_graceful_shutdown=DRAIN_S), scheduler)
+                                    timeout_graceful_shutdown=DRAIN_S,
+                                    # asyncio accepts up to `backlog` connections at a time
+                                    # before any beyond the limit is closed: both count
+                                    # against the open-files limit
+                                    backlog=args.max_connections,
+                                    http=limited_protocol(args.max_connections, args.timeout)),
+                     scheduler)
+    serving["server"] = server
     try:
-        server.run()
+        if scheduler.failed is None:
+            server.run()
     finally:
         scheduler.stop()  # cancels what still runs, and stops the other ranks
         shutdown()
+    if scheduler.failed is not None:
+        print(f"error: the server stopped because its scheduler failed ({scheduler.failed})",
+              file=sys.stderr, flush=True)
+        return 1
     print("rank 0 stopped", file=sys.stderr, flush=True)
     return 0
 
