@@ -225,6 +225,11 @@ def resolve_model_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]
         from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
 
         return DEMO_CKPT_DIR, tokenizer_path or DEMO_TOKENIZER_PATH
+    if not os.path.isdir(ckpt_dir):
+        what = "is a file" if os.path.exists(ckpt_dir) else "does not exist"
+        raise ArgumentFileNotFoundError(
+            "ckpt_dir", f"ckpt_dir {ckpt_dir!r} {what}: pass the directory holding the "
+                        f"checkpoint (consolidated.*.pth and params.json)")
     if tokenizer_path is None:
         candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
                       os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]

@@ -12,11 +12,13 @@ Needs the server extra: pip install -e ".[server]".
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,6 +28,8 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional
 
 from llama import cpu_kernels
 from llama.chat_format import UNSAFE_ERROR
+from llama.cli import EXPECTED_ERRORS, in_flag_terms
+from llama.metrics import Metrics, Record
 from llama.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
 from llama.openai_api import (
     ApiError,
@@ -39,10 +43,12 @@ from llama.openai_api import (
     parse_completion,
     usage,
 )
+from llama.validation import ArgumentValueError
 from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499  # the access log's status of a request whose client left (nginx's)
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
 # Prompt tokens a step prefills alongside the decode rows (0: each prompt alone as it joins).
@@ -62,12 +68,14 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
                api_key: Optional[str] = None):
     """The FastAPI application serving `scheduler`'s engine."""
     from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse,
+                                   StreamingResponse)
 
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
+    metrics = Metrics(lambda: scheduler.load)
 
     # every answer, unknown routes and our own bugs included, is OpenAI's error object
     @app.exception_handler(HTTPException)
@@ -112,6 +120,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
             body["error"] = scheduler.failed
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models(http: HttpRequest):
         try:
@@ -122,23 +134,30 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
                                             "created": created, "owned_by": "llama"}]}
 
     async def complete(http: HttpRequest, parse):
+        record = metrics.begin(http.url.path)
         try:
             check_key(http)
             body = decode_json(await http.body())
             # tokenizing takes a while for long prompts: not on the loop serving everyone
             job = await asyncio.to_thread(parse, body, tokenizer, max_seq_len, model_name)
-            run = Run(scheduler, job)
+            record.id = new_id(job.chat)
+            record.prompt_tokens = sum(len(prompt) for prompt in job.prompts)
+            run = Run(scheduler, job, metrics, record)
             run.submit()
         except ApiError as exc:
+            metrics.finish(record, exc.status)
             return error(exc)
-        head = envelope(job, new_id(job.chat), now(), model_name, chunk=job.stream)
+        head = envelope(job, record.id, now(), model_name, chunk=job.stream)
         if job.stream:
             return StreamingResponse(run.stream(head, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return await run.response(head, tokenizer, http)
+            answer = await run.response(head, tokenizer, http)
         except ApiError as exc:
+            metrics.finish(record, exc.status)
             return error(exc)
+        metrics.finish(record, CLIENT_GONE if run.abandoned else 200)
+        return answer
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
@@ -155,11 +174,14 @@ class Run:
     """One HTTP request's choices on the scheduler: events arrive from its thread into an
     asyncio queue of this request's event loop."""
 
-    def __init__(self, scheduler: Scheduler, job: Job):
+    def __init__(self, scheduler: Scheduler, job: Job, metrics: Optional[Metrics] = None,
+                 record: Optional[Record] = None):
         self.scheduler, self.job = scheduler, job
+        self.metrics, self.record = metrics, record
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.requests: List[Request] = []
+        self.abandoned = False  # the client left before the end
 
     def submit(self) -> None:
         if self.job.refused:
@@ -205,6 +227,7 @@ class Run:
             if http is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
                 checked = time.monotonic()
                 if await http.is_disconnected():
+                    self.abandoned = True
                     self.cancel()
                     return
             try:
@@ -212,6 +235,9 @@ class Run:
                                                       timeout=DISCONNECT_CHECK_S)
             except asyncio.TimeoutError:
                 continue
+            if self.metrics is not None:
+                self.metrics.tokens(self.record, index, len(event.tokens))
+                self.record.completion_tokens += event.completion_tokens
             if event.done:
                 remaining -= 1
                 if event.finish_reason == "error":
@@ -261,6 +287,7 @@ class Run:
         job = self.job
         extra = {"usage": None} if job.include_usage else {}
         prompt_tokens = completion_tokens = 0
+        status = CLIENT_GONE  # unless it gets to the end
         try:
             if job.chat:  # the first chunk carries the role
                 yield _sse({**head, **extra, "choices": [_chat_choice(0, {"role": "assistant",
@@ -294,10 +321,14 @@ class Run:
                 yield _sse({**head, "choices": [],
                             "usage": usage(prompt_tokens, completion_tokens)})
             yield "data: [DONE]\n\n"
+            status = 200
         except ApiError as exc:
+            status = exc.status
             yield _sse(exc.body())
         finally:  # the client went away (or we are done): free the slots
             self.cancel()
+            if self.metrics is not None:
+                self.metrics.finish(self.record, status)
 
 
 _REFUSAL = UNSAFE_ERROR  # the reference's answer to a dialog with the format's special tags
@@ -441,19 +472,50 @@ def main(argv=None) -> int:
         given = any(a.startswith("--api_key") for a in (sys.argv[1:] if argv is None else argv))
         where = "--api_key" if given else "LLAMA_API_KEY"
         parser.error(f"{where} is empty: give a key, or unset it to serve without one")
-    for flag, low in (("max_queue", 0), ("max_body_bytes", 1), ("max_connections", 1), ("timeout", 0.001)):
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        parser.error(f"--max_seq_len must be at least 2 (a prompt token and an answer's), got "
+                     f"{args.max_seq_len}")
+    for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_body_bytes", 1), ("max_connections", 1), ("timeout", 0.001)):
         if getattr(args, flag) < low:
             parser.error(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
-
-    from llama.cli import is_rank0, resolve_model_paths
-    from llama.distributed import shutdown
-    from llama.engine import Engine
-    from llama.generation import Llama
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
               file=sys.stderr)
         return 1
+    try:
+        return _serve(args, parser)
+    except EXPECTED_ERRORS as error:  # a person's mistake: one line, no traceback
+        names = [action.dest for action in parser._actions]
+        print(f"error: {in_flag_terms(str(error), names, getattr(error, 'param', None))}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a taken port is said at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = ("another server uses it: stop it, or pass another --port"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise ArgumentValueError("port", f"cannot listen on {host}:{port} ({exc.strerror}); "
+                                         f"{hint}") from None
+    return sock
+
+
+def _serve(args, parser) -> int:
+    from llama.cli import is_rank0, resolve_model_paths
+    from llama.distributed import shutdown
+    from llama.engine import Engine
+    from llama.generation import Llama
+
     import torch.distributed
     import uvicorn
 
@@ -462,6 +524,7 @@ def main(argv=None) -> int:
     demo = args.ckpt_dir is None
     ckpt_dir, tokenizer_path = resolve_model_paths(args.ckpt_dir, args.tokenizer_path)
     max_seq_len = args.max_seq_len or (512 if demo else 2048)
+    listening = _listening_socket(args.host, args.port) if is_rank0() else None
 
     def build() -> Scheduler:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, args.max_batch_size,
@@ -512,7 +575,7 @@ def main(argv=None) -> int:
     serving["server"] = server
     try:
         if scheduler.failed is None:
-            server.run()
+            server.run(sockets=[listening])
     finally:
         scheduler.stop()  # cancels what still runs, and stops the other ranks
         shutdown()
