@@ -4,8 +4,10 @@
     python -m llama.server --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     torchrun --nproc_per_node 2 -m llama.server --ckpt_dir llama-2-13b-chat/ ...
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and
-GET / (a chat page). Rank 0 serves HTTP; every rank steps the same batch (scheduler.py).
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503
+unless serving), GET /metrics (Prometheus) and GET / (a chat page). Rank 0 serves HTTP; every
+rank steps the same batch (scheduler.py). What a client may send is limited first
+(http_guard.py); each request runs as a server_run.Run; metrics.py counts and logs them.
 Needs the server extra: pip install -e ".[server]".
 """
 
@@ -15,42 +17,33 @@ import contextlib
 import errno
 import hmac
 import importlib.util
-import json
 import os
 import signal
 import socket
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 from llama import cpu_kernels
-from llama.chat_format import UNSAFE_ERROR
 from llama.cli import EXPECTED_ERRORS, in_flag_terms
-from llama.metrics import Metrics, Record
 from llama.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
+from llama.metrics import Metrics
 from llama.openai_api import (
     ApiError,
-    Job,
-    chat_logprobs,
-    completion_logprobs,
     envelope,
     new_id,
     now,
     parse_chat,
     parse_completion,
-    usage,
 )
+from llama.scheduler import Scheduler
+from llama.server_run import CLIENT_GONE, RETRY_AFTER_S, Run
 from llama.validation import ArgumentValueError
-from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
-RETRY_AFTER_S = 1
-CLIENT_GONE = 499  # the access log's status of a request whose client left (nginx's)
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
-DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
 # Prompt tokens a step prefills alongside the decode rows (0: each prompt alone as it joins).
 # Measured on the 2-core CPU (README, "Throughput with concurrent clients"): riding with the
 # decode rows saved no time there (the products of a prefill are bound by arithmetic, not by
@@ -67,10 +60,14 @@ MAX_CONNECTIONS = 256  # beyond this a new connection closes the one idle longes
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
                api_key: Optional[str] = None):
     """The FastAPI application serving `scheduler`'s engine."""
-    from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse,
-                                   StreamingResponse)
-
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import (
+        FileResponse,
+        JSONResponse,
+        PlainTextResponse,
+        StreamingResponse,
+    )
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)
@@ -168,188 +165,6 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
         return await complete(http, parse_completion)
 
     return app
-
-
-class Run:
-    """One HTTP request's choices on the scheduler: events arrive from its thread into an
-    asyncio queue of this request's event loop."""
-
-    def __init__(self, scheduler: Scheduler, job: Job, metrics: Optional[Metrics] = None,
-                 record: Optional[Record] = None):
-        self.scheduler, self.job = scheduler, job
-        self.metrics, self.record = metrics, record
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.requests: List[Request] = []
-        self.abandoned = False  # the client left before the end
-
-    def submit(self) -> None:
-        if self.job.refused:
-            return
-        job = self.job
-        try:
-            self.requests = self.scheduler.submit_all([
-                Request(prompt=prompt, limit=limit, temperature=job.temperature,
-                        top_p=job.top_p, stop=job.stop, logprobs=job.logprobs,
-                        top_logprobs=job.top_logprobs, seed=job.seed,
-                        # a completion continues its prompt: its text keeps the leading
-                        # space (OpenAI's clients append it to the prompt)
-                        after=[] if job.chat else prompt[-1:],
-                        on_event=self._receiver(index))
-                for index, (prompt, limit) in enumerate(zip(job.prompts, job.limits))])
-        except QueueFull as exc:
-            self.cancel()
-            raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
-                           type="rate_limit_error", code="rate_limit_exceeded") from None
-        except ShuttingDown as exc:
-            self.cancel()
-            raise ApiError(503, str(exc), type="server_error") from None
-
-    def _receiver(self, index: int):
-        def receive(event: Event) -> None:  # on the scheduler's thread
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
-            except RuntimeError:  # the loop is closed (shutting down): nobody is listening,
-                pass              # and the scheduler's thread must live on to stop cleanly
-        return receive
-
-    def cancel(self) -> None:
-        for request in self.requests:
-            self.scheduler.cancel(request)
-
-    async def events_until_done(self, http=None) -> AsyncIterator:
-        """(choice index, event) until every choice is done; a client that disconnects
-        (non-streaming: checked every DISCONNECT_CHECK_S, while events arrive too) cancels
-        what is left."""
-        remaining = len(self.requests)
-        checked = time.monotonic()
-        while remaining:
-            if http is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
-                checked = time.monotonic()
-                if await http.is_disconnected():
-                    self.abandoned = True
-                    self.cancel()
-                    return
-            try:
-                index, event = await asyncio.wait_for(self.events.get(),
-                                                      timeout=DISCONNECT_CHECK_S)
-            except asyncio.TimeoutError:
-                continue
-            if self.metrics is not None:
-                self.metrics.tokens(self.record, index, len(event.tokens))
-                self.record.completion_tokens += event.completion_tokens
-            if event.done:
-                remaining -= 1
-                if event.finish_reason == "error":
-                    self.cancel()
-                    if event.shutdown:
-                        raise ApiError(503, event.error, type="server_error")
-                    raise ApiError(500, f"generation failed: {event.error}",
-                                   type="server_error")
-            yield index, event
-
-    async def response(self, head: Dict[str, Any], tokenizer, http) -> Dict[str, Any]:
-        job = self.job
-        if job.refused:
-            return _refusal(head)
-        n = len(job.prompts)
-        texts, tokens, logprobs, top = [""] * n, [[] for _ in range(n)], \
-            [[] for _ in range(n)], [[] for _ in range(n)]
-        finish, prompt_tokens, completion_tokens = [None] * n, 0, 0
-        async for index, event in self.events_until_done(http):
-            texts[index] += event.text
-            tokens[index] += event.tokens
-            logprobs[index] += event.logprobs
-            top[index] += event.top
-            if event.done:
-                finish[index] = event.finish_reason
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
-        choices = []
-        for i in range(n):
-            choice: Dict[str, Any] = {"index": i, "finish_reason": finish[i], "logprobs": None}
-            if job.chat:
-                choice["message"] = {"role": "assistant", "content": texts[i], "refusal": None}
-                if job.logprobs:
-                    choice["logprobs"] = chat_logprobs(tokenizer, tokens[i], logprobs[i], top[i])
-            else:
-                prefix = job.texts[i] if job.echo else ""
-                choice["text"] = prefix + texts[i]
-                if job.logprobs:
-                    choice["logprobs"] = completion_logprobs(tokenizer, tokens[i], logprobs[i],
-                                                             top[i], len(prefix))
-            choices.append(choice)
-        return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
-
-    async def stream(self, head: Dict[str, Any], tokenizer) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece of text, a last chunk with finish_reason,
-        usage if asked for, then [DONE]. The same id and created in every chunk."""
-        job = self.job
-        extra = {"usage": None} if job.include_usage else {}
-        prompt_tokens = completion_tokens = 0
-        status = CLIENT_GONE  # unless it gets to the end
-        try:
-            if job.chat:  # the first chunk carries the role
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"role": "assistant",
-                                                                          "content": ""})]})
-            if job.refused:
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"content": _REFUSAL})]})
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {}, "stop")]})
-            elif job.echo:
-                for i, text in enumerate(job.texts):
-                    yield _sse({**head, **extra, "choices": [_text_choice(i, text)]})
-            async for index, event in self.events_until_done():
-                if event.text or event.tokens:
-                    if job.chat:
-                        piece = _chat_choice(index, {"content": event.text})
-                        if job.logprobs:
-                            piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
-                                                              event.logprobs, event.top)
-                    else:
-                        piece = _text_choice(index, event.text)
-                        if job.logprobs:
-                            piece["logprobs"] = completion_logprobs(
-                                tokenizer, event.tokens, event.logprobs, event.top, 0)
-                    yield _sse({**head, **extra, "choices": [piece]})
-                if event.done:
-                    prompt_tokens += event.prompt_tokens
-                    completion_tokens += event.completion_tokens
-                    last = (_chat_choice(index, {}, event.finish_reason) if job.chat else
-                            _text_choice(index, "", event.finish_reason))
-                    yield _sse({**head, **extra, "choices": [last]})
-            if job.include_usage:
-                yield _sse({**head, "choices": [],
-                            "usage": usage(prompt_tokens, completion_tokens)})
-            yield "data: [DONE]\n\n"
-            status = 200
-        except ApiError as exc:
-            status = exc.status
-            yield _sse(exc.body())
-        finally:  # the client went away (or we are done): free the slots
-            self.cancel()
-            if self.metrics is not None:
-                self.metrics.finish(self.record, status)
-
-
-_REFUSAL = UNSAFE_ERROR  # the reference's answer to a dialog with the format's special tags
-
-
-def _sse(payload: Dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _chat_choice(index: int, delta: Dict[str, Any], finish_reason: Optional[str] = None):
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _text_choice(index: int, text: str, finish_reason: Optional[str] = None):
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _refusal(head: Dict[str, Any]) -> Dict[str, Any]:
-    message = {"role": "assistant", "content": _REFUSAL, "refusal": None}
-    return {**head, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": "stop"}], "usage": usage(0, 0)}
 
 
 def _uvicorn_server(uvicorn):
@@ -511,13 +326,13 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def _serve(args, parser) -> int:
+    import torch.distributed
+    import uvicorn
+
     from llama.cli import is_rank0, resolve_model_paths
     from llama.distributed import shutdown
     from llama.engine import Engine
     from llama.generation import Llama
-
-    import torch.distributed
-    import uvicorn
 
     _Server = _uvicorn_server(uvicorn)
 
