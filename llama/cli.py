@@ -102,8 +102,8 @@ def run(main: Callable, demo_defaults: Optional[Dict[str, Any]] = None,
 def parse_flags(main: Callable, argv: Sequence[str]) -> Dict[str, Any]:
     """The flags given on the command line, {name: value}, parsed as fire.Fire(main) would:
     `--name value`, `--name=value`, `--name` (True) / `--noname` (False) before another flag or
-    at the end, a unique first letter (`-v`), `-` for `_` in names, and values not preceded by
-    a flag filling the other parameters in order. Parameters annotated as str get the text as
+    at the end, a unique first letter (`-v`), `-` for `_` in names. Unlike fire, a value not
+    preceded by a flag is refused rather than given to the next parameter. Parameters annotated as str get the text as
     typed; others get fire's parse (`0` int, `0.6` float, `None`, `[1, 2]` list, else a str).
     Raises UsageError for a flag `main` does not have, or a value left over."""
     parameters = inspect.signature(main).parameters
@@ -137,12 +137,9 @@ def parse_flags(main: Callable, argv: Sequence[str]) -> Dict[str, Any]:
         else:
             raw[key] = argv[index]
             index += 1
-    for name in names:
-        if positional and name not in raw:
-            raw[name] = positional.pop(0)
-    if positional:
+    if positional:  # fire would fill parameters with them: a stray word became ckpt_dir
         raise UsageError(f"unexpected argument {positional[0]!r} (flags are written "
-                         f"--name value)")
+                         f"--name value, e.g. --ckpt_dir {positional[0]})")
     return {name: _parse_value(parameters[name], value) for name, value in raw.items()}
 
 
@@ -166,6 +163,8 @@ def check_flags(main: Callable, flags: Dict[str, Any]) -> Dict[str, Any]:
             check_int(name, value)
         elif kind is float:
             check_number(name, value)
+    if isinstance(values.get("quantize"), str) and values["quantize"].lower() == "none":
+        values["quantize"] = None  # the help's word for the checkpoint's own precision
     check_arguments(values)
     return values
 

@@ -249,9 +249,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on "
                                         "GPUs, float32 on the CPU)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="weights in 8 or 4 bits, quantized while loading (default: the "
-                             "checkpoint's precision)")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"],
+                        help="weights in 8 or 4 bits, quantized while loading; none keeps the "
+                             "checkpoint's precision (the default)")
     parser.add_argument("--group_size", type=int, choices=[32, 64, 128],
                         help="int4 only: input columns sharing a scale (default 32)")
     parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),
@@ -281,6 +281,8 @@ def main(argv=None) -> int:
                              "never stall for a long prefill); 0: each prompt prefilled alone "
                              f"as it joins, the batch waiting (default {PREFILL_CHUNK})")
     args = parser.parse_args(argv)
+    if args.quantize == "none":
+        args.quantize = None
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")
     if args.api_key is not None and not args.api_key.strip():
