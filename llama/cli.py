@@ -20,6 +20,7 @@ Flags are written as for fire.Fire(main) (`--name value`, `--name=value`, `--fla
 `--noflag` for booleans, values parsed by fire's parser); see `run` for what it adds.
 """
 
+import argparse
 import difflib
 import inspect
 import os
@@ -55,6 +56,24 @@ DEMO_REASONS = {"max_gen_len": "it rarely ends an answer by itself",
 
 class UsageError(Exception):
     """A command line that names no flag of the script, or gives too many values."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `python -m llama.*` tools, whose mistakes read as the scripts' do:
+    one `error: ...` line naming the flag (with "did you mean" for a misspelt one) and where
+    the help is, instead of the whole usage; status 2."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [o for action in self._actions for o in action.option_strings
+                     if o.startswith("--")]
+            given = unknown.group(1).split()[0]
+            close = difflib.get_close_matches(given.partition("=")[0], flags, n=1)
+            message = (f"unknown flag {given}" + (f" (did you mean {close[0]}?)" if close else "")
+                       if given.startswith("-") else
+                       f"unexpected argument {given!r} (flags are written --name value)")
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the flags\n")
 
 
 def run(main: Callable, demo_defaults: Optional[Dict[str, Any]] = None,

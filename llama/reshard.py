@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llama import checkpoint, saving
 from llama.args import ModelArgs
+from llama.cli import ArgumentParser
 
 
 def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None:
@@ -60,8 +61,8 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama.reshard", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory (params.json, consolidated.NN.pth)")
     parser.add_argument("dst", help="new directory to write")
     parser.add_argument("--mp", type=int, required=True,

@@ -11,7 +11,6 @@ rank steps the same batch (scheduler.py). What a client may send is limited firs
 Needs the server extra: pip install -e ".[server]".
 """
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from llama import cpu_kernels
-from llama.cli import EXPECTED_ERRORS, in_flag_terms
+from llama.cli import EXPECTED_ERRORS, ArgumentParser, in_flag_terms
 from llama.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
 from llama.metrics import Metrics
 from llama.openai_api import (
@@ -228,7 +227,7 @@ def _built_and_run_on_a_thread(build: Callable[[], Scheduler],
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m llama.server", description="Serve a Llama 2 checkpoint over HTTP with "
         "OpenAI's API (chat completions, completions, models) and a chat page at /.")
     parser.add_argument("--ckpt_dir", help="checkpoint directory (default: the bundled demo "

@@ -88,3 +88,19 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
     assert reshard_main([str(src), str(tmp_path / "one"), "--mp", "1"]) == 0
     assert (tmp_path / "one" / "tokenizer.model").read_bytes() == \
         (src / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["-m", "llama.server", "--max_bach_size", "2"],
+     "error: unknown flag --max_bach_size (did you mean --max_batch_size?); "
+     "`python -m llama.server --help` lists the flags"),
+    (["-m", "llama.server", "stray"], "error: unexpected argument 'stray'"),
+    (["-m", "llama.reshard", "a", "b", "--mp", "1", "--mpp"],
+     "error: unknown flag --mpp (did you mean --mp?)"),
+    (["-m", "llama.quantize", "a", "b", "--mode", "int8", "--group-size", "32"],
+     "error: unknown flag --group-size (did you mean --group_size?)"),
+])
+def test_the_tools_say_mistakes_as_the_scripts_do(args, says):
+    result = run_script(args, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(says), result.stderr
+    assert "usage:" not in result.stderr
