@@ -126,8 +126,10 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
             check_key(http)
         except ApiError as exc:
             return error(exc)
+        # max_model_len (as vLLM names it): the context a conversation must fit in
         return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": created, "owned_by": "llama"}]}
+                                            "created": created, "owned_by": "llama",
+                                            "max_model_len": max_seq_len}]}
 
     async def complete(http: HttpRequest, parse):
         record = metrics.begin(http.url.path)
