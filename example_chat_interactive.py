@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 example_chat_interactive.py --ckpt_dir llama-2-13b-chat/ \
         --tokenizer_path tokenizer.model
 
-Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ctrl-D quits.
+Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ctrl-D quits;
+other /words are refused (// sends a message that starts with /). An answer cut by
+--max_gen_len ends with [cut ...].
 Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
 prompt quits. When the conversation outgrows max_seq_len, the oldest exchanges are dropped,
 and it says so.
@@ -44,6 +46,8 @@ def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **opt
     stopped = answer.finish_reason == "cancelled"
     if stopped:
         print(" [stopped]", end="", flush=True)
+    elif answer.finish_reason == "length":  # cut, not finished: say so
+        print(" [cut: --max_gen_len or --max_seq_len reached]", end="", flush=True)
     print(flush=True)
     return answer.text, answer, stopped
 
@@ -128,8 +132,17 @@ def main(
                 history = list(system_turn)
                 print("(conversation reset)", flush=True)
                 continue
+            if line.startswith("//"):  # a message that starts with "/"
+                line = line[1:]
+            elif line.startswith("/"):
+                print(f"(unknown command {line.split()[0]}: /reset starts over, /exit quits; "
+                      f"begin with // to send a message starting with /)", flush=True)
+                continue
             if not line.strip():
                 continue
+            # bytes that are not UTF-8 (read with surrogateescape) become U+FFFD, as on a
+            # terminal, rather than ending the chat
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             history.append({"role": "user", "content": line})
             fitted = truncate_dialog(generator.tokenizer, history, max_seq_len - reply_room)
             if fitted is None:

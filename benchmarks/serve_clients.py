@@ -245,9 +245,11 @@ def expected_answers(llama, asks: List[Ask]):
 
 
 def expected_answer(tokenizer, ask: Ask, tokens: List[int]):
-    """(text, finish reason, token count) the server should stream for `tokens`."""
+    """(text, finish reason, token count) the server should stream for `tokens`: the text
+    they add to the prompt's (with the leading space the library's text drops)."""
     finish = "length" if len(tokens) == ask.max_tokens else "stop"
-    return tokenizer.decode(tokens), finish, len(tokens)
+    prompt = tokenizer.decode(ask.tokens)
+    return tokenizer.decode(ask.tokens + tokens)[len(prompt):], finish, len(tokens)
 
 
 def same_answer(answer: Answer, expected) -> bool:

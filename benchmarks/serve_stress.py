@@ -15,6 +15,14 @@ also wait in the queue. Every answer is first computed alone through the library
   first); the server's log holds no traceback;
 - the server's RSS (VmRSS) after each round (--rounds, on the same server) is back to its idle
   level, measured after a warm-up round that filled every slot, give or take --rss-slack.
+
+Beside them, unless --no-hostile, hostile clients (benchmarks/hostile.py) keep at it all round:
+50 MB bodies with and without a length (each refused with 413), idle connections and
+half-sent request heads (each cut within --timeout plus a second), bodies sent a byte at a time
+(408), four stop strings of the longest length taken (answered in full) and one of 20,000
+characters (400); /health is asked every 0.1 s on a new connection and must answer within 1 s
+every time. Afterwards a second server's scheduler is killed with two streams running: they
+end with an error event, /health says 503, and the server exits 1.
 """
 
 import argparse
@@ -81,6 +89,30 @@ async def stress(port: int, asks: List[Ask], plan, clients: int, pid: Optional[i
     return answers, peak[0]
 
 
+async def stress_beside_attacks(port: int, asks: List[Ask], plan, clients: int,
+                                pid: Optional[int], attack_prompt: str, timeout_s: float):
+    """stress() with the hostile clients running until it ends. Returns (answers, peak RSS,
+    {attack: Tally}, /health latencies)."""
+    import hostile
+
+    stop = asyncio.Event()
+    tallies = {name: hostile.Tally() for name in ("huge bodies", "idle connections",
+                                                   "trickled bodies", "long stop strings",
+                                                   "/health")}
+    attacks = [
+        hostile.huge_bodies(port, stop, tallies["huge bodies"]),
+        hostile.idle_connections(port, stop, tallies["idle connections"], count=40,
+                                 deadline_s=timeout_s + 1.5),
+        hostile.trickled_bodies(port, stop, tallies["trickled bodies"], gap_s=timeout_s),
+        hostile.long_stops(port, stop, tallies["long stop strings"], attack_prompt, 48)]
+    tasks = [asyncio.create_task(attack) for attack in attacks]
+    watcher = asyncio.create_task(hostile.watch_health(port, stop, tallies["/health"]))
+    answers, peak = await stress(port, asks, plan, clients, pid)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return answers, peak, tallies, await watcher
+
+
 def health(url: str) -> dict:
     with urllib.request.urlopen(url + "/health", timeout=10) as response:
         return json.loads(response.read())
@@ -96,8 +128,10 @@ def settled_health(url: str, timeout: float = 30.0) -> dict:
         time.sleep(0.1)
 
 
-def check(answers: List[Answer], plan, expected, before: dict, after: dict) -> Tuple[dict, list]:
-    """(what happened, the problems found: empty when all is well)."""
+def check(answers: List[Answer], plan, expected, before: dict, after: dict,
+          others: int = 0) -> Tuple[dict, list]:
+    """(what happened, the problems found: empty when all is well). `others`: requests of
+    other clients that finished in the scheduler meanwhile."""
     problems = []
     kept = [i for i, p in enumerate(plan) if p is None]
     for i in kept:
@@ -117,14 +151,14 @@ def check(answers: List[Answer], plan, expected, before: dict, after: dict) -> T
                "hung up mid-stream": sum(answers[i].hung_up for i in mid),
                "finished before hanging up": sum(answers[i].done for i in mid),
                "hung up before reading": len(early), **delta,
-               "finished anyway": delta["finished"] - len(kept)}
+               "finished anyway": delta["finished"] - len(kept) - others}
     if after["status"] != "ok" or after["running"] or after["waiting"]:
         problems.append(f"/health after the run: {after}")
     if delta["failed"]:
         problems.append(f"{delta['failed']} requests failed")
-    if delta["finished"] + delta["cancelled"] != len(answers):
+    if delta["finished"] + delta["cancelled"] != len(answers) + others:
         problems.append(f"finished {delta['finished']} + cancelled {delta['cancelled']} != "
-                        f"{len(answers)} requests sent")
+                        f"{len(answers)} requests sent + {others} others")
     if delta["cancelled"] > len(mid) + len(early):
         problems.append(f"cancelled {delta['cancelled']} > {len(mid) + len(early)} hang-ups")
     return summary, problems
@@ -150,6 +184,11 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--root", type=Path, default=REPO / "bench_out")
+    parser.add_argument("--no-hostile", dest="hostile", action="store_false",
+                        help="only the clients that hang up: no hostile ones, no killed "
+                             "scheduler")
+    parser.add_argument("--timeout", type=float, default=2.0,
+                        help="the server's --timeout for request heads and bodies (seconds)")
     parser.add_argument("--quick", action="store_true",
                         help="the tiny shape, 30 requests, 6 clients, 4 slots")
     args = parser.parse_args(argv)
@@ -171,8 +210,10 @@ def main(argv=None) -> int:
     print(f"shape {args.shape}: {len(asks)} answers computed alone through the library in "
           f"{time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f}",
           flush=True)
-    server_args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer_path),
-                   "--max_batch_size", str(args.max_batch_size), "--max_seq_len", "256"]
+    model_args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer_path),
+                  "--max_seq_len", "256"]
+    server_args = model_args + ["--max_batch_size", str(args.max_batch_size),
+                                "--timeout", str(args.timeout)]
     with running_server(*server_args, env={"OMP_NUM_THREADS": str(args.threads)}) as url:
         port, pid = int(url.rsplit(":", 1)[1]), url.process.pid
         started = rss_bytes(pid)
@@ -183,19 +224,36 @@ def main(argv=None) -> int:
         time.sleep(1.0)
         idle = statistics.median(rss_bytes(pid) for _ in range(5))
         rounds = []  # (seconds, summary, problems, /health, peak and end RSS) per round
+        attacked = []  # per round: ({attack: Tally}, /health latencies)
         for _ in range(args.rounds):
             start = time.perf_counter()
-            answers, peak = asyncio.run(stress(port, asks, plan, args.clients, pid))
+            if args.hostile:
+                answers, peak, tallies, latencies = asyncio.run(stress_beside_attacks(
+                    port, asks, plan, args.clients, pid, asks[0].prompt, args.timeout))
+                attacked.append((tallies, latencies))
+                others = tallies["long stop strings"].statuses.get("200", 0)
+            else:
+                answers, peak = asyncio.run(stress(port, asks, plan, args.clients, pid))
+                others = 0
             seconds = time.perf_counter() - start
             after = settled_health(url)
             time.sleep(1.0)
             end = statistics.median(rss_bytes(pid) for _ in range(5))
-            rounds.append((seconds, *check(answers, plan, expected, before, after), after,
-                           peak, end))
+            rounds.append((seconds, *check(answers, plan, expected, before, after, others),
+                           after, peak, end))
             before = after
         alive = url.process.poll() is None
         log = read_log(url.process)
+    killed = None
+    if args.hostile:
+        import hostile
+
+        killed = hostile.killed_scheduler(model_args + ["--max_batch_size", "3"], "The")
     problems = [p for r in rounds for p in r[2]]
+    for tallies, _ in attacked:
+        problems += [f"{name}: {p}" for name, tally in tallies.items() for p in tally.problems]
+    if killed is not None:
+        problems += [f"killed scheduler: {p}" for p in killed[1]]
     if not alive:
         problems.append("the server exited")
     if "Traceback" in log:
@@ -215,7 +273,17 @@ def main(argv=None) -> int:
         if grown > args.rss_slack:
             problems.append(f"round {number}: RSS after it is {grown:.1f} MiB above idle "
                             f"(allowed {args.rss_slack} MiB)")
-    for problem in problems:
+    for number, (tallies, latencies) in enumerate(attacked, 1):
+        print(f"round {number}, hostile clients beside: /health answered {len(latencies)} "
+              f"times, slowest {max(latencies, default=0):.3f} s, median "
+              f"{statistics.median(latencies) if latencies else 0:.3f} s")
+        for name, tally in tallies.items():
+            if name != "/health":
+                print(f"  {name}: answers {tally.statuses}, connections cut {tally.cut}, "
+                      f"problems {len(tally.problems)}")
+    if killed is not None:
+        print("killed scheduler: " + "; ".join(f"{k} {v}" for k, v in killed[0].items()))
+    for problem in problems[:40]:
         print("PROBLEM:", problem)
     print("PASS" if not problems else f"FAIL ({len(problems)} problems)")
     return 0 if not problems else 1

@@ -20,6 +20,7 @@ Flags are written as for fire.Fire(main) (`--name value`, `--name=value`, `--fla
 `--noflag` for booleans, values parsed by fire's parser); see `run` for what it adds.
 """
 
+import argparse
 import difflib
 import inspect
 import os
@@ -55,6 +56,24 @@ DEMO_REASONS = {"max_gen_len": "it rarely ends an answer by itself",
 
 class UsageError(Exception):
     """A command line that names no flag of the script, or gives too many values."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `python -m llama.*` tools, whose mistakes read as the scripts' do:
+    one `error: ...` line naming the flag (with "did you mean" for a misspelt one) and where
+    the help is, instead of the whole usage; status 2."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [o for action in self._actions for o in action.option_strings
+                     if o.startswith("--")]
+            given = unknown.group(1).split()[0]
+            close = difflib.get_close_matches(given.partition("=")[0], flags, n=1)
+            message = (f"unknown flag {given}" + (f" (did you mean {close[0]}?)" if close else "")
+                       if given.startswith("-") else
+                       f"unexpected argument {given!r} (flags are written --name value)")
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the flags\n")
 
 
 def run(main: Callable, demo_defaults: Optional[Dict[str, Any]] = None,
@@ -102,8 +121,8 @@ def run(main: Callable, demo_defaults: Optional[Dict[str, Any]] = None,
 def parse_flags(main: Callable, argv: Sequence[str]) -> Dict[str, Any]:
     """The flags given on the command line, {name: value}, parsed as fire.Fire(main) would:
     `--name value`, `--name=value`, `--name` (True) / `--noname` (False) before another flag or
-    at the end, a unique first letter (`-v`), `-` for `_` in names, and values not preceded by
-    a flag filling the other parameters in order. Parameters annotated as str get the text as
+    at the end, a unique first letter (`-v`), `-` for `_` in names. Unlike fire, a value not
+    preceded by a flag is refused rather than given to the next parameter. Parameters annotated as str get the text as
     typed; others get fire's parse (`0` int, `0.6` float, `None`, `[1, 2]` list, else a str).
     Raises UsageError for a flag `main` does not have, or a value left over."""
     parameters = inspect.signature(main).parameters
@@ -137,12 +156,9 @@ def parse_flags(main: Callable, argv: Sequence[str]) -> Dict[str, Any]:
         else:
             raw[key] = argv[index]
             index += 1
-    for name in names:
-        if positional and name not in raw:
-            raw[name] = positional.pop(0)
-    if positional:
+    if positional:  # fire would fill parameters with them: a stray word became ckpt_dir
         raise UsageError(f"unexpected argument {positional[0]!r} (flags are written "
-                         f"--name value)")
+                         f"--name value, e.g. --ckpt_dir {positional[0]})")
     return {name: _parse_value(parameters[name], value) for name, value in raw.items()}
 
 
@@ -166,6 +182,8 @@ def check_flags(main: Callable, flags: Dict[str, Any]) -> Dict[str, Any]:
             check_int(name, value)
         elif kind is float:
             check_number(name, value)
+    if isinstance(values.get("quantize"), str) and values["quantize"].lower() == "none":
+        values["quantize"] = None  # the help's word for the checkpoint's own precision
     check_arguments(values)
     return values
 
@@ -225,6 +243,11 @@ def resolve_model_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]
         from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
 
         return DEMO_CKPT_DIR, tokenizer_path or DEMO_TOKENIZER_PATH
+    if not os.path.isdir(ckpt_dir):
+        what = "is a file" if os.path.exists(ckpt_dir) else "does not exist"
+        raise ArgumentFileNotFoundError(
+            "ckpt_dir", f"ckpt_dir {ckpt_dir!r} {what}: pass the directory holding the "
+                        f"checkpoint (consolidated.*.pth and params.json)")
     if tokenizer_path is None:
         candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
                       os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]

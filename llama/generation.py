@@ -41,6 +41,7 @@ from llama.validation import (
     ArgumentTypeError,
     ArgumentValueError,
     check_generation_arguments,
+    check_text,
 )
 
 # The reference's module-level names are importable from here, as they were from its
@@ -198,6 +199,7 @@ class Llama:
             if not isinstance(prompt, str):
                 raise ArgumentTypeError("prompts", f"prompts[{index}] must be a str, got "
                                                    f"{type(prompt).__name__}")
+            check_text(f"prompts[{index}]", prompt, "prompts")
         spec = grammar_spec(response_format, regex, grammar)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
@@ -262,6 +264,7 @@ class Llama:
         if not isinstance(prompt, str):
             raise ArgumentTypeError("prompt", f"prompt must be a str, got "
                                               f"{type(prompt).__name__}")
+        check_text("prompt", prompt)
         spec = grammar_spec(response_format, regex, grammar)
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
         return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
@@ -448,6 +451,9 @@ def _validate_dialog(dialog, index: int) -> None:
         raise ArgumentTypeError("dialogs", str(error)) from None
     except ValueError as error:
         raise ArgumentValueError("dialogs", str(error)) from None
+    for position, message in enumerate(dialog):
+        check_text(f"dialog {index}, message {position} content", message["content"],
+                   "dialogs")
 
 
 def _as_assistant(text: str) -> Message:

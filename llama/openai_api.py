@@ -2,7 +2,9 @@
 the scheduler runs (every field checked, errors naming it), and writing responses and stream
 chunks as the `openai` package's types describe them. No HTTP here (server.py)."""
 
+import functools
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +25,12 @@ CHAT_FIELDS = COMMON | openai_options.CHAT_FIELDS | {"messages", "max_completion
                                                      "top_logprobs"}
 COMPLETION_FIELDS = COMMON | {"prompt", "echo"}
 MAX_STOP = 4  # as OpenAI's API
+# Longest stop string: holding back text that may become one, and finding one, costs a few
+# times its length at each token, on the thread that steps every request.
+MAX_STOP_CHARS = 256
+# Whitespace runs may tokenize as one token (SentencePiece's remove_extra_whitespaces): a
+# prompt's length in characters counts each run once when bounding its tokens from below.
+_WHITESPACE_RUN = re.compile(r"\s+")
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.6, 0.9  # Llama 2's own (Meta's examples)
 
 
@@ -94,6 +102,18 @@ def _boolean(body, name) -> bool:
     return bool(value)
 
 
+def _utf8(text: str, param: str) -> str:
+    """`text`, if UTF-8 can write it: JSON's escapes can carry a lone surrogate ("\\ud800"),
+    which no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{param}' holds {text[exc.start:exc.end]!r} at character "
+                            f"{exc.start}, half of a UTF-16 surrogate pair: not text",
+                       param) from None
+    return text
+
+
 def _common(body: Dict[str, Any], allowed: set, model_name: str) -> Job:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -115,6 +135,11 @@ def _common(body: Dict[str, Any], allowed: set, model_name: str) -> Job:
             isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} "
                             f"of them, got {body['stop']!r}", "stop")
+    for text in stop or []:
+        _utf8(text, "stop")
+        if len(text) > MAX_STOP_CHARS:
+            raise ApiError(400, f"a stop string has {len(text)} characters; this server takes "
+                                f"at most {MAX_STOP_CHARS}", "stop")
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)
@@ -147,6 +172,26 @@ def _limits(job: Job, body, names: Tuple[str, ...], max_seq_len: int, what: str)
         job.limits.append(max_tokens if max_tokens is not None else room)
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_piece(sp_model) -> int:
+    return max(len(sp_model.id_to_piece(i)) for i in range(sp_model.get_piece_size()))
+
+
+def check_fits(texts: List[str], tokenizer, max_seq_len: int, what: str) -> None:
+    """Refuse, before tokenizing, text that cannot fit the context: no token holds more than
+    the vocabulary's longest piece, so a text needs at least (characters / that) tokens.
+    Tokenizing costs time and ~45 bytes a character (a 50 MB prompt stalled the server for
+    16 s); the exact count is checked after tokenizing what passes."""
+    longest = _longest_piece(tokenizer.sp_model)
+    most = max_seq_len * longest
+    chars = sum(len(_WHITESPACE_RUN.sub(" ", text)) for text in texts)
+    if chars > most:
+        raise ApiError(400, f"the {what} has {chars} characters (whitespace runs counted "
+                            f"once), more than this server's context of {max_seq_len} tokens "
+                            f"can hold (at most {most}: no token is longer than {longest} "
+                            f"characters); shorten it", what, code="context_length_exceeded")
+
+
 def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
     job = _common(body, CHAT_FIELDS, model_name)
     job.chat = True
@@ -172,7 +217,8 @@ def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string, got "
                                 f"{type(content).__name__}", f"{where}.content")
-        dialog.append({"role": role, "content": content})
+        dialog.append({"role": role, "content": _utf8(content, f"{where}.content")})
+    check_fits([m["content"] for m in dialog], tokenizer, max_seq_len, "messages")
     try:
         validate_dialog(dialog, 0)
     except (TypeError, ValueError) as error:
@@ -199,7 +245,9 @@ def parse_completion(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
                                                                for p in prompts):
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
                        "prompt")
-    job.texts = prompts
+    job.texts = [_utf8(p, "prompt") for p in prompts]
+    for text in prompts:
+        check_fits([text], tokenizer, max_seq_len, "prompt")
     job.prompts = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     _limits(job, body, ("max_tokens",), max_seq_len, "prompt")
     top = _integer(body, "logprobs", 0, 5)

@@ -28,6 +28,7 @@ import torch
 from llama import checkpoint, host_memory, saving
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError
+from llama.cli import ArgumentParser
 from llama.convert import check_destination, check_tokenizer, find_tokenizer, rope_freqs
 from llama.fixtures import params_json
 from llama.hf_format import HFCheckpoint, is_hf_checkpoint
@@ -148,8 +149,8 @@ def quantize_checkpoint(src: Path, dst: Path, mode: str, group_size: Optional[in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.quantize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama.quantize", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory to read (Meta's or Hugging Face's "
                                     "layout, float weights)")
     parser.add_argument("dst", help="new directory to write")

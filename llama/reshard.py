@@ -2,18 +2,21 @@
 
     python -m llama.reshard llama-2-13b/ llama-2-13b-mp1/ --mp 1
 
-Writes consolidated.00.pth ... consolidated.{W-1}.pth, params.json and a fresh checklist.chk.
+Writes consolidated.00.pth ... consolidated.{W-1}.pth, params.json and a fresh checklist.chk,
+and copies tokenizer.model when the source directory holds one.
 Quantized checkpoints (python -m llama.quantize) reshard too, int4 ones where each shard keeps
 whole groups. Source shards are memory-mapped and one output shard is built at a time, so peak
 memory stays near the size of one output shard.
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from llama import checkpoint, saving
 from llama.args import ModelArgs
+from llama.cli import ArgumentParser
 
 
 def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None:
@@ -49,14 +52,17 @@ def reshard(src: Path, dst: Path, world_size: int, verbose: bool = True) -> None
     say = (lambda line: print(line, file=sys.stderr)) if verbose else None
     saving.save_checkpoint(dst, (shard(rank) for rank in range(world_size)), src / "params.json",
                            say=say)
+    tokenizer = src / "tokenizer.model"  # the scripts look for it in or beside ckpt_dir
+    if tokenizer.is_file() and not (dst / tokenizer.name).exists():
+        shutil.copy2(tokenizer, dst / tokenizer.name)
     if verbose:
         print(f"{len(paths)} shards -> {world_size}; wrote {dst / 'checklist.chk'}",
               file=sys.stderr)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.reshard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama.reshard", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory (params.json, consolidated.NN.pth)")
     parser.add_argument("dst", help="new directory to write")
     parser.add_argument("--mp", type=int, required=True,

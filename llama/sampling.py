@@ -32,17 +32,23 @@ def sample_top_p(probs: torch.Tensor, p: Number,
     return torch.gather(probs_idx, -1, next_token)
 
 
+# Temperatures below this are greedy: logits / T overflows float32 near T = 1e-37 (softmax of
+# infinities is NaN, and garbage tokens), and well before that softmax(logits / T) is already
+# the argmax's one-hot wherever the two best logits differ by more than float32's resolution.
+GREEDY_BELOW = 1e-6
+
+
 def sample(logits: torch.Tensor, temperature: Number, top_p: Number,
            noise: Optional[torch.Tensor]) -> torch.Tensor:
     """Next tokens (bsz,) from logits (bsz, vocab): argmax where the temperature is 0, else
     top-p sampling of softmax(logits / temperature). temperature and top_p are floats for the
-    whole batch, or (bsz,) tensors, one per row."""
+    whole batch, or (bsz,) tensors, one per row. Temperatures below GREEDY_BELOW are greedy."""
     if not isinstance(temperature, torch.Tensor):
-        if temperature > 0:
+        if temperature >= GREEDY_BELOW:
             probs = torch.softmax(logits / temperature, dim=-1)
             return sample_top_p(probs, top_p, noise).reshape(-1)
         return torch.argmax(logits, dim=-1)
-    greedy = temperature == 0
+    greedy = temperature < GREEDY_BELOW
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     sampled = sample_top_p(torch.softmax(scaled, dim=-1), top_p[:, None], noise).reshape(-1)
     return torch.where(greedy, torch.argmax(logits, dim=-1), sampled)

@@ -46,6 +46,7 @@ class Request:
     seed: Optional[int] = None
     spec: Optional[object] = None  # grammar.GrammarSpec the answer must match
     adjust: Optional[LogitAdjust] = None  # penalties and logit bias (a template: per row)
+    after: List[int] = field(default_factory=list)  # the text follows these (TextTracker)
     on_event: Callable[["Event"], None] = lambda event: None
     id: int = -1  # set by submit
 
@@ -66,10 +67,34 @@ class Event:
     shutdown: bool = False  # the error is the server stopping, not the request
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What every rank needs of a request it admits (a Request without its callback, which
+    does not cross processes)."""
+    id: int
+    prompt: List[int]
+    limit: int
+    temperature: float
+    top_p: float
+    stop: List[str]
+    logprobs: bool
+    top_logprobs: int
+    seed: Optional[int]
+    spec: Optional[object]
+    adjust: Optional[LogitAdjust]
+    after: List[int]
+
+    @staticmethod
+    def of(request: Request) -> "Admission":
+        return Admission(request.id, request.prompt, request.limit, request.temperature,
+                         request.top_p, request.stop, request.logprobs, request.top_logprobs,
+                         request.seed, request.spec, request.adjust, request.after)
+
+
 @dataclass
 class _Work:
     """One iteration's decisions, the same on every rank."""
-    admit: List[Tuple] = field(default_factory=list)  # (id, prompt, limit, temperature, ...)
+    admit: List[Admission] = field(default_factory=list)
     cancel: List[int] = field(default_factory=list)
     stop: bool = False
 
@@ -77,6 +102,8 @@ class _Work:
 class Scheduler:
     def __init__(self, engine: Engine, tokenizer, max_queue: int = 64,
                  heartbeat_s: float = 5.0):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be 0 or more, got {max_queue}")
         self.engine, self.tokenizer = engine, tokenizer
         self.max_queue, self.heartbeat_s = max_queue, heartbeat_s
         self.lock = threading.Condition()
@@ -91,21 +118,39 @@ class Scheduler:
         self.next_id = 0
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}
         self.thread: Optional[threading.Thread] = None
+        self.failed: Optional[str] = None  # why the loop died (see run)
 
     # ------------------------------------------------------------------ rank 0, any thread
     def submit(self, request: Request) -> Request:
-        """Queue a request; raises QueueFull when max_queue requests are already waiting."""
+        """Queue a request; raises QueueFull when it would find neither a free slot nor one
+        of max_queue places to wait in."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: List[Request]) -> List[Request]:
+        """Queue requests together (the choices of one HTTP request): all of them, or none
+        (QueueFull) when the free slots and max_queue places to wait cannot take them all."""
         with self.lock:
+            if self.failed is not None:
+                raise ShuttingDown(f"the server's scheduler failed ({self.failed}); it is "
+                                   f"stopping")
             if self.stopping or self.draining_until is not None:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
-            request.id, self.next_id = self.next_id, self.next_id + 1
-            if request.seed is None:  # drawn here so that every rank uses the same
-                request.seed = random.getrandbits(63)
-            self.waiting.append(request)
+            # admitted requests hold their slot until _forget, so this never counts a slot
+            # twice while a request moves from the queue to the batch
+            free = max(len(self.engine.slots) - len(self.requests), 0)
+            room = free + self.max_queue - len(self.waiting)
+            if len(requests) > room:
+                raise QueueFull(f"{len(self.requests)} requests run and {len(self.waiting)} "
+                                f"wait for a slot; {len(requests)} more do not fit "
+                                f"({len(self.engine.slots)} slots, --max_queue "
+                                f"{self.max_queue})")
+            for request in requests:
+                request.id, self.next_id = self.next_id, self.next_id + 1
+                if request.seed is None:  # drawn here so that every rank uses the same
+                    request.seed = random.getrandbits(63)
+                self.waiting.append(request)
             self.lock.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         """Drop a request (its client went away): from the queue, or from the batch at the
@@ -117,6 +162,11 @@ class Scheduler:
             elif request.id in self.requests:
                 self.to_cancel.append(request.id)
                 self.lock.notify()
+
+    @property
+    def status(self) -> str:
+        """"ok", "draining" (stopping: finishing what runs) or "failed" (see run)."""
+        return "failed" if self.failed else "draining" if self.draining else "ok"
 
     @property
     def load(self) -> Dict[str, int]:
@@ -154,8 +204,33 @@ class Scheduler:
             self.thread.join()
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> None:
-        """Rank 0's loop: decide, broadcast, apply, step, report."""
+    def run(self, on_failed: Optional[Callable[[], None]] = None) -> None:
+        """Rank 0's loop: decide, broadcast, apply, step, report. If the loop itself fails
+        (a bug: a step's own failures are the requests'), every request waiting or running
+        gets an error, new ones are refused, and on_failed() is called: the server cannot
+        serve any more and should stop."""
+        try:
+            self._loop()
+        except BaseException as error:
+            self._fail_all(error)
+            if on_failed is not None:
+                on_failed()
+
+    def _fail_all(self, error: BaseException) -> None:
+        print(f"the scheduler failed; every request ends with an error:\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+        message = f"the server's scheduler failed ({type(error).__name__}: {error})"
+        with self.lock:
+            self.failed = f"{type(error).__name__}: {error}"
+            doomed = list(self.waiting) + list(self.requests.values())
+            self.waiting.clear()
+            self.requests.clear()
+            self.running.clear()
+            self.counts["failed"] += len(doomed)
+        for request in doomed:
+            self._notify(request, Event(done=True, finish_reason="error", error=message))
+
+    def _loop(self) -> None:
         while True:
             work = self._decide()
             work = broadcast_object(work)
@@ -195,10 +270,7 @@ class Scheduler:
             while self.waiting and free > 0:
                 request = self.waiting.popleft()
                 self.requests[request.id] = request
-                work.admit.append((request.id, request.prompt, request.limit,
-                                   request.temperature, request.top_p, request.stop,
-                                   request.logprobs, request.top_logprobs, request.seed,
-                                   request.spec, request.adjust))
+                work.admit.append(Admission.of(request))
                 free -= 1
         return work
 
@@ -232,25 +304,26 @@ class Scheduler:
                                    shutdown=True))
             self._forget(request_id)
         vocab = self.engine.model.params.vocab_size
-        for (request_id, prompt, limit, temperature, top_p, stop, logprobs, top_logprobs,
-             seed, spec, adjust) in work.admit:
-            sequence = Sequence(prompt=prompt, limit=limit, temperature=temperature,
-                                top_p=top_p, logprobs=logprobs, top_logprobs=top_logprobs,
-                                text=TextTracker(self.tokenizer, stop),
-                                noise=RowNoise(seed, vocab, self.engine.device))
+        for a in work.admit:
+            sequence = Sequence(prompt=a.prompt, limit=a.limit, temperature=a.temperature,
+                                top_p=a.top_p, logprobs=a.logprobs, top_logprobs=a.top_logprobs,
+                                text=TextTracker(self.tokenizer, a.stop, a.after),
+                                noise=RowNoise(a.seed, vocab, self.engine.device))
             try:
                 # every rank builds its own: the same grammar and tokens give the same masks
-                if spec is not None:
-                    sequence.constraint = make_constraint(self.tokenizer, vocab, spec, limit)
-                if adjust is not None:
-                    sequence.adjust = LogitAdjust(adjust.presence_penalty,
-                                                  adjust.frequency_penalty, adjust.logit_bias)
+                if a.spec is not None:
+                    sequence.constraint = make_constraint(self.tokenizer, vocab, a.spec,
+                                                          a.limit)
+                if a.adjust is not None:
+                    sequence.adjust = LogitAdjust(a.adjust.presence_penalty,
+                                                  a.adjust.frequency_penalty,
+                                                  a.adjust.logit_bias)
                 self.engine.add(sequence)
             except Exception as error:  # e.g. out of memory: this request fails, not others
                 self.engine.release(sequence)
-                self._report_error(request_id, error)
+                self._report_error(a.id, error)
                 continue
-            self.running[request_id] = (sequence, 0)
+            self.running[a.id] = (sequence, 0)
 
     def _step(self) -> None:
         """One engine step: sample, report the new tokens (before the model runs for the

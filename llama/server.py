@@ -4,69 +4,101 @@
     python -m llama.server --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
     torchrun --nproc_per_node 2 -m llama.server --ckpt_dir llama-2-13b-chat/ ...
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and
-GET / (a chat page). Rank 0 serves HTTP; every rank steps the same batch (scheduler.py).
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503
+unless serving), GET /metrics (Prometheus) and GET / (a chat page). Rank 0 serves HTTP; every
+rank steps the same batch (scheduler.py). What a client may send is limited first
+(http_guard.py); each request runs as a server_run.Run; metrics.py counts and logs them.
 Needs the server extra: pip install -e ".[server]".
 """
 
-import argparse
 import asyncio
 import contextlib
+import errno
+import hmac
 import importlib.util
-import json
 import os
 import signal
+import socket
 import sys
 import threading
-import time
+import traceback
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
-from llama.chat_format import UNSAFE_ERROR
-from llama.tokenizers import stop_tokens
+from llama.cli import EXPECTED_ERRORS, ArgumentParser, in_flag_terms
+from llama.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
+from llama.metrics import Metrics
 from llama.openai_api import (
     ApiError,
-    Job,
-    chat_logprobs,
-    completion_logprobs,
     envelope,
     new_id,
     now,
     parse_chat,
     parse_completion,
-    usage,
 )
-from llama.openai_options import ToolAnswer
-from llama.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
-from llama.tools import parse_calls
+from llama.scheduler import Scheduler
+from llama.tokenizers import stop_tokens
+from llama.server_run import CLIENT_GONE, RETRY_AFTER_S, Run
+from llama.validation import ArgumentValueError
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
-RETRY_AFTER_S = 1
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
-DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
 # Prompt tokens a step prefills alongside the decode rows (0: each prompt alone as it joins).
 # Measured on the 2-core CPU (README, "Throughput with concurrent clients"): riding with the
 # decode rows saved no time there (the products of a prefill are bound by arithmetic, not by
 # reading the weights), small chunks smooth the streams of the other clients but delay first
 # tokens. So 0 by default; chunks are for a steadier stream, and for GPUs (unmeasured).
 PREFILL_CHUNK = 0
+MAX_BODY_BYTES = 4 * 2 ** 20  # a 4096-token prompt is at most ~64k characters; JSON escapes
+                              # write one in up to 12 bytes: 4 MiB leaves room for a history
+BODY_TIMEOUT_S = 10.0  # between two parts of a body
+HEAD_TIMEOUT_S = 10.0  # for a request's head (request line and headers)
+MAX_CONNECTIONS = 256  # beyond this a new connection closes the one idle longest
 
 
 def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int,
                api_key: Optional[str] = None):
     """The FastAPI application serving `scheduler`'s engine."""
-    from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
+    from fastapi.responses import (
+        FileResponse,
+        JSONResponse,
+        PlainTextResponse,
+        StreamingResponse,
+    )
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="llama", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
+    metrics = Metrics(lambda: scheduler.load)
+
+    # every answer, unknown routes and our own bugs included, is OpenAI's error object
+    @app.exception_handler(HTTPException)
+    async def http_error(http: HttpRequest, exc: HTTPException):
+        message = {404: f"no route {http.url.path}: the API is under /v1 (see GET /v1/models)",
+                   405: f"{http.method} is not allowed on {http.url.path}"}.get(
+                       exc.status_code, str(exc.detail))
+        return error(ApiError(exc.status_code, message, code=str(exc.status_code)))
+
+    @app.exception_handler(Exception)
+    async def server_error(http: HttpRequest, exc: Exception):
+        print(f"{http.method} {http.url.path} failed:\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        return error(ApiError(500, f"the server failed ({type(exc).__name__}); see its log",
+                              type="server_error"))
 
     def error(exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     def check_key(http: HttpRequest) -> None:
-        if api_key is not None and http.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key is None:
+            return
+        scheme, _, given = http.headers.get("authorization", "").strip().partition(" ")
+        # compared in constant time: how long a wrong key takes says nothing about the key
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                  api_key.encode()):
             raise ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY' "
                                 "(the server's --api_key)", type="authentication_error",
                            code="invalid_api_key")
@@ -77,7 +109,16 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.load}
+        # 503 unless serving: a load balancer or supervisor stops sending, or restarts us
+        status = scheduler.status
+        body = {"status": status, **scheduler.load}
+        if scheduler.failed:
+            body["error"] = scheduler.failed
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -85,29 +126,36 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
             check_key(http)
         except ApiError as exc:
             return error(exc)
+        # max_model_len (as vLLM names it): the context a conversation must fit in
         return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                            "created": created, "owned_by": "llama"}]}
+                                            "created": created, "owned_by": "llama",
+                                            "max_model_len": max_seq_len}]}
 
     async def complete(http: HttpRequest, parse):
+        record = metrics.begin(http.url.path)
         try:
             check_key(http)
-            try:
-                body = await http.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-                raise ApiError(400, f"the body is not valid JSON ({exc})") from None
-            job = parse(body, tokenizer, max_seq_len, model_name)
-            run = Run(scheduler, job)
+            body = decode_json(await http.body())
+            # tokenizing takes a while for long prompts: not on the loop serving everyone
+            job = await asyncio.to_thread(parse, body, tokenizer, max_seq_len, model_name)
+            record.id = new_id(job.chat)
+            record.prompt_tokens = sum(len(prompt) for prompt in job.prompts)
+            run = Run(scheduler, job, metrics, record)
             run.submit()
         except ApiError as exc:
+            metrics.finish(record, exc.status)
             return error(exc)
-        head = envelope(job, new_id(job.chat), now(), model_name, chunk=job.stream)
+        head = envelope(job, record.id, now(), model_name, chunk=job.stream)
         if job.stream:
             return StreamingResponse(run.stream(head, tokenizer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return await run.response(head, tokenizer, http)
+            answer = await run.response(head, tokenizer, http)
         except ApiError as exc:
+            metrics.finish(record, exc.status)
             return error(exc)
+        metrics.finish(record, CLIENT_GONE if run.abandoned else 200)
+        return answer
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
@@ -118,191 +166,6 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
         return await complete(http, parse_completion)
 
     return app
-
-
-class Run:
-    """One HTTP request's choices on the scheduler: events arrive from its thread into an
-    asyncio queue of this request's event loop."""
-
-    def __init__(self, scheduler: Scheduler, job: Job):
-        self.scheduler, self.job = scheduler, job
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.requests: List[Request] = []
-
-    def submit(self) -> None:
-        if self.job.refused:
-            return
-        job = self.job
-        try:
-            for index, (prompt, limit) in enumerate(zip(job.prompts, job.limits)):
-                request = Request(prompt=prompt, limit=limit, temperature=job.temperature,
-                                  top_p=job.top_p, stop=job.stop,
-                                  logprobs=job.logprobs, top_logprobs=job.top_logprobs,
-                                  seed=job.seeds[index] if job.seeds else job.seed,
-                                  spec=job.spec, adjust=job.adjust,
-                                  on_event=self._receiver(index))
-                self.requests.append(self.scheduler.submit(request))
-        except QueueFull as exc:
-            self.cancel()
-            raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
-                           type="rate_limit_error", code="rate_limit_exceeded") from None
-        except ShuttingDown as exc:
-            self.cancel()
-            raise ApiError(503, str(exc), type="server_error") from None
-
-    def _receiver(self, index: int):
-        def receive(event: Event) -> None:  # on the scheduler's thread
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
-            except RuntimeError:  # the loop is closed (shutting down): nobody is listening,
-                pass              # and the scheduler's thread must live on to stop cleanly
-        return receive
-
-    def cancel(self) -> None:
-        for request in self.requests:
-            self.scheduler.cancel(request)
-
-    async def events_until_done(self, http=None) -> AsyncIterator:
-        """(choice index, event) until every choice is done; a client that disconnects
-        (non-streaming: checked every DISCONNECT_CHECK_S, while events arrive too) cancels
-        what is left."""
-        remaining = len(self.requests)
-        checked = time.monotonic()
-        while remaining:
-            if http is not None and time.monotonic() - checked >= DISCONNECT_CHECK_S:
-                checked = time.monotonic()
-                if await http.is_disconnected():
-                    self.cancel()
-                    return
-            try:
-                index, event = await asyncio.wait_for(self.events.get(),
-                                                      timeout=DISCONNECT_CHECK_S)
-            except asyncio.TimeoutError:
-                continue
-            if event.done:
-                remaining -= 1
-                if event.finish_reason == "error":
-                    self.cancel()
-                    if event.shutdown:
-                        raise ApiError(503, event.error, type="server_error")
-                    raise ApiError(500, f"generation failed: {event.error}",
-                                   type="server_error")
-            yield index, event
-
-    async def response(self, head: Dict[str, Any], tokenizer, http) -> Dict[str, Any]:
-        job = self.job
-        if job.refused:
-            return _refusal(head)
-        n = len(job.prompts)
-        texts, tokens, logprobs, top = [""] * n, [[] for _ in range(n)], \
-            [[] for _ in range(n)], [[] for _ in range(n)]
-        finish, prompt_tokens, completion_tokens = [None] * n, 0, 0
-        async for index, event in self.events_until_done(http):
-            texts[index] += event.text
-            tokens[index] += event.tokens
-            logprobs[index] += event.logprobs
-            top[index] += event.top
-            if event.done:
-                finish[index] = event.finish_reason
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
-        choices = []
-        for i in range(n):
-            choice: Dict[str, Any] = {"index": i, "finish_reason": finish[i], "logprobs": None}
-            if job.chat:
-                choice["message"] = {"role": "assistant", "content": texts[i], "refusal": None}
-                calls = parse_calls(texts[i]) if job.tools is not None else None
-                if calls:  # the answer is a call (tools.py's convention)
-                    choice["message"].update(content=None, tool_calls=calls)
-                    choice["finish_reason"] = "tool_calls"
-                if job.logprobs:
-                    choice["logprobs"] = chat_logprobs(tokenizer, tokens[i], logprobs[i], top[i])
-            else:
-                prefix = job.texts[i] if job.echo else ""
-                choice["text"] = prefix + texts[i]
-                if job.logprobs:
-                    choice["logprobs"] = completion_logprobs(tokenizer, tokens[i], logprobs[i],
-                                                             top[i], len(prefix))
-            choices.append(choice)
-        return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
-
-    async def stream(self, head: Dict[str, Any], tokenizer) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per piece of text, a last chunk with finish_reason,
-        usage if asked for, then [DONE]. The same id and created in every chunk."""
-        job = self.job
-        extra = {"usage": None} if job.include_usage else {}
-        prompt_tokens = completion_tokens = 0
-        answers = {}  # with tools: each choice's answer, a call held back until complete
-        try:
-            if job.chat:  # the first chunk carries the role
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"role": "assistant",
-                                                                          "content": ""})]})
-            if job.refused:
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {"content": _REFUSAL})]})
-                yield _sse({**head, **extra, "choices": [_chat_choice(0, {}, "stop")]})
-            elif job.echo:
-                for i, text in enumerate(job.texts):
-                    yield _sse({**head, **extra, "choices": [_text_choice(i, text)]})
-            async for index, event in self.events_until_done():
-                text = event.text
-                if job.tools is not None:
-                    text = answers.setdefault(index, ToolAnswer()).add(text)
-                if text or (event.tokens and job.tools is None):
-                    if job.chat:
-                        piece = _chat_choice(index, {"content": text})
-                        if job.logprobs:
-                            piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
-                                                              event.logprobs, event.top)
-                    else:
-                        piece = _text_choice(index, event.text)
-                        if job.logprobs:
-                            piece["logprobs"] = completion_logprobs(
-                                tokenizer, event.tokens, event.logprobs, event.top, 0)
-                    yield _sse({**head, **extra, "choices": [piece]})
-                if event.done:
-                    prompt_tokens += event.prompt_tokens
-                    completion_tokens += event.completion_tokens
-                    finish_reason = event.finish_reason
-                    if index in answers:  # tool calls come whole, as one delta
-                        calls = answers[index].calls()
-                        if calls:
-                            finish_reason = "tool_calls"
-                            yield _sse({**head, **extra, "choices": [_chat_choice(
-                                index, {"tool_calls": [dict(call, index=k) for k, call
-                                                       in enumerate(calls)]})]})
-                    last = (_chat_choice(index, {}, finish_reason) if job.chat else
-                            _text_choice(index, "", finish_reason))
-                    yield _sse({**head, **extra, "choices": [last]})
-            if job.include_usage:
-                yield _sse({**head, "choices": [],
-                            "usage": usage(prompt_tokens, completion_tokens)})
-            yield "data: [DONE]\n\n"
-        except ApiError as exc:
-            yield _sse(exc.body())
-        finally:  # the client went away (or we are done): free the slots
-            self.cancel()
-
-
-_REFUSAL = UNSAFE_ERROR  # the reference's answer to a dialog with the format's special tags
-
-
-def _sse(payload: Dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _chat_choice(index: int, delta: Dict[str, Any], finish_reason: Optional[str] = None):
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _text_choice(index: int, text: str, finish_reason: Optional[str] = None):
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _refusal(head: Dict[str, Any]) -> Dict[str, Any]:
-    message = {"role": "assistant", "content": _REFUSAL, "refusal": None}
-    return {**head, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": "stop"}], "usage": usage(0, 0)}
 
 
 def _uvicorn_server(uvicorn):
@@ -336,7 +199,8 @@ def _uvicorn_server(uvicorn):
     return Server
 
 
-def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
+def _built_and_run_on_a_thread(build: Callable[[], Scheduler],
+                               on_failed: Callable[[], None]) -> Scheduler:
     """build() a scheduler on a thread of its own, which then runs its loop; returns it once
     built (raising what building raised). So one thread loads and steps the model: OpenMP
     regions started from two threads made libgomp stop its idle threads spinning, and each
@@ -352,7 +216,7 @@ def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
             return
         finally:
             ready.set()
-        built["scheduler"].run()
+        built["scheduler"].run(on_failed)
 
     thread = threading.Thread(target=run, name="llama-scheduler", daemon=True)
     thread.start()
@@ -365,7 +229,7 @@ def _built_and_run_on_a_thread(build: Callable[[], Scheduler]) -> Scheduler:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m llama.server", description="Serve a Llama 2 checkpoint over HTTP with "
         "OpenAI's API (chat completions, completions, models) and a chat page at /.")
     parser.add_argument("--ckpt_dir", help="checkpoint directory (default: the bundled demo "
@@ -386,14 +250,29 @@ def main(argv=None) -> int:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on "
                                         "GPUs, float32 on the CPU)")
-    parser.add_argument("--quantize", choices=["int8", "int4"],
-                        help="weights in 8 or 4 bits, quantized while loading (default: the "
-                             "checkpoint's precision)")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"],
+                        help="weights in 8 or 4 bits, quantized while loading; none keeps the "
+                             "checkpoint's precision (the default)")
     parser.add_argument("--group_size", type=int, choices=[32, 64, 128],
                         help="int4 only: input columns sharing a scale (default 32)")
     parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $LLAMA_API_KEY, "
-                             "else no key)")
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: the "
+                             "environment variable LLAMA_API_KEY, which keeps the key out of "
+                             "the process list; else no key)")
+    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"largest request body; larger ones get HTTP 413 (default "
+                             f"{MAX_BODY_BYTES})")
+    parser.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections at most: a new one beyond closes the one idle "
+                             f"longest (default {MAX_CONNECTIONS})")
+    parser.add_argument("--timeout", type=float, default=HEAD_TIMEOUT_S,
+                        help="seconds a client has to send a request's headers, and between "
+                             f"two parts of its body; slower ones are cut (default "
+                             f"{HEAD_TIMEOUT_S:g})")
+    parser.add_argument("--allowed_hosts",
+                        help="comma-separated host names the Host header may carry (default: "
+                             "localhost, 127.0.0.1 and ::1 when --host is one of them, so that "
+                             "no web page elsewhere can use the server; else any)")
     parser.add_argument("--model_name", help="the model's id in the API (default: the "
                                              "checkpoint directory's name)")
     parser.add_argument("--seed", type=int, default=1, help="seed for requests without one")
@@ -403,26 +282,67 @@ def main(argv=None) -> int:
                              "never stall for a long prefill); 0: each prompt prefilled alone "
                              f"as it joins, the batch waiting (default {PREFILL_CHUNK})")
     args = parser.parse_args(argv)
+    if args.quantize == "none":
+        args.quantize = None
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")
+    if args.api_key is not None and not args.api_key.strip():
+        given = any(a.startswith("--api_key") for a in (sys.argv[1:] if argv is None else argv))
+        where = "--api_key" if given else "LLAMA_API_KEY"
+        parser.error(f"{where} is empty: give a key, or unset it to serve without one")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        parser.error(f"--max_seq_len must be at least 2 (a prompt token and an answer's), got "
+                     f"{args.max_seq_len}")
+    for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_body_bytes", 1), ("max_connections", 1), ("timeout", 0.001)):
+        if getattr(args, flag) < low:
+            parser.error(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
+              file=sys.stderr)
+        return 1
+    try:
+        return _serve(args, parser)
+    except EXPECTED_ERRORS as error:  # a person's mistake: one line, no traceback
+        names = [action.dest for action in parser._actions]
+        print(f"error: {in_flag_terms(str(error), names, getattr(error, 'param', None))}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a taken port is said at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = ("another server uses it: stop it, or pass another --port"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise ArgumentValueError("port", f"cannot listen on {host}:{port} ({exc.strerror}); "
+                                         f"{hint}") from None
+    return sock
+
+
+def _serve(args, parser) -> int:
+    import torch.distributed
+    import uvicorn
 
     from llama.cli import is_rank0, resolve_model_paths
     from llama.distributed import shutdown
     from llama.engine import Engine
     from llama.generation import Llama
 
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
-              file=sys.stderr)
-        return 1
-    import torch.distributed
-    import uvicorn
-
     _Server = _uvicorn_server(uvicorn)
 
     demo = args.ckpt_dir is None
     ckpt_dir, tokenizer_path = resolve_model_paths(args.ckpt_dir, args.tokenizer_path)
     max_seq_len = args.max_seq_len or (512 if demo else 2048)
+    listening = _listening_socket(args.host, args.port) if is_rank0() else None
 
     def build() -> Scheduler:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, args.max_batch_size,
@@ -447,19 +367,40 @@ def main(argv=None) -> int:
         shutdown()
         print(f"rank {rank} stopped", file=sys.stderr, flush=True)
         return 0
-    scheduler = _built_and_run_on_a_thread(build)
+    serving: Dict[str, Any] = {}
+
+    def scheduler_failed() -> None:  # on the scheduler's thread: nothing can be served now
+        if "server" in serving:
+            serving["server"].should_exit = True
+
+    scheduler = _built_and_run_on_a_thread(build, scheduler_failed)
     tokenizer = scheduler.tokenizer
     name = args.model_name or ("llama-demo" if demo else Path(ckpt_dir).resolve().name)
     app = create_app(scheduler, tokenizer, name, max_seq_len, args.api_key)
+    allowed = (args.allowed_hosts.split(",") if args.allowed_hosts
+               else default_allowed_hosts(args.host))
+    app = guard(app, args.max_body_bytes, args.timeout, allowed)
     print(f"Serving {name} on http://{args.host}:{args.port} (chat page at /, OpenAI API "
           f"under /v1)", file=sys.stderr, flush=True)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                    timeout_graceful_shutdown=DRAIN_S), scheduler)
+                                    timeout_graceful_shutdown=DRAIN_S,
+                                    # asyncio accepts up to `backlog` connections at a time
+                                    # before any beyond the limit is closed: both count
+                                    # against the open-files limit
+                                    backlog=args.max_connections,
+                                    http=limited_protocol(args.max_connections, args.timeout)),
+                     scheduler)
+    serving["server"] = server
     try:
-        server.run()
+        if scheduler.failed is None:
+            server.run(sockets=[listening])
     finally:
         scheduler.stop()  # cancels what still runs, and stops the other ranks
         shutdown()
+    if scheduler.failed is not None:
+        print(f"error: the server stopped because its scheduler failed ({scheduler.failed})",
+              file=sys.stderr, flush=True)
+        return 1
     print("rank 0 stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -8,9 +8,13 @@ class TextTracker:
     """One row's text, kept equal to tokenizer.decode(tokens) as tokens are added, with
     constant work per token, cut before the first stop string that appears in it."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), after: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        # `after`: the token the text follows (a prompt's last). Its text is decoded as it sits
+        # after that token, keeping the space SentencePiece drops at the start of a text
+        # ("A list is" + " a tuple", not + "a tuple"). Empty: decoded alone, as Meta's does.
+        self.after = list(after)
         self.tokens: List[int] = []
         self.text = ""
         self.settled = 0  # tokens whose text can no longer change (see _extend)
@@ -39,9 +43,9 @@ class TextTracker:
         a text starts with), so the point only settles where that token decodes to
         something, and where the text does not end in half a multi-byte character that later
         byte tokens may still complete."""
-        context = max(self.settled - 1, 0)
-        head = self.tokenizer.decode(self.tokens[context: self.settled])
-        window = self.tokenizer.decode(self.tokens[context:])
+        context = self.tokens[self.settled - 1: self.settled] if self.settled else self.after
+        head = self.tokenizer.decode(context)
+        window = self.tokenizer.decode(context + self.tokens[self.settled:])
         self.text = self.settled_text + window[len(head):]
         if (len(self.tokens) - self.settled >= settle_every and not self.text.endswith("\ufffd")
                 and self.tokenizer.decode(self.tokens[-1:])):
@@ -56,9 +60,7 @@ class TextTracker:
             safe = len(text)  # already cut before the stop string
         else:
             end = len(text.rstrip("\ufffd"))
-            held = max((k for s in self.stop for k in range(1, min(len(s) - 1, end) + 1)
-                        if text[end - k: end] == s[:k]), default=0)
-            safe = end - held
+            safe = end - max((stop_prefix_at_end(text, end, s) for s in self.stop), default=0)
         if safe <= self.emitted:
             return ""
         piece = text[self.emitted: safe]
@@ -76,10 +78,23 @@ class TextTracker:
         when no stop string ended the text)."""
         if self.stopped_by is None:
             return list(self.tokens)
-        prefix = TextTracker(self.tokenizer)
+        prefix = TextTracker(self.tokenizer, after=self.after)
         for token in self.tokens:
             prefix.add(token)
             if len(prefix.text) > len(self.text):
                 prefix.tokens.pop()
                 break
         return prefix.tokens
+
+
+def stop_prefix_at_end(text: str, end: int, stop: str) -> int:
+    """The length of the longest proper prefix of `stop` that text[:end] ends with (0 if
+    none): text that may yet become the stop string, held back. Looks only at the last
+    len(stop) - 1 characters, at the places where stop's first character stands, so a step
+    costs at most len(stop) comparisons of C speed whatever the text's length."""
+    at = text.find(stop[0], max(end - len(stop) + 1, 0), end)
+    while at != -1:  # the first candidate that matches is the longest
+        if stop.startswith(text[at:end]):
+            return end - at
+        at = text.find(stop[0], at + 1, end)
+    return 0

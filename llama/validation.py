@@ -136,6 +136,19 @@ def check_device(value: Any) -> Optional[torch.device]:
     return device
 
 
+def check_text(name: str, value: str, param: Optional[str] = None) -> str:
+    """A str that UTF-8 can write (so the tokenizer can read it): not one with half of a
+    surrogate pair, as bytes decoded with errors="surrogateescape" give."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ArgumentValueError(param or name, f"{name} holds {value[error.start:error.end]!r} at "
+                                       f"character {error.start}, which is not text (invalid "
+                                       f"UTF-8 read with surrogateescape?): decode it as "
+                                       f"UTF-8 first") from None
+    return value
+
+
 def check_stop(value: Any) -> List[str]:
     """None, a string, or a list of non-empty strings; returned as a list."""
     if value is None:

@@ -319,3 +319,21 @@ def test_a_conversation_outgrowing_the_context_drops_its_oldest_exchanges(driver
     assert "Shorten the message" in page.messages()[-1][1]
     assert len(page.js("return document.querySelectorAll('.dropped')")) == 2
     assert [kind for kind, _ in page.messages()] == ["user", "assistant"] * 3 + ["error"]
+
+
+def test_max_tokens_leaves_room_for_a_conversation(driver, locked_server):
+    """Max tokens defaults to a quarter of the context the server reports (/v1/models'
+    max_model_len), not 256 of a 256-token context; a value typed by hand is kept."""
+    models = httpx.get(locked_server + "/v1/models",
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["data"][0]["max_model_len"] == 256
+    page = Page(driver, locked_server, max_tokens=None)
+    page.set("api_key", KEY)
+    page.field("api_key").send_keys(Keys.TAB)  # "change": the page asks /v1/models again
+    page.wait(lambda: page.field("model").text == "llama-demo", timeout=10)
+    assert page.field("max_tokens").get_attribute("value") == "64"
+    page = Page(driver, locked_server, max_tokens="200")
+    page.set("api_key", KEY)
+    page.field("api_key").send_keys(Keys.TAB)
+    page.wait(lambda: page.field("model").text == "llama-demo", timeout=10)
+    assert page.field("max_tokens").get_attribute("value") == "200"

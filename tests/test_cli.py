@@ -36,8 +36,7 @@ def test_flags_are_read_as_fire_reads_them(text_main, chat_main):
     assert parse_flags(text_main, ["--temperature", "0", "--top_p=0.5", "--max-seq-len", "64",
                                    "--stream", "--noshow_speed", "-v"]) == dict(
         temperature=0, top_p=0.5, max_seq_len=64, stream=True, show_speed=False, verify=True)
-    assert parse_flags(text_main, ["llama-2-7b/", "--temperature", "-1", "tok.model"]) == dict(
-        ckpt_dir="llama-2-7b/", tokenizer_path="tok.model", temperature=-1)
+    assert parse_flags(text_main, ["--temperature", "-1"]) == dict(temperature=-1)
     # text as typed for str flags (fire would give the tuple (1, 2) and the int 42)
     assert parse_flags(chat_main, ["--system", "1, 2", "--device=42"]) == dict(
         system="1, 2", device="42")
@@ -51,8 +50,10 @@ def test_flags_are_read_as_fire_reads_them(text_main, chat_main):
     (["--quiet"], r"^unknown flag --quiet$"),
     (["-s", "1"], r"unknown flag -s"),  # -s could be --stream or --show_speed
     (["--", "--help"], r"unknown flag --"),
-    (["a", "b", "0.6", "0.9", "128", "64", "4", "cpu", "float32", "False", "False", "False",
-      "int4", "32", "extra"], r"unexpected argument 'extra'"),
+    # a stray word is refused, not made the checkpoint directory (fire fills parameters)
+    (["llama-2-7b/"], r"unexpected argument 'llama-2-7b/' \(flags are written --name value, "
+                      r"e.g. --ckpt_dir llama-2-7b/\)"),
+    (["--temperature", "0", "extra"], r"unexpected argument 'extra'"),
 ])
 def test_unknown_flags_and_extra_values_are_refused(text_main, argv, message):
     with pytest.raises(UsageError, match=message):
