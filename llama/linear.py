@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_kernels
+from llama import bf16, cpu_kernels
 from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight
 from llama.quantize_shards import concat, narrow
 
@@ -38,6 +38,8 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt
     Only the order of the float32 additions differs from F.linear."""
     if not isinstance(weight, torch.Tensor):
         return weight.product(x)
+    if bf16.is_mixed(x, weight):  # bfloat16 storage, float32 activations (llama/bf16.py)
+        return bf16.product(x, weight)
     rows = row_count(x)
     if x.device.type != "cpu" or x.dtype != torch.float32 or not weight.is_contiguous():
         return F.linear(x, weight)

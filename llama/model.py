@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
-from llama import attend, cpu_kernels
+from llama import attend, bf16, cpu_kernels
 from llama.cache import (CAUSAL, KVCache, OwnCache, PackedTokens, RowRanges, Segments,
                          attention_mask, decode_mask, row_ranges)
 from llama.fused import FusedRows, pack_weights, use_quantized
@@ -55,6 +55,13 @@ def _hooked(module: nn.Module) -> bool:
             "weights are packed for the device's kernels, q/k/v and w1/w3 as one): hook the "
             "Attention, FeedForward or TransformerBlock modules instead")
     return True
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A hooked projection called as a module; a bfloat16 weight with float32 activations is
+    widened for the call (fairscale's forward is F.linear, which needs one dtype)."""
+    with bf16.widened_for(module, x):
+        return module(x)
 
 
 class RMSNorm(nn.Module):
@@ -130,10 +137,16 @@ class Attention(nn.Module):
     def cache_v(self, value: torch.Tensor) -> None:
         self.own_cache.tensors = (self._own_cache(1, 1)[0], value.transpose(1, 2))
 
-    def _own_cache(self, bsz: int, end_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _own_cache(self, bsz: int, end_pos: int, dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         weight = self.wqkv  # a tensor, or a quantized weight (its device, activations' dtype)
+        if dtype is None:  # cache_k / cache_v: as the last forward left it, else as it will
+            own = self.own_cache.tensors  # (a CPU model's bfloat16 weights: float32 activations)
+            dtype = (own[0].dtype if own is not None else torch.float32
+                     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                     else weight.dtype)
         return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
-                                  weight.device, weight.dtype)
+                                  weight.device, dtype)
 
     def forward(self, x, start_pos, freqs_cis, mask, cache=None, packing=None,
                 last_only=False):
@@ -146,7 +159,7 @@ class Attention(nn.Module):
         n_kv, n_rep, hd = self.n_local_kv_heads, self.n_rep, self.head_dim
         n_heads = n_kv * n_rep
         if _hooked(self.wq) or _hooked(self.wk) or _hooked(self.wv):
-            xqkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+            xqkv = torch.cat([_call(self.wq, x), _call(self.wk, x), _call(self.wv, x)], dim=-1)
         else:
             # (..., (n_heads + 2 * n_kv) * hd)
             xqkv = linear(x, self.wqkv, self.native_products)
@@ -168,7 +181,7 @@ class Attention(nn.Module):
 
         static = isinstance(start_pos, torch.Tensor)
         if cache is None:
-            cache = self._own_cache(bsz, 1 if static else start_pos + seqlen)
+            cache = self._own_cache(bsz, 1 if static else start_pos + seqlen, x.dtype)
         cache_k, cache_v = cache[0][:bsz], cache[1][:bsz]
         if static:
             # The tensor-position step (Transformer.forward): one slot per row written at a
@@ -201,7 +214,7 @@ class Attention(nn.Module):
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         if _hooked(self.wo):
-            return self.wo(out)
+            return _call(self.wo, out)
         # RowParallelLinear
         return sum_over_ranks(linear(out, self.wo.weight, self.native_products))
 
@@ -228,7 +241,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if _hooked(self.w1) or _hooked(self.w3):
-            hidden = F.silu(self.w1(x)) * self.w3(x)
+            hidden = F.silu(_call(self.w1, x)) * _call(self.w3, x)
         elif row_count(x) <= FEW_ROWS or self._w13.packed is not None:
             # (.., hidden / mp) each
             gate, up = linear(x, self.w13, self.native_products).chunk(2, dim=-1)
@@ -238,7 +251,7 @@ class FeedForward(nn.Module):
             hidden = F.silu(linear(x, self.w1.weight), inplace=True)
             hidden.mul_(linear(x, self.w3.weight))
         if _hooked(self.w2):
-            return self.w2(hidden)
+            return _call(self.w2, hidden)
         return sum_over_ranks(linear(hidden, self.w2.weight, self.native_products))
 
 
@@ -319,7 +332,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention
-        weight = self.output.weight
+        weight = self.norm.weight  # the activations' dtype (matrices may be bfloat16: bf16.py)
         return KVCache(self.n_layers, bsz, attention.n_local_kv_heads, length,
                        attention.head_dim, weight.device, weight.dtype)
 
@@ -420,9 +433,11 @@ class Transformer(nn.Module):
         if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         if _hooked(self.tok_embeddings):
-            return self.tok_embeddings(tokens)
-        # ParallelEmbedding: each rank holds a slice of the embedding dimension
-        return gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
+            h = self.tok_embeddings(tokens)
+        else:  # ParallelEmbedding: each rank holds a slice of the embedding dimension
+            h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
+        # a bfloat16 embedding of a float32 model (bf16.py): its rows widened, exactly
+        return h if h.dtype == self.norm.weight.dtype else h.to(self.norm.weight.dtype)
 
     def _kernel_attention(self, h: torch.Tensor) -> bool:
         """Whether one-query rows take our attention kernel (opted in, CPU, float32)."""
@@ -432,7 +447,7 @@ class Transformer(nn.Module):
         """The final norm and the output product, float32."""
         h = self.norm(h)
         if _hooked(self.output):
-            return self.output(h).float()
+            return _call(self.output, h).float()
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
         return gather_over_ranks(linear(h, self.output.weight, self.native_products)).float()
 

@@ -254,6 +254,10 @@ BUILD_CHECK = textwrap.dedent('''
         torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5,
                                    atol=1e-6)
         assert torch.equal(cpu_kernels.float_mm(x[-1:], w), y[-1:]), rows
+        wb = w.to(torch.bfloat16)  # bfloat16 weights: float_mm's function on the widened weight
+        yb = cpu_kernels.bf16_mm(x, wb)
+        assert torch.equal(yb, cpu_kernels.float_mm(x, wb.float())), rows
+        assert torch.equal(cpu_kernels.bf16_mm(x[-1:], wb), yb[-1:]), rows
 ''')
 
 
