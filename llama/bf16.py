@@ -3,10 +3,13 @@ bfloat16 (Meta's are), so a model holds half the bytes of float32 and computes t
 function. float32 represents every bfloat16 value exactly; the weights are widened inside the
 products (llama/cpu_bf16.cpp), and activations, norms, softmax and the KV cache stay float32.
 
-Products of few rows (decode steps) take the native kernel, which streams each weight once for
-all the rows; longer ones (prefills) widen the weight a block of rows at a time into float32
-for the float32 routes of llama/linear.py. Where the kernels cannot be built, the same blocks
-(the function is unchanged; it is slower). An explicit float32 or bfloat16 dtype keeps its old
+Products take the native kernel where it is vectorised (AVX-512, AVX2): it streams each weight
+once for all the rows of a decode step, and widens each tile of weight rows once for all the
+rows of a prefill; a row's result is the same bit for bit whatever the other rows. Elsewhere
+(no compiler, a plain C++ build) the weight is widened a block of rows at a time into float32
+for the float32 routes of llama/linear.py: the same function, slower. (oneDNN's bfloat16
+GEMM, ~1.5-2x faster for prefills, rounds the activations to bfloat16, so it is not used:
+docs/MEMORY_AND_BF16.md.) An explicit float32 or bfloat16 dtype keeps its old
 meaning: float32 weights, or bfloat16 weights and activations alike.
 """
 
@@ -19,12 +22,9 @@ from torch import nn
 
 from llama import cpu_kernels
 
-# Up to this many rows a product takes the native kernel (it reads the weight once for all
-# rows); above, widened blocks for the float32 GEMM. Measured: docs/MEMORY_AND_BF16.md.
-KERNEL_ROWS = 16
-# Weight rows widened to float32 at a time for a long product: a block of ~1-4 MB stays in
-# cache while the GEMM uses it, and no float32 copy of a whole matrix is ever made.
-WIDEN_ROWS = 256
+# Weight rows widened to float32 at a time where the kernel is not used: no float32 copy of a
+# whole matrix is ever made.
+WIDEN_ROWS = 1024
 
 
 def stores_bf16(device: torch.device, requested_dtype) -> bool:
@@ -62,15 +62,14 @@ def keeping_bf16(device, convert: Optional[Callable] = None) -> Callable:
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T for a bfloat16 `weight` (out, in) and float32 `x` (..., in), in float32:
-    the weight widened (exactly) inside the product. CPU: up to KERNEL_ROWS rows the native
-    kernel, where it is vectorised; else widened blocks of rows for the float32 GEMM. Other
-    devices: F.linear with the weight widened."""
+    the weight widened (exactly) inside the product. CPU: the native kernel where it is
+    vectorised, else widened blocks of rows for the float32 GEMM. Other devices: F.linear
+    with the weight widened."""
     n_out, n_in = weight.shape
     if x.device.type != "cpu":
         return F.linear(x, weight.to(x.dtype))
     x2 = x.reshape(-1, n_in)  # (rows, in)
-    rows = x2.shape[0]
-    if 0 < rows <= KERNEL_ROWS and weight.is_contiguous() and cpu_kernels.fast_float():
+    if x2.shape[0] > 0 and weight.is_contiguous() and cpu_kernels.fast_float():
         out = cpu_kernels.bf16_mm(x2.contiguous(), weight)
     else:
         out = widened_product(x2, weight)

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -62,6 +63,8 @@ static inline fvec load_w(const uint16_t* p) {
 static inline fvec load_w_part(const uint16_t* p, int n) {
   return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
 }
+static inline fvec load_w(const float* p) { return load(p); }
+static inline fvec load_w_part(const float* p, int n) { return load_part(p, n); }
 static inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float total(fvec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(LB_AVX2)
@@ -85,6 +88,8 @@ static inline fvec load_w_part(const uint16_t* p, int n) {
   std::memcpy(part, p, n * sizeof(uint16_t));
   return load_w(part);
 }
+static inline fvec load_w(const float* p) { return load(p); }
+static inline fvec load_w_part(const float* p, int n) { return load_part(p, n); }
 static inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float total(fvec v) {
   const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -103,13 +108,16 @@ static inline fvec load_w(const uint16_t* p) {
   return f;
 }
 static inline fvec load_w_part(const uint16_t* p, int) { return load_w(p); }
+static inline fvec load_w(const float* p) { return *p; }
+static inline fvec load_w_part(const float* p, int) { return *p; }
 static inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
 static inline float total(fvec v) { return v; }
 #endif
 
-// Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row.
-template <int NO, int NR>
-static void tile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
+// Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row, in
+// bfloat16 (uint16_t) or already widened (float: the same values, the same operations).
+template <int NO, int NR, typename W>
+static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
   fvec acc[NO][NR];
   for (int o = 0; o < NO; ++o)
     for (int r = 0; r < NR; ++r) acc[o][r] = zero();
@@ -118,7 +126,7 @@ static void tile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t
     fvec wv[NO];
     for (int o = 0; o < NO; ++o) {
 #if defined(LB_AVX512) || defined(LB_AVX2)
-      if ((k * 2) % 64 == 0)  // once per cache line
+      if ((k * sizeof(W)) % 64 == 0)  // once per cache line
         _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH_BF16, _MM_HINT_T0);
 #endif
       wv[o] = load_w(w + o * K + k);
@@ -140,9 +148,8 @@ static void tile(const float* x, int64_t K, const uint16_t* w, float* y, int64_t
     for (int r = 0; r < NR; ++r) y[r * N + o] = total(acc[o][r]);
 }
 
-template <int NO>
-static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, float* y,
-                     int64_t N) {
+template <int NO, typename W>
+static void all_rows_of(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N) {
   for (int64_t r = 0; r < R; r += ROWS) {
     const float* xr = x + r * K;
     float* yr = y + r * N;
@@ -154,6 +161,27 @@ static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, fl
       case 4: tile<NO, 4>(xr, K, w, yr, N); break;
 #endif
     }
+  }
+}
+
+static inline float widen_one(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// `wide`: room for NO widened weight rows when R > ROWS. The tile's weights are then used by
+// every group of ROWS activation rows (a prefill: R / ROWS times), so they are widened once
+// into it rather than once per group.
+template <int NO>
+static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, float* y,
+                     int64_t N, float* wide) {
+  if (R > ROWS) {
+    for (int64_t i = 0; i < NO * K; ++i) wide[i] = widen_one(w[i]);
+    all_rows_of<NO>(x, R, K, static_cast<const float*>(wide), y, N);
+  } else {
+    all_rows_of<NO>(x, R, K, w, y, N);
   }
 }
 
@@ -173,13 +201,24 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t tiles = (N + OUTS - 1) / OUTS;
   // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 2, 1));
+  // Long products (prefills) go a block of activation rows at a time, ~512 KB of them, so the
+  // block stays in the core's L2 while every weight tile of the thread's slab passes by; the
+  // slab is then read once per block. No output's operations change.
+  const int64_t block = std::max<int64_t>(ROWS, (512 << 10) / (K * 4) / ROWS * ROWS);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * OUTS;
-      if (o + OUTS <= N) {
-        all_rows<OUTS>(xp, R, K, wp + o * K, yp + o, N);
-      } else {
-        for (int64_t i = o; i < N; ++i) all_rows<1>(xp, R, K, wp + i * K, yp + i, N);
+    std::vector<float> wide(R > ROWS ? OUTS * K : 0);
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t rows = std::min(block, R - r0);
+      const float* xr = xp + r0 * K;
+      float* yr = yp + r0 * N;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t o = t * OUTS;
+        if (o + OUTS <= N) {
+          all_rows<OUTS>(xr, rows, K, wp + o * K, yr + o, N, wide.data());
+        } else {
+          for (int64_t i = o; i < N; ++i)
+            all_rows<1>(xr, rows, K, wp + i * K, yr + i, N, wide.data());
+        }
       }
     }
   });

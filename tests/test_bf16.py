@@ -15,7 +15,7 @@ from tests.conftest import model_args
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
                                    reason=f"native CPU kernels unavailable: "
                                           f"{cpu_kernels.unavailable_reason()}")
-ROWS = [1, 2, 3, 4, 7, 16]
+ROWS = [1, 2, 3, 4, 7, 16, 37]
 
 
 def weights(out_f, in_f, seed=0):
@@ -38,9 +38,9 @@ def test_kernel_against_float64_and_each_row_alone(out_f, in_f):
     """Widths off every vector length, output rows past the last tile of 4. The function is
     the float32 product of the widened weight: the same bits as the float32 kernel's."""
     w = weights(out_f, in_f)
-    x = activations(16, in_f)
+    x = activations(37, in_f)  # past 16 rows: each tile of weight rows widened once
     y = cpu_kernels.bf16_mm(x, w)
-    assert y.shape == (16, out_f) and y.dtype == torch.float32
+    assert y.shape == (37, out_f) and y.dtype == torch.float32
     reference = x.double() @ w.double().t()
     torch.testing.assert_close(y.double(), reference, rtol=1e-5,
                                atol=1e-5 * float(reference.abs().max()))
@@ -74,8 +74,9 @@ def test_kernel_rejects_what_it_cannot_take():
 
 @pytest.mark.parametrize("rows", [1, 4, 16, 17, 100])
 def test_linear_routes_bf16_weights_and_computes_the_float32_product(rows, monkeypatch):
-    """Few rows: the kernel (where it is vectorised); more: blocks of weight rows widened for
-    the float32 GEMM (600 rows: blocks of 256, 256 and 88). The float32 product either way."""
+    """The kernel where it is vectorised, at any row count (a prefill's rows each as alone);
+    elsewhere blocks of weight rows widened for the float32 GEMM (600 rows in blocks of 256:
+    256, 256 and 88). The float32 product either way."""
     calls = []
     original = cpu_kernels.bf16_mm
     monkeypatch.setattr(cpu_kernels, "bf16_mm", lambda *a: calls.append(a[0].shape[0]) or
@@ -85,8 +86,11 @@ def test_linear_routes_bf16_weights_and_computes_the_float32_product(rows, monke
     y = linear(x, w)
     assert y.shape == (rows, 1, 600) and y.dtype == torch.float32
     torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
-    kernel = rows <= bf16.KERNEL_ROWS and cpu_kernels.fast_float()
-    assert calls == ([rows] if kernel else [])
+    assert calls == ([rows] if cpu_kernels.fast_float() else [])
+    if cpu_kernels.fast_float():
+        assert torch.equal(y[-1], linear(x[-1], w))  # the last row alone: the same bits
+    torch.testing.assert_close(bf16.widened_product(x.view(rows, 96), w, 256),
+                               F.linear(x, w.float()).view(rows, 600), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_weight_wrapper():
