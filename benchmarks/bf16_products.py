@@ -138,7 +138,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--root", default=str(bench.REPO / "benchmarks" / "checkpoints"))
+    parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-matrices", action="store_true")
     parser.add_argument("--skip-model", action="store_true")

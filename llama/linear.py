@@ -18,7 +18,8 @@ from llama.quantize_shards import concat, narrow
 
 def linear(x: torch.Tensor, weight: Union[torch.Tensor, "PackedInt8", "PackedInt4"],
            native: bool = False) -> torch.Tensor:
-    """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4).
+    """x @ weight.T. A packed quantized weight takes its own route (PackedInt8, PackedInt4),
+    and so does a bfloat16 weight with float32 activations (llama/bf16.py).
     A float weight is F.linear, with faster paths for float32 on the CPU (measured on 2 cores;
     README):
 

@@ -432,12 +432,14 @@ class Transformer(nn.Module):
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
             self.freqs_cis = self.freqs_cis.to(tokens.device)
+        # a bfloat16 embedding of a float32 model (bf16.py): its rows widened, exactly
+        dtype = self.norm.weight.dtype
         if _hooked(self.tok_embeddings):
             h = self.tok_embeddings(tokens)
-        else:  # ParallelEmbedding: each rank holds a slice of the embedding dimension
-            h = gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
-        # a bfloat16 embedding of a float32 model (bf16.py): its rows widened, exactly
-        return h if h.dtype == self.norm.weight.dtype else h.to(self.norm.weight.dtype)
+            return h if h.dtype == dtype else h.to(dtype)
+        # ParallelEmbedding: each rank holds a slice of the embedding dimension
+        rows = F.embedding(tokens, self.tok_embeddings.weight)
+        return gather_over_ranks(rows if rows.dtype == dtype else rows.to(dtype))
 
     def _kernel_attention(self, h: torch.Tensor) -> bool:
         """Whether one-query rows take our attention kernel (opted in, CPU, float32)."""
