@@ -18,7 +18,8 @@ product, and GB/s of the weight's own bytes. Candidates (x float32 unless named 
                    activations rounded to bfloat16, a different function)
 Model: a random checkpoint of the shape (benchmarks/bench.py's), loaded by default (bfloat16
 weights) and with dtype=float32, one at a time (both at once would double the memory), taking
-turns run by run; prefill and decode tok/s at each batch size, and GB/s of weights per step.
+turns run by run; prefill tok/s, and decode tok/s from the median one-token step, at each batch
+size, with the GB/s of weights a step reads.
 """
 
 import argparse
@@ -88,40 +89,57 @@ def matrix_times(out_f, in_f, rows_list, repeats, blocks):
         print(f"| {rows} | " + " | ".join(cells) + " |")
 
 
-def model_runs(shape, batches, prompt_len, gen_len, runs, root):
+def model_runs(shape, batches, prompt_len, steps, runs, root):
+    """Prefill and decode-step times of the model loaded by default and with float32 weights,
+    one at a time, taking turns run by run: the median of `steps` one-token steps (robust to a
+    busy machine's spikes), each through Transformer.forward with a KVCache as generation
+    calls it."""
+    from llama.loading import load_model
+
     ckpt = bench.checkpoint_dir(shape, root, torch.device("cpu"))
     kinds = {"bf16 weights (default)": None, "float32 weights": torch.float32}
-    figures = {kind: {bsz: {"prefill": [], "decode": []} for bsz in batches} for kind in kinds}
+    figures = {kind: {bsz: {"prefill": [], "step": []} for bsz in batches} for kind in kinds}
     step_bytes = {}
     for run in range(runs):
         for kind, dtype in kinds.items():
-            impl = bench.Ours(ckpt, torch.device("cpu"), dtype, prompt_len + gen_len,
-                              max(batches), False)
-            step_bytes[kind] = impl.weight_bytes()
+            model = load_model(str(ckpt), bench.VOCAB, prompt_len + steps + 1, max(batches),
+                               device="cpu", dtype=dtype, verbose=False)
+            weights = [model.output.weight] + [w for layer in model.layers for w in (
+                layer.attention.wqkv, layer.attention.wo.weight, layer.feed_forward.w13,
+                layer.feed_forward.w2.weight)]
+            step_bytes[kind] = sum(w.numel() * w.element_size() for w in weights)
             for bsz in batches:
-                batch = bench.prompts([prompt_len] * bsz, seed=run)
-                impl.generate(batch, 2)  # warm-up
-                first, _ = bench.timed(lambda: impl.generate(batch, 1))
-                whole, _ = bench.timed(lambda: impl.generate(batch, gen_len))
-                figures[kind][bsz]["prefill"].append(bsz * prompt_len / first)
-                figures[kind][bsz]["decode"].append(bsz * (gen_len - 1) / (whole - first))
-            del impl
+                tokens = torch.tensor(bench.prompts([prompt_len] * bsz, seed=run))
+                cache = model.new_cache(bsz, prompt_len + steps + 1)
+                start = time.perf_counter()
+                logits = model.forward(tokens, 0, cache, last_logits_only=True)
+                figures[kind][bsz]["prefill"].append(
+                    bsz * prompt_len / (time.perf_counter() - start))
+                times = []
+                for i in range(steps):
+                    next_tokens = logits[:, -1].argmax(-1, keepdim=True)
+                    start = time.perf_counter()
+                    logits = model.forward(next_tokens, prompt_len + i, cache,
+                                           last_logits_only=True)
+                    times.append(time.perf_counter() - start)
+                figures[kind][bsz]["step"].append(statistics.median(times))
+            del model, weights
             gc.collect()
     bandwidth = bench.read_bandwidth()
-    print(f"\n{shape}: prompt {prompt_len}, {gen_len} tokens, {runs} runs taking turns, "
-          f"{torch.get_num_threads()} threads; x.sum() reads {bandwidth / 1e9:.1f} GB/s")
+    print(f"\n{shape}: prompt {prompt_len}, median of {steps} decode steps, {runs} runs "
+          f"taking turns, {torch.get_num_threads()} threads; x.sum() reads "
+          f"{bandwidth / 1e9:.1f} GB/s")
     print("| weights | batch | prefill tok/s | decode tok/s | weights read per s (decode) |")
     print("|---|---|---|---|---|")
     for kind in kinds:
         for bsz in batches:
             prefill = statistics.median(figures[kind][bsz]["prefill"])
-            decode = statistics.median(figures[kind][bsz]["decode"])
-            steps = decode / bsz
-            print(f"| {kind} | {bsz} | {prefill:.1f} | {decode:.2f} | "
-                  f"{steps * step_bytes[kind] / 1e9:.1f} GB/s |")
+            step = statistics.median(figures[kind][bsz]["step"])
+            print(f"| {kind} | {bsz} | {prefill:.1f} | {bsz / step:.2f} | "
+                  f"{step_bytes[kind] / step / 1e9:.1f} GB/s |")
     for bsz in batches:
-        ratio = [b / f for b, f in zip(figures["bf16 weights (default)"][bsz]["decode"],
-                                       figures["float32 weights"][bsz]["decode"])]
+        ratio = [f / b for b, f in zip(figures["bf16 weights (default)"][bsz]["step"],
+                                       figures["float32 weights"][bsz]["step"])]
         print(f"batch {bsz}: bf16 decode / float32 decode, run by run: "
               + ", ".join(f"{r:.2f}x" for r in ratio))
 
@@ -136,7 +154,7 @@ def main():
     parser.add_argument("--shape", default="M", choices=sorted(bench.SHAPES))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--root", default="/tmp/llama-bench", help="where checkpoints go")
     parser.add_argument("--threads", type=int, default=None)
@@ -152,8 +170,9 @@ def main():
         if not args.skip_matrices:
             matrix_times(args.out, args.in_f, args.rows, args.repeats, args.blocks)
     if not args.skip_model:
-        model_runs(args.shape, args.batch, args.prompt_len, args.gen_len, args.runs,
-                   Path(args.root))
+        with torch.inference_mode():
+            model_runs(args.shape, args.batch, args.prompt_len, args.steps, args.runs,
+                       Path(args.root))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def test_a_default_cpu_model_stores_bf16_and_computes_the_float32_function(build
     got, _ = default.generate(prompts, max_gen_len=16, temperature=0)
     want, _ = full.generate(prompts, max_gen_len=16, temperature=0)
     assert got == want
-    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa
+    def bytes_of(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
     assert bytes_of(default.model) < 0.51 * bytes_of(full.model)
 
 
