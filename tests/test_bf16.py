@@ -133,9 +133,12 @@ def test_a_default_cpu_model_stores_bf16_and_computes_the_float32_function(build
     assert default.model.new_cache(2, 8).k[0].dtype == torch.float32
     prompts = [default.tokenizer.encode(p, bos=True, eos=False)
                for p in ["The", "In Python, a class", "x = 1"]]
-    got, _ = default.generate(prompts, max_gen_len=16, temperature=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got, _ = default.generate(prompts, max_gen_len=16, temperature=0)
     want, _ = full.generate(prompts, max_gen_len=16, temperature=0)
     assert got == want
+    ran = {e.key for e in prof.key_averages()}
+    assert ("llama_kernels::bf16_mm" in ran) == cpu_kernels.fast_float()
     def bytes_of(model):
         return sum(p.numel() * p.element_size() for p in model.parameters())
 

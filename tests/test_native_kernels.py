@@ -337,7 +337,8 @@ def test_a_model_decodes_alike_with_the_native_kernels(build, compiled, kernels)
     from tests.test_engine import PROMPTS
     results = []
     for native in (False, True):
-        generator = build("gqa", max_seq_len=64, max_batch_size=4)
+        # float32 weights (the CPU default keeps the checkpoint's bfloat16: tests/test_bf16.py)
+        generator = build("gqa", max_seq_len=64, max_batch_size=4, dtype=torch.float32)
         expected = _opt_in(generator.model, kernels) if native else set()
         if compiled:
             generator.compile_decode()
