@@ -1,5 +1,6 @@
 """Native CPU kernels: int8 and int4 weight products of few rows (llama/cpu_kernels.cpp), float32
-ones (llama/cpu_float.cpp) and a decode step's attention (llama/cpu_attention.cpp).
+ones (llama/cpu_float.cpp), bfloat16-weight ones (llama/cpu_bf16.cpp) and a decode step's
+attention (llama/cpu_attention.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -26,7 +27,8 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.cpp", "cpu_float.cpp", "cpu_attention.cpp")]
+           for name in ("cpu_kernels.cpp", "cpu_float.cpp", "cpu_bf16.cpp",
+                         "cpu_attention.cpp")]
 GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -89,6 +91,13 @@ def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(rows, N) = x (rows, K) @ weight (N, K).T in float32 (llama/cpu_float.cpp), each row's
     outputs the same bit for bit whatever the other rows and the thread count."""
     return _ops().float_mm(x, weight)
+
+
+def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, N) float32 = x (rows, K) float32 @ weight (N, K) bfloat16 .T, the weight widened
+    to float32 inside the product (llama/cpu_bf16.cpp): float_mm's function on half the
+    bytes, each row's outputs the same bit for bit whatever the other rows and thread count."""
+    return _ops().bf16_mm(x, weight)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
@@ -229,6 +238,10 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("llama_kernels::float_mm")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::bf16_mm")
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0])
 

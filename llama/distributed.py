@@ -33,8 +33,9 @@ def choose_device(device: Optional[str] = None) -> torch.device:
 
 
 def choose_dtype(device: torch.device, dtype=None) -> torch.dtype:
-    """Half precision on GPUs (bfloat16 where supported, the checkpoints' own type), float32
-    on the CPU, unless asked otherwise."""
+    """The activations' dtype: half precision on GPUs (bfloat16 where supported, the
+    checkpoints' own type), float32 on the CPU (where bfloat16 weights are kept as they are
+    unless a dtype is asked for: llama/bf16.py), unless asked otherwise."""
     if dtype is not None:
         return check_dtype(dtype)
     if device.type == "cuda":

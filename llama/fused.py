@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from llama import bf16
 from llama.linear import linear, pack
 from llama.quantize import QuantizationError
 from llama.views import consecutive_rows
@@ -72,7 +73,7 @@ class Projection:
         """x through the layers' weights: one product, or, when a layer has forward hooks,
         each layer called as such (its hooks fire, and it reduces over ranks itself)."""
         if self.hooked(owner):
-            outs = [owner._modules[name](x) for name in self.names]
+            outs = [_call(owner._modules[name], x) for name in self.names]
             return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         out = linear(x, self.product_weight(owner))
         return self.reduce(out) if self.reduce is not None else out
@@ -108,6 +109,13 @@ class Projection:
         copy.packed = self.packed  # (a packed weight is never changed in place: shared)
         copy.route = self.route
         return copy
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A hooked layer called as a module; a bfloat16 weight under float32 activations is
+    widened for the call (fairscale's forward is F.linear, which needs one dtype)."""
+    with bf16.widened_for(module, x):
+        return module(x)
 
 
 def hooked(module: nn.Module) -> bool:

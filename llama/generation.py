@@ -88,10 +88,15 @@ class Llama:
 
         Runs as a plain process or under torchrun; the checkpoint's shard count need not equal
         the number of processes (shards are split or merged while loading). `device` defaults
-        to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs and float32
-        on the CPU. `verify=True` checks every file against checklist.chk first. `seed` must be
-        the same on every rank: all ranks sample the same tokens. Every argument, the
-        checkpoint directory and then the tokenizer file are checked before anything is loaded.
+        to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs; on the CPU
+        the checkpoint's bfloat16 matrices are kept as they are and computed with in float32
+        (llama/bf16.py: float32's function at half its memory; dtype=torch.float32 for
+        float32 weights). `verify=True` checks every file against checklist.chk first.
+        `seed` must be the same on every rank: all ranks sample the same tokens. Every
+        argument, the
+        checkpoint directory and then the tokenizer file are checked before anything is loaded,
+        and then whether the model fits in the memory this process may use
+        (llama/memory_fit.py: NotEnoughMemoryError names the settings that would fit).
 
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
         os.devnull, so that a script run under torchrun prints its results once;

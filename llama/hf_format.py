@@ -213,6 +213,11 @@ class HFCheckpoint:
                                   f"there") from None
         return tuple(piece.get_shape()), piece.get_dtype()
 
+    def stored_dtype(self, name: str) -> Optional[torch.dtype]:
+        """The dtype Meta's tensor `name` is stored in (from the file's header), None if not
+        a float type."""
+        return _FLOAT_TYPES.get(self._header(self.source_name(name))[1])
+
     def _read(self, hf: str, dim: Optional[int], start: int, stop: int) -> torch.Tensor:
         """Tensor `hf`, or its [start, stop) slice along `dim`: a view into the mapped file, so
         only the slice's pages are ever read."""

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_kernels
+from llama import bf16, cpu_kernels
 from llama.quantize import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight
 from llama.quantize_shards import concat, narrow
 
@@ -19,8 +19,11 @@ from llama.quantize_shards import concat, narrow
 def linear(x: torch.Tensor, weight: Union[torch.Tensor, "FloatKernel", "PackedInt8",
                                            "PackedInt4"]) -> torch.Tensor:
     """x @ weight.T by the weight's own route: a plain float tensor takes torch's fastest
-    (float_product); a wrapped weight (FloatKernel, PackedInt8, PackedInt4) its `product`."""
+    (float_product), or, stored in bfloat16 under float32 activations, llama/bf16.py's
+    product; a wrapped weight (FloatKernel, PackedInt8, PackedInt4) its `product`."""
     if isinstance(weight, torch.Tensor):
+        if bf16.is_mixed(x, weight):
+            return bf16.product(x, weight)
         return float_product(x, weight)
     return weight.product(x)
 

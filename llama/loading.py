@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-from llama import checkpoint, hf_format, host_memory
+from llama import bf16, checkpoint, hf_format, host_memory, memory_fit
 from llama.distributed import choose_device, choose_dtype, init_process_groups, is_main_process
 from llama.model import KVCache, Transformer
 from llama.quantize import DEFAULT_GROUP_SIZE
@@ -153,6 +153,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
+    keep_bf16 = bf16.stores_bf16(device, dtype)  # the checkpoint's bfloat16 matrices as they are
     dtype = choose_dtype(device, dtype)
     ckpt_dir = Path(ckpt_dir)
     hub = hf_format.is_hf_checkpoint(ckpt_dir)
@@ -176,6 +177,14 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     if quantize is not None:
         check_quantization(args, quantize, group_size, world_size, device, saved is not None)
     torch.manual_seed(seed)
+    # Opened (memory-mapped), not read: what the files hold decides what the model will need.
+    shards = None if hub else _open_shards(shard_paths, args, rank, world_size, say, saved)
+    stored = (source.stored_dtype("tok_embeddings.weight") if hub else
+              next(iter(shards.values()))["tok_embeddings.weight"].dtype)
+    keep_bf16 = keep_bf16 and stored == torch.bfloat16
+    memory_fit.check_fits(args, world_size, quantize, group_size,
+                          torch.bfloat16 if keep_bf16 else dtype, dtype, device,
+                          saved=saved is not None, bf16_checkpoint=stored == torch.bfloat16)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)
@@ -183,14 +192,17 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     convert = None
     if quantize is not None and saved is None:
         convert = quantizer(quantize, group_size, world_size, device, args)
+    if keep_bf16:
+        convert = bf16.keeping_bf16(device, convert)
     if hub:
         # Copies leave the memory-mapped files' pages behind; they are dropped as we go.
         state, is_mapped = source.rank_state_dict(args, rank, world_size, dtype, device,
                                                   convert=convert)
         del source
     else:
-        state, is_mapped = _meta_rank_state(shard_paths, args, rank, world_size, dtype, device,
-                                            say, convert, saved)
+        state, is_mapped = _meta_rank_state(shards, len(shard_paths), args, rank, world_size,
+                                            dtype, device, convert, saved)
+        del shards
     weight_bytes = sum(_nbytes(t) for t in state.values())
     _report_memory(args, weight_bytes, device, dtype, world_size, say, quantize)
 
@@ -207,6 +219,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
         f"{str(dtype).replace('torch.', '')}"
         f"{'' if quantize is None else ', ' + quantize + ' weights'}"
+        f"{', bfloat16 ' + ('embedding' if quantize else 'weights') if keep_bf16 else ''}"
         f"{'' if saved is None else ' as saved'})")
     return model
 
@@ -259,13 +272,8 @@ def _nbytes(weight) -> int:
             else weight.nbytes)
 
 
-def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, device, say,
-                     convert=None, quantization=None):
-    """This rank's tensors from Meta's shards, and whether a tensor lies in a mapped shard.
-    Of a quantized checkpoint (`quantization`, params.json's entry), the quantized weights
-    come back in their saved format, as `convert` makes them while quantizing at load."""
-    from llama.quantize import gather_saved
-
+def _open_shards(shard_paths, args, rank: int, world_size: int, say, quantization=None):
+    """The shards this rank needs, memory-mapped and checked (no weight read yet)."""
     shards = {}
     for index in checkpoint.shards_for_rank(len(shard_paths), world_size, rank):
         shard_start = time.time()
@@ -274,8 +282,19 @@ def _meta_rank_state(shard_paths, args, rank: int, world_size: int, dtype, devic
                                quantization)
         say(f"Opened shard {shard_paths[index].name} ({index + 1}/{len(shard_paths)}) in "
             f"{time.time() - shard_start:.2f} s")
+    return shards
+
+
+def _meta_rank_state(shards, n_shards: int, args, rank: int, world_size: int, dtype, device,
+                     convert=None, quantization=None):
+    """This rank's tensors from Meta's opened shards, and whether a tensor lies in a mapped
+    shard. Of a quantized checkpoint (`quantization`, params.json's entry), the quantized
+    weights come back in their saved format, as `convert` makes them while quantizing at
+    load."""
+    from llama.quantize import gather_saved
+
     # Copies leave the memory-mapped files' pages behind; drop those as we go.
-    state = checkpoint.rank_state_dict(shards, len(shard_paths), args, rank, world_size,
+    state = checkpoint.rank_state_dict(shards, n_shards, args, rank, world_size,
                                        dtype, device, release_copied=True, convert=convert,
                                        quantization=quantization)
     if quantization is not None:
@@ -296,10 +315,3 @@ def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_s
     say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB{kinds}; KV cache at most "
         f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
         f"{args.max_seq_len}), allocated per call for the tokens it needs")
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        if weight_bytes > free:
-            raise MemoryError(
-                f"the weights need {weight_bytes / gib:.2f} GiB on {device} but only "
-                f"{free / gib:.2f} GiB is free: run on more GPUs (torchrun --nproc_per_node), "
-                f"or use a smaller model")

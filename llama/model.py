@@ -113,10 +113,16 @@ class Attention(nn.Module):
     def cache_v(self, value: torch.Tensor) -> None:
         self.own_cache.tensors = (self._own_cache(1, 1)[0], value.transpose(1, 2))
 
-    def _own_cache(self, bsz: int, end_pos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _own_cache(self, bsz: int, end_pos: int, dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         weight = self.wqkv  # a tensor, or a quantized weight (its device, activations' dtype)
+        if dtype is None:  # cache_k / cache_v: as the last forward left it, else as it will
+            own = self.own_cache.tensors  # (a CPU model's bfloat16 weights: float32 activations)
+            dtype = (own[0].dtype if own is not None else torch.float32
+                     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                     else weight.dtype)
         return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
-                                  weight.device, weight.dtype)
+                                  weight.device, dtype)
 
     def forward(self, x, start_pos, freqs_cis, mask, cache=None, plan=None):
         """Meta's (x, start_pos, freqs_cis, mask): x (bsz, seqlen, dim) at cache slots
@@ -135,7 +141,8 @@ class Attention(nn.Module):
         xqk = apply_rotary(xqk, freqs_cis)
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
-        keys, values = cache if cache is not None else self._own_cache(bsz, plan.end)
+        keys, values = (cache if cache is not None
+                        else self._own_cache(bsz, plan.end, x.dtype))
         out = plan.attend(xq, xk, xv, keys, values, 1.0 / math.sqrt(hd), n_rep)
         return self._wo(self, out)
 
@@ -262,7 +269,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention
-        weight = self.output.weight
+        weight = self.norm.weight  # the activations' dtype (matrices may be bfloat16: bf16.py)
         return KVCache(self.n_layers, bsz, attention.n_local_kv_heads, length,
                        attention.head_dim, weight.device, weight.dtype)
 
@@ -325,10 +332,14 @@ class Transformer(nn.Module):
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.freqs_cis.device != tokens.device:  # the model was moved (.to(), .cuda())
             self.freqs_cis = self.freqs_cis.to(tokens.device)
+        # a bfloat16 embedding of a float32 model (bf16.py): its rows widened, exactly
+        dtype = self.norm.weight.dtype
         if hooked(self.tok_embeddings):
-            return self.tok_embeddings(tokens)
+            h = self.tok_embeddings(tokens)
+            return h if h.dtype == dtype else h.to(dtype)
         # ParallelEmbedding: each rank holds a slice of the embedding dimension
-        return gather_over_ranks(F.embedding(tokens, self.tok_embeddings.weight))
+        rows = F.embedding(tokens, self.tok_embeddings.weight)
+        return gather_over_ranks(rows if rows.dtype == dtype else rows.to(dtype))
 
     def _kernel_attention(self, device: torch.device) -> bool:
         """Whether one-query rows take our attention kernel (opted in, CPU, float32)."""

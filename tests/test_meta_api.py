@@ -3,6 +3,7 @@ forward(tokens, start_pos), the model treated as an ordinary nn.Module, the name
 imports, and scripts shaped like the original's examples, on one process and two."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -150,9 +151,11 @@ def _edited(checkpoints, edit):
 
 def test_weight_edits_are_used_by_forward(build, checkpoints):
     """w.data = ..., a new Parameter, load_state_dict (copying and assigning): forward uses
-    what the module then holds (the fused q/k/v and w1/w3 products follow)."""
+    what the module then holds (the fused q/k/v and w1/w3 products follow). In float32: a
+    default CPU model stores the checkpoint's bfloat16, and copying float32 values into it
+    rounds them, as for any bfloat16 module (tests/test_bf16.py)."""
     tokens = _tokens(bsz=1, seqlen=12, seed=3)
-    model = build("gqa").model
+    model = build("gqa", dtype=torch.float32).model
     model.forward(tokens, 0)  # the fused products laid out before the edits
     g = torch.Generator().manual_seed(9)
     new_wq = torch.randn(64, 64, generator=g) * 0.1
@@ -169,7 +172,7 @@ def test_weight_edits_are_used_by_forward(build, checkpoints):
     edited = _edited(checkpoints, lambda s: s.update({"layers.1.attention.wk.weight": new_wk}))
     edited.pop("rope.freqs")
     for assign in (False, True):
-        model = build("gqa").model
+        model = build("gqa", dtype=torch.float32).model
         model.forward(tokens, 0)
         model.load_state_dict({k: v.clone() for k, v in edited.items()}, assign=assign)
         torch.testing.assert_close(model.forward(tokens, 0),
@@ -283,8 +286,14 @@ def test_a_script_written_for_the_original_runs_as_it_did(client_on_one_process,
 
 def test_the_same_script_under_torchrun_prints_once_and_the_same(client_on_one_process,
                                                                   checkpoints, tokenizer_path):
-    # two processes on a two-shard checkpoint: results, scores and logits as on one
-    assert _run_client(checkpoints, tokenizer_path, 2, 2) == client_on_one_process
+    # two processes on a two-shard checkpoint: results, scores and logits as on one (the
+    # chunked pass's rounding noise, ~1e-6 and checked < 1e-4 by _run_client, is not compared:
+    # the ranks' split of row-parallel sums changes its digits)
+    def without_noise(out):
+        return re.sub(r"chunked max diff \S+", "chunked max diff", out)
+
+    assert without_noise(_run_client(checkpoints, tokenizer_path, 2, 2)) == without_noise(
+        client_on_one_process)
 
 
 def test_quiet_other_ranks_can_be_turned_off(checkpoints, tokenizer_path, tmp_path):

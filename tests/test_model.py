@@ -206,7 +206,10 @@ def test_state_dict_keeps_meta_names_after_fusing(build, checkpoints):
     expected = checkpoints.state("gqa")
     assert set(state) == set(expected) - set(IGNORED_KEYS)
     for name, tensor in state.items():
-        torch.testing.assert_close(tensor, expected[name].float(), atol=0, rtol=0)
+        # the checkpoint's bfloat16 matrices as they are (llama/bf16.py); norms in float32
+        assert tensor.dtype == (torch.float32 if name.endswith("norm.weight") else
+                                torch.bfloat16), name
+        torch.testing.assert_close(tensor.float(), expected[name].float(), atol=0, rtol=0)
     attention = generator.model.layers[0].attention
     # the fused matrix and the named weights share memory
     assert attention.wq.weight.data_ptr() == attention.wqkv.data_ptr()

@@ -254,6 +254,10 @@ BUILD_CHECK = textwrap.dedent('''
         torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5,
                                    atol=1e-6)
         assert torch.equal(cpu_kernels.float_mm(x[-1:], w), y[-1:]), rows
+        wb = w.to(torch.bfloat16)  # bfloat16 weights: float_mm's function on the widened weight
+        yb = cpu_kernels.bf16_mm(x, wb)
+        assert torch.equal(yb, cpu_kernels.float_mm(x, wb.float())), rows
+        assert torch.equal(cpu_kernels.bf16_mm(x[-1:], wb), yb[-1:]), rows
 ''')
 
 
@@ -333,7 +337,8 @@ def test_a_model_decodes_alike_with_the_native_kernels(build, compiled, kernels)
     from tests.test_engine import PROMPTS
     results = []
     for native in (False, True):
-        generator = build("gqa", max_seq_len=64, max_batch_size=4)
+        # float32 weights (the CPU default keeps the checkpoint's bfloat16: tests/test_bf16.py)
+        generator = build("gqa", max_seq_len=64, max_batch_size=4, dtype=torch.float32)
         expected = _opt_in(generator.model, kernels) if native else set()
         if compiled:
             generator.compile_decode()

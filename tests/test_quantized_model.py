@@ -74,9 +74,10 @@ def test_quantized_weights_take_less_memory(build):
         return sum(w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
                    for w in weights)
 
-    full = projection_bytes(build("mha").model)
-    assert projection_bytes(build("mha", quantize="int8").model) < 0.3 * full
-    assert projection_bytes(build("mha", quantize="int4").model) < 0.2 * full
+    full = projection_bytes(build("mha").model)  # the checkpoint's bfloat16 (llama/bf16.py)
+    assert projection_bytes(build("mha", dtype=torch.float32).model) == 2 * full
+    assert projection_bytes(build("mha", quantize="int8").model) < 0.6 * full
+    assert projection_bytes(build("mha", quantize="int4").model) < 0.4 * full
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -1,0 +1,230 @@
+// bfloat16-weight products of few rows (decode steps) on the CPU, in float32.
+//
+//   bf16_mm(x, weight) -> y        y[r, o] = sum_k x[r, k] * float(weight[o, k])
+//
+// x: (R, K) float32, contiguous; weight: (N, K) bfloat16, contiguous. y: (R, N) float32.
+//
+// Meta ships its checkpoints in bfloat16, and float32 represents every bfloat16 value exactly:
+// widening a weight inside the product (its 16 bits shifted into a float32's upper half) and
+// multiplying in float32 computes the float32 model's function while reading half the bytes.
+// Activations and sums stay float32: nothing is rounded to bfloat16 (the avx512_bf16
+// dot-product instruction would round the activations, so it is not used here).
+//
+// Same shape as cpu_float.cpp: a tile of OUTS weight rows is streamed once for all R rows
+// (ROWS activation rows at a time, the rest from cache); threads split the output rows. Every
+// output is one fixed sequence of operations (lane j adds columns j, j + V, ... in order by
+// FMA, then a fixed tree over the lanes), so a row's result is the same bit for bit alone or
+// in any batch, on any thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LB_AVX512 1
+static constexpr int V = 16;
+static constexpr int ROWS = 4;  // 4 x 4 accumulators of 32 registers
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LB_AVX2 1
+static constexpr int V = 8;
+static constexpr int ROWS = 2;  // 4 x 2 accumulators of 16 registers
+#else
+static constexpr int V = 1;
+static constexpr int ROWS = 4;
+#endif
+
+static constexpr int OUTS = 4;  // weight rows per tile
+// Prefetch distance (bytes) along each weight row: as cpu_float.cpp's in elements of a row
+// (16 KB of float32 there, 8 KB of bfloat16 here). Measured: docs/MEMORY_AND_BF16.md.
+#ifndef PREFETCH_BF16
+#define PREFETCH_BF16 8192
+#endif
+
+#if defined(LB_AVX512)
+using fvec = __m512;
+static inline fvec zero() { return _mm512_setzero_ps(); }
+static inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
+static inline fvec load_part(const float* p, int n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+}
+static inline fvec widen(__m256i h) {  // 16 bfloat16 -> 16 float32: the bits shifted up
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline fvec load_w(const uint16_t* p) {
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline fvec load_w_part(const uint16_t* p, int n) {
+  return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+}
+static inline fvec load_w(const float* p) { return load(p); }
+static inline fvec load_w_part(const float* p, int n) { return load_part(p, n); }
+static inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float total(fvec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(LB_AVX2)
+using fvec = __m256;
+static inline fvec zero() { return _mm256_setzero_ps(); }
+static inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
+static inline fvec load_part(const float* p, int n) {
+  alignas(32) static const int32_t ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                               0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_maskload_ps(p, _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(ones + 8 - n)));
+}
+static inline fvec widen(__m128i h) {  // 8 bfloat16 -> 8 float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline fvec load_w(const uint16_t* p) {
+  return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline fvec load_w_part(const uint16_t* p, int n) {
+  uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // no read past the row's end
+  std::memcpy(part, p, n * sizeof(uint16_t));
+  return load_w(part);
+}
+static inline fvec load_w(const float* p) { return load(p); }
+static inline fvec load_w_part(const float* p, int n) { return load_part(p, n); }
+static inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float total(fvec v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+#else
+using fvec = float;
+static inline fvec zero() { return 0.f; }
+static inline fvec load(const float* p) { return *p; }
+static inline fvec load_part(const float* p, int) { return *p; }
+static inline fvec load_w(const uint16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+static inline fvec load_w_part(const uint16_t* p, int) { return load_w(p); }
+static inline fvec load_w(const float* p) { return *p; }
+static inline fvec load_w_part(const float* p, int) { return *p; }
+static inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
+static inline float total(fvec v) { return v; }
+#endif
+
+// Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row, in
+// bfloat16 (uint16_t) or already widened (float: the same values, the same operations).
+template <int NO, int NR, typename W>
+static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
+  fvec acc[NO][NR];
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r) acc[o][r] = zero();
+  const int64_t whole = K - K % V;
+  for (int64_t k = 0; k < whole; k += V) {
+    fvec wv[NO];
+    for (int o = 0; o < NO; ++o) {
+#if defined(LB_AVX512) || defined(LB_AVX2)
+      if ((k * sizeof(W)) % 64 == 0)  // once per cache line
+        _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH_BF16, _MM_HINT_T0);
+#endif
+      wv[o] = load_w(w + o * K + k);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const fvec xv = load(x + r * K + k);
+      for (int o = 0; o < NO; ++o) acc[o][r] = fma(wv[o], xv, acc[o][r]);
+    }
+  }
+  if (whole < K) {  // the last K % V columns, zeros in the other lanes
+    const int n = static_cast<int>(K - whole);
+    for (int o = 0; o < NO; ++o) {
+      const fvec wv = load_w_part(w + o * K + whole, n);
+      for (int r = 0; r < NR; ++r)
+        acc[o][r] = fma(wv, load_part(x + r * K + whole, n), acc[o][r]);
+    }
+  }
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r) y[r * N + o] = total(acc[o][r]);
+}
+
+template <int NO, typename W>
+static void all_rows_of(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N) {
+  for (int64_t r = 0; r < R; r += ROWS) {
+    const float* xr = x + r * K;
+    float* yr = y + r * N;
+    switch (R - r < ROWS ? R - r : ROWS) {
+      case 1: tile<NO, 1>(xr, K, w, yr, N); break;
+      case 2: tile<NO, 2>(xr, K, w, yr, N); break;
+#if !defined(LB_AVX2)
+      case 3: tile<NO, 3>(xr, K, w, yr, N); break;
+      case 4: tile<NO, 4>(xr, K, w, yr, N); break;
+#endif
+    }
+  }
+}
+
+static inline float widen_one(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// `wide`: room for NO widened weight rows when R > ROWS. The tile's weights are then used by
+// every group of ROWS activation rows (a prefill: R / ROWS times), so they are widened once
+// into it rather than once per group.
+template <int NO>
+static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, float* y,
+                     int64_t N, float* wide) {
+  if (R > ROWS) {
+    for (int64_t i = 0; i < NO * K; ++i) wide[i] = widen_one(w[i]);
+    all_rows_of<NO>(x, R, K, static_cast<const float*>(wide), y, N);
+  } else {
+    all_rows_of<NO>(x, R, K, w, y, N);
+  }
+}
+
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "bf16_mm: x must be a contiguous (rows, K) float32 tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 &&
+              weight.is_contiguous() && weight.size(1) == x.size(1),
+              "bf16_mm: weight must be a contiguous (N, K) bfloat16 tensor, K as x's");
+  const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({R, N}, x.options());
+  if (R == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + OUTS - 1) / OUTS;
+  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 2, 1));
+  // Long products (prefills) go a block of activation rows at a time, ~512 KB of them, so the
+  // block stays in the core's L2 while every weight tile of the thread's slab passes by; the
+  // slab is then read once per block. No output's operations change.
+  const int64_t block = std::max<int64_t>(ROWS, (512 << 10) / (K * 4) / ROWS * ROWS);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> wide(R > ROWS ? OUTS * K : 0);
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t rows = std::min(block, R - r0);
+      const float* xr = xp + r0 * K;
+      float* yr = yp + r0 * N;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t o = t * OUTS;
+        if (o + OUTS <= N) {
+          all_rows<OUTS>(xr, rows, K, wp + o * K, yr + o, N, wide.data());
+        } else {
+          for (int64_t i = o; i < N; ++i)
+            all_rows<1>(xr, rows, K, wp + i * K, yr + i, N, wide.data());
+        }
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(llama_kernels, m) { m.def("bf16_mm(Tensor x, Tensor weight) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) { m.impl("bf16_mm", &bf16_mm); }

@@ -1,0 +1,121 @@
+"""Memory decided before loading (llama/memory_fit.py): sizes, the cgroup limits read from fake
+trees, and Llama.build under LLAMA_MEMORY_LIMIT: refused before any weight is read with one
+line naming the settings that fit, or loaded when it fits."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from llama import checkpoint, memory_fit
+from llama.memory import LLAMA2
+from llama.memory_fit import GIB, NotEnoughMemoryError, check_fits, estimate, parse_size
+from llama.validation import ArgumentValueError
+from tests.conftest import model_args
+
+
+def test_sizes():
+    assert parse_size("8GiB") == parse_size("8G") == parse_size("8 gib") == 8 * GIB
+    assert parse_size("7.5G") == int(7.5 * GIB)
+    assert parse_size("8000MB") == 8 * 10 ** 9 and parse_size("123") == 123
+    for bad in ("eight", "8XB", "", "-1G"):
+        with pytest.raises(ArgumentValueError, match="LLAMA_MEMORY_LIMIT"):
+            parse_size(bad)
+
+
+def test_7b_estimate_by_format():
+    """Weights per format from the shapes (int8 and int4 keep a bfloat16 embedding), the
+    float32 cache at max_batch_size x max_seq_len: 32 layers x 2 x 4096 x 4 bytes a token."""
+    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
+    bf16 = estimate(args, 1, None, None, torch.bfloat16, torch.float32)
+    f32 = estimate(args, 1, None, None, torch.float32, torch.float32)
+    int8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32)
+    int4 = estimate(args, 1, "int4", 32, torch.bfloat16, torch.float32)
+    assert f32.weights == 2 * bf16.weights == 2 * 2 * 6_738_415_616
+    assert int4.weights < int8.weights < 0.53 * bf16.weights
+    assert bf16.cache == 4 * 512 * 32 * 2 * 4096 * 4
+    assert 0.25 * GIB < bf16.working < GIB
+
+
+def _tree(tmp_path, files):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_cgroup_v2_and_v1_limits(tmp_path):
+    """The limit less what is used, reclaimable page cache not counted as used; the lowest
+    level wins; 'max' (v2) or a huge number (v1) is no limit."""
+    v2 = _tree(tmp_path / "v2", {
+        "proc": "0::/job/step\n",
+        "fs/job/memory.max": str(10 * GIB), "fs/job/memory.current": str(3 * GIB),
+        "fs/job/memory.stat": f"anon 1\ninactive_file {GIB}\n",
+        "fs/job/step/memory.max": "max", "fs/job/step/memory.current": str(3 * GIB)})
+    assert memory_fit.cgroup_available(v2 / "fs", v2 / "proc") == 8 * GIB
+    v1 = _tree(tmp_path / "v1", {
+        "proc": "4:memory:/not/visible/here\n1:cpu:/\n",  # a container: its own root mounted
+        "fs/memory/memory.limit_in_bytes": str(6 * GIB),
+        "fs/memory/memory.usage_in_bytes": str(2 * GIB),
+        "fs/memory/memory.stat": f"inactive_file 5\ntotal_inactive_file {GIB // 2}\n"})
+    assert memory_fit.cgroup_available(v1 / "fs", v1 / "proc") == int(4.5 * GIB)
+    unlimited = _tree(tmp_path / "none", {
+        "proc": "0::/\n", "fs/memory.max": "max", "fs/memory.current": "5"})
+    assert memory_fit.cgroup_available(unlimited / "fs", unlimited / "proc") is None
+
+
+def test_the_7b_refusal_at_8_gib_names_quantization(monkeypatch):
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", "8GiB")
+    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        check_fits(args, 1, None, None, torch.bfloat16, torch.float32, torch.device("cpu"),
+                   bf16_checkpoint=True)
+    message = str(caught.value)
+    assert "\n" not in message and "8.0 GiB is available (LLAMA_MEMORY_LIMIT)" in message
+    assert "weights 12.6 GiB bfloat16" in message
+    assert "--quantize int4: " in message and "--quantize int8 --max_seq_len 256: " in message
+    # at 20 GiB the default fits; float32 asked for does not, and is told of the default
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", "20GiB")
+    check_fits(args, 1, None, None, torch.bfloat16, torch.float32, torch.device("cpu"),
+               bf16_checkpoint=True)
+    with pytest.raises(NotEnoughMemoryError, match=r"no --dtype \(bfloat16 weights"):
+        check_fits(args, 1, None, None, torch.float32, torch.float32, torch.device("cpu"),
+                   bf16_checkpoint=True)
+
+
+def test_build_is_refused_before_reading_weights_and_loads_when_it_fits(
+        build, checkpoints, monkeypatch):
+    """A limit between what int8 weights need and what the default needs: the default build
+    is refused (no tensor cut from the shards), naming --quantize int8 with its size; the
+    int8 build then loads under the same limit."""
+    args = dataclasses.replace(model_args("gqa"), max_seq_len=64, max_batch_size=4)
+    need = estimate(args, 1, None, None, torch.bfloat16, torch.float32).total
+    need8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32).total
+    assert need8 < need
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(need8))
+    original = checkpoint.rank_state_dict
+    read = []
+    monkeypatch.setattr(checkpoint, "rank_state_dict",
+                        lambda *a, **k: read.append(1) or original(*a, **k))
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        build("gqa")
+    assert read == []
+    assert f"--quantize int8: {need8 / GIB:.1f} GiB" in str(caught.value)
+    generator = build("gqa", quantize="int8")
+    assert read == [1]
+    assert generator.text_completion(["The"], max_gen_len=2, temperature=0)
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(need))
+    build("gqa")
+
+
+def test_scripts_end_in_one_line(checkpoints, tokenizer_path):
+    from tests.conftest import run_script
+
+    result = run_script(["example_text_completion.py", "--ckpt_dir", checkpoints("gqa", 1),
+                         "--tokenizer_path", tokenizer_path, "--max_seq_len", "64"],
+                        env={"LLAMA_MEMORY_LIMIT": "1MiB"})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "is available (LLAMA_MEMORY_LIMIT)" in last and "nothing was loaded" in last
+    assert "Traceback" not in result.stderr
