@@ -2,7 +2,6 @@
 the scheduler runs (every field checked, errors naming it), and writing responses and stream
 chunks as the `openai` package's types describe them. No HTTP here (server.py)."""
 
-import functools
 import math
 import re
 import time
@@ -172,17 +171,12 @@ def _limits(job: Job, body, names: Tuple[str, ...], max_seq_len: int, what: str)
         job.limits.append(max_tokens if max_tokens is not None else room)
 
 
-@functools.lru_cache(maxsize=8)
-def _longest_piece(sp_model) -> int:
-    return max(len(sp_model.id_to_piece(i)) for i in range(sp_model.get_piece_size()))
-
-
 def check_fits(texts: List[str], tokenizer, max_seq_len: int, what: str) -> None:
     """Refuse, before tokenizing, text that cannot fit the context: no token holds more than
     the vocabulary's longest piece, so a text needs at least (characters / that) tokens.
     Tokenizing costs time and ~45 bytes a character (a 50 MB prompt stalled the server for
     16 s); the exact count is checked after tokenizing what passes."""
-    longest = _longest_piece(tokenizer.sp_model)
+    longest = tokenizer.longest_token
     most = max_seq_len * longest
     chars = sum(len(_WHITESPACE_RUN.sub(" ", text)) for text in texts)
     if chars > most:

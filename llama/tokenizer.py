@@ -1,6 +1,7 @@
 """SentencePiece tokenizer with Llama's special ids (unk 0, bos 1, eos 2, no pad): Llama 2's.
 Llama 3's is llama/tokenizer3.py; llama/tokenizers.py opens either."""
 
+import functools
 import os
 from typing import List, Tuple
 
@@ -43,6 +44,11 @@ class Tokenizer:
 
     def decode(self, t) -> str:
         return self.sp_model.decode(t)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one token stands for (bounds a text's token count)."""
+        return max(len(self.sp_model.id_to_piece(i)) for i in range(self.n_words))
 
     def token_text(self, token: int) -> Tuple[str, List[int]]:
         """A token's text as it sits inside a longer text (SentencePiece's ▁ is a space),

@@ -94,6 +94,8 @@ class Llama3Tokenizer:
         # Any of these ends a generation: end of text (base models), end of turn (chat), end of
         # message (a 3.1+ chat model handing over to a tool).
         self.stop_tokens: List[int] = [self.eos_id, self.eot_id, self.eom_id]
+        # the most characters one token stands for (its bytes bound them)
+        self.longest_token: int = max(len(piece) for piece in ranks)
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`. Text that spells a special token ("<|eot_id|>") is ordinary text

@@ -163,7 +163,7 @@ import sys
 from llama import scheduler, server
 apply = scheduler.Scheduler._apply
 def failing(self, work):
-    if any(item[2] == 13 for item in work.admit):
+    if any(item.limit == 13 for item in work.admit):
         raise RuntimeError("injected failure")
     apply(self, work)
 scheduler.Scheduler._apply = failing
