@@ -6,8 +6,9 @@
 
 Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ctrl-D quits.
 Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
-prompt quits. When the conversation outgrows max_seq_len, the oldest exchanges are dropped,
-and it says so.
+prompt quits. The conversation stays in the KV cache between turns (Llama.chat_session): each
+answer starts after prefilling only the new message. When the conversation outgrows
+max_seq_len, the oldest exchanges are dropped, and it says so.
 """
 
 import contextlib
@@ -16,7 +17,6 @@ import time
 from typing import Optional
 
 from llama import Llama
-from llama.chat_format import truncate_dialog
 from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
 from llama.distributed import broadcast_object
 from llama.keyboard import Keyboard
@@ -33,18 +33,23 @@ def read_user_turn(keyboard: Optional[Keyboard]) -> Optional[str]:
     return broadcast_object(line)
 
 
-def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **options):
-    """Print the answer as it is generated; returns (its text, the stream, whether Ctrl-C
-    stopped it). Rank 0 reads the key after each token and every rank stops there."""
+def stream_answer(session, line: str, keyboard: Optional[Keyboard], **options):
+    """Print the answer as it is generated; returns (the turn, whether Ctrl-C stopped it).
+    Rank 0 reads the key after each token and every rank stops there. Raises
+    ArgumentValueError, before printing anything, if the message cannot fit."""
     with keyboard.answering() if keyboard else contextlib.nullcontext(lambda: False) as pressed:
-        answer = generator.stream_chat(history, cancel=pressed, **options)
+        answer = session.stream(line, cancel=pressed, **options)
+        if answer.dropped:
+            print(f"(dropped the {answer.dropped} oldest messages to fit the context)",
+                  flush=True)
+        print("Assistant: ", end="", flush=True)
         for piece in answer:
             print(piece, end="", flush=True)
     stopped = answer.finish_reason == "cancelled"
     if stopped:
         print(" [stopped]", end="", flush=True)
     print(flush=True)
-    return answer.text, answer, stopped
+    return answer, stopped
 
 
 def main(
@@ -102,11 +107,9 @@ def main(
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
                             dtype=dtype, seed=seed, quantize=quantize,
                             group_size=group_size)
-    encode = generator.tokenizer.encode
-    system_turn = [{"role": "system", "content": system}] if system else []
+    session = generator.chat_session(system=system, reply_room=reply_room)
     print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",
           flush=True)
-    history = list(system_turn)
     keyboard = Keyboard() if is_rank0() else None
     try:
         while True:
@@ -115,33 +118,28 @@ def main(
                 print("Bye.", flush=True)
                 break
             if line.strip() == "/reset":
-                history = list(system_turn)
+                session.reset()
                 print("(conversation reset)", flush=True)
                 continue
             if not line.strip():
                 continue
-            history.append({"role": "user", "content": line})
-            fitted = truncate_dialog(history, encode, max_seq_len - reply_room)
-            if fitted is None:
-                history.pop()
+            answer_start = time.time()
+            try:
+                # every rank keeps the same session: each computes the same tokens
+                answer, stopped = stream_answer(session, line, keyboard,
+                                                temperature=temperature, top_p=top_p,
+                                                max_gen_len=max_gen_len)
+            except ArgumentValueError as error:
+                if error.param != "content":
+                    raise
                 print(f"(that message is too long: with the system prompt it must fit in "
                       f"{max_seq_len - reply_room} tokens; raise --max_seq_len)", flush=True)
                 continue
-            if len(fitted) < len(history):
-                print(f"(dropped the {len(history) - len(fitted)} oldest messages to fit "
-                      f"--max_seq_len {max_seq_len})", flush=True)
-                history = fitted
-            print("Assistant: ", end="", flush=True)
-            answer_start = time.time()
-            text, answer, stopped = stream_answer(generator, history, keyboard,
-                                                  temperature=temperature, top_p=top_p,
-                                                  max_gen_len=max_gen_len)
             if show_speed and is_rank0() and not stopped:
                 seconds = time.time() - answer_start
                 print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} "
-                      f"tokens/s)", file=sys.stderr, flush=True)
-            # rank 0 decides what was said (a stopped answer is kept as far as it was shown)
-            history.append({"role": "assistant", "content": broadcast_object(text)})
+                      f"tokens/s, {answer.prefilled} prompt tokens prefilled)",
+                      file=sys.stderr, flush=True)
     finally:
         if keyboard:
             keyboard.close()
