@@ -383,14 +383,22 @@ def main(argv=None) -> int:
                              "(longer prompts take several steps: other clients' streams "
                              "never stall for a long prefill); 0: each prompt prefilled alone "
                              f"as it joins, the batch waiting (default {PREFILL_CHUNK})")
+    parser.add_argument("--prefix_cache", type=float, default=0, metavar="MIB",
+                        help="MiB (per process) of prompts' keys and values kept for requests "
+                             "that begin the same way, as a chat's next turn does: those "
+                             "prefill only what is new (least recently used blocks go first; "
+                             "hits and misses in /health). 0: off (default 0)")
     args = parser.parse_args(argv)
     if args.prefill_chunk < 0:
         parser.error(f"--prefill_chunk must be 0 or more, got {args.prefill_chunk}")
+    if not args.prefix_cache >= 0:
+        parser.error(f"--prefix_cache must be 0 (off) or more MiB, got {args.prefix_cache}")
 
     from llama.cli import is_rank0, resolve_model_paths
     from llama.distributed import shutdown
     from llama.engine import Engine
     from llama.generation import Llama
+    from llama.prefix_cache import PrefixCache
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
@@ -412,9 +420,11 @@ def main(argv=None) -> int:
         model, tokenizer = generator.model, generator.tokenizer
         # rows of different lengths read only their own cache slots (and faster: README)
         cpu_kernels.use_native_kernels(model)
-        engine = Engine(model, tokenizer.eos_id,
-                        model.new_cache(args.max_batch_size, max_seq_len),
-                        release_finished=True, prefill_chunk=args.prefill_chunk)
+        cache = model.new_cache(args.max_batch_size, max_seq_len)
+        prefixes = (PrefixCache.with_megabytes(args.prefix_cache, cache)
+                    if args.prefix_cache else None)
+        engine = Engine(model, tokenizer.eos_id, cache, release_finished=True,
+                        prefill_chunk=args.prefill_chunk, prefix_cache=prefixes)
         return Scheduler(engine, tokenizer, max_queue=args.max_queue)
 
     if not is_rank0():
