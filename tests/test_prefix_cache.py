@@ -100,6 +100,18 @@ def test_concurrent_requests_sharing_a_system_prompt_and_a_tiny_budget(build):
     assert len(tiny.blocks) == 3 and tiny.hits > 0
 
 
+def test_the_schedulers_load_reports_the_prefix_cache(build):
+    from llama.scheduler import Scheduler
+
+    generator = build("gqa", max_seq_len=64, max_batch_size=1)
+    assert Scheduler(_engine(generator, None), generator.tokenizer).load["prefix_cache"] is None
+    prefixes = PrefixCache(capacity=5, block_size=4)
+    load = Scheduler(_engine(generator, prefixes), generator.tokenizer).load
+    assert load["prefix_cache"] == {"blocks": 0, "capacity_blocks": 5, "block_size": 4,
+                                    "hits": 0, "misses": 0, "hit_tokens": 0,
+                                    "prefilled_tokens": 0}
+
+
 def _cache(n_layers=2, rows=2, heads=2, length=16, head_dim=3):
     cache = KVCache(n_layers, rows, heads, length, head_dim, "cpu", torch.float32)
     for layer in range(n_layers):
