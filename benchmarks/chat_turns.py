@@ -71,6 +71,8 @@ def library_turns(llama, turns, answer_tokens):
         if turn.dropped:
             raise SystemExit("the conversation outgrew max_seq_len: fewer or shorter turns")
         rows.append((len(turn.prompt_tokens), cached, without, turn.prefilled))
+        print(f"library turn {len(rows)}: {cached:.3f} s / {without:.3f} s", file=sys.stderr,
+              flush=True)
     return rows, session.messages
 
 
@@ -204,6 +206,8 @@ def run_servers(ckpt, tokenizer_path, dialog, args):
             rows.append((prompt, seconds, without,
                          after["prefilled_tokens"] - before["prefilled_tokens"]))
             messages = messages + [{"role": "assistant", "content": answer}]
+            print(f"server turn {len(rows)}: {seconds:.3f} s / {without:.3f} s",
+                  file=sys.stderr, flush=True)
     finally:
         stop_server(cached)
         stop_server(plain)
@@ -218,6 +222,8 @@ def report(title, rows):
     for number, (prompt, cached, without, prefilled) in enumerate(rows, 1):
         print(f"{number:>4} {prompt:>7} {prefilled:>9} {cached:>16.3f} {without:>15.3f} "
               f"{without / cached:>12.2f} {cached / first:>13.2f}")
+    print(f"turn {len(rows)} over turn 1, with the cache: {rows[-1][1] / first:.2f} "
+          f"(without: {rows[-1][2] / rows[0][2]:.2f})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ turns resend the conversation answer as the library does without any cache, conc
 one process or two under torchrun, with a budget that holds everything or evicts all along;
 /health shows the blocks found."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,6 +15,7 @@ pytest.importorskip("fastapi")
 
 from llama import Llama  # noqa: E402
 from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 from tests.server_fixtures import running_server  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Answer briefly, in plain words, as a patient teacher."}
@@ -75,3 +78,19 @@ def test_a_negative_budget_is_refused_before_loading():
     result = run_script(["-m", "llama.server", "--prefix_cache", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in result.stderr
+
+
+def test_the_chat_turns_benchmark_runs_and_prefills_only_new_turns(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chat_turns.py"), "--quick",
+                          "--threads", "1", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = out.stdout.split("\n\n")[1:]
+    assert len(tables) == 2  # library and server
+    for table in tables:
+        rows = [line.split() for line in table.splitlines() if line.split()[0].isdigit()]
+        assert len(rows) == 3
+        prompts, prefilled = [int(r[1]) for r in rows], [int(r[2]) for r in rows]
+        assert prefilled[0] == prompts[0] and prompts[2] > prompts[1] > prompts[0]
+        assert all(p < whole for p, whole in zip(prefilled[1:], prompts[1:]))
+    assert "turn 3 over turn 1, with the cache:" in out.stdout
