@@ -12,9 +12,9 @@ in alternation, so a slow spell of a shared machine hits both alike:
 - server (real HTTP, streamed): `python -m llama.server --prefix_cache MIB` against
   `--prefix_cache 0`, each request the whole dialog so far, as chat clients send it.
 
-Time to first token is from the call (the request) to the first text piece. The session's
-conversation sets the dialog: the answers are generated in full by the cached side only; the
-side without a cache answers a single token per turn (its first). Prints per turn the prompt
+Time to first token is from the call (the request) to the first text piece. The answers are
+generated in full by the cached side only (they make the dialog); the side without a cache
+answers a single token per turn (its first). Prints per turn the prompt
 tokens, both times and their ratio, the prompt tokens the cached side prefilled, and turn N
 over turn 1 with the cache (the issue's target: at most 1.3 at turn 5).
 """
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix-cache", type=float, default=512,
                         help="the cached server's --prefix_cache (MiB)")
     parser.add_argument("--no-server", action="store_true", help="the library only")
+    parser.add_argument("--no-library", action="store_true", help="the server only")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--root", type=Path, default=REPO / "bench_out")
     parser.add_argument("--quick", action="store_true",
@@ -167,18 +168,20 @@ def main(argv=None) -> int:
     turns = user_turns(llama.tokenizer, args.turns, args.turn_tokens)
     print(f"shape {args.shape}, {args.turns} turns of ~{args.turn_tokens} tokens, answers of "
           f"{args.answer_tokens}, {args.threads} threads")
-    llama.chat_session().send("warm up", temperature=0, max_gen_len=2)
-    rows, dialog = library_turns(llama, turns, args.answer_tokens)
-    report("library: chat session vs stream_chat of the whole dialog", rows)
+    if not args.no_library:
+        llama.chat_session().send("warm up", temperature=0, max_gen_len=2)
+        rows, _ = library_turns(llama, turns, args.answer_tokens)
+        report("library: chat session vs stream_chat of the whole dialog", rows)
     if not args.no_server:
         del llama
-        rows = run_servers(ckpt, tokenizer_path, dialog, args)
+        rows = run_servers(ckpt, tokenizer_path, turns, args)
         report(f"server: --prefix_cache {args.prefix_cache:g} vs 0 (HTTP, streamed)", rows)
     return 0
 
 
-def run_servers(ckpt, tokenizer_path, dialog, args):
-    """Replay the library session's dialog against both servers, turn by turn."""
+def run_servers(ckpt, tokenizer_path, turns, args):
+    """The same user turns to both servers, turn by turn; the cached server's answers make
+    the dialog."""
     import socket
 
     def free_port():
@@ -194,9 +197,9 @@ def run_servers(ckpt, tokenizer_path, dialog, args):
     try:
         streamed_chat(url, [{"role": "user", "content": "warm up"}], 2)
         streamed_chat(plain_url, [{"role": "user", "content": "warm up"}], 2)
-        messages = dialog[:1]
-        for user in dialog[1::2]:
-            messages = messages + [user]
+        messages = [{"role": "system", "content": SYSTEM}]
+        for content in turns:
+            messages = messages + [{"role": "user", "content": content}]
             without, _ = streamed_chat(plain_url, messages, 1)
             before = health(url)["prefix_cache"]
             seconds, answer = streamed_chat(url, messages, args.answer_tokens)
