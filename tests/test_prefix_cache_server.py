@@ -86,7 +86,7 @@ def test_the_chat_turns_benchmark_runs_and_prefills_only_new_turns(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     tables = out.stdout.split("\n\n")[1:]
-    assert len(tables) == 2  # library and server
+    assert len(tables) == 3  # library (wall and CPU seconds) and server
     for table in tables:
         rows = [line.split() for line in table.splitlines() if line.split()[0].isdigit()]
         assert len(rows) == 3
