@@ -165,10 +165,13 @@ class Engine:
             if not seq.finished:
                 self.prefilling.append(seq)
             return slot
-        seq.position = seq.prefilled = len(seq.prompt)
+        # the row holds `cached` tokens until the prefill is done (if it fails, a release
+        # offers the prefix cache only those)
+        seq.position = seq.prefilled = cached
         tokens = torch.tensor([seq.prompt[cached:]], dtype=torch.long, device=self.device)
         row = self.cache.view(slice(slot, slot + 1))
         last = self.model.forward(tokens, cached, row, None, last_logits_only=True)[:, -1]
+        seq.position = seq.prefilled = len(seq.prompt)
         self._remember(seq)
         rows = self._rows_in_use()
         self._grow_logits(rows, last)

@@ -159,3 +159,20 @@ def test_a_budget_too_small_for_a_block_is_refused():
         PrefixCache.with_megabytes(0.001, cache, block_size=16)
     with pytest.raises(PrefixCacheError, match="at least one block"):
         PrefixCache(0)
+
+
+def test_a_prefill_that_fails_offers_only_what_the_row_held(build, monkeypatch):
+    generator = build("gqa", max_seq_len=64, max_batch_size=1)
+    prefixes = PrefixCache(capacity=16, block_size=4)
+    engine = _engine(generator, prefixes, slots=1, length=64)
+    prompt = _encode(generator, f"[INST] {SYSTEM}{QUESTIONS[0]} [/INST]")
+    seq = Sequence(prompt=prompt, limit=2)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generator.model, "forward", out_of_memory)
+    with pytest.raises(RuntimeError):
+        engine.add(seq)
+    engine.release(seq)  # as the scheduler does for a request that failed to join
+    assert not prefixes.blocks
