@@ -8,8 +8,9 @@ Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ct
 other /words are refused (// sends a message that starts with /). An answer cut by
 --max_gen_len ends with [cut ...].
 Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
-prompt quits. When the conversation outgrows max_seq_len, the oldest exchanges are dropped,
-and it says so.
+prompt quits. The conversation stays in the KV cache between turns (Llama.chat_session): each
+answer starts after prefilling only the new message. When the conversation outgrows
+max_seq_len, the oldest exchanges are dropped, and it says so.
 """
 
 import contextlib
@@ -19,7 +20,6 @@ from json import load as load_json
 from typing import Optional
 
 from llama import Llama
-from llama.chat_formats import truncate_dialog
 from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
 from llama.distributed import broadcast_object
 from llama.keyboard import Keyboard
@@ -36,11 +36,16 @@ def read_user_turn(keyboard: Optional[Keyboard]) -> Optional[str]:
     return broadcast_object(line)
 
 
-def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **options):
-    """Print the answer as it is generated; returns (its text, the stream, whether Ctrl-C
-    stopped it). Rank 0 reads the key after each token and every rank stops there."""
+def stream_answer(session, line: str, keyboard: Optional[Keyboard], **options):
+    """Print the answer as it is generated; returns (the turn, whether Ctrl-C stopped it).
+    Rank 0 reads the key after each token and every rank stops there. Raises
+    ArgumentValueError, before printing anything, if the message cannot fit."""
     with keyboard.answering() if keyboard else contextlib.nullcontext(lambda: False) as pressed:
-        answer = generator.stream_chat(history, cancel=pressed, **options)
+        answer = session.stream(line, cancel=pressed, **options)
+        if answer.dropped:
+            print(f"(dropped the {answer.dropped} oldest messages to fit the context)",
+                  flush=True)
+        print("Assistant: ", end="", flush=True)
         for piece in answer:
             print(piece, end="", flush=True)
     stopped = answer.finish_reason == "cancelled"
@@ -49,7 +54,7 @@ def stream_answer(generator: Llama, history, keyboard: Optional[Keyboard], **opt
     elif answer.finish_reason == "length":  # cut, not finished: say so
         print(" [cut: --max_gen_len or --max_seq_len reached]", end="", flush=True)
     print(flush=True)
-    return answer.text, answer, stopped
+    return answer, stopped
 
 
 def main(
@@ -117,10 +122,9 @@ def main(
         with open(schema) as file:
             response_format = {"type": "json_schema",
                                "json_schema": {"name": "answer", "schema": load_json(file)}}
-    system_turn = [{"role": "system", "content": system}] if system else []
+    session = generator.chat_session(system=system, reply_room=reply_room)
     print("Chatting. /reset starts over, /exit or Ctrl-D quits; Ctrl-C stops an answer.",
           flush=True)
-    history = list(system_turn)
     keyboard = Keyboard() if is_rank0() else None
     try:
         while True:
@@ -129,7 +133,7 @@ def main(
                 print("Bye.", flush=True)
                 break
             if line.strip() == "/reset":
-                history = list(system_turn)
+                session.reset()
                 print("(conversation reset)", flush=True)
                 continue
             if line.startswith("//"):  # a message that starts with "/"
@@ -143,29 +147,24 @@ def main(
             # bytes that are not UTF-8 (read with surrogateescape) become U+FFFD, as on a
             # terminal, rather than ending the chat
             line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            history.append({"role": "user", "content": line})
-            fitted = truncate_dialog(generator.tokenizer, history, max_seq_len - reply_room)
-            if fitted is None:
-                history.pop()
+            answer_start = time.time()
+            try:
+                # every rank keeps the same session: each computes the same tokens
+                answer, stopped = stream_answer(session, line, keyboard,
+                                                temperature=temperature, top_p=top_p,
+                                                max_gen_len=max_gen_len,
+                                                response_format=response_format)
+            except ArgumentValueError as error:
+                if error.param != "content":
+                    raise
                 print(f"(that message is too long: with the system prompt it must fit in "
                       f"{max_seq_len - reply_room} tokens; raise --max_seq_len)", flush=True)
                 continue
-            if len(fitted) < len(history):
-                print(f"(dropped the {len(history) - len(fitted)} oldest messages to fit "
-                      f"--max_seq_len {max_seq_len})", flush=True)
-                history = fitted
-            print("Assistant: ", end="", flush=True)
-            answer_start = time.time()
-            text, answer, stopped = stream_answer(generator, history, keyboard,
-                                                  temperature=temperature, top_p=top_p,
-                                                  max_gen_len=max_gen_len,
-                                                  response_format=response_format)
             if show_speed and is_rank0() and not stopped:
                 seconds = time.time() - answer_start
                 print(f"({len(answer.tokens)} tokens, {len(answer.tokens) / seconds:.1f} "
-                      f"tokens/s)", file=sys.stderr, flush=True)
-            # rank 0 decides what was said (a stopped answer is kept as far as it was shown)
-            history.append({"role": "assistant", "content": broadcast_object(text)})
+                      f"tokens/s, {answer.prefilled} prompt tokens prefilled)",
+                      file=sys.stderr, flush=True)
     finally:
         if keyboard:
             keyboard.close()

@@ -10,6 +10,10 @@ as its sequence ends; each row then writes and reads its own cache positions. Wi
 `prefill_chunk`, a sequence added is not prefilled at once: its prompt rides with the next
 steps' decode rows, up to prefill_chunk prompt tokens a step (cache.Segments), so the batch
 never stops for a prefill and the weights are read once for both.
+
+A sequence may start with keys and values already in its row: a conversation's earlier turns
+(`add(seq, cached=n)`, session.py), or blocks of earlier prompts kept by a server's
+`prefix_cache` (prefix_cache.py), copied in; only the rest of its prompt is prefilled.
 """
 
 from dataclasses import dataclass, field
@@ -86,10 +90,11 @@ class Engine:
 
     def __init__(self, model, stop_ids: Union[int, Collection[int]], cache: KVCache,
                  compiled_step: Optional[Callable] = None, release_finished: bool = False,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, prefix_cache=None):
         self.model, self.cache = model, cache
         # the tokens that end a sequence (tokenizers.stop_tokens); one int is an EOS id alone
         self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
+        self.prefix_cache = prefix_cache  # a PrefixCache shared by the sequences added, or None
         self.compiled_step = compiled_step
         self.release_finished = release_finished  # server: free a slot as its row ends
         if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
@@ -144,30 +149,50 @@ class Engine:
         return logits
 
     @torch.inference_mode()
-    def add(self, seq: Sequence) -> int:
+    def add(self, seq: Sequence, cached: int = 0) -> int:
         """Put a sequence in the lowest free slot, while the others keep their places, and
         prefill it: alone, now (it joins the batch at the next step), or with prefill_chunk
-        over the next steps. Returns its slot."""
+        over the next steps. Returns its slot. `cached`: how many first tokens of its prompt
+        the slot's cache row already holds (a conversation's earlier turns); with a prefix
+        cache, the row is filled from it instead. Only the rest of the prompt is prefilled."""
+        if not 0 <= cached < len(seq.prompt):
+            raise ValueError(f"cached must be 0 .. len(prompt) - 1 = {len(seq.prompt) - 1} (the "
+                             f"last prompt token gives the first logits), got {cached}")
         slot = self.slots.index(None)
         seq.slot, seq.start = slot, 0
         self.slots[slot] = seq
         if seq.limit == 0:
             seq.finish_reason = "length"
+        if self.prefix_cache is not None and not cached:
+            cached = self.prefix_cache.load(seq.prompt, self.cache, slot)
         if self.prefill_chunk:
-            seq.position = seq.prefilled = 0  # (its first chunk's slot; not yet advancing)
-            self.positions[slot], self.starts[slot], self.occupied[slot] = 0, 0, 0
+            seq.position = seq.prefilled = cached  # (its first chunk's slot; not yet advancing)
+            self.positions[slot], self.starts[slot], self.occupied[slot] = cached, 0, 0
             if not seq.finished:
                 self.prefilling.append(seq)
             return slot
-        seq.position = seq.prefilled = len(seq.prompt)
-        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        # the row holds `cached` tokens until the prefill is done (if it fails, a release
+        # offers the prefix cache only those)
+        seq.position = seq.prefilled = cached
+        tokens = torch.tensor([seq.prompt[cached:]], dtype=torch.long, device=self.device)
         row = self.cache.view(slice(slot, slot + 1))
-        last = self.model.forward(tokens, 0, row, None, last_logits_only=True)[:, -1]
+        last = self.model.forward(tokens, cached, row, None, last_logits_only=True)[:, -1]
+        seq.position = seq.prefilled = len(seq.prompt)
+        self._remember(seq)
         rows = self._rows_in_use()
         self._grow_logits(rows, last)
         self.logits[slot] = last[0]
         self.positions[slot], self.starts[slot], self.occupied[slot] = seq.position, 0, 1
         return slot
+
+    def _remember(self, seq: Sequence) -> None:
+        """Offer the tokens in a sequence's cache row to the prefix cache: its prompt once
+        prefilled, and what it generated when it leaves (the next turn of a chat starts so)."""
+        if self.prefix_cache is not None and seq.start == 0:
+            # the tokens written to the row: every one the model ran on (not a last sampled
+            # token, nor EOS)
+            self.prefix_cache.store((seq.prompt + seq.tokens)[: seq.position], self.cache,
+                                    seq.slot)
 
     def _grow_logits(self, rows: int, like: torch.Tensor) -> None:
         if self.logits is None or self.logits.shape[0] < rows:
@@ -181,6 +206,7 @@ class Engine:
         """Free a sequence's slot (finished or cancelled); the slot is reused by the next
         sequence added, whose prefill overwrites its cache."""
         if seq.slot >= 0 and self.slots[seq.slot] is seq:
+            self._remember(seq)
             self.slots[seq.slot] = None
             self._done_prefilling(seq)
             self.positions[seq.slot], self.starts[seq.slot], self.occupied[seq.slot] = 0, 0, 0
@@ -352,3 +378,4 @@ class Engine:
                 self.logits[seq.slot] = logits[rows + i]
                 self.occupied[seq.slot] = 1
                 self._done_prefilling(seq)
+                self._remember(seq)

@@ -32,6 +32,7 @@ from llama.loading import check_build_arguments, check_quantize_arguments, load_
 from llama.model import KVCache, Transformer
 from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
+from llama.session import ChatSession
 from llama.structured import check_no_stop, grammar_spec, make_constraint, response_format_spec
 from llama.text import TextTracker
 from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
@@ -287,6 +288,22 @@ class Llama:
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         tokens = dialog_tokens(self.tokenizer, dialog)
         return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
+
+    def chat_session(self, system: Optional[str] = None, reply_room: Optional[int] = None,
+                     retokenize: bool = False) -> ChatSession:
+        """A conversation that keeps its keys and values between turns: each
+        `session.send(content, temperature=..., top_p=..., max_gen_len=..., stop=...)` returns
+        the answer (`session.stream(...)` yields it in pieces, as stream_chat) and prefills
+        only the new turn, not the whole conversation again; `session.messages` is the
+        dialog so far. The model's answers stay as it generated them (its tokens, then EOS):
+        at temperature 0 an answer is the one the conversation's tokens give without a cache.
+        `retokenize=True` encodes the answers' text again, as chat_completion does: answers
+        are then chat_completion's for `session.messages` plus the new message, at the cost
+        of prefilling again an answer whose tokens the tokenizer would not have chosen. When
+        fewer than `reply_room` tokens (default max_seq_len // 4, at least 16) would be left
+        for an answer, the oldest exchanges are dropped, the system prompt kept. The session
+        holds a KV cache row of max_seq_len slots of its own (session.free_cache())."""
+        return ChatSession(self, system, reply_room, retokenize)
 
     def free_cache(self) -> None:
         """Release the KV caches kept between calls (generation's, and the one the model

@@ -170,9 +170,11 @@ class Scheduler:
 
     @property
     def load(self) -> Dict[str, int]:
+        prefixes = self.engine.prefix_cache
         with self.lock:
             return {"running": len(self.running), "waiting": len(self.waiting),
-                    "slots": len(self.engine.slots), **self.counts}
+                    "slots": len(self.engine.slots), **self.counts,
+                    "prefix_cache": prefixes.stats() if prefixes is not None else None}
 
     def start(self) -> None:
         """Run the loop in a thread of its own (rank 0; other ranks call follow())."""

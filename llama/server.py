@@ -281,6 +281,11 @@ def main(argv=None) -> int:
                              "(longer prompts take several steps: other clients' streams "
                              "never stall for a long prefill); 0: each prompt prefilled alone "
                              f"as it joins, the batch waiting (default {PREFILL_CHUNK})")
+    parser.add_argument("--prefix_cache", type=float, default=0, metavar="MIB",
+                        help="MiB (per process) of prompts' keys and values kept for requests "
+                             "that begin the same way, as a chat's next turn does: those "
+                             "prefill only what is new (least recently used blocks go first; "
+                             "hits and misses in /health). 0: off (default 0)")
     args = parser.parse_args(argv)
     if args.quantize == "none":
         args.quantize = None
@@ -295,6 +300,8 @@ def main(argv=None) -> int:
     if args.max_seq_len is not None and args.max_seq_len < 2:
         parser.error(f"--max_seq_len must be at least 2 (a prompt token and an answer's), got "
                      f"{args.max_seq_len}")
+    if not args.prefix_cache >= 0:
+        parser.error(f"--prefix_cache must be 0 (off) or more MiB, got {args.prefix_cache}")
     for flag, low in (("max_batch_size", 1), ("max_queue", 0), ("max_body_bytes", 1), ("max_connections", 1), ("timeout", 0.001)):
         if getattr(args, flag) < low:
             parser.error(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
@@ -336,6 +343,7 @@ def _serve(args, parser) -> int:
     from llama.distributed import shutdown
     from llama.engine import Engine
     from llama.generation import Llama
+    from llama.prefix_cache import PrefixCache
 
     _Server = _uvicorn_server(uvicorn)
 
@@ -351,9 +359,11 @@ def _serve(args, parser) -> int:
         model, tokenizer = generator.model, generator.tokenizer
         # rows of different lengths read only their own cache slots (and faster: README)
         model.use_native_kernels()
-        engine = Engine(model, stop_tokens(tokenizer),
-                        model.new_cache(args.max_batch_size, max_seq_len),
-                        release_finished=True, prefill_chunk=args.prefill_chunk)
+        cache = model.new_cache(args.max_batch_size, max_seq_len)
+        prefixes = (PrefixCache.with_megabytes(args.prefix_cache, cache)
+                    if args.prefix_cache else None)
+        engine = Engine(model, stop_tokens(tokenizer), cache, release_finished=True,
+                        prefill_chunk=args.prefill_chunk, prefix_cache=prefixes)
         return Scheduler(engine, tokenizer, max_queue=args.max_queue)
 
     if not is_rank0():

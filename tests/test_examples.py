@@ -178,7 +178,8 @@ class Terminal:
 def _answer(screen_after_prompt: str) -> str:
     """The answer text, without the speed report that follows it."""
     answer = screen_after_prompt.split("User: ")[0]
-    return re.sub(r"\(\d+ tokens, [\d.]+ tokens/s\)", "", answer).strip()
+    return re.sub(r"\(\d+ tokens, [\d.]+ tokens/s, \d+ prompt tokens prefilled\)", "",
+                  answer).strip()
 
 
 @pytest.mark.parametrize("nproc", [None, 2])
@@ -203,7 +204,7 @@ def test_interactive_chat_in_a_terminal(nproc, checkpoints, tokenizer_path):
     term.type("Tell me more about dictionaries and sets and tuples and lists in Python")
     term.expect("User: ", count=4)
     assert "(dropped the" in term.screen  # the history outgrew max_seq_len
-    assert "tokens/s)" in term.screen
+    assert "prompt tokens prefilled)" in term.screen
     term.type("/reset")
     term.expect("(conversation reset)")
     term.type("Hello there, what is a list?")

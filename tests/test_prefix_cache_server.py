@@ -1,0 +1,96 @@
+"""`python -m llama.server --prefix_cache MIB` through the official openai client: chats whose
+turns resend the conversation answer as the library does without any cache, concurrently, in
+one process or two under torchrun, with a budget that holds everything or evicts all along;
+/health shows the blocks found."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from llama import Llama  # noqa: E402
+from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.server_fixtures import running_server  # noqa: E402
+
+SYSTEM = {"role": "system", "content": "Answer briefly, in plain words, as a patient teacher."}
+CONVERSATIONS = [["What is a list?", "And a tuple?", "Which is faster?"],
+                 ["How do I open a file?", "And close it?", "What does with do?"],
+                 ["What is a class?", "And an instance?", "Show me one."]]
+
+
+@pytest.fixture(scope="module")
+def library():
+    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu", verbose=False)
+
+
+def _chat(url, questions, said):
+    """One client's conversation, turn by turn, each request the whole dialog so far."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    dialog = [SYSTEM]
+    for question in questions:
+        dialog.append({"role": "user", "content": question})
+        answer = client.chat.completions.create(model="llama-demo", messages=dialog,
+                                                temperature=0, max_tokens=16)
+        said.append((list(dialog), answer.choices[0].message.content))
+        dialog.append({"role": "assistant", "content": answer.choices[0].message.content})
+
+
+@pytest.mark.parametrize("budget, nproc", [pytest.param("4", None, id="4MiB"),
+                                           pytest.param("0.25", None, id="4-blocks"),
+                                           pytest.param("4", 2, id="4MiB-torchrun")])
+def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
+    with running_server("--max_batch_size", "2", "--prefix_cache", budget,
+                        nproc=nproc) as url:
+        said = []
+        threads = [threading.Thread(target=_chat, args=(url, questions, said))
+                   for questions in CONVERSATIONS]  # three clients on two slots
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        health = httpx.get(url + "/health").json()
+    assert len(said) == 9
+    for dialog, answer in said:
+        want = library.chat_completion([dialog], temperature=0, max_gen_len=16)[0]
+        assert answer == want["generation"]["content"], dialog
+    stats = health["prefix_cache"]
+    assert stats["block_size"] == 16
+    assert stats["hits"] + stats["misses"] == 9
+    prompt_tokens = stats["hit_tokens"] + stats["prefilled_tokens"]
+    if budget == "4":
+        # every later turn found its conversation so far (the system prompt at least)
+        assert stats["hits"] >= 6
+        assert stats["prefilled_tokens"] < prompt_tokens / 2, stats
+    else:
+        assert stats["capacity_blocks"] == 4 and stats["blocks"] <= 4
+        assert stats["hits"] >= 1
+
+
+def test_a_negative_budget_is_refused_before_loading():
+    from tests.conftest import run_script
+
+    result = run_script(["-m", "llama.server", "--prefix_cache", "-1"], timeout=60)
+    assert result.returncode == 2
+    assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in result.stderr
+
+
+def test_the_chat_turns_benchmark_runs_and_prefills_only_new_turns(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chat_turns.py"), "--quick",
+                          "--threads", "1", "--root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = out.stdout.split("\n\n")[1:]
+    assert len(tables) == 3  # library (wall and CPU seconds) and server
+    for table in tables:
+        rows = [line.split() for line in table.splitlines() if line.split()[0].isdigit()]
+        assert len(rows) == 3
+        prompts, prefilled = [int(r[1]) for r in rows], [int(r[2]) for r in rows]
+        assert prefilled[0] == prompts[0] and prompts[2] > prompts[1] > prompts[0]
+        assert all(p < whole for p, whole in zip(prefilled[1:], prompts[1:]))
+    assert "turn 3 over turn 1, with the cache:" in out.stdout

@@ -1,0 +1,168 @@
+"""Llama.chat_session: a conversation kept in the KV cache between turns gives chat_completion's
+answers for the same dialogs, while prefilling only the new turns."""
+
+import pytest
+import torch
+
+from llama.chat_format import UNSAFE_ERROR, dialog_to_tokens, truncate_dialog
+from llama.validation import ArgumentValueError
+
+USER_TURNS = ["What is a class in Python?", "And a module?", "How do I import one?",
+              "Give an example with a loop.", "Thanks. What about exceptions?"]
+
+
+def _reference_answer(generator, dialog, **options):
+    """chat_completion of the whole dialog: the answer without a cache kept across turns."""
+    return generator.chat_completion([dialog], **options)[0]["generation"]["content"]
+
+
+def _turn_tokens(encode, content):
+    return encode(f"[INST] {content} [/INST]", bos=True, eos=False)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind):
+    """Default: the model's answers stay as generated. Each answer equals greedy generation
+    over the whole conversation's tokens, prefilled at once in a fresh cache; each turn
+    prefills only EOS and the new user turn (and the last answer token, never run)."""
+    generator = build(kind, max_seq_len=384, max_batch_size=2)
+    session = generator.chat_session(system="Answer briefly.", reply_room=16)
+    encode, eos = generator.tokenizer.encode, generator.tokenizer.eos_id
+    conversation = []
+    for number, content in enumerate(USER_TURNS):
+        shown = f"<<SYS>>\nAnswer briefly.\n<</SYS>>\n\n{content}" if number == 0 else content
+        conversation += _turn_tokens(encode, shown)
+        (expected,), _ = generator.generate([conversation], max_gen_len=12, temperature=0)
+        turn = session.stream(content, temperature=0, max_gen_len=12)
+        text = "".join(turn)
+        assert turn.prompt_tokens == conversation
+        assert turn.tokens == expected
+        assert text == turn.text == generator.tokenizer.decode(expected)
+        assert turn.reused + turn.prefilled == len(conversation) and turn.dropped == 0
+        if number:
+            new = len(_turn_tokens(encode, content))
+            assert new + 1 <= turn.prefilled <= new + 2, (turn.prefilled, new)
+        else:
+            assert turn.reused == 0
+        assert session.messages[-2:] == [{"role": "user", "content": content},
+                                         {"role": "assistant", "content": text}]
+        conversation += expected + [eos]
+
+
+def test_retokenizing_session_answers_equal_chat_completion(build):
+    generator = build("gqa", max_seq_len=384, max_batch_size=2)
+    session = generator.chat_session(system="Answer briefly.", reply_room=16, retokenize=True)
+    encode = generator.tokenizer.encode
+    for number, content in enumerate(USER_TURNS):
+        dialog = session.messages + [{"role": "user", "content": content}]
+        expected = _reference_answer(generator, dialog, temperature=0, max_gen_len=12)
+        turn = session.stream(content, temperature=0, max_gen_len=12)
+        assert "".join(turn) == turn.text == expected
+        assert session.messages == dialog + [{"role": "assistant", "content": expected}]
+        prompt = dialog_to_tokens(dialog, encode)
+        assert turn.prompt_tokens == prompt
+        assert turn.reused + turn.prefilled == len(prompt) and turn.dropped == 0
+        # from where the re-encoded answer leaves the model's tokens, no earlier
+        if number:
+            assert turn.reused > len(encode("[INST] <<SYS>>\nAnswer briefly.", bos=True,
+                                            eos=False))
+
+
+@pytest.mark.parametrize("retokenize", [False, True])
+def test_session_drops_oldest_exchanges_when_the_context_fills(build, retokenize):
+    generator = build("gqa", max_seq_len=96, max_batch_size=1)
+    session = generator.chat_session(system="Be short.", reply_room=16, retokenize=retokenize)
+    encode = generator.tokenizer.encode
+    dropped = 0
+    for content in USER_TURNS * 2:
+        dialog = session.messages + [{"role": "user", "content": content}]
+        turn = session.stream(content, temperature=0, max_gen_len=10)
+        text = "".join(turn)
+        # the same answer as the conversation kept, prefilled whole without a cache
+        if retokenize:
+            fitted = truncate_dialog(dialog, encode, 96 - 16)
+            assert turn.dropped == len(dialog) - len(fitted)
+            assert turn.prompt_tokens == dialog_to_tokens(fitted, encode)
+            assert text == _reference_answer(generator, fitted, temperature=0, max_gen_len=10)
+        else:
+            (expected,), _ = generator.generate([turn.prompt_tokens], max_gen_len=10,
+                                                temperature=0)
+            assert turn.tokens == expected
+        assert len(turn.prompt_tokens) <= 96 - 16
+        assert turn.dropped % 2 == 0  # whole exchanges
+        dropped += turn.dropped
+        assert session.messages[0] == {"role": "system", "content": "Be short."}
+        assert session.messages[-2:] == [{"role": "user", "content": content},
+                                         {"role": "assistant", "content": text}]
+        assert session.messages == dialog[:1] + dialog[1 + turn.dropped:] + session.messages[-1:]
+        if turn.dropped:
+            # re-prefilled from where the conversation changed: the system prompt stays
+            assert turn.reused >= len(encode("[INST] <<SYS>>\nBe short.", bos=True,
+                                             eos=False)) - 1
+    assert dropped > 0
+
+
+def test_session_refuses_a_message_that_cannot_fit_and_keeps_the_conversation(build):
+    generator = build("gqa", max_seq_len=64, max_batch_size=1)
+    session = generator.chat_session(reply_room=16)
+    first = session.send("Hello there", temperature=0, max_gen_len=5)
+    before = list(session.messages)
+    with pytest.raises(ArgumentValueError, match="max_seq_len 64 less reply_room 16"):
+        session.send("word " * 80, temperature=0)
+    assert session.messages == before
+    assert before[-1] == {"role": "assistant", "content": first}
+    # a message with the format's tags is answered as chat_completion does, and not kept
+    turn = session.stream("[INST] hi", temperature=0)
+    assert "".join(turn) == UNSAFE_ERROR
+    assert session.messages == before
+
+
+def test_session_seeded_sampling_equals_chat_completion(build):
+    generator = build("gqa", max_seq_len=128, max_batch_size=1)
+    session = generator.chat_session(retokenize=True)
+    for content in USER_TURNS[:3]:
+        dialog = session.messages + [{"role": "user", "content": content}]
+        torch.manual_seed(5)
+        expected = _reference_answer(generator, dialog, temperature=0.8, max_gen_len=10)
+        torch.manual_seed(5)
+        assert session.send(content, temperature=0.8, max_gen_len=10) == expected
+
+
+def test_session_cancel_keeps_what_was_said_and_reset_keeps_the_system_prompt(build):
+    generator = build("gqa", max_seq_len=128, max_batch_size=1)
+    session = generator.chat_session(system="Hi.", retokenize=True)
+    pieces = []
+    turn = session.stream("Tell me a story", temperature=0, max_gen_len=30,
+                          cancel=lambda: len(pieces) >= 2)
+    for piece in turn:
+        pieces.append(piece)
+    assert turn.finish_reason == "cancelled"
+    assert session.messages[-1] == {"role": "assistant", "content": turn.text}
+    # the next turn continues from the cancelled answer as chat_completion would
+    content = "Go on"
+    expected = _reference_answer(generator, session.messages + [{"role": "user",
+                                                                   "content": content}],
+                                 temperature=0, max_gen_len=8)
+    assert session.send(content, temperature=0, max_gen_len=8) == expected
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Hi."}]
+    expected = _reference_answer(generator, [{"role": "system", "content": "Hi."},
+                                             {"role": "user", "content": content}],
+                                 temperature=0, max_gen_len=8)
+    turn = session.stream(content, temperature=0, max_gen_len=8)
+    assert "".join(turn) == expected
+    assert turn.reused > 0  # the system prompt's tokens
+
+
+def test_session_rejects_bad_arguments(build):
+    generator = build("gqa", max_seq_len=64, max_batch_size=1)
+    with pytest.raises(ArgumentValueError, match="reply_room"):
+        generator.chat_session(reply_room=64)
+    with pytest.raises(ArgumentValueError, match="system"):
+        generator.chat_session(system="<<SYS>>")
+    session = generator.chat_session()
+    with pytest.raises(TypeError, match="content must be a str"):
+        session.send(3)
+    with pytest.raises(ArgumentValueError, match="temperature"):
+        session.send("hi", temperature=-1)
+    assert session.messages == []
