@@ -124,13 +124,13 @@ def rss_bytes() -> int:
 def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
     """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
     the weights' bytes (and the float32 weights' bytes)."""
-    from llama.loading import load_model
+    from llama.loading import LoadOptions, load_model
 
     baseline = rss_bytes()
     cpu = time.process_time()
     start = time.time()
-    model = load_model(str(ckpt), VOCAB, 2048, 1, device=device, dtype=dtype, verbose=False,
-                       quantize=quantize)
+    model = load_model(str(ckpt), VOCAB, 2048, 1, LoadOptions(device=device, dtype=dtype,
+                                                              verbose=False, quantize=quantize))
     if model.norm.weight.is_cuda:
         torch.cuda.synchronize()
     seconds = time.time() - start
@@ -209,11 +209,11 @@ class Ours:
     def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode,
                  quantize=None, group_size=None):
         from llama.generation import Llama
-        from llama.loading import load_model
+        from llama.loading import LoadOptions, load_model
 
-        model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, device=device,
-                           dtype=dtype, verbose=False, quantize=quantize,
-                           group_size=group_size if quantize == "int4" else None)
+        model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, LoadOptions(
+            device=device, dtype=dtype, verbose=False, quantize=quantize,
+            group_size=group_size if quantize == "int4" else None))
         self.llama = Llama(model, NoEosTokenizer())
         if quantize:
             self.name = quantize + (f" g{group_size or DEFAULT_GROUP_SIZE}"

@@ -94,7 +94,7 @@ def model_runs(shape, batches, prompt_len, steps, runs, root):
     one at a time, taking turns run by run: the median of `steps` one-token steps (robust to a
     busy machine's spikes), each through Transformer.forward with a KVCache as generation
     calls it."""
-    from llama.loading import load_model
+    from llama.loading import LoadOptions, load_model
 
     ckpt = bench.checkpoint_dir(shape, root, torch.device("cpu"))
     kinds = {"bf16 weights (default)": None, "float32 weights": torch.float32}
@@ -103,7 +103,7 @@ def model_runs(shape, batches, prompt_len, steps, runs, root):
     for run in range(runs):
         for kind, dtype in kinds.items():
             model = load_model(str(ckpt), bench.VOCAB, prompt_len + steps + 1, max(batches),
-                               device="cpu", dtype=dtype, verbose=False)
+                               LoadOptions(device="cpu", dtype=dtype, verbose=False))
             weights = [model.output.weight] + [w for layer in model.layers for w in (
                 layer.attention.wqkv, layer.attention.wo.weight, layer.feed_forward.w13,
                 layer.feed_forward.w2.weight)]

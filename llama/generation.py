@@ -28,7 +28,12 @@ from llama.chat_formats import dialog_tokens, has_special_tags
 from llama.distributed import broadcast_object, is_main_process
 from llama.engine import Engine
 from llama.engine import Sequence as EngineSequence
-from llama.loading import check_build_arguments, check_quantize_arguments, load_model
+from llama.loading import (
+    LoadOptions,
+    check_build_arguments,
+    check_quantize_arguments,
+    load_model,
+)
 from llama.model import KVCache, Transformer
 from llama.results import FinishReason, Result, finish, prompt_logprobs
 from llama.sampling import ReferenceNoise, sample_top_p
@@ -119,8 +124,8 @@ class Llama:
             message = "tokenizer_path" + str(error)[len(error.param):]
             raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
-                           model_parallel_size, seed, device, dtype, verify, verbose, quantize,
-                           group_size)
+                           LoadOptions(model_parallel_size, seed, device, dtype, verify,
+                                       verbose, quantize, group_size))
         if quiet_other_ranks and not is_main_process():
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)

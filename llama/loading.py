@@ -5,6 +5,7 @@ checkpoint.py and hf_format.py)."""
 import os
 import sys
 import time
+from dataclasses import dataclass
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -138,16 +139,30 @@ def check_saved_quantization(saved, quantize: Optional[str], group_size: Optiona
                           f"--group_size {group_size}")
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How load_model places and stores a checkpoint (Llama.build's arguments of the same
+    names)."""
+    model_parallel_size: Optional[int] = None
+    seed: int = 1
+    device: Optional[str] = None
+    dtype: Optional[torch.dtype] = None
+    verify: bool = False
+    verbose: bool = True
+    quantize: Optional[str] = None
+    group_size: Optional[int] = None
+
+
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
-               model_parallel_size: Optional[int] = None, seed: int = 1,
-               device: Optional[str] = None, dtype=None, verify: bool = False,
-               verbose: bool = True, quantize: Optional[str] = None,
-               group_size: Optional[int] = None) -> Transformer:
+               options: LoadOptions = LoadOptions()) -> Transformer:
     """The Transformer of a checkpoint directory, in Meta's layout or Hugging Face's
     (config.json), for this process's model-parallel rank (see Llama.build, which adds the
-    tokenizer). `vocab_size` is the tokenizer's. With `quantize` ("int8" or "int4", int4 in
-    groups of `group_size` columns), the projections and the output matrix are quantized
-    tensor by tensor as they are read."""
+    tokenizer). `vocab_size` is the tokenizer's. With `options.quantize` ("int8" or "int4",
+    int4 in groups of `group_size` columns), the projections and the output matrix are
+    quantized tensor by tensor as they are read."""
+    model_parallel_size, seed, verify = options.model_parallel_size, options.seed, options.verify
+    device, dtype, verbose = options.device, options.dtype, options.verbose
+    quantize, group_size = options.quantize, options.group_size
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
     start_time = time.time()
