@@ -6,7 +6,7 @@
 #   PRESIGNED_URL='URL' MODEL_SIZE=7B TARGET_FOLDER=/data/llama ./download.sh
 #
 # Every file is downloaded to NAME.part, resumed if it is already there, checked
-# against Meta's md5 checklist with llama/checklist.py and only then renamed to
+# against Meta's md5 checklist with llama/checkpoints/checklist.py and only then renamed to
 # NAME. Re-running skips what is already downloaded and verified. Run with --help
 # for the options and the environment variables.
 #
@@ -23,7 +23,7 @@ set -f # no file name globbing: nothing here wants it, and names come from the n
 DEFAULT_IFS=$IFS
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-VERIFIER="$SCRIPT_DIR/llama/checklist.py"
+VERIFIER="$SCRIPT_DIR/llama/checkpoints/checklist.py"
 ALL_MODELS="7B,13B,70B,7B-chat,13B-chat,70B-chat"
 NEW_LINK_PAGE="https://ai.meta.com/resources/models-and-libraries/llama-downloads/"
 
@@ -267,7 +267,7 @@ case $DOWNLOADER in
 esac
 
 [ -f "$VERIFIER" ] ||
-    die $EXIT_USAGE "$VERIFIER is missing: run download.sh from a checkout of the repository (it verifies the downloads with llama/checklist.py)."
+    die $EXIT_USAGE "$VERIFIER is missing: run download.sh from a checkout of the repository (it verifies the downloads with llama/checkpoints/checklist.py)."
 # Find a Python 3 and call the interpreter itself rather than a wrapper (pyenv
 # shims cost ~0.1 s a call), with -S: the verifier needs only the standard library.
 PYTHON_EXE=""
@@ -282,7 +282,7 @@ done
 [ -n "$PYTHON_EXE" ] ||
     die $EXIT_USAGE "Python 3 is needed to verify the downloads (python3 was not found): install it, or set PYTHON to its path."
 
-# verifier ARGS...: run llama/checklist.py.
+# verifier ARGS...: run llama/checkpoints/checklist.py.
 verifier() { "$PYTHON_EXE" -S "$VERIFIER" "$@"; }
 
 # number NAME VALUE: fail unless VALUE is a non-negative integer.

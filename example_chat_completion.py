@@ -8,9 +8,9 @@
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import quiet_other_ranks, resolve_model_paths, run
+from llama.cli.flags import quiet_other_ranks, resolve_model_paths, run
 
-# Without --ckpt_dir: the demo model rarely ends an answer by itself (see llama.cli.run).
+# Without --ckpt_dir: the demo model rarely ends an answer by itself (see llama.cli.flags.run).
 DEMO_DEFAULTS = {"max_gen_len": 64}
 
 

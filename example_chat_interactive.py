@@ -20,13 +20,13 @@ from json import load as load_json
 from typing import Optional
 
 from llama import Llama
-from llama.cli import is_rank0, quiet_other_ranks, resolve_model_paths, run
-from llama.distributed import broadcast_object
-from llama.keyboard import Keyboard
-from llama.validation import ArgumentValueError
+from llama.cli.flags import is_rank0, quiet_other_ranks, resolve_model_paths, run
+from llama.cli.keyboard import Keyboard
+from llama.engine.distributed import broadcast_object
+from llama.engine.validation import ArgumentValueError
 
 # Without --ckpt_dir: the demo model was trained on 256-token contexts and rarely ends an
-# answer by itself (see llama.cli.run).
+# answer by itself (see llama.cli.flags.run).
 DEMO_DEFAULTS = {"max_seq_len": 256, "max_gen_len": 64}
 
 

@@ -10,7 +10,7 @@ import time
 from typing import Optional
 
 from llama import Llama
-from llama.cli import quiet_other_ranks, resolve_model_paths, run
+from llama.cli.flags import quiet_other_ranks, resolve_model_paths, run
 
 
 def main(
@@ -63,11 +63,11 @@ def main(
         """A brief message congratulating the team on the launch:
 
         Hi everyone,
-        
+
         I just """,
         # Few shot prompt (providing a few examples before asking model to complete more);
         """Translate English to French:
-        
+
         sea otter => loutre de mer
         peppermint => menthe poivrée
         plush girafe => girafe peluche

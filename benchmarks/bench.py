@@ -1,12 +1,12 @@
 """Speed of loading and generation on random-weight checkpoints in Meta's layout.
 
-    python benchmarks/bench.py --shape S                     # this library alone
-    python benchmarks/bench.py --shape S --compare reference hf
-    python benchmarks/bench.py --shape S --meta ~/src/llama   # a checkout of Meta's repository
-    python benchmarks/bench.py --shape 7B --device cuda --batch 1 8
-    python benchmarks/bench.py --shape S --load --format hf   # loading Meta's vs Hub layout
-    python benchmarks/bench.py --shape M --load --quantize int8 --prequantized
-    python benchmarks/bench.py --shape S --quantize int8 int4 --bandwidth   # float32 vs both
+    python -m benchmarks.bench --shape S                     # this library alone
+    python -m benchmarks.bench --shape S --compare reference hf
+    python -m benchmarks.bench --shape S --meta ~/src/llama   # a checkout of Meta's repository
+    python -m benchmarks.bench --shape 7B --device cuda --batch 1 8
+    python -m benchmarks.bench --shape S --load --format hf   # loading Meta's vs Hub layout
+    python -m benchmarks.bench --shape M --load --quantize int8 --prequantized
+    python -m benchmarks.bench --shape S --quantize int8 int4 --bandwidth   # float32 vs both
 
 Prints load time and peak RSS (in a fresh process), prefill tok/s, time to first token and
 decode tok/s for each batch size, KV-cache bytes, and, with --compare, the same figures for the
@@ -50,13 +50,12 @@ from unittest import mock
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from llama.checkpoints.fixtures import write_random_checkpoint
+from llama.engine.distributed import choose_device, choose_dtype
+from llama.model import KVCache, ModelArgs, count_parameters
+from llama.quantize.formats import DEFAULT_GROUP_SIZE
 
-from llama.distributed import choose_device, choose_dtype  # noqa: E402
-from llama.fixtures import write_random_checkpoint  # noqa: E402
-from llama.model import KVCache, ModelArgs, count_parameters  # noqa: E402
-from llama.quantize import DEFAULT_GROUP_SIZE  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32),  # smoke runs
@@ -94,7 +93,7 @@ def checkpoint_dir(shape: str, root: Path, device: torch.device) -> Path:
 
 def hf_dir(meta_dir: Path) -> Path:
     """The same weights in Hugging Face's layout, converted once."""
-    from llama.convert import meta_to_hf
+    from llama.hf.convert import meta_to_hf
 
     out = meta_dir.with_name(meta_dir.name.replace("-mp1", "-hf"))
     if not (out / "written").exists():
@@ -124,7 +123,7 @@ def rss_bytes() -> int:
 def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
     """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
     the weights' bytes (and the float32 weights' bytes)."""
-    from llama.loading import LoadOptions, load_model
+    from llama.checkpoints.loading import LoadOptions, load_model
 
     baseline = rss_bytes()
     cpu = time.process_time()
@@ -138,8 +137,8 @@ def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if model.layers[0].attention.wq.weight is None:  # quantized: packed weights are no state
-        from llama.checkpoint import read_quantization
-        from llama.memory import weight_bytes
+        from llama.checkpoints.memory import weight_bytes
+        from llama.checkpoints.meta import read_quantization
 
         saved = read_quantization(ckpt) if quantize is None else None
         mode = quantize or saved.mode
@@ -151,14 +150,14 @@ def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
 
 
 def measure_load(ckpt: Path, device, dtype, quantize=None) -> dict:
-    command = [sys.executable, __file__, "--load-only", str(ckpt)]
+    command = [sys.executable, "-m", "benchmarks.bench", "--load-only", str(ckpt)]
     if device:
         command += ["--device", device]
     if dtype:
         command += ["--dtype", dtype]
     if quantize:
         command += ["--quantize", quantize]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -169,7 +168,8 @@ def load_line(label: str, loads, base=None, against="Meta's layout", bound=False
     gib = 1024 ** 3
     median = {key: statistics.median(load[key] for load in loads) for key in loads[0]}
     above = (median["peak_rss"] - median["baseline_rss"]) / median["weights"]
-    line = (f"{label}: {median['load_s']:.2f} s ({median['cpu_s']:.2f} s of CPU); weights {median['weights'] / gib:.3f} GiB; "
+    line = (f"{label}: {median['load_s']:.2f} s ({median['cpu_s']:.2f} s of CPU); "
+            f"weights {median['weights'] / gib:.3f} GiB; "
             f"peak RSS {median['peak_rss'] / gib:.3f} GiB = {median['baseline_rss'] / gib:.3f} "
             f"GiB before loading + {above:.2f} x the weights")
     if bound:  # the issue's: peak <= 0.3 GiB + 0.4 x the float32 weights' bytes
@@ -208,8 +208,8 @@ class Ours:
 
     def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode,
                  quantize=None, group_size=None):
+        from llama.checkpoints.loading import LoadOptions, load_model
         from llama.generation import Llama
-        from llama.loading import LoadOptions, load_model
 
         model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, LoadOptions(
             device=device, dtype=dtype, verbose=False, quantize=quantize,
@@ -256,7 +256,7 @@ class MetaOriginal:
     name = "Meta's model code"
 
     def __init__(self, meta_repo, ckpt, max_seq_len, max_batch_size):
-        from llama.distributed import init_process_groups
+        from llama.engine.distributed import init_process_groups
 
         source = Path(meta_repo).expanduser() / "llama" / "model.py"
         if not source.exists():
@@ -290,7 +290,7 @@ class HuggingFace:
     name = "transformers"
 
     def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode):
-        from llama.hf import hf_model
+        from llama.hf.bridge import hf_model
 
         state = torch.load(ckpt / "consolidated.00.pth", mmap=True, weights_only=True)
         params = json.loads((ckpt / "params.json").read_text())
@@ -502,7 +502,7 @@ def main():
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
           f"dtype {args.dtype}{', compiled decode step' if args.compile else ''}")
     if args.quantize and device.type == "cpu":
-        from llama import cpu_kernels
+        from llama.kernels import cpu_kernels
 
         print(f"CPU: {cpu_description()}; native kernels: "
               f"{cpu_kernels.isa() or cpu_kernels.unavailable_reason()}")

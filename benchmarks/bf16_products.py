@@ -1,17 +1,19 @@
-"""bfloat16 weights with float32 activations (llama/bf16.py) against float32 weights: per-matrix
+"""bfloat16 weights with float32 activations (llama/layers/bf16.py) against float32 weights:
+per-matrix
 product times, and decode tok/s of a whole model, in one run.
 
-    python benchmarks/bf16_products.py                       # both parts, shape M
-    python benchmarks/bf16_products.py --skip-model --rows 1 4 16 128
-    python benchmarks/bf16_products.py --skip-matrices --batch 1 4
+    python -m benchmarks.bf16_products                       # both parts, shape M
+    python -m benchmarks.bf16_products --skip-model --rows 1 4 16 128
+    python -m benchmarks.bf16_products --skip-matrices --batch 1 4
 
 Matrices: one (out, in) product (default 5632 x 2048, M's w1), cycling over 8 distinct copies per
 candidate so no weight sits in the L3, candidates interleaved call by call; the median ms of a
 product, and GB/s of the weight's own bytes. Candidates (x float32 unless named bf16):
-  f32 ours         llama.linear.linear on a float32 weight (torch's routes)
+  f32 ours         llama.layers.linear.linear on a float32 weight (torch's routes)
   f32 kernel       our float32 kernel (cpu_kernels.float_mm), up to 16 rows
   bf16 kernel      our bfloat16-weight kernel (cpu_kernels.bf16_mm), up to 16 rows
-  bf16 lib         llama.linear.linear on a bfloat16 weight (the kernel where it is vectorised)
+  bf16 lib         llama.layers.linear.linear on a bfloat16 weight (the kernel where it is
+  vectorised)
   bf16 widen/N     blocks of N weight rows widened for the float32 GEMM (the route without
                    a vectorised kernel), from 17 rows
   F.linear bf16    torch with bfloat16 weights AND activations (oneDNN's bf16 GEMM: the
@@ -25,18 +27,16 @@ size, with the GB/s of weights a step reads.
 import argparse
 import gc
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import bench
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench  # noqa: E402
-from llama import bf16, cpu_kernels  # noqa: E402
-from llama.linear import linear  # noqa: E402
+from llama.kernels import cpu_kernels
+from llama.layers import bf16
+from llama.layers.linear import linear
 
 COPIES = 8
 
@@ -94,7 +94,7 @@ def model_runs(shape, batches, prompt_len, steps, runs, root):
     one at a time, taking turns run by run: the median of `steps` one-token steps (robust to a
     busy machine's spikes), each through Transformer.forward with a KVCache as generation
     calls it."""
-    from llama.loading import LoadOptions, load_model
+    from llama.checkpoints.loading import LoadOptions, load_model
 
     ckpt = bench.checkpoint_dir(shape, root, torch.device("cpu"))
     kinds = {"bf16 weights (default)": None, "float32 weights": torch.float32}

@@ -1,7 +1,7 @@
 """Time to first token, turn by turn, of a chat that keeps its conversation in the cache.
 
-    python benchmarks/chat_turns.py --shape S
-    python benchmarks/chat_turns.py --shape M --turns 5 --turn-tokens 150 --no-server
+    python -m benchmarks.chat_turns --shape S
+    python -m benchmarks.chat_turns --shape M --turns 5 --turn-tokens 150 --no-server
 
 A 5-turn chat of ~150-token user turns and ~150-token answers on a random model of the shape
 (benchmarks/bench.py's shapes; a 32000-piece tokenizer), greedy. Each turn is timed twice,
@@ -31,12 +31,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.serve_clients import model_files
+from llama.checkpoints.fixtures import python_docs_text
 
-from serve_clients import model_files  # noqa: E402
-from llama.fixtures import python_docs_text  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SYSTEM = "You are a patient teacher of Python; answer with examples."
 
@@ -82,7 +80,7 @@ def library_turns(llama, turns, answer_tokens):
 
 # ---------------------------------------------------------------------- the server
 def start_server(ckpt, tokenizer, port, max_seq_len, prefix_cache, threads):
-    command = [sys.executable, "-m", "llama.server", "--ckpt_dir", str(ckpt),
+    command = [sys.executable, "-m", "llama.server.app", "--ckpt_dir", str(ckpt),
                "--tokenizer_path", str(tokenizer), "--port", str(port), "--max_batch_size",
                "1", "--max_seq_len", str(max_seq_len), "--prefix_cache", str(prefix_cache),
                "--model_name", "llama"]
@@ -161,8 +159,8 @@ def main(argv=None) -> int:
         args.shape, args.turns, args.turn_tokens, args.answer_tokens = "tiny", 3, 20, 8
         args.max_seq_len, args.prefix_cache = 256, 4
 
-    from llama.cpu_kernels import use_native_kernels
     from llama.generation import Llama
+    from llama.kernels.cpu_kernels import use_native_kernels
 
     torch.set_num_threads(args.threads)
     ckpt, tokenizer_path = model_files(args.shape, args.root)

@@ -4,9 +4,9 @@ step into the matrix products, attention, every other op, and time in no op (Pyt
 calls, dispatch). "native": float32 weights on our kernels (Transformer.use_native_kernels, as
 the server runs them), "none": on torch's routes.
 
-    python benchmarks/cpu_step.py --shape S --quantize none int8 int4 --batch 1 4
-    python benchmarks/cpu_step.py --shape S --quantize none native --batch 1 4 6 8
-    taskset -c 0 python benchmarks/cpu_step.py --threads 1 --compile   # pinned, compiled too
+    python -m benchmarks.cpu_step --shape S --quantize none int8 int4 --batch 1 4
+    python -m benchmarks.cpu_step --shape S --quantize none native --batch 1 4 6 8
+    taskset -c 0 python -m benchmarks.cpu_step --threads 1 --compile   # pinned, compiled too
 
 Random weights are drawn in memory (no checkpoint); models take turns step by step, so a busy
 spell of a shared machine hits them alike. Figures are medians (and 10th percentiles) of ms
@@ -16,25 +16,21 @@ per step.
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from llama.checkpoints.fixtures import random_weights
+from llama.checkpoints.meta import IGNORED_KEYS
+from llama.engine.distributed import init_process_groups
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
+from llama.quantize.formats import is_quantized, quantize
 
-from bench import SHAPES, VOCAB, NoEosTokenizer  # noqa: E402
-from llama import cpu_kernels  # noqa: E402
-from llama.checkpoint import IGNORED_KEYS  # noqa: E402
-from llama.distributed import init_process_groups  # noqa: E402
-from llama.fixtures import random_weights  # noqa: E402
-from llama.generation import Llama  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
-from llama.quantize import is_quantized, quantize  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PRODUCT_OPS = ("llama_kernels::", "aten::bmm", "aten::mm", "aten::addmm", "aten::linear",
                "mkldnn::_linear_pointwise", "aten::_weight_int", "aten::matmul")
@@ -130,7 +126,8 @@ def main():
             for mode, step in steps.items():
                 median = statistics.median(times[mode])
                 line = (f"{'compiled' if compiled else 'eager'} {mode:5s} batch {bsz}: "
-                        f"{median:6.2f} ms per step (p10 {sorted(times[mode])[len(times[mode]) // 10]:6.2f}), "
+                        f"{median:6.2f} ms per step "
+                        f"(p10 {sorted(times[mode])[len(times[mode]) // 10]:6.2f}), "
                         f"x{base / median:.2f} the first")
                 if not compiled:
                     with torch.inference_mode():

@@ -32,15 +32,15 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, '| tra
 if [ "${1:-base}" = quant ]; then
     step pytest-quant 150 python3 -m pytest -q -p no:cacheprovider tests/test_quantize.py \
         tests/test_cuda.py -k "cuda or quantized"
-    step bench-7B-quant 240 python3 benchmarks/bench.py --shape 7B --device cuda --batch 1 8 \
+    step bench-7B-quant 240 python -m benchmarks.bench --shape 7B --device cuda --batch 1 8 \
         --runs 3 --compile --mixed --gen-len 64 --quantize int8 int4
-    step quant-70B 150 python3 benchmarks/quant_gpu.py --shape 70B --mode int8 --gen-len 32
+    step quant-70B 150 python -m benchmarks.quant_gpu --shape 70B --mode int8 --gen-len 32
     exit $status
 fi
 step pytest 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step bench-7B-eager 180 python3 benchmarks/bench.py --shape 7B --device cuda --batch 1 8 \
+step bench-7B-eager 180 python -m benchmarks.bench --shape 7B --device cuda --batch 1 8 \
     --runs 3 --compare hf
-step bench-7B-compiled 150 python3 benchmarks/bench.py --shape 7B --device cuda --batch 1 8 \
+step bench-7B-compiled 150 python -m benchmarks.bench --shape 7B --device cuda --batch 1 8 \
     --runs 3 --compile --mixed
-step profile-7B 120 python3 benchmarks/profile_step.py --shape 7B --batch 8 1
+step profile-7B 120 python -m benchmarks.profile_step --shape 7B --batch 8 1
 exit $status

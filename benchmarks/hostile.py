@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 HOST = "127.0.0.1"
 HEALTH_LIMIT_S = 1.0
-STOP_CHARS = 256  # the server's cap (llama/openai_api.py MAX_STOP_CHARS)
+STOP_CHARS = 256  # the server's cap (llama/server/openai_api.py MAX_STOP_CHARS)
 
 
 @dataclass
@@ -119,7 +119,7 @@ async def long_stops(port: int, stop: asyncio.Event, tally: Tally, prompt: str,
     """Requests with four stop strings of the longest length the server takes (and which
     never match), streamed: each answered in full. And one with a 20,000-character stop
     string: 400."""
-    from serve_clients import _body
+    from benchmarks.serve_clients import _body
 
     stops = [chr(0x4e00 + i) * STOP_CHARS for i in range(4)]
     while not stop.is_set():
@@ -173,7 +173,8 @@ async def watch_health(port: int, stop: asyncio.Event, tally: Tally,
 # The scheduler's loop fails (as a bug would) when it admits a request of 13 tokens at most.
 FAILING_SCHEDULER = """
 import sys
-from llama import scheduler, server
+from llama.server import scheduler
+from llama.server import app as server
 apply = scheduler.Scheduler._apply
 def failing(self, work):
     if any(item[2] == 13 for item in work.admit):
@@ -186,7 +187,8 @@ sys.exit(server.main(sys.argv[1:]))
 
 def killed_scheduler(server_args: List[str], prompt: str) -> Tuple[dict, List[str]]:
     """Start a server whose scheduler dies on a request of max_tokens 13 (with a free slot
-    for it), with two streams running: both must end with an error event, the killing request get 500, /health say 503
+    for it), with two streams running: both must end with an error event, the killing request
+    get 500, /health say 503
     (or be gone), and the server exit 1 within 30 s. Returns (what happened, problems)."""
     import httpx
 

@@ -3,8 +3,8 @@
 tokens and Llama 3's 128,256, batch 1, in turns. The difference is the larger output product
 (the embedding is a lookup); a whole 1B model has 16 such layers.
 
-    python benchmarks/llama3_vocab.py --mode native     # float32 on our kernels (the server's)
-    python benchmarks/llama3_vocab.py --mode int8
+    python -m benchmarks.llama3_vocab --mode native     # float32 on our kernels (the server's)
+    python -m benchmarks.llama3_vocab --mode int8
 
 One mode per run keeps the peak near 4 GB (the float32 weights are drawn for both models).
 Figures are medians (and 10th percentiles) of ms per step.
@@ -13,22 +13,18 @@ Figures are medians (and 10th percentiles) of ms per step.
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.cpu_step import make_step, random_model
+from llama.checkpoints.memory import LLAMA3
+from llama.engine.distributed import init_process_groups
+from llama.kernels import cpu_kernels
+from llama.model import ModelArgs
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from cpu_step import make_step, random_model  # noqa: E402
-
-from llama import cpu_kernels  # noqa: E402
-from llama.distributed import init_process_groups  # noqa: E402
-from llama.memory import LLAMA3  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
 
 VOCABS = {"Llama 2 (32000)": 32000, "Llama 3 (128256)": 128256}
 

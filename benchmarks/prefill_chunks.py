@@ -1,13 +1,13 @@
 """Prefill alone or in chunks riding with the decode rows, compared turn by turn.
 
-    python benchmarks/prefill_chunks.py --shape S --chunks 0 64 256 --reps 3
+    python -m benchmarks.prefill_chunks --shape S --chunks 0 64 256 --reps 3
 
 serve_bench.py's request mix (48 requests, greedy) from N clients (default 8) to one
 Scheduler per `--prefill_chunk` value, all in this process without HTTP (the server's engine
 loop, as `serve_bench.py --no-http` runs it). The values take turns, request mix by request
 mix, so a slow spell of a shared machine hits them alike. (The schedulers' threads step a
 model this process's main thread loaded, which costs every value alike ~20% a step; see
-llama/server.py, _built_and_run_on_a_thread.) Per value: aggregate tok/s, time to
+llama/server/app.py, _built_and_run_on_a_thread.) Per value: aggregate tok/s, time to
 first token and inter-token gaps (p50/p95), each a median over the reps, and whether every
 answer was the same under each value.
 """
@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serve_bench import percentile  # noqa: E402
-from serve_clients import (  # noqa: E402
+from benchmarks.serve_bench import percentile
+from benchmarks.serve_clients import (
     ANSWER_LENS,
     PROMPT_LENS,
     REPO,
@@ -56,8 +54,8 @@ def main(argv=None) -> int:
         args.shape, args.requests, args.reps, args.chunks = "tiny", 6, 1, [0, 4]
         args.clients, lens = 2, ((8, 16), (4, 8))
 
-    from llama.engine import Engine
-    from llama.scheduler import Scheduler
+    from llama.engine.core import Engine
+    from llama.server.scheduler import Scheduler
 
     _, _, llama, asks = start_run(args, *lens)
     length = -(-(max(len(a.tokens) + a.max_tokens for a in asks)) // 64) * 64

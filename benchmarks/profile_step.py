@@ -2,7 +2,7 @@
 layer by row count (the batch size of a decode step), the busiest kernels of one eager step,
 and the time of one step, eager and compiled, by batch size.
 
-    python benchmarks/profile_step.py --shape 7B --batch 1 8
+    python -m benchmarks.profile_step --shape 7B --batch 1 8
 
 Random weights are drawn on the device (no checkpoint is written). Compare the rates with the
 card's copy bandwidth (an H100's is about 3 TB/s): a step at batch b reads every weight once.
@@ -10,7 +10,6 @@ card's copy bandwidth (an H100's is about 3 TB/s): a step at batch b reads every
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 
@@ -18,16 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from llama.checkpoints.fixtures import random_weights
+from llama.checkpoints.meta import IGNORED_KEYS
+from llama.engine.distributed import choose_device, choose_dtype, init_process_groups
+from llama.generation import Llama
+from llama.model import ModelArgs, Transformer
 
-from bench import SHAPES, VOCAB, NoEosTokenizer  # noqa: E402
-from llama.checkpoint import IGNORED_KEYS  # noqa: E402
-from llama.distributed import choose_device, choose_dtype, init_process_groups  # noqa: E402
-from llama.fixtures import random_weights  # noqa: E402
-from llama.generation import Llama  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def random_model(args: ModelArgs, device, dtype) -> Transformer:

@@ -1,8 +1,8 @@
 """A quantized model of a named shape, built in memory on the device, then decoded greedily.
 
-    python benchmarks/quant_gpu.py --shape 70B --mode int8          # 70B on one GPU
-    python benchmarks/quant_gpu.py --shape 7B --mode int8 int4 --compile
-    python benchmarks/quant_gpu.py --shape tiny --device cpu        # a smoke run
+    python -m benchmarks.quant_gpu --shape 70B --mode int8          # 70B on one GPU
+    python -m benchmarks.quant_gpu --shape 7B --mode int8 int4 --compile
+    python -m benchmarks.quant_gpu --shape tiny --device cpu        # a smoke run
 
 Random weights are drawn tensor by tensor on the device in bfloat16 and quantized there at
 once, so no float copy of the model ever exists and no checkpoint is written (70B in int8 is
@@ -20,17 +20,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from llama.args import ModelArgs
+from llama.checkpoints.meta import full_shapes
+from llama.engine.distributed import init_process_groups
+from llama.generation import Llama
+from llama.model import Transformer
+from llama.quantize.formats import DEFAULT_GROUP_SIZE, is_quantized, quantize
 
-from bench import SHAPES, VOCAB, NoEosTokenizer  # noqa: E402
-from llama.args import ModelArgs  # noqa: E402
-from llama.checkpoint import full_shapes  # noqa: E402
-from llama.distributed import init_process_groups  # noqa: E402
-from llama.generation import Llama  # noqa: E402
-from llama.model import Transformer  # noqa: E402
-from llama.quantize import DEFAULT_GROUP_SIZE, is_quantized, quantize  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def random_quantized_model(args: ModelArgs, mode: str, group_size: int, device, dtype,
@@ -123,7 +121,8 @@ def main(argv=None) -> int:
         print(f"{label}: built in {built:.1f} s; weights {weights / 2**30:.2f} GiB{memory}",
               flush=True)
         llama = Llama(model, NoEosTokenizer())
-        print(f"  eager decode, batch 1: {decode_rate(llama, args.prompt_len, args.gen_len, device):.1f} "
+        rate = decode_rate(llama, args.prompt_len, args.gen_len, device)
+        print(f"  eager decode, batch 1: {rate:.1f} "
               f"tok/s", flush=True)
         if args.compile:
             llama.compile_decode()

@@ -1,9 +1,9 @@
 """Per-matrix time of each candidate CPU route for quantized weights, against our float32 route.
 
-    python benchmarks/quant_kernels.py --shape S --matrices w13 output
-    python benchmarks/quant_kernels.py --shape M --matrices w13 --rows 1 4 16
-    python benchmarks/quant_kernels.py --shape S --matrices w13 --compile   # torch.compile'd
-    python benchmarks/quant_kernels.py --shape M --quality   # output error, outlier channels
+    python -m benchmarks.quant_kernels --shape S --matrices w13 output
+    python -m benchmarks.quant_kernels --shape M --matrices w13 --rows 1 4 16
+    python -m benchmarks.quant_kernels --shape S --matrices w13 --compile   # torch.compile'd
+    python -m benchmarks.quant_kernels --shape M --quality   # output error, outlier channels
 
 Prints, per matrix and row count, the median ms of one product, the spread of the samples
 ((p75 - p25) / median) and the weight bytes read per second (GB/s, of the format's own bytes,
@@ -12,8 +12,9 @@ enough distinct copies of its weight that they never sit in the L3 (3x 32 MB), a
 are interleaved call by call, so a slow spell of a shared machine hits them all alike.
 
 Candidates (x is float32, as in the model, unless the name says bf16):
-  f32 F.linear / f32 ours        torch's and our float32 route (llama/linear.py)
-  f32 native                     our float32 kernel (llama/cpu_float.cpp), the route of models
+  f32 F.linear / f32 ours        torch's and our float32 route (llama/layers/linear.py)
+  f32 native                     our float32 kernel (llama/kernels/cpu_float.cpp), the route of
+  models
                                  that took use_native_kernels (up to 64 rows, to place the
                                  threshold)
   bf16 F.linear                  bfloat16 weights and activations (x already bf16)
@@ -25,9 +26,10 @@ Candidates (x is float32, as in the model, unless the name says bf16):
   w8a8 int_mm/row                own per-row int8 activations, aten._int_mm, scales after
   deq f32 ours / deq bf16        int8 weight dequantised per call, then our float32 route /
                                  bf16 F.linear (rows >= 128 only)
-  native i8 / native i4 gG       our kernels (llama/cpu_kernels.cpp) called directly, x float32,
+  native i8 / native i4 gG       our kernels (llama/kernels/cpu_kernels.cpp) called directly, x
+  float32,
                                  output float32 (up to 64 rows, to place the threshold)
-  lib int8 / lib int4 gG         llama.linear.linear on llama.quantize's weights (the routes
+  lib int8 / lib int4 gG         llama.layers.linear.linear on llama.quantize's weights (the routes
                                  the library dispatches to: our kernels where they build)
   lib int8 torch / lib int4 g32 torch   the library's routes without our kernels (torch's)
   lib int8 deq / lib int4 g32 deq   the library's dequantised bfloat16 product, at any row
@@ -39,22 +41,19 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from llama.kernels import cpu_kernels
+from llama.layers import linear as products
+from llama.layers.linear import linear, pack
+from llama.quantize.formats import quantize_int4, quantize_int8
 
-from llama import cpu_kernels  # noqa: E402
-from llama import linear as products  # noqa: E402
-from llama.linear import linear, pack  # noqa: E402
-from llama.quantize import quantize_int4, quantize_int8  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # (dim, hidden, n_heads, n_kv_heads, vocab)
     "S": (768, 2048, 12, 12, 32000),
@@ -158,7 +157,7 @@ def candidates(with_lib: bool, only=None):
             out = products._by_row_blocks(xb, p._block_t, p.out_features).float()
             return out * p.scales.float() if isinstance(p, products.PackedInt8) else out
 
-        def native_route(p, x, xb):  # our kernel alone (llama/cpu_kernels.cpp), any rows
+        def native_route(p, x, xb):  # our kernel alone (llama/kernels/cpu_kernels.cpp), any rows
             if isinstance(p, products.PackedInt8):
                 return cpu_kernels.int8_mm(x, p.weight, p.scales)
             return cpu_kernels.int4_mm(x, p.weight, p.scales_and_zeros, p.group_size,
@@ -172,7 +171,8 @@ def candidates(with_lib: bool, only=None):
             for group in (32, 128):
                 table[f"native i4 g{group}"] = (
                     lambda w, g=group: pack(quantize_int4(w, g), "cpu"), native_route, upto64)
-        table["lib int8 torch"] = (lambda w: products.PackedInt8(quantize_int8(w), our_kernels=False),
+        table["lib int8 torch"] = (lambda w: products.PackedInt8(quantize_int8(w),
+                                                                  our_kernels=False),
                                    lambda q, x, xb: linear(x, q), every)
         table["lib int4 g32 torch"] = (
             lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False),
@@ -186,7 +186,8 @@ def candidates(with_lib: bool, only=None):
         table["lib int4 g32 deq"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
                                      dequantised_route, deq)
         table["lib int4 g32 kern"] = (
-            lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False), kernel_route, mid)
+            lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False),
+            kernel_route, mid)
     if only:
         table = {name: c for name, c in table.items() if any(o in name for o in only)}
     return table

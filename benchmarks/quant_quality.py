@@ -1,8 +1,8 @@
 """Quality of quantized weights (issue #14): what int8 and int4 cost against float32.
 
-    python benchmarks/quant_quality.py            # both parts, ~7 min on 2 busy cores
-    python benchmarks/quant_quality.py --quick    # every code path on little data, ~1 min
-    python benchmarks/quant_quality.py --part demo|outliers [--plants none compensated ...]
+    python -m benchmarks.quant_quality            # both parts, ~7 min on 2 busy cores
+    python -m benchmarks.quant_quality --quick    # every code path on little data, ~1 min
+    python -m benchmarks.quant_quality --part demo|outliers [--plants none compensated ...]
 
 1. The bundled demo model (trained) on held-out `pydoc_data` text, in the windows its
    training script evaluates (all 33 of BOS + 256 tokens): perplexity, its ratio to
@@ -16,7 +16,7 @@
    int8 and int4, and for W8A8 foils that also round every product's activations to int8,
    with one scale per activation tensor or per token (the foils live here only).
 
-Products take the library's routes (llama/linear.py); the routes that ran and their
+Products take the library's routes (llama/layers/linear.py); the routes that ran and their
 activations' dtype are printed under each table. Seeds are fixed; output is markdown.
 """
 
@@ -33,19 +33,18 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import llama.layers.linear as lin
+from llama import Llama
+from llama.args import ModelArgs
+from llama.chat_format import dialog_to_tokens
+from llama.checkpoints.fixtures import random_weights
+from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, heldout_windows
+from llama.engine.distributed import init_process_groups
+from llama.kernels import cpu_kernels
+from llama.model import Transformer
+from llama.quantize.formats import group_sizes_for, is_quantized, quantize
 
-import llama.linear as lin  # noqa: E402
-from llama import cpu_kernels  # noqa: E402
-from llama import Llama  # noqa: E402
-from llama.args import ModelArgs  # noqa: E402
-from llama.chat_format import dialog_to_tokens  # noqa: E402
-from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, heldout_windows  # noqa: E402
-from llama.distributed import init_process_groups  # noqa: E402
-from llama.fixtures import random_weights  # noqa: E402
-from llama.model import Transformer  # noqa: E402
-from llama.quantize import group_sizes_for, is_quantized, quantize  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DEMO_WINDOW = 257  # BOS + 256 tokens: scripts/train_demo_model.py's evaluation windows
 GREEDY_TOKENS = 64
@@ -64,7 +63,7 @@ NORM_READERS = {"attention_norm": ("attention.wq", "attention.wk", "attention.wv
 @contextmanager
 def routes():
     """Counts the packed weights' products by the route they took and the dtype of its
-    activations, from the kernels and helpers llama/linear.py calls (their names as of this
+    activations, from the kernels and helpers llama/layers/linear.py calls (their names as of this
     writing; a product that reached none of them counts as 'other')."""
     counts: Dict[str, int] = {}
 
@@ -323,7 +322,7 @@ def plant_outliers(state: Dict[str, torch.Tensor], dims: torch.Tensor, scales: t
 
 def quantized_state(state, mode: str, group: Optional[int]) -> dict:
     """The state dict with the library's saved formats for the quantized tensors: what
-    Llama.build(quantize=...) builds on one process (llama/loading.py's quantizer)."""
+    Llama.build(quantize=...) builds on one process (llama/checkpoints/loading.py's quantizer)."""
     return {k: quantize(v, mode, group or 32, name=k) if is_quantized(k) else v
             for k, v in state.items()}
 
@@ -465,7 +464,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
-    print("`" + " ".join(["python benchmarks/quant_quality.py"] + sys.argv[1:]) + "`")
+    print("`" + " ".join(["python -m benchmarks.quant_quality"] + sys.argv[1:]) + "`")
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f}")
     with torch.inference_mode():

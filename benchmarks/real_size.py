@@ -1,15 +1,16 @@
 """Llama 2 at its real size on this machine: a random checkpoint of the model's exact shape in
 Meta's layout, and every weight format measured on it, each in a process of its own.
 
-    python benchmarks/real_size.py --write ~/rs/7B --shape 7B     # 13.5 GB; peak RSS ~13 GiB
-    python benchmarks/real_size.py --run ~/rs/7B --formats float32 bf16 int8 int4 --json 7B.json
-    python benchmarks/real_size.py --write /tmp/rs-S --shape S --run /tmp/rs-S   # a quick run
+    python -m benchmarks.real_size --write ~/rs/7B --shape 7B     # 13.5 GB; peak RSS ~13 GiB
+    python -m benchmarks.real_size --run ~/rs/7B --formats float32 bf16 int8 int4 --json 7B.json
+    python -m benchmarks.real_size --write /tmp/rs-S --shape S --run /tmp/rs-S   # a quick run
 
 --write DIR --shape SHAPE writes consolidated.00.pth (Meta's tensor names, bfloat16, one shard),
 params.json (as Meta writes it) and a tokenizer.model with the shape's vocabulary (a
 SentencePiece model trained on Python's documentation; the rest of the vocabulary placeholder
 pieces). The weights are drawn in bfloat16 tensor by tensor (no float32 copy, the state dict
-held once: 7B peaks near 13 GiB) and scaled as llama/fixtures.py's random_weights scales them
+held once: 7B peaks near 13 GiB) and scaled as llama/checkpoints/fixtures.py's random_weights
+scales them
 (norms near 1, products by 1/sqrt(fan-in), the output layer so logits spread over several
 units), so activations stay within a trained model's range. Shapes: benchmarks/bench.py's
 (tiny, S, M, 7B, 13B, 70B) and 1B, Llama 3.2 1B's params.json (its output matrix apart from
@@ -53,19 +54,18 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench import SHAPES as BENCH_SHAPES
+from benchmarks.bench import cpu_description
+from benchmarks.real_size_measure import chat_length, measure_format, peak_rss
+from llama.args import ModelArgs, count_parameters
+from llama.checkpoints.fixtures import train_tokenizer
+from llama.checkpoints.memory import weight_bytes
+from llama.checkpoints.meta import IGNORED_KEYS, full_shapes
+from llama.checkpoints.saving import params_json
+from llama.layers.cache import KVCache
+from llama.model import precompute_freqs_cis
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench import SHAPES as BENCH_SHAPES  # noqa: E402
-from bench import cpu_description  # noqa: E402
-from real_size_measure import chat_length, measure_format, peak_rss  # noqa: E402
-
-from llama.args import ModelArgs, count_parameters  # noqa: E402
-from llama.cache import KVCache  # noqa: E402
-from llama.checkpoint import IGNORED_KEYS, full_shapes  # noqa: E402
-from llama.fixtures import params_json, train_tokenizer  # noqa: E402
-from llama.memory import weight_bytes  # noqa: E402
-from llama.model import precompute_freqs_cis  # noqa: E402
 
 SHAPES = {**BENCH_SHAPES,
           # Llama 3.2 1B's params.json
@@ -188,7 +188,7 @@ def memory_need(args: ModelArgs, fmt: str, cache_tokens: int):
 def library_checks_memory() -> bool:
     """Whether Llama.build refuses a model that will not fit before loading it (then the
     default format, whose weights' dtype the library chooses, is left to it)."""
-    return importlib.util.find_spec("llama.memory_fit") is not None
+    return importlib.util.find_spec("llama.checkpoints.memory_fit") is not None
 
 
 # ---------------------------------------------------------------------- bandwidth
@@ -208,7 +208,7 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def native_kernels() -> str:
     """The native CPU kernels' instruction set, or why they are unavailable."""
-    from llama import cpu_kernels
+    from llama.kernels import cpu_kernels
 
     return cpu_kernels.isa() or f"unavailable ({cpu_kernels.unavailable_reason()})"
 
@@ -218,7 +218,8 @@ def run_format(ckpt: Path, fmt: str, options, limit_gib) -> dict:
     """Run `fmt` in a child process (this script with --child); its figures, or why not."""
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--run", str(ckpt), "--child", fmt, "--result",
+        command = [sys.executable, "-m", "benchmarks.real_size", "--run", str(ckpt), "--child",
+                   fmt, "--result",
                    str(result)] + options
         env = dict(os.environ)
         if limit_gib is not None:  # Llama.build's memory check reads it, where it has one
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
 
 def measure(a, argv) -> None:
     """Every format in turn, each in its own process, and the report."""
-    from llama.checkpoint import model_args
+    from llama.checkpoints.meta import model_args
     from llama.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(str(a.run / "tokenizer.model"))
@@ -391,7 +392,7 @@ def measure(a, argv) -> None:
           f"{a.bandwidth_gib:g} GiB)\n")
     print(table(results, bandwidth, a.batch))
     print("\ntime to first token by turn:\n" + turn_lines(results))
-    command = "python benchmarks/real_size.py " + " ".join(argv)
+    command = "python -m benchmarks.real_size " + " ".join(argv)
     print(f"\n{command}")
     if a.json:
         a.json.write_text(json.dumps({"command": command, "cpu": cpu_description(),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from llama.cache import KVCache
 from llama.chat_format import dialog_to_tokens
-from llama.memory import weight_bytes
+from llama.checkpoints.memory import weight_bytes
+from llama.layers.cache import KVCache
 
 
 def measure_format(ckpt: Path, fmt: str, build: dict, a, say=print) -> dict:
@@ -118,7 +118,7 @@ def session_turns(llama, users, answer_tokens: int) -> dict:
 def chat_texts(tokenizer, turns: int, turn_tokens: int, answer_tokens: int):
     """(user messages, assistant answers): windows of Python's documentation of about the
     given token counts, brackets made parentheses (no chat-format tags)."""
-    from llama.fixtures import python_docs_text
+    from llama.checkpoints.fixtures import python_docs_text
 
     text = tokenizer.encode(python_docs_text()[:400_000], bos=False, eos=False)
     step = len(text) // (2 * turns + 1)

@@ -1,7 +1,7 @@
 """The server under concurrent streaming clients, against the library one request at a time.
 
-    python benchmarks/serve_bench.py --shape S               # clients 1 4 8 16, 48 requests
-    python benchmarks/serve_bench.py --quick                 # a smoke run on the tiny shape
+    python -m benchmarks.serve_bench --shape S               # clients 1 4 8 16, 48 requests
+    python -m benchmarks.serve_bench --quick                 # a smoke run on the tiny shape
 
 Builds (once, under bench_out/) a random-weight checkpoint of the shape in Meta's layout with
 bench.py's helpers, and a 32000-token SentencePiece tokenizer trained on text that ships with
@@ -31,10 +31,8 @@ from typing import List, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench import SHAPES, VOCAB  # noqa: E402
-from serve_clients import (  # noqa: E402
+from benchmarks.bench import SHAPES, VOCAB
+from benchmarks.serve_clients import (
     ANSWER_LENS,
     PROMPT_LENS,
     REPO,
@@ -240,10 +238,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt, tokenizer_path, llama, asks = start_run(args, args.prompt_lens, args.answer_lens)
-    from llama.engine import Engine
+    from llama.engine.core import Engine
     from llama.model import ModelArgs, count_parameters
-    from llama.scheduler import Scheduler
-    from llama.server import PREFILL_CHUNK
+    from llama.server.app import PREFILL_CHUNK
+    from llama.server.scheduler import Scheduler
     from tests.server_fixtures import running_server
 
     max_seq_len = -(-(max(len(a.tokens) + a.max_tokens for a in asks)) // 64) * 64

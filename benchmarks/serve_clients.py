@@ -14,12 +14,10 @@ from typing import List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.bench import VOCAB, checkpoint_dir
+from llama.checkpoints.fixtures import python_docs_text, train_tokenizer
 
-from bench import VOCAB, checkpoint_dir  # noqa: E402
-from llama.fixtures import python_docs_text, train_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PROMPT_LENS = (32, 64, 128, 256)
 ANSWER_LENS = (16, 32, 64, 128)
@@ -55,7 +53,7 @@ def start_run(args, prompt_lens=PROMPT_LENS, answer_lens=ANSWER_LENS):
     torch.set_num_threads(args.threads)
     ckpt, tokenizer_path = model_files(args.shape, args.root)
     llama = Llama.build(str(ckpt), str(tokenizer_path), 512, 1, device="cpu", verbose=False)
-    # the attention the server runs (llama/server.py), so its answers and speed compare alike
+    # the attention the server runs (llama/server/app.py), so its answers and speed compare alike
     llama.model.use_native_kernels()
     asks = request_mix(llama.tokenizer, args.requests, args.seed, prompt_lens, answer_lens)
     return ckpt, tokenizer_path, llama, asks
@@ -207,7 +205,7 @@ async def run_clients(send, asks: List[Ask], clients: int, ramp: float, pid=None
 async def scheduled_completion(scheduler, ask: Ask) -> Answer:
     """The request through a Scheduler in this process, as the server drives it, without
     HTTP: its events come to this event loop as they do to the server's."""
-    from llama.scheduler import Request
+    from llama.server.scheduler import Request
 
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     answer = Answer(sent=time.perf_counter())

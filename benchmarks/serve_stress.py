@@ -1,7 +1,7 @@
 """The server under clients that hang up: every other request must still get its full answer.
 
-    python benchmarks/serve_stress.py --shape S      # 200 requests, 16 clients, 8 slots
-    python benchmarks/serve_stress.py --quick        # the tiny shape, 30 requests
+    python -m benchmarks.serve_stress --shape S      # 200 requests, 16 clients, 8 slots
+    python -m benchmarks.serve_stress --quick        # the tiny shape, 30 requests
 
 A seeded third of the requests hang up: half of them mid-stream (after 1 to 4 chunks with
 text), half before reading any byte of the response (0 to --max-delay seconds after sending,
@@ -38,9 +38,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serve_clients import (  # noqa: E402
+from benchmarks.serve_clients import (
     REPO,
     Answer,
     Ask,
@@ -93,7 +91,7 @@ async def stress_beside_attacks(port: int, asks: List[Ask], plan, clients: int,
                                 pid: Optional[int], attack_prompt: str, timeout_s: float):
     """stress() with the hostile clients running until it ends. Returns (answers, peak RSS,
     {attack: Tally}, /health latencies)."""
-    import hostile
+    from benchmarks import hostile
 
     stop = asyncio.Event()
     tallies = {name: hostile.Tally() for name in ("huge bodies", "idle connections",
@@ -246,7 +244,7 @@ def main(argv=None) -> int:
         log = read_log(url.process)
     killed = None
     if args.hostile:
-        import hostile
+        from benchmarks import hostile
 
         killed = hostile.killed_scheduler(model_args + ["--max_batch_size", "3"], "The")
     problems = [p for r in rounds for p in r[2]]

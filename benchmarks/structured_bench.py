@@ -1,9 +1,9 @@
 """What constrained decoding costs: decode tok/s with and without a JSON schema, with 1 and 8
 rows decoding at once (the server's engine, as if 1 or 8 clients), and the mask work's share of
-a step (llama/logits.py: llguidance's masks, applying them, taking the token).
+a step (llama/engine/logits.py: llguidance's masks, applying them, taking the token).
 
-    python benchmarks/structured_bench.py --shape S            # rows 1 8, 128 tokens a row
-    python benchmarks/structured_bench.py --quick              # a smoke run on the tiny shape
+    python -m benchmarks.structured_bench --shape S            # rows 1 8, 128 tokens a row
+    python -m benchmarks.structured_bench --quick              # a smoke run on the tiny shape
 
 The model is serve_bench's random-weight checkpoint of the shape with its 32000-piece
 tokenizer (built once under bench_out/). Each row samples (temperature 1) a prompt's answer;
@@ -14,24 +14,20 @@ hits them alike; figures are medians over rounds.
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serve_clients import REPO, model_files  # noqa: E402
-
-from llama import engine as engine_module  # noqa: E402
-from llama.cpu_kernels import use_native_kernels  # noqa: E402
-from llama.engine import Engine, Sequence  # noqa: E402
-from llama.fixtures import python_docs_text  # noqa: E402
-from llama.generation import Llama  # noqa: E402
-from llama.grammar import GrammarSpec, vocabulary  # noqa: E402
-from llama.sampling import RowNoise  # noqa: E402
-from llama.structured import make_constraint  # noqa: E402
+from benchmarks.serve_clients import REPO, model_files
+from llama.checkpoints.fixtures import python_docs_text
+from llama.constrained.grammar import GrammarSpec, vocabulary
+from llama.constrained.spec import make_constraint
+from llama.engine import core as engine_module
+from llama.engine.core import Engine, EngineSequence
+from llama.engine.sampling import RowNoise
+from llama.generation import Llama
+from llama.kernels.cpu_kernels import use_native_kernels
 
 SCHEMA = {"type": "object",
           "properties": {"title": {"type": "string"},
@@ -72,7 +68,7 @@ def run_round(llama, rows: int, tokens: int, spec, prompts, clock: MaskClock, se
 
     def new_sequence():
         made[0] += 1
-        seq = Sequence(prompt=prompts[made[0] % len(prompts)], limit=96, temperature=1.0,
+        seq = EngineSequence(prompt=prompts[made[0] % len(prompts)], limit=96, temperature=1.0,
                        top_p=1.0, noise=RowNoise(seed + made[0], vocab_size, engine.device))
         if spec is not None:
             seq.constraint = make_constraint(tokenizer, vocab_size, spec, seq.limit)

@@ -25,30 +25,34 @@ from llama.chat_format import (
     validate_dialog,
 )
 from llama.chat_formats import dialog_tokens, has_special_tags
-from llama.distributed import broadcast_object, is_main_process
-from llama.engine import Engine
-from llama.engine import Sequence as EngineSequence
-from llama.loading import (
+from llama.checkpoints.loading import (
     LoadOptions,
     check_build_arguments,
     check_quantize_arguments,
     load_model,
 )
-from llama.model import KVCache, Transformer
-from llama.results import FinishReason, Result, finish, prompt_logprobs
-from llama.sampling import ReferenceNoise, sample_top_p
-from llama.session import ChatSession
-from llama.structured import check_no_stop, grammar_spec, make_constraint, response_format_spec
-from llama.text import TextTracker
-from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
-from llama.tokenizers import AnyTokenizer, load_tokenizer, stop_tokens
-from llama.validation import (
+from llama.constrained.spec import (
+    check_no_stop,
+    grammar_spec,
+    make_constraint,
+    response_format_spec,
+)
+from llama.engine.core import Engine, EngineSequence
+from llama.engine.distributed import broadcast_object, is_main_process
+from llama.engine.results import FinishReason, Result, finish, prompt_logprobs
+from llama.engine.sampling import ReferenceNoise, sample_top_p
+from llama.engine.text import TextTracker
+from llama.engine.validation import (
     ArgumentError,
     ArgumentTypeError,
     ArgumentValueError,
     check_generation_arguments,
     check_text,
 )
+from llama.model import KVCache, Transformer
+from llama.session import ChatSession
+from llama.tokenizer import Tokenizer  # noqa: F401  (importable from here, as in the reference)
+from llama.tokenizers import AnyTokenizer, load_tokenizer, stop_tokens
 
 # The reference's module-level names are importable from here, as they were from its
 # llama/generation.py.
@@ -96,13 +100,13 @@ class Llama:
         the number of processes (shards are split or merged while loading). `device` defaults
         to CUDA when available, else the CPU; `dtype` to bfloat16/float16 on GPUs; on the CPU
         the checkpoint's bfloat16 matrices are kept as they are and computed with in float32
-        (llama/bf16.py: float32's function at half its memory; dtype=torch.float32 for
+        (llama/layers/bf16.py: float32's function at half its memory; dtype=torch.float32 for
         float32 weights). `verify=True` checks every file against checklist.chk first.
         `seed` must be the same on every rank: all ranks sample the same tokens. Every
         argument, the
         checkpoint directory and then the tokenizer file are checked before anything is loaded,
         and then whether the model fits in the memory this process may use
-        (llama/memory_fit.py: NotEnoughMemoryError names the settings that would fit).
+        (llama/checkpoints/memory_fit.py: NotEnoughMemoryError names the settings that would fit).
 
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
         os.devnull, so that a script run under torchrun prints its results once;

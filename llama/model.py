@@ -20,20 +20,20 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import cpu_kernels, plan as plans
 from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
-from llama.cache import KVCache, OwnCache, Segments, attention_mask
-from llama.fused import Projection, hooked, pack_weights, projections, use_quantized
-from llama.linear import FEW_ROWS, linear, native_route, row_count
-from llama.parallel import (
+from llama.kernels import cpu_kernels
+from llama.layers import plan as plans
+from llama.layers.cache import KVCache, OwnCache, Segments, attention_mask
+from llama.layers.fused import Projection, hooked, pack_weights, projections, use_quantized
+from llama.layers.linear import FEW_ROWS, linear, native_route, row_count
+from llama.layers.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
     keep_uninitialised,
     sum_over_ranks,
     world_size,
 )
-from llama.quantize import QuantizationError
-from llama.rotary import (  # noqa: F401  (Meta's names, importable from here as in the original)
+from llama.layers.rotary import (  # noqa: F401  (Meta's names, importable from here as in the original)
     apply_rotary,
     apply_rotary_emb,
     precompute_freqs_cis,
@@ -127,7 +127,7 @@ class Attention(nn.Module):
     def forward(self, x, start_pos, freqs_cis, mask, cache=None, plan=None):
         """Meta's (x, start_pos, freqs_cis, mask): x (bsz, seqlen, dim) at cache slots
         start_pos.., under `mask` (None for none). The model passes a step plan instead
-        (llama/plan.py), which decides the cache writes and attention, and `cache`: this
+        (llama/layers/plan.py), which decides the cache writes and attention, and `cache`: this
         layer's (keys, values), each (rows, n_local_kv_heads, slots, head_dim); None for this
         module's own cache."""
         if plan is None:
@@ -223,7 +223,8 @@ class Transformer(nn.Module):
                                                init_method=keep_uninitialised)
         # ColumnParallelLinear with gather_output: each rank's vocabulary slice, gathered
         self._output = Projection("output", reduce=gather_over_ranks)
-        # Decode steps on the CPU in float32 take our attention kernel (llama/cpu_attention.cpp)
+        # Decode steps on the CPU in float32 take our attention kernel
+        # (llama/kernels/cpu_attention.cpp)
         # rather than torch's: chosen by use_native_kernels.
         self.native_attention = False
         # Twice max_seq_len as in the reference; a plain attribute, not a checkpoint tensor.
@@ -313,7 +314,7 @@ class Transformer(nn.Module):
 
     def run(self, tokens: torch.Tensor, plan: plans.StepPlan, cache: Optional[KVCache],
             last_logits_only: bool = False, rows: Optional[torch.Tensor] = None):
-        """The layers over `tokens` as `plan` says (llama/plan.py): float32 logits for every
+        """The layers over `tokens` as `plan` says (llama/layers/plan.py): float32 logits for every
         position, each row's last (last_logits_only), or the flat positions `rows` of a
         mixed step."""
         h = plan.pack(self._embed(tokens))

@@ -2,7 +2,8 @@
 
 chat_completion prefills the whole dialog every call: a long conversation costs more at each
 turn. A session keeps one KV cache row of its own and remembers which tokens it holds. Each
-turn's prompt is the conversation in the chat format of the tokenizer's family; the part of it that the row
+turn's prompt is the conversation in the chat format of the tokenizer's family; the part of it that
+the row
 already holds is kept, and only the rest is prefilled.
 
 The format's answers can be kept two ways:
@@ -27,15 +28,18 @@ import torch
 from llama import chat_format3
 from llama.chat_format import B_INST, E_INST, UNSAFE_ERROR, Dialog, fold_system_prompt
 from llama.chat_formats import dialog_tokens, has_special_tags
+from llama.constrained.spec import check_no_stop, make_constraint, response_format_spec
+from llama.engine.core import Engine, EngineSequence
+from llama.engine.distributed import broadcast_object, is_main_process
+from llama.engine.results import FinishReason, finish
+from llama.engine.sampling import ReferenceNoise
+from llama.engine.text import TextTracker
+from llama.engine.validation import (
+    ArgumentTypeError,
+    ArgumentValueError,
+    check_generation_arguments,
+)
 from llama.tokenizers import family, stop_tokens
-from llama.distributed import broadcast_object, is_main_process
-from llama.engine import Engine
-from llama.engine import Sequence as EngineSequence
-from llama.results import FinishReason, finish
-from llama.sampling import ReferenceNoise
-from llama.structured import check_no_stop, make_constraint, response_format_spec
-from llama.text import TextTracker
-from llama.validation import ArgumentTypeError, ArgumentValueError, check_generation_arguments
 
 
 class ChatSession:
@@ -212,7 +216,7 @@ class Turn:
         limit = min(max_gen_len, model.params.max_seq_len - len(prompt))
         seq = EngineSequence(prompt=prompt, limit=limit, temperature=temperature, top_p=top_p,
                              text=TextTracker(tokenizer, self._stop))
-        if self._spec is not None:  # the answer must match it (llama/structured.py)
+        if self._spec is not None:  # the answer must match it (llama/constrained/spec.py)
             seq.constraint = make_constraint(tokenizer, model.params.vocab_size, self._spec,
                                              limit)
         engine = Engine(model, stop_tokens(tokenizer), session._row())

@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 from sentencepiece import SentencePieceProcessor
 
-from llama.validation import ArgumentFileNotFoundError, ArgumentValueError
+from llama.engine.validation import ArgumentFileNotFoundError, ArgumentValueError
 
 
 class Tokenizer:

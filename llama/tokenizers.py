@@ -6,9 +6,9 @@ tokenizer it returns."""
 import os
 from typing import List, Union
 
+from llama.engine.validation import ArgumentFileNotFoundError
 from llama.tokenizer import Tokenizer
 from llama.tokenizer3 import Llama3Tokenizer, looks_like_bpe_file
-from llama.validation import ArgumentFileNotFoundError
 
 AnyTokenizer = Union[Tokenizer, Llama3Tokenizer]
 

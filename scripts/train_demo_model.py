@@ -3,7 +3,7 @@
     python scripts/train_demo_model.py --out llama/demo_model --seed 0
 
 A small Llama-architecture model, trained on the CPU on the topic pages of Python's
-documentation that ship with CPython (pydoc_data), every 10th page held out (llama/demo.py).
+documentation that ship with CPython (pydoc_data), every 10th page held out (llama/cli/demo.py).
 Steps:
   1. train a SentencePiece tokenizer with Llama's ids (unk 0, bos 1, eos 2, byte fallback) on
      the training pages;
@@ -32,12 +32,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.checkpoint import IGNORED_KEYS, full_shapes  # noqa: E402
-from llama.demo import encode_pages, heldout_windows, split_topics, windows  # noqa: E402
-from llama.fixtures import params_json, train_tokenizer, write_random_checkpoint  # noqa: E402
+from llama.checkpoints.fixtures import params_json, train_tokenizer, write_random_checkpoint  # noqa: E402
+from llama.checkpoints.meta import IGNORED_KEYS, full_shapes  # noqa: E402
+from llama.checkpoints.saving import save_checkpoint, split_state_dict  # noqa: E402
+from llama.cli.demo import encode_pages, heldout_windows, split_topics, windows  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import ModelArgs, RMSNorm, apply_rotary_emb, precompute_freqs_cis  # noqa: E402
-from llama.saving import save_checkpoint, split_state_dict  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["The list is", "A class is", "The return value of the function", "If the object"]
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
     print(f"held-out perplexity with Llama.build's model (bfloat16 weights): "
           f"{math.exp(library_loss):.1f}")
     # Baselines on the same held-out tokens: token frequencies of the training text (add-one
-    # smoothed), and random weights of the same shape (llama.fixtures.random_weights).
+    # smoothed), and random weights of the same shape (llama.checkpoints.fixtures.random_weights).
     counts = torch.bincount(stream, minlength=tokenizer.n_words) + 1.0
     unigram_loss = -(counts / counts.sum()).log()[heldout[:, 1:]].mean().item()
     with tempfile.TemporaryDirectory() as random_dir:

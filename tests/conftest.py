@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llama.saving import save_checkpoint, split_state_dict
-from llama.fixtures import LLAMA3_SHAPE, params_json, train_tokenizer, write_random_checkpoint
+from llama.checkpoints.fixtures import LLAMA3_SHAPE, train_tokenizer, write_random_checkpoint
+from llama.checkpoints.saving import params_json, save_checkpoint, split_state_dict
 from llama.model import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,8 @@ def run_script(args, nproc=None, timeout=240, env=None, cwd=REPO):
                    str(nproc), "--master_port", str(free_port())] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "CUDA_VISIBLE_DEVICES": "",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                            os.environ.get("PYTHONPATH")])),
                 **(env or {})}
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.saving import save_checkpoint, split_state_dict
-from llama.fixtures import params_json, random_weights, train_tokenizer
 from llama.args import ModelArgs
+from llama.checkpoints.fixtures import random_weights, train_tokenizer
+from llama.checkpoints.saving import params_json, save_checkpoint, split_state_dict
 from tests.conftest import model_args
 
 CODE_VOCAB = 32016
@@ -22,7 +22,7 @@ def save_hub(out: Path, state, args: ModelArgs, tokenizer_path, max_shard_size="
              tied=False) -> Path:
     """transformers' own files for these weights (bfloat16, as the fixtures are), with the
     tokenizer copied in as Hub repositories have it."""
-    from llama.hf import hf_model
+    from llama.hf.bridge import hf_model
 
     model = hf_model(state, args, dtype=torch.bfloat16, tie_word_embeddings=tied)
     model.save_pretrained(out, max_shard_size=max_shard_size)

@@ -7,7 +7,7 @@
 import fire
 import torch
 
-from llama import Dialog, Llama  # noqa: F401 (imported as the original's users do)
+from llama import Dialog, Llama  # noqa: F401 (imported as the original's users do
 from llama.generation import B_INST, E_INST  # noqa: F401
 
 

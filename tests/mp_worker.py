@@ -8,8 +8,8 @@ import sys
 import torch.distributed as dist
 
 from llama import Llama
-from llama.checkpoint import full_shapes, shard_shape
-from llama.distributed import shutdown
+from llama.checkpoints.meta import full_shapes, shard_shape
+from llama.engine.distributed import shutdown
 
 PROMPTS = ["The meaning of life is", "Simply put, the theory of relativity states that ",
            "x", "上下五千年，英雄万万千。"]

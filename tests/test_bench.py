@@ -4,12 +4,10 @@ import subprocess
 import sys
 import textwrap
 
+import bench  # noqa: E402
 import pytest
 
 from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench  # noqa: E402
 
 # A stand-in for Meta's llama/model.py: its ModelArgs fields and Transformer(args) /
 # load_state_dict / forward(tokens, start_pos) protocol, the math restated in
@@ -72,7 +70,7 @@ def test_bench_runs_every_comparison(tmp_path):
     meta = tmp_path / "meta-llama"
     (meta / "llama").mkdir(parents=True)
     (meta / "llama" / "model.py").write_text(STAND_IN)
-    command = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape", "tiny",
+    command = [sys.executable, "-m", "benchmarks.bench", "--shape", "tiny",
                "--runs", "1", "--batch", "1", "2", "--prompt-len", "8", "--gen-len", "4",
                "--mixed", "3", "8", "--compare", "reference", "hf", "--meta", str(meta),
                "--root", str(tmp_path)]
@@ -94,7 +92,7 @@ def test_bench_runs_every_comparison(tmp_path):
 
 def test_gen_len_one_times_prefill_only(tmp_path):
     """Also: a mixed batch may hold prompts longer than --prompt-len."""
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--shape",
                           "tiny", "--runs", "1", "--batch", "1", "--prompt-len", "8",
                           "--gen-len", "1", "--mixed", "5", "20", "--root", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -102,7 +100,7 @@ def test_gen_len_one_times_prefill_only(tmp_path):
     assert "mixed 5/20  time to first token" in out.stdout
     assert "the largest call, batch 2 x 21 tokens" in out.stdout
     assert "batch 1  time to first token" in out.stdout and "decode tok/s" not in out.stdout
-    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gen-len",
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--gen-len",
                           "0", "--root", str(tmp_path)], capture_output=True, text=True,
                          cwd=REPO, timeout=600)
     assert bad.returncode != 0 and "--gen-len and --prompt-len must be at least 1" in bad.stderr
@@ -110,7 +108,7 @@ def test_gen_len_one_times_prefill_only(tmp_path):
 
 def test_load_figures_for_both_layouts(tmp_path):
     """--format hf converts the checkpoint to Hugging Face's layout and loads both in turns."""
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--shape",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--shape",
                           "tiny", "--load", "--format", "hf", "--runs", "2", "--root",
                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -141,7 +139,7 @@ def bench_can_compare_hf() -> bool:
 
 def test_profile_step_runs_on_the_cpu():
     """benchmarks/profile_step.py is a GPU tool; its --device cpu dry run keeps it working."""
-    command = [sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--shape", "tiny",
+    command = [sys.executable, "-m", "benchmarks.profile_step", "--shape", "tiny",
                "--device", "cpu", "--batch", "2", "--layers", "1", "--position", "6"]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -152,7 +150,7 @@ def test_profile_step_runs_on_the_cpu():
 
 def test_quant_gpu_builds_and_decodes_a_quantized_model(capsys):
     """benchmarks/quant_gpu.py (run on lent GPUs, e.g. 70B in int8): its CPU smoke run."""
-    import quant_gpu
+    from benchmarks import quant_gpu
 
     assert quant_gpu.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "int4",
                            "--prompt-len", "4", "--gen-len", "4"]) == 0

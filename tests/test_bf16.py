@@ -1,4 +1,5 @@
-"""bfloat16 weights with float32 activations (llama/bf16.py, llama/cpu_bf16.cpp): the kernel
+"""bfloat16 weights with float32 activations (llama/layers/bf16.py, llama/kernels/cpu_bf16.cpp):
+the kernel
 against float64 and against the float32 kernel on the widened weight, rows alone or batched,
 long products through widened blocks, the fallback without the kernels, and a default CPU
 model (bfloat16 storage) against the same checkpoint loaded in float32."""
@@ -7,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import bf16, cpu_kernels
-from llama.fixtures import write_random_checkpoint
-from llama.linear import linear
+from llama.checkpoints.fixtures import write_random_checkpoint
+from llama.kernels import cpu_kernels
+from llama.layers import bf16
+from llama.layers.linear import linear
 from tests.conftest import model_args
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),

@@ -1,4 +1,4 @@
-"""The example scripts' command line (llama/cli.py): flags read as fire reads them, unknown
+"""The example scripts' command line (llama/cli/flags.py): flags read as fire reads them, unknown
 ones refused, values checked, one help line per flag. Pure functions, no model."""
 
 import importlib.util
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from llama.cli import UsageError, check_flags, help_text, in_flag_terms, parse_flags
-from llama.validation import ArgumentTypeError, ArgumentValueError
+from llama.cli.flags import UsageError, check_flags, help_text, in_flag_terms, parse_flags
+from llama.engine.validation import ArgumentTypeError, ArgumentValueError
 from tests.conftest import REPO
 
 SCRIPTS = ["example_text_completion.py", "example_chat_completion.py",

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import check_shard
-from llama.convert import main as convert, parse_size, plan_files, write_safetensors
-from llama.hf import to_hf_state_dict
 from llama.args import ModelArgs
+from llama.checkpoints.meta import check_shard
+from llama.hf.bridge import to_hf_state_dict
+from llama.hf.convert import main as convert
+from llama.hf.convert import parse_size, plan_files, write_safetensors
 from llama.model import Transformer
 from tests.conftest import run_script
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
@@ -187,7 +188,7 @@ def test_command_line_errors(hub, tmp_path, capsys):
 
 
 def test_console_script_runs_the_module(hub, tmp_path):
-    result = run_script(["-m", "llama.convert", str(hub("gqa")), str(tmp_path / "m"), "--to",
+    result = run_script(["-m", "llama.hf.convert", str(hub("gqa")), str(tmp_path / "m"), "--to",
                          "meta"])
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stderr and (tmp_path / "m" / "consolidated.00.pth").is_file()

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.checkpoint import IGNORED_KEYS, full_shapes, load_shard, model_args, verify_files
-from llama.demo import (
+from llama.checkpoints.fixtures import write_random_checkpoint
+from llama.checkpoints.meta import IGNORED_KEYS, full_shapes, load_shard, model_args, verify_files
+from llama.cli.demo import (
     DEMO_CKPT_DIR,
     DEMO_DIR,
     DEMO_TOKENIZER_PATH,
@@ -22,7 +23,6 @@ from llama.demo import (
     heldout_windows,
     split_topics,
 )
-from llama.fixtures import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048)
@@ -97,7 +97,8 @@ def test_training_model_computes_the_library_logits(demo, windows):
 
 def test_heldout_perplexity_is_far_below_random_and_unigram(demo, windows, tmp_path):
     """Held-out pages (never trained on) against two baselines on the same tokens:
-    - a random model of the demo's shape (llama.fixtures.random_weights) with its tokenizer;
+    - a random model of the demo's shape (llama.checkpoints.fixtures.random_weights) with its
+    tokenizer;
     - a unigram model: each token's frequency in the training text (add-one smoothed), about
       the best a model can do without looking at context. Beating it by a wide margin (3x;
       4.7x when recorded) shows the demo model uses the preceding words, which is what makes

@@ -1,4 +1,4 @@
-"""Tests for download.sh and llama/checklist.py.
+"""Tests for download.sh and llama/checkpoints/checklist.py.
 
 download.sh runs against a fake Meta bucket served from 127.0.0.1: a threaded
 HTTP server that checks the presigned query string (403 otherwise), honours
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOWNLOAD_SH = ROOT / "download.sh"
 CHECKLIST_PY = ROOT / "llama" / "checklist.py"
 
-# Load llama/checklist.py by path so that these tests never import the llama
+# Load llama/checkpoints/checklist.py by path so that these tests never import the llama
 # package (whose __init__ may need torch).
 _spec = importlib.util.spec_from_file_location("_checklist_under_test", CHECKLIST_PY)
 checklist = importlib.util.module_from_spec(_spec)
@@ -594,7 +594,7 @@ def test_unknown_downloader_rejected(bucket, tmp_path, server):
     assert bucket.requests == []
 
 
-# ---------------------------------------------------------------- llama/checklist.py
+# ---------------------------------------------------------------- llama/checkpoints/checklist.py
 
 
 def write(path, data):
@@ -726,13 +726,13 @@ def test_cli(folder):
 
 def test_cli_as_module(folder, tmp_path):
     # `python -m llama.checklist` must work without importing anything else of
-    # the package: run it from a copy holding only llama/checklist.py.
+    # the package: run it from a copy holding only llama/checkpoints/checklist.py.
     package = tmp_path / "pkg" / "llama"
     package.mkdir(parents=True)
     shutil.copy(CHECKLIST_PY, package / "checklist.py")
     chk = write(folder / "checklist.chk", "%s  a.bin\n" % _md5(b"alpha"))
     result = subprocess.run(
-        [sys.executable, "-m", "llama.checklist", str(chk)],
+        [sys.executable, "-m", "llama.checkpoints.checklist", str(chk)],
         capture_output=True,
         text=True,
         cwd=str(package.parent),

@@ -4,10 +4,10 @@ finished ones free theirs at once, and each row's tokens are those it gets alone
 import pytest
 import torch
 
-from llama import cpu_kernels
-from llama.engine import Engine, Sequence
-from llama.sampling import RowNoise
-from llama.text import TextTracker
+from llama.engine.core import Engine, EngineSequence
+from llama.engine.sampling import RowNoise
+from llama.engine.text import TextTracker
+from llama.kernels import cpu_kernels
 from tests.meta_reference import ReferenceModel
 
 PROMPTS = ["The meaning of life is", "x = 1", "In Python, a class is a", "Return the",
@@ -68,7 +68,7 @@ def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, kernels, 
     limits = [12, 5, 9, 14, 7, 10]
     alone = [generator.generate([_encode(generator, p)], limit, temperature=0,
                                 logprobs=True) for p, limit in zip(PROMPTS, limits)]
-    seqs = [Sequence(prompt=_encode(generator, p), limit=limit, logprobs=True)
+    seqs = [EngineSequence(prompt=_encode(generator, p), limit=limit, logprobs=True)
             for p, limit in zip(PROMPTS, limits)]
     # three slots for six sequences: later ones wait for a slot and reuse its cache
     engine = _server_engine(generator, slots=3, chunk=chunk)
@@ -99,8 +99,8 @@ def test_each_rows_step_equals_a_full_forward_over_its_text(kernels, chunk, buil
     _use(generator.model, kernels)
     reference = ReferenceModel(checkpoints.state("gqa"), checkpoints.params("gqa"), 1, 64)
     engine = _server_engine(generator, slots=2, chunk=chunk)
-    first = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=10)
-    second = Sequence(prompt=_encode(generator, PROMPTS[0]), limit=6)
+    first = EngineSequence(prompt=_encode(generator, PROMPTS[2]), limit=10)
+    second = EngineSequence(prompt=_encode(generator, PROMPTS[0]), limit=6)
     engine.add(first)
     for _ in range(3):
         engine.step()
@@ -120,11 +120,11 @@ def test_seeded_samples_are_the_same_alone_or_in_a_batch(chunk, build):
     vocab = generator.model.params.vocab_size
 
     def seq(seed, prompt=PROMPTS[0]):
-        return Sequence(prompt=_encode(generator, prompt), limit=12, temperature=0.9,
+        return EngineSequence(prompt=_encode(generator, prompt), limit=12, temperature=0.9,
                         top_p=0.95, noise=RowNoise(seed, vocab, "cpu"))
 
     alone = _run(_server_engine(generator), {0: [seq(5)]})[0].tokens
-    crowd = [seq(7, PROMPTS[1]), Sequence(prompt=_encode(generator, PROMPTS[3]), limit=8)]
+    crowd = [seq(7, PROMPTS[1]), EngineSequence(prompt=_encode(generator, PROMPTS[3]), limit=8)]
     joined = seq(5)
     _run(_server_engine(generator, chunk=chunk), {0: crowd, 3: [joined]})
     assert joined.tokens == alone
@@ -134,7 +134,7 @@ def test_seeded_samples_are_the_same_alone_or_in_a_batch(chunk, build):
 
 def test_top_logprobs_are_the_most_likely_tokens(build):
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
-    seq = Sequence(prompt=_encode(generator, PROMPTS[0]), limit=4, logprobs=True,
+    seq = EngineSequence(prompt=_encode(generator, PROMPTS[0]), limit=4, logprobs=True,
                    top_logprobs=3)
     _run(_server_engine(generator), {0: [seq]})
     full = generator.model.forward(torch.tensor([seq.prompt + seq.tokens]), 0,
@@ -154,7 +154,7 @@ def test_stop_strings_and_limits_free_slots_for_waiting_rows(chunk, build):
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
     reference = generator.text_completion([PROMPTS[2]], temperature=0, max_gen_len=16)[0]
     stop = reference["generation"][4:7]
-    tracked = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=16,
+    tracked = EngineSequence(prompt=_encode(generator, PROMPTS[2]), limit=16,
                        text=TextTracker(generator.tokenizer, [stop]))
     engine = _server_engine(generator, slots=1, chunk=chunk)
     engine.add(tracked)
@@ -163,7 +163,7 @@ def test_stop_strings_and_limits_free_slots_for_waiting_rows(chunk, build):
     assert tracked.finish_reason == "stop" and tracked.text.text == \
         reference["generation"][:4]
     assert engine.free_slots == 1  # the stop string freed the slot at once
-    short = Sequence(prompt=_encode(generator, PROMPTS[3]), limit=2)
+    short = EngineSequence(prompt=_encode(generator, PROMPTS[3]), limit=2)
     engine.add(short)
     while not short.finished:
         engine.step()
@@ -183,12 +183,12 @@ def test_a_joining_prompt_rides_with_the_decode_rows_in_chunks(build, monkeypatc
     monkeypatch.setattr(model, "forward_segments", lambda tokens, seg, cache: calls.append(
         (seg.rows, seg.chunks)) or original(tokens, seg, cache))
     engine = _server_engine(generator, slots=2, chunk=4)
-    first = Sequence(prompt=_encode(generator, PROMPTS[1]), limit=20)
+    first = EngineSequence(prompt=_encode(generator, PROMPTS[1]), limit=20)
     engine.add(first)
     while not first.decoding:
         engine.step()
     engine.step()
-    second = Sequence(prompt=_encode(generator, PROMPTS[2] + " " + PROMPTS[0]), limit=3)
+    second = EngineSequence(prompt=_encode(generator, PROMPTS[2] + " " + PROMPTS[0]), limit=3)
     assert len(second.prompt) > 8 and len(second.prompt) % 4  # 3 chunks or more, one short
     engine.add(second)
     calls.clear()
@@ -208,16 +208,16 @@ def test_a_joining_prompt_rides_with_the_decode_rows_in_chunks(build, monkeypatc
 def test_a_prompt_cancelled_midway_frees_its_slot_for_the_next(chunk, build):
     generator = build("gqa", max_seq_len=64, max_batch_size=4)
     engine = _server_engine(generator, slots=1, chunk=chunk)
-    cancelled = Sequence(prompt=_encode(generator, PROMPTS[2]), limit=10)
+    cancelled = EngineSequence(prompt=_encode(generator, PROMPTS[2]), limit=10)
     engine.add(cancelled)
     engine.step()
     assert chunk == 64 or not cancelled.decoding  # still prefilling, with chunks of 4
     engine.release(cancelled)
     assert engine.free_slots == 1 and not engine.prefilling
-    nxt = Sequence(prompt=_encode(generator, PROMPTS[5]), limit=6)
+    nxt = EngineSequence(prompt=_encode(generator, PROMPTS[5]), limit=6)
     _run(engine, {0: [nxt]})
     assert nxt.tokens == generator.generate([nxt.prompt], 6, temperature=0)[0][0]
-    empty = Sequence(prompt=_encode(generator, PROMPTS[0]), limit=0)  # a full-length prompt
+    empty = EngineSequence(prompt=_encode(generator, PROMPTS[0]), limit=0)  # a full-length prompt
     _run(engine, {0: [empty]})
     assert empty.tokens == [] and empty.finish_reason == "length" and engine.free_slots == 1
 

@@ -260,7 +260,8 @@ def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
                "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len",
                "2048", "--max_gen_len", "1500"]
     process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+                               stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
     screen = b""
 
     def read_until(done):
@@ -287,7 +288,7 @@ def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
 def test_the_chat_prompt_edits_chinese_and_quits_on_ctrl_c():
     """The prompt's line editing (the terminal's, as with input()): backspace erases a whole
     character of a Chinese line; Ctrl-C ends the line and means quit."""
-    program = ("from llama.keyboard import Keyboard\n"
+    program = ("from llama.cli.keyboard import Keyboard\n"
                "keyboard = Keyboard()\n"
                "try:\n"
                "    for _ in range(2): print(repr(keyboard.read_line('User: ')), flush=True)\n"

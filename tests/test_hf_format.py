@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import CheckpointError
-from llama.hf_config import UnsupportedConfigError, ffn_params
-from llama.hf_format import rotary_rows_to_hf, rotary_rows_to_meta
 from llama.args import ModelArgs
-from llama.validation import ArgumentFileNotFoundError
+from llama.checkpoints.meta import CheckpointError
+from llama.engine.validation import ArgumentFileNotFoundError
+from llama.hf.config import UnsupportedConfigError, ffn_params
+from llama.hf.format import rotary_rows_to_hf, rotary_rows_to_meta
 from tests.conftest import REPO, run_script
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 

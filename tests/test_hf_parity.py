@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llama.hf import hf_model  # noqa: E402
+from llama.hf.bridge import hf_model  # noqa: E402
 from tests.conftest import model_args  # noqa: E402
 
 

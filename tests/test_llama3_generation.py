@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.fixtures import params_json, random_weights
+from llama.checkpoints.fixtures import random_weights
+from llama.checkpoints.saving import params_json, save_checkpoint, split_state_dict
+from llama.engine.validation import ArgumentValueError
 from llama.model import ModelArgs
-from llama.saving import save_checkpoint, split_state_dict
-from llama.validation import ArgumentValueError
 from tests.llama3_reference import meta_dialog_tokens, meta_tokenizer, meta_tokenizer_path
 
 ARGS = ModelArgs(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -1,5 +1,5 @@
 """Llama 3.x in Hugging Face's layout, against transformers' LlamaForCausalLM: `rope_scaling`
-llama3 and tied embeddings (Llama 3.2 1B/3B) written by llama.convert and by transformers
+llama3 and tied embeddings (Llama 3.2 1B/3B) written by llama.hf.convert and by transformers
 itself, both ways; and the Hub's Llama 2 fine-tunes' linear and dynamic scalings."""
 
 import json
@@ -12,9 +12,9 @@ from safetensors import safe_open
 
 from llama import Llama
 from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError
-from llama.convert import hf_to_meta, meta_to_hf
-from llama.hf import hf_model
+from llama.checkpoints.meta import CheckpointError
+from llama.hf.bridge import hf_model
+from llama.hf.convert import hf_to_meta, meta_to_hf
 from tests.conftest import model_args
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
@@ -153,7 +153,7 @@ def test_other_scalings_are_refused_by_name(entry, message, hub, tmp_path):
 
 
 def test_a_hub_config_with_llama3_scaling_is_read_as_meta_reads_use_scaled_rope():
-    from llama.hf_config import model_args as hub_args
+    from llama.hf.config import model_args as hub_args
 
     config = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -170,7 +170,7 @@ def test_a_hub_config_with_llama3_scaling_is_read_as_meta_reads_use_scaled_rope(
 
 def test_a_tied_hub_model_quantizes_its_output_matrix_apart_from_the_embedding(hub,
                                                                               tokenizer_path):
-    from llama.linear import PackedInt8
+    from llama.layers.linear import PackedInt8
 
     directory = hub("llama3", tied=True)
     quantized = Llama.build(str(directory), tokenizer_path, max_seq_len=256, max_batch_size=1,
@@ -185,7 +185,7 @@ def test_a_tied_hub_model_quantizes_its_output_matrix_apart_from_the_embedding(h
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_tied_hub_model_quantized_to_metas_layout_loads_as_quantizing_at_load(
         mode, hub, tokenizer_path, tmp_path):
-    from llama.quantize_cli import quantize_checkpoint
+    from llama.quantize.cli import quantize_checkpoint
 
     directory = hub("llama3", tied=True)
     quantize_checkpoint(directory, tmp_path / "q", mode, say=lambda line: None)
@@ -219,8 +219,8 @@ def test_conversion_with_metas_llama3_tokenizer_and_vocabulary(tmp_path):
     Hub's original/ on the way back)."""
     import llama_models
 
-    from llama.convert import bpe_vocab_size, check_tokenizer
-    from llama.fixtures import LLAMA3_SHAPE, write_random_checkpoint
+    from llama.checkpoints.fixtures import LLAMA3_SHAPE, write_random_checkpoint
+    from llama.hf.convert import bpe_vocab_size, check_tokenizer
 
     meta_tokenizer = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
     assert bpe_vocab_size(meta_tokenizer) == 128256 and check_tokenizer(meta_tokenizer,

@@ -11,14 +11,14 @@ import llama_models.llama3.model as meta_model  # the reference: never skipped (
 import pytest
 import torch
 
-from llama import checkpoint
 from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError
-from llama.linear import PackedInt8
-from llama.quantize import is_quantized, quantize
-from llama.reshard import reshard
-from llama.rope_scaling import RopeScaling, RopeScalingError
-from llama.rotary import precompute_freqs_cis
+from llama.checkpoints import meta as checkpoint
+from llama.checkpoints.meta import CheckpointError
+from llama.checkpoints.reshard import reshard
+from llama.layers.linear import PackedInt8
+from llama.layers.rope_scaling import RopeScaling, RopeScalingError
+from llama.layers.rotary import precompute_freqs_cis
+from llama.quantize.formats import is_quantized, quantize
 from tests.conftest import REPO, model_args, run_script
 
 # Meta's params.json of Llama 3.1 8B and 3.2 1B (llama-models' sku_list), as downloaded.
@@ -46,7 +46,7 @@ def test_use_scaled_rope_means_metas_constants_and_32_for_llama32_shapes():
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
     eight = ModelArgs(**LLAMA31_8B).rope_scaling
     assert eight == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
-    from llama.rope_scaling import scale_frequencies
+    from llama.layers.rope_scaling import scale_frequencies
 
     assert torch.equal(scale_frequencies(freqs, eight), meta_model.apply_scaling(freqs))
     args = ModelArgs(**LLAMA32_1B)
@@ -104,7 +104,7 @@ def test_dynamic_scaling_is_refused_past_its_context():
 
 
 def test_context_warnings_know_llama3s_trained_contexts(build):
-    from llama.validation import LlamaWarning, context_warning
+    from llama.engine.validation import LlamaWarning, context_warning
 
     assert "the 8192 tokens Llama 3 was" in context_warning(8193, 500000.0)
     assert context_warning(8192, 500000.0) is None
@@ -122,7 +122,7 @@ def _metas_transformer(ckpt_dir: str, max_seq_len: int, **changes):
     fairscale's model-parallel group exists) holding the checkpoint's weights in float32."""
     from llama_models.llama3.args import ModelArgs as MetaArgs
 
-    from llama.distributed import init_process_groups
+    from llama.engine.distributed import init_process_groups
 
     init_process_groups(torch.device("cpu"), announce=False)
     params = {**json.loads((Path(ckpt_dir) / "params.json").read_text()), **changes}
@@ -184,7 +184,7 @@ def test_resharded_there_and_back_gives_the_same_tensors(checkpoints, tmp_path):
 def test_shards_without_rope_freqs_load_alike(build, checkpoints, tokenizer_path, tmp_path):
     """Meta's Llama 3 shards need not carry the rope.freqs extra Llama 2's did."""
     from llama import Llama
-    from llama.saving import save_checkpoint, split_state_dict
+    from llama.checkpoints.saving import save_checkpoint, split_state_dict
 
     state = {k: v for k, v in checkpoints.state("llama3").items() if k != "rope.freqs"}
     params = json.loads((Path(checkpoints("llama3")) / "params.json").read_text())
@@ -242,7 +242,7 @@ def test_memory_estimate_of_llama3_shapes_counts_the_published_parameters():
     """Parameter counts as published for the Hub's (tied) models, plus the output matrix our
     model holds apart; quantized, the 128,256-row output matrix is 1 byte a weight."""
     from llama.args import count_parameters
-    from llama.memory import LLAMA3, weight_bytes
+    from llama.checkpoints.memory import LLAMA3, weight_bytes
 
     published = {"3.2 1B": 1_235_814_400, "3.2 3B": 3_212_749_824, "3.1 8B": 8_030_261_248}
     for name, count in published.items():

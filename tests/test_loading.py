@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import CheckpointError, check_world_size, slice_plan, valid_world_sizes
-from llama.fixtures import train_tokenizer
+from llama.checkpoints.fixtures import train_tokenizer
+from llama.checkpoints.meta import CheckpointError, check_world_size, slice_plan, valid_world_sizes
+from llama.checkpoints.reshard import main as reshard_main
+from llama.engine.validation import ArgumentError
 from llama.model import ModelArgs
-from llama.validation import ArgumentError
-from llama.reshard import main as reshard_main
 from tests.conftest import model_args
 
 
@@ -182,7 +182,7 @@ def test_reshard_on_disk_round_trips_bit_exactly(kind, start, middle, checkpoint
             assert torch.equal(original[key], again[key]), key
     mid = torch.load(tmp_path / "mid" / "consolidated.00.pth")
     assert "rope.freqs" in mid
-    from llama.checklist import verify_checklist
+    from llama.checkpoints.checklist import verify_checklist
     verify_checklist(str(tmp_path / "back" / "checklist.chk"))
     assert (tmp_path / "back" / "params.json").read_text() == (src / "params.json").read_text()
 

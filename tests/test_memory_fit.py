@@ -1,4 +1,5 @@
-"""Memory decided before loading (llama/memory_fit.py): sizes, the cgroup limits read from fake
+"""Memory decided before loading (llama/checkpoints/memory_fit.py): sizes, the cgroup limits read
+from fake
 trees, and Llama.build under LLAMA_MEMORY_LIMIT: refused before any weight is read with one
 line naming the settings that fit, or loaded when it fits."""
 
@@ -7,10 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from llama import checkpoint, memory_fit
-from llama.memory import LLAMA2
-from llama.memory_fit import GIB, NotEnoughMemoryError, check_fits, estimate, parse_size
-from llama.validation import ArgumentValueError
+from llama.checkpoints import memory_fit
+from llama.checkpoints import meta as checkpoint
+from llama.checkpoints.memory import LLAMA2
+from llama.checkpoints.memory_fit import GIB, NotEnoughMemoryError, check_fits, estimate, parse_size
+from llama.engine.validation import ArgumentValueError
 from tests.conftest import model_args
 
 

@@ -80,13 +80,30 @@ def test_forward_and_generation_do_not_interfere(generator, checkpoints):
 
 
 def test_names_client_code_imports():
-    from llama import Dialog, Llama as Imported, ModelArgs, Tokenizer, Transformer  # noqa: F401
+    from llama import Dialog, ModelArgs, Tokenizer, Transformer  # noqa: F401
     from llama.generation import (  # noqa: F401
-        B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, ChatPrediction,
-        CompletionPrediction, Dialog as D, Message, Role, sample_top_p)
+        B_INST,
+        B_SYS,
+        E_INST,
+        E_SYS,
+        SPECIAL_TAGS,
+        UNSAFE_ERROR,
+        ChatPrediction,
+        CompletionPrediction,
+        Message,
+        Role,
+        sample_top_p,
+    )
     from llama.model import (  # noqa: F401
-        Attention, FeedForward, RMSNorm, TransformerBlock, apply_rotary_emb,
-        precompute_freqs_cis, repeat_kv, reshape_for_broadcast)
+        Attention,
+        FeedForward,
+        RMSNorm,
+        TransformerBlock,
+        apply_rotary_emb,
+        precompute_freqs_cis,
+        repeat_kv,
+        reshape_for_broadcast,
+    )
 
     assert (B_INST, E_INST) == ("[INST]", "[/INST]")
     assert (B_SYS, E_SYS) == ("<<SYS>>\n", "\n<</SYS>>\n\n")
@@ -107,8 +124,13 @@ def test_model_args_keep_metas_positional_order():
 
 
 def test_model_helpers_behave_as_the_references(generator):
-    from llama.model import (FeedForward, apply_rotary_emb, precompute_freqs_cis, repeat_kv,
-                             reshape_for_broadcast)
+    from llama.model import (
+        FeedForward,
+        apply_rotary_emb,
+        precompute_freqs_cis,
+        repeat_kv,
+        reshape_for_broadcast,
+    )
 
     freqs = precompute_freqs_cis(16, 10)[3:7]  # Meta's 2-D (seqlen, head_dim // 2)
     xq, xk = torch.randn(2, 4, 3, 16), torch.randn(2, 4, 1, 16)
@@ -301,7 +323,7 @@ def test_quiet_other_ranks_can_be_turned_off(checkpoints, tokenizer_path, tmp_pa
     script.write_text(
         "import torch.distributed as dist\n"
         "from llama import Llama\n"
-        "from llama.distributed import shutdown\n"
+        "from llama.engine.distributed import shutdown\n"
         "import sys\n"
         f"g = Llama.build({checkpoints('gqa', 2)!r}, {tokenizer_path!r}, 32, 1, "
         f"quiet_other_ranks=sys.argv[1] == 'quiet', verbose=False)\n"

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-import llama.linear
-
-from llama.checkpoint import IGNORED_KEYS, full_shapes, shard_shape, split_dim
-from llama.linear import linear
+import llama.layers.linear
+from llama.checkpoints.meta import IGNORED_KEYS, full_shapes, shard_shape, split_dim
+from llama.layers.linear import linear
 from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
 from tests.meta_reference import ReferenceModel
 
@@ -154,13 +153,14 @@ def test_linear_fast_paths_equal_f_linear(rows, n_out):
     torch.testing.assert_close(linear(x, weight[::2]), x @ weight[::2].t(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not llama.linear._ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.skipif(not llama.layers.linear._ONEDNN, reason="torch built without oneDNN")
 def test_a_compiled_product_of_few_rows_keeps_onednn(monkeypatch):
     """Under torch.compile the 2-256-row route stays oneDNN's product (an operator of ours
     around it), not MKL's F.linear, 2-3x slower there: same result, and oneDNN is called."""
     calls = []
-    onednn = llama.linear._onednn
-    monkeypatch.setattr(llama.linear, "_onednn", lambda x, w: calls.append(1) or onednn(x, w))
+    onednn = llama.layers.linear._onednn
+    monkeypatch.setattr(llama.layers.linear, "_onednn",
+                        lambda x, w: calls.append(1) or onednn(x, w))
     weight = torch.randn(256, 192)
     x = torch.randn(4, 192)
     step = torch.compile(lambda x: linear(x, weight), fullgraph=True, dynamic=False)
@@ -206,7 +206,7 @@ def test_state_dict_keeps_meta_names_after_fusing(build, checkpoints):
     expected = checkpoints.state("gqa")
     assert set(state) == set(expected) - set(IGNORED_KEYS)
     for name, tensor in state.items():
-        # the checkpoint's bfloat16 matrices as they are (llama/bf16.py); norms in float32
+        # the checkpoint's bfloat16 matrices as they are (llama/layers/bf16.py); norms in float32
         assert tensor.dtype == (torch.float32 if name.endswith("norm.weight") else
                                 torch.bfloat16), name
         torch.testing.assert_close(tensor.float(), expected[name].float(), atol=0, rtol=0)

@@ -1,4 +1,5 @@
-"""Our native CPU kernels (llama/cpu_kernels.cpp, cpu_float.cpp) against float products of the
+"""Our native CPU kernels (llama/kernels/cpu_kernels.cpp, cpu_float.cpp) against float products of
+the
 dequantized weights (int4), against integer products of the int16-rounded activations computed
 in torch (int8) and against float64 (float32): row counts of decode steps, odd widths and
 padding, sums past int32, 1 and 2 threads, rows alone or in a batch, the AVX2 and plain C++
@@ -11,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_kernels
-from llama.linear import FloatKernel, linear, native_route, pack
-from llama.quantize import quantize_int4, quantize_int8
+from llama.kernels import cpu_kernels
+from llama.layers.linear import FloatKernel, linear, native_route, pack
+from llama.quantize.formats import quantize_int4, quantize_int8
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
@@ -178,7 +179,7 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
 @pytest.mark.skipif(not cpu_kernels.fast_float(), reason="the float32 kernel is vectorised for "
                     "AVX2 and AVX-512 only; elsewhere models keep torch's products")
 def test_float_products_take_the_kernel_when_wrapped_and_few_rows(monkeypatch):
-    from llama.linear import NATIVE_FLOAT_ROWS
+    from llama.layers.linear import NATIVE_FLOAT_ROWS
     calls = []
     original = cpu_kernels.float_mm
     monkeypatch.setattr(cpu_kernels, "float_mm", lambda *a: calls.append(a[0].shape) or
@@ -231,8 +232,8 @@ def test_turned_off_by_the_environment(monkeypatch):
 BUILD_CHECK = textwrap.dedent('''
     import sys, torch
     from pathlib import Path
-    from llama import cpu_kernels
-    from llama.quantize import quantize_int4, quantize_int8
+    from llama.kernels import cpu_kernels
+    from llama.quantize.formats import quantize_int4, quantize_int8
     stale = Path(sys.argv[1]) / f"llama_cpu_kernels_{cpu_kernels._fingerprint()}"
     stale.mkdir(parents=True)
     (stale / "lock").touch()  # what a build killed midway leaves

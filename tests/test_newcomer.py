@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from llama.cli import check_flags, parse_flags, resolve_model_paths
-from llama.validation import ArgumentFileNotFoundError, ArgumentValueError
+from llama.cli.flags import check_flags, parse_flags, resolve_model_paths
+from llama.engine.validation import ArgumentFileNotFoundError, ArgumentValueError
 from tests.conftest import REPO, run_script
 
 
@@ -58,7 +58,7 @@ def test_text_that_is_not_utf8_is_an_argument_error(library):
 @pytest.fixture(scope="module")
 def library():
     from llama import Llama
-    from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
+    from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
 
     return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 128, 1, device="cpu", verbose=False)
 
@@ -80,7 +80,7 @@ def test_the_chat_refuses_unknown_commands_marks_cut_answers_and_reads_bad_bytes
 
 
 def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
-    from llama.reshard import main as reshard_main
+    from llama.checkpoints.reshard import main as reshard_main
 
     src = tmp_path / "src"
     shutil.copytree(checkpoints("gqa", 2), src)
@@ -91,11 +91,11 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["-m", "llama.server", "--max_bach_size", "2"],
+    (["-m", "llama.server.app", "--max_bach_size", "2"],
      "error: unknown flag --max_bach_size (did you mean --max_batch_size?); "
      "`python -m llama.server --help` lists the flags"),
-    (["-m", "llama.server", "stray"], "error: unexpected argument 'stray'"),
-    (["-m", "llama.reshard", "a", "b", "--mp", "1", "--mpp"],
+    (["-m", "llama.server.app", "stray"], "error: unexpected argument 'stray'"),
+    (["-m", "llama.checkpoints.reshard", "a", "b", "--mp", "1", "--mpp"],
      "error: unknown flag --mpp (did you mean --mp?)"),
     (["-m", "llama.quantize", "a", "b", "--mode", "int8", "--group-size", "32"],
      "error: unknown flag --group-size (did you mean --group_size?)"),

@@ -1,13 +1,13 @@
-"""The server's prefix cache (llama/prefix_cache.py): requests that begin as earlier ones did
+"""The server's prefix cache (llama/engine/prefix_cache.py): requests that begin as earlier ones did
 copy those blocks' keys and values and prefill the rest, with the same tokens as without it,
 alone or in a busy batch, prefilled at once or in chunks, under a budget that evicts."""
 
 import pytest
 import torch
 
-from llama.cache import KVCache
-from llama.engine import Engine, Sequence
-from llama.prefix_cache import PrefixCache, PrefixCacheError
+from llama.engine.core import Engine, EngineSequence
+from llama.engine.prefix_cache import PrefixCache, PrefixCacheError
+from llama.layers.cache import KVCache
 
 SYSTEM = "<<SYS>>\nAnswer briefly and well.\n<</SYS>>\n\n"
 QUESTIONS = ["What is a list?", "How do I open a file?", "What does yield do?",
@@ -29,7 +29,7 @@ def _serve(engine, groups, limit):
     admitted as slots free up, while the others decode. Returns each prompt's tokens."""
     results = []
     for prompts in groups:
-        waiting = [Sequence(prompt=list(p), limit=limit) for p in prompts]
+        waiting = [EngineSequence(prompt=list(p), limit=limit) for p in prompts]
         seqs = list(waiting)
         while not all(s.finished for s in seqs):
             while waiting and engine.free_slots:
@@ -101,7 +101,7 @@ def test_concurrent_requests_sharing_a_system_prompt_and_a_tiny_budget(build):
 
 
 def test_the_schedulers_load_reports_the_prefix_cache(build):
-    from llama.scheduler import Scheduler
+    from llama.server.scheduler import Scheduler
 
     generator = build("gqa", max_seq_len=64, max_batch_size=1)
     assert Scheduler(_engine(generator, None), generator.tokenizer).load["prefix_cache"] is None
@@ -166,7 +166,7 @@ def test_a_prefill_that_fails_offers_only_what_the_row_held(build, monkeypatch):
     prefixes = PrefixCache(capacity=16, block_size=4)
     engine = _engine(generator, prefixes, slots=1, length=64)
     prompt = _encode(generator, f"[INST] {SYSTEM}{QUESTIONS[0]} [/INST]")
-    seq = Sequence(prompt=prompt, limit=2)
+    seq = EngineSequence(prompt=prompt, limit=2)
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory")

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from llama import Llama  # noqa: E402
-from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
+from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.server_fixtures import running_server  # noqa: E402
 
@@ -75,13 +75,13 @@ def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
 def test_a_negative_budget_is_refused_before_loading():
     from tests.conftest import run_script
 
-    result = run_script(["-m", "llama.server", "--prefix_cache", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server.app", "--prefix_cache", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in result.stderr
 
 
 def test_the_chat_turns_benchmark_runs_and_prefills_only_new_turns(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "chat_turns.py"), "--quick",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.chat_turns", "--quick",
                           "--threads", "1", "--root", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr

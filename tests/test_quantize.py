@@ -5,15 +5,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import cpu_kernels
-from llama import quantize as qz
-from llama import linear as products
-from llama.linear import (CPU_INT4_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS, NATIVE_INT4_ROWS,
-                          NATIVE_INT8_ROWS, PackedInt4, PackedInt8, check_int4_device, linear,
-                          pack)
-from llama.quantize import (GROUP_SIZES, Int4Weight, QuantizationError, from_tensors, quantize,
-                            quantize_int4, quantize_int8)
-from llama.quantize_shards import concat, narrow
+from llama.kernels import cpu_kernels
+from llama.layers import linear as products
+from llama.layers.linear import (
+    CPU_INT4_KERNEL_ROWS,
+    CPU_INT8_KERNEL_ROWS,
+    NATIVE_INT4_ROWS,
+    NATIVE_INT8_ROWS,
+    PackedInt4,
+    PackedInt8,
+    check_int4_device,
+    linear,
+    pack,
+)
+from llama.quantize import formats as qz
+from llama.quantize.formats import (
+    GROUP_SIZES,
+    Int4Weight,
+    QuantizationError,
+    from_tensors,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+)
+from llama.quantize.shards import concat, narrow
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checklist import verify_checklist
-from llama.checkpoint import CheckpointError, full_shapes, shard_shape
-from llama.memory import LLAMA2, markdown_table, weight_bytes
-from llama.quantize import Quantization
-from llama.quantize_cli import main as quantize_main, quantize_checkpoint
-from llama.reshard import main as reshard_main
-from llama.validation import ArgumentError
+from llama.checkpoints.checklist import verify_checklist
+from llama.checkpoints.memory import LLAMA2, markdown_table, weight_bytes
+from llama.checkpoints.meta import CheckpointError, full_shapes, shard_shape
+from llama.checkpoints.reshard import main as reshard_main
+from llama.engine.validation import ArgumentError
+from llama.quantize.cli import main as quantize_main
+from llama.quantize.cli import quantize_checkpoint
+from llama.quantize.formats import Quantization
 from tests.conftest import REPO, model_args, run_script
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
@@ -285,7 +286,7 @@ def test_command_errors(checkpoints, quantized, tmp_path, capsys):
                                                  "--mode", "int4")
     assert "already holds" in fails(src, quantized("gqa", 1, "int8"), "--mode", "int8")
     assert not (tmp_path / "x").exists()  # nothing written before the checks pass
-    from llama.convert import main as convert_main
+    from llama.hf.convert import main as convert_main
     assert convert_main([str(quantized("gqa", 1, "int8")), str(tmp_path / "hf"), "--to",
                          "hf"]) == 1
     assert "holds int8 weights" in capsys.readouterr().err

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from llama import cpu_kernels
-from llama.linear import NATIVE_INT4_ROWS, NATIVE_INT8_ROWS, PackedInt4, PackedInt8
+from llama.kernels import cpu_kernels
+from llama.layers.linear import NATIVE_INT4_ROWS, NATIVE_INT8_ROWS, PackedInt4, PackedInt8
 from llama.model import Transformer
-from llama.quantize import QuantizationError, is_quantized, quantize
+from llama.quantize.formats import QuantizationError, is_quantized, quantize
 from tests.conftest import REPO, model_args, run_script
 from tests.test_generation import PROMPTS
 
@@ -74,7 +74,7 @@ def test_quantized_weights_take_less_memory(build):
         return sum(w.nbytes if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
                    for w in weights)
 
-    full = projection_bytes(build("mha").model)  # the checkpoint's bfloat16 (llama/bf16.py)
+    full = projection_bytes(build("mha").model)  # the checkpoint's bfloat16 (llama/layers/bf16.py)
     assert projection_bytes(build("mha", dtype=torch.float32).model) == 2 * full
     assert projection_bytes(build("mha", quantize="int8").model) < 0.6 * full
     assert projection_bytes(build("mha", quantize="int4").model) < 0.4 * full
@@ -106,8 +106,8 @@ def test_row_parallel_slices_are_quantized_as_the_whole_matrix():
     """What each of two ranks computes while loading (its column slice of wo, with the
     all-reduced row maxima for int8) equals the same columns of the whole matrix quantized in
     one process: the same integers and the same scales."""
-    from llama.quantize import quantize_int8, row_absmax
-    from llama.quantize_shards import narrow
+    from llama.quantize.formats import quantize_int8, row_absmax
+    from llama.quantize.shards import narrow
 
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(5))
     for mode in ("int8", "int4"):

@@ -2,17 +2,12 @@
 measures a format in a process of its own, or says why a format is not run."""
 
 import json
-import sys
 
 import pytest
+import real_size  # noqa: E402
 import torch
 
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import real_size  # noqa: E402
-
-from llama.checkpoint import full_shapes  # noqa: E402
+from llama.checkpoints.meta import full_shapes  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 QUICK = ["--prompt-len", "12", "--gen-len", "8", "--batch", "1", "2", "--turns", "2",

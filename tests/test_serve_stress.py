@@ -11,14 +11,13 @@ import torch
 
 pytest.importorskip("fastapi")
 
+import serve_stress  # noqa: E402
+
+from benchmarks.serve_clients import expected_answers, request_mix  # noqa: E402
 from llama import Llama  # noqa: E402
-from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
+from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.server_fixtures import read_log, running_server  # noqa: E402
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import serve_stress  # noqa: E402
-from serve_clients import expected_answers, request_mix  # noqa: E402
 
 
 def test_a_third_hanging_up_leaves_the_others_answers_whole():
@@ -49,7 +48,7 @@ def test_a_third_hanging_up_leaves_the_others_answers_whole():
 
 def _quick_run(script, root):
     """A benchmark's --quick run; returns its output and the rows of its tables."""
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick",
+    out = subprocess.run([sys.executable, "-m", "benchmarks." + script[:-3], "--quick",
                           "--threads", "1", "--root", str(root)],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

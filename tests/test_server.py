@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from llama import Llama  # noqa: E402
-from llama.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
+from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
 from tests.server_fixtures import running_server  # noqa: E402
 
 QUESTIONS = ["What is a list?", "How do I open a file?", "Explain decorators.",
@@ -285,8 +285,8 @@ def test_events_after_the_event_loop_closed_are_dropped():
     batch and, under torchrun, tell the other ranks)."""
     import asyncio
 
-    from llama.scheduler import Event
-    from llama.server import Run
+    from llama.server.app import Run
+    from llama.server.scheduler import Event
 
     async def new_run():
         return Run(scheduler=None, job=None)
@@ -362,7 +362,7 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
     import signal
     import time
 
-    from llama.server import DRAIN_S
+    from llama.server.app import DRAIN_S
     from tests.server_fixtures import read_log
 
     with running_server("--max_batch_size", "2", "--max_seq_len", "4096") as url:
@@ -395,7 +395,7 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
 
 def test_a_negative_prefill_chunk_is_refused_before_loading():
     from tests.conftest import run_script
-    result = run_script(["-m", "llama.server", "--prefill_chunk", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server.app", "--prefill_chunk", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefill_chunk must be 0 or more, got -1" in result.stderr
 

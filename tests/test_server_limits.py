@@ -13,7 +13,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from llama.text import stop_prefix_at_end  # noqa: E402
+from llama.engine.text import stop_prefix_at_end  # noqa: E402
 from tests.server_fixtures import read_log, running_server  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def test_idle_connections_cannot_take_every_file_descriptor():
     """The server may open 100 files; 150 idle connections would take them all (Errno 24,
     nothing served) without the connection limit, which closes the idlest for a new one."""
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)); "
-            "from llama.server import main; sys.exit(main(sys.argv[1:]))")
+            "from llama.server.app import main; sys.exit(main(sys.argv[1:]))")
     with running_server("--max_batch_size", "1", "--max_connections", "16", "--timeout", "60",
                         code=code) as url:
         idle = []
@@ -153,14 +153,15 @@ def test_the_queue_counts_free_slots():
 
 def test_a_negative_queue_is_refused_before_loading():
     from tests.conftest import run_script
-    result = run_script(["-m", "llama.server", "--max_queue", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server.app", "--max_queue", "-1"], timeout=60)
     assert result.returncode == 2 and "--max_queue must be at least 0" in result.stderr
 
 
 # The scheduler's loop fails (a bug) when it admits a request of 13 tokens at most.
 _FAILING_SCHEDULER = """
 import sys
-from llama import scheduler, server
+from llama.server import scheduler
+from llama.server import app as server
 apply = scheduler.Scheduler._apply
 def failing(self, work):
     if any(item.limit == 13 for item in work.admit):

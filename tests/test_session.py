@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama.chat_format import UNSAFE_ERROR, dialog_to_tokens, truncate_dialog
-from llama.validation import ArgumentValueError
+from llama.engine.validation import ArgumentValueError
 
 USER_TURNS = ["What is a class in Python?", "And a module?", "How do I import one?",
               "Give an example with a loop.", "Thanks. What about exceptions?"]

@@ -126,7 +126,7 @@ def test_incremental_text_equals_decoding_everything(tokenizer_path):
     token it must equal decoding all of them: across leading spaces, lone spaces, byte
     tokens that complete a multi-byte character only later, and stray bytes."""
     from llama import Tokenizer
-    from llama.text import TextTracker
+    from llama.engine.text import TextTracker
 
     tokenizer = Tokenizer(tokenizer_path)
     words = tokenizer.encode(TEXT + " " + TEXT, bos=False, eos=False)

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import torch
 
-from llama.constraint import Constraint, apply_masks
-from llama.grammar import GrammarSpec, closed_objects, vocabulary
-from llama.validation import ArgumentValueError
+from llama.constrained.constraint import Constraint, apply_masks
+from llama.constrained.grammar import GrammarSpec, closed_objects, vocabulary
+from llama.engine.validation import ArgumentValueError
 from tests.structured_schemas import SCHEMAS
 
 PROMPTS = ["The", "In Python, a class", "Return the", "x = 1", "A list", "def f(", "import",
@@ -171,15 +171,15 @@ def test_quantized_model_answers_validate(build):
 def test_engine_rows_with_and_without_constraints_in_one_step(llama):
     """Server-style engine: greedy rows (constrained or not) give the same tokens alone as
     beside other rows, constrained or not, joining at different steps."""
-    from llama.engine import Engine, Sequence
-    from llama.structured import make_constraint
+    from llama.constrained.spec import make_constraint
+    from llama.engine.core import Engine, EngineSequence
 
     spec = GrammarSpec.json_schema(SCHEMAS["flat"])
     encode = llama.tokenizer.encode
     n_vocab = llama.model.params.vocab_size
 
     def sequence(i, constrained):
-        seq = Sequence(prompt=encode(PROMPTS[i], bos=True, eos=False), limit=50)
+        seq = EngineSequence(prompt=encode(PROMPTS[i], bos=True, eos=False), limit=50)
         if constrained:
             seq.constraint = make_constraint(llama.tokenizer, n_vocab, spec, 50)
         return seq
@@ -204,7 +204,7 @@ def test_engine_rows_with_and_without_constraints_in_one_step(llama):
 
 
 def test_penalties_and_bias_follow_openais_formula():
-    from llama.penalties import logit_adjust
+    from llama.engine.penalties import logit_adjust
 
     adjust = logit_adjust(0.5, 0.25, {"3": 2.0, 7: -100}, vocab_size=10)
     logits = torch.arange(10, dtype=torch.float32)

@@ -4,9 +4,9 @@ loader that tells a Llama 3 tokenizer.model from a Llama 2 one."""
 import pytest
 
 from llama import Llama3Tokenizer, Tokenizer, load_tokenizer
-from llama.text import TextTracker
+from llama.engine.text import TextTracker
+from llama.engine.validation import ArgumentError
 from llama.tokenizers import stop_tokens
-from llama.validation import ArgumentError
 from tests.llama3_reference import meta_package, meta_tokenizer, meta_tokenizer_path
 
 TEXTS = [
@@ -113,7 +113,7 @@ def test_other_tiktoken_files_are_refused_by_name(tmp_path):
 
 def test_a_long_text_fed_in_pieces_is_meta_s(ours, meta):
     """Python's documentation: 465,126 characters, encoded in pieces of 400,000 as Meta does."""
-    from llama.fixtures import python_docs_text
+    from llama.checkpoints.fixtures import python_docs_text
 
     text = python_docs_text()
     assert len(text) > 400_000

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.validation import (
+from llama.engine.validation import (
     ArgumentError,
     ArgumentTypeError,
     ArgumentValueError,

@@ -1,0 +1,6 @@
+"""Hugging Face's layout: config.json read and written (config.py), safetensors read as a
+checkpoint source and written (format.py), conversion both ways (convert.py; `python -m
+llama.convert`), and the bridge to transformers' LlamaForCausalLM (bridge.py).
+
+May import: llama.args, llama.checkpoints (meta.py, saving.py, host_memory.py).
+"""

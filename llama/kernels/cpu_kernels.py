@@ -1,0 +1,260 @@
+"""Native CPU kernels: int8 and int4 weight products of few rows (llama/kernels/cpu_kernels.cpp),
+float32
+ones (llama/kernels/cpu_float.cpp), bfloat16-weight ones (llama/kernels/cpu_bf16.cpp) and a decode
+step's
+attention (llama/kernels/cpu_attention.cpp).
+
+Compiled for this machine (-O3 -march=native) the first time a process needs them, with
+torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
+directory (~/.cache/torch_extensions), under a name that includes the source's and this CPU's
+fingerprint, so a machine of another kind builds its own. Where they cannot be built (no C++
+compiler or ninja, `LLAMA_NATIVE_KERNELS=0`) one warning says so and `available()` is False:
+llama/layers/linear.py then takes torch's own int8/int4 kernels.
+
+They are registered as torch operators (torch.ops.llama_kernels.*) with shape functions, so a
+compiled decode step (torch.compile) keeps them as calls of their own.
+"""
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu_kernels.cpp", "cpu_float.cpp", "cpu_bf16.cpp",
+                         "cpu_attention.cpp")]
+GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
+INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
+I16_MAX = 32767
+
+_lock = threading.Lock()
+_state = {"tried": False, "ops": None, "isa": None, "error": None}
+
+
+def available() -> bool:
+    """Whether the native kernels are (or can now be) loaded; builds them on first call."""
+    return _ops() is not None
+
+
+def isa() -> Optional[str]:
+    """The instruction set the loaded kernels were compiled for ('avx512', 'avx2', 'generic'),
+    None when they are not available."""
+    return _state["isa"] if available() else None
+
+
+def unavailable_reason() -> Optional[str]:
+    available()
+    return _state["error"]
+
+
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(rows, N) float32 = x (rows, K) float32 @ (weight (N, W >= K) int8 * scales (N,) bf16).T,
+    with x's rows rounded to int16 first (one scale per row, max|x| / 32767; int16_rows gives
+    them) and the sums taken in integers: exact, so the same on every CPU and thread count.
+    The weight's columns beyond K are zero, W a multiple of 32."""
+    return _ops().int8_mm(x, weight, scales)
+
+
+def int16_rows(x: torch.Tensor):
+    """What int8_mm multiplies: x's rows (rows, K) float32 as int16 values (rows, K) and one
+    float32 scale per row, max|x| / 32767 (NaN where a row has an inf or NaN). Computed in
+    torch, the same operations as the kernel's: the reference its tests compare against."""
+    amax = x.abs().amax(1)
+    scales = amax / I16_MAX
+    # a tensor numerator: scalar / tensor is computed as scalar * (1 / tensor) in torch
+    inv = torch.where(amax > 0, torch.full_like(amax, I16_MAX) / amax, torch.zeros_like(amax))
+    q = (x * inv[:, None]).round().to(torch.int16)
+    bad = ~torch.isfinite(x).all(1)
+    return q.masked_fill_(bad[:, None], 0), scales.masked_fill_(bad, float("nan"))
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+            n_out: int) -> torch.Tensor:
+    """(rows, n_out) float32 products with an int4 weight in pack_int4's layout."""
+    return _ops().int4_mm(x, packed, sz, group_size, n_out)
+
+
+def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, start: int,
+                    end: int, dtype=torch.float32) -> torch.Tensor:
+    """Rows start..end of a pack_int4 weight as (end - start, K) floats of `dtype` (float32 or
+    bfloat16), computed as Int4Weight.dequantize does."""
+    return _ops().int4_dequantize(packed, sz, group_size, start, end, dtype == torch.bfloat16)
+
+
+def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, N) = x (rows, K) @ weight (N, K).T in float32 (llama/kernels/cpu_float.cpp), each
+    row's
+    outputs the same bit for bit whatever the other rows and the thread count."""
+    return _ops().float_mm(x, weight)
+
+
+def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(rows, N) float32 = x (rows, K) float32 @ weight (N, K) bfloat16 .T, the weight widened
+    to float32 inside the product (llama/kernels/cpu_bf16.cpp): float_mm's function on half the
+    bytes, each row's outputs the same bit for bit whatever the other rows and thread count."""
+    return _ops().bf16_mm(x, weight)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+                     ends: torch.Tensor, scale: float) -> torch.Tensor:
+    """A decode step's attention (llama/kernels/cpu_attention.cpp): q (B, G, R, D) float32, R query
+    heads per key/value head; k, v (B, G, L, D) float32 views of the cache; row b attends keys
+    starts[b] .. ends[b] - 1 (int64 (B,) tensors). Returns (B, G, R, D)."""
+    return _ops().decode_attention(q, k, v, starts, ends, scale)
+
+
+def fast_attention() -> bool:
+    """Whether decode_attention runs vectorised here (AVX-512 builds; elsewhere it is plain
+    C++, slower than torch's attention, so the model keeps torch's)."""
+    return isa() == "avx512"
+
+
+def fast_float() -> bool:
+    """Whether float_mm runs vectorised here (AVX-512 or AVX2 builds; the plain C++ one sums
+    one element at a time, slower than torch's products)."""
+    return isa() in ("avx512", "avx2")
+
+
+def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The kernels' layout of an int4 weight: values (N, K) uint8 in 0..15, scales and zeros
+    (N, K / G) bfloat16 -> (packed (N4, K / 2) uint8, sz (N4, K / G, 2) bfloat16), N4 = N
+    rounded up to GROUP_ALIGN with zero rows. Each 32 columns of a row are 16 bytes, byte j
+    holding column j in its low nibble and column j + 16 in its high one, so one 16-byte load
+    widens to 16 lanes of each."""
+    n, k = values.shape
+    pad = -n % GROUP_ALIGN
+    blocks = values.to(torch.uint8).view(n, k // 32, 2, 16)  # (N, K / 32, low|high, 16)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+    sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)  # (N, K / G, 2)
+    packed = torch.nn.functional.pad(packed, (0, 0, 0, pad)).contiguous()
+    sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, pad)).contiguous()
+    return packed, sz
+
+
+def _ops():
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _load()
+                _state["tried"] = True
+    return _state["ops"]
+
+
+def _fingerprint() -> str:
+    """What the compiled code depends on: the source, the flags and this CPU."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        cpu += "".join(sorted(set(lines)))
+    except OSError:
+        cpu += platform.processor()
+    text = (b"".join(source.read_bytes() for source in SOURCES) + " ".join(_flags()).encode()
+            + cpu.encode() + torch.__version__.encode())
+    return hashlib.sha256(text).hexdigest()[:12]
+
+
+def _flags():
+    """-fopenmp: at::parallel_for is an OpenMP pragma in torch's headers (serial without it);
+    the library then shares torch's libgomp. No contraction of a * b + c into an FMA, so the
+    kernels' dequantised values are those of Int4Weight.dequantize."""
+    arch = os.environ.get("LLAMA_KERNEL_ARCH", "native")  # e.g. x86-64-v3: an AVX2-only build
+    machine = platform.machine().lower()
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if machine in ("x86_64", "amd64", "i686"):
+        return flags + [f"-march={arch}"]
+    return flags + [f"-mcpu={arch}"] if machine in ("aarch64", "arm64") else flags
+
+
+def _load() -> None:
+    if os.environ.get("LLAMA_NATIVE_KERNELS", "1") == "0":
+        _state["error"] = "disabled by LLAMA_NATIVE_KERNELS=0"
+        return
+    try:
+        from torch.utils import cpp_extension
+
+        name = f"llama_cpu_kernels_{_fingerprint()}"
+        root = os.environ.get("LLAMA_KERNEL_CACHE")
+        build_dir = Path(root) / name if root else Path(
+            cpp_extension._get_build_directory(name, verbose=False))
+        library, built = build_dir / f"{name}.so", build_dir / "built"
+        if built.exists():  # this source, these flags, this CPU: no ninja needed to load it
+            torch.ops.load_library(str(library))
+        else:
+            _build(cpp_extension, name, build_dir)
+        ops = torch.ops.llama_kernels
+        kind = ops.isa()
+        if kind.startswith("unsupported"):
+            raise RuntimeError(f"built for {kind.split(': ')[1]}, which this CPU lacks")
+        _register_shapes()
+        _state.update(ops=ops, isa=kind)
+    except Exception as error:  # no compiler, no ninja, a failed build: torch's kernels
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        _state["error"] = reason
+        warnings.warn(f"llama: native CPU kernels unavailable ({reason}); using torch's "
+                      f"int8/int4 kernels", RuntimeWarning, stacklevel=3)
+
+
+def _build(cpp_extension, name: str, build_dir: Path) -> None:
+    """Compiles into a directory of this process's own, then renames it into place: a build
+    that was interrupted (Ctrl-C, a killed process) leaves no lock behind for the next process
+    to wait on, and processes building at once never share a directory (the first rename
+    wins; the others' copies are dropped)."""
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=build_dir.parent))
+    print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
+          f"into {build_dir}", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name, [str(source) for source in SOURCES], extra_cflags=_flags(),
+                           extra_ldflags=["-fopenmp"], build_directory=str(private),
+                           is_python_module=False, verbose=False)
+        (private / "built").touch()
+        if build_dir.exists() and not (build_dir / "built").exists():
+            shutil.rmtree(build_dir, ignore_errors=True)  # an older, unfinished build
+        try:
+            os.rename(private, build_dir)
+        except OSError:  # another process finished first: its copy stays
+            pass
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _register_shapes() -> None:
+    """Shape functions, so torch.compile traces the operators without running them."""
+    if getattr(_register_shapes, "done", False):
+        return
+
+    @torch.library.register_fake("llama_kernels::int8_mm")
+    def _(x, weight, scales):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::int4_mm")
+    def _(x, packed, sz, group_size, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("llama_kernels::float_mm")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::bf16_mm")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::decode_attention")
+    def _(q, k, v, starts, ends, scale):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("llama_kernels::int4_dequantize")
+    def _(packed, sz, group_size, start, end, bf16):
+        return packed.new_empty(end - start, packed.shape[1] * 2,
+                                dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    _register_shapes.done = True

@@ -1,0 +1,7 @@
+"""`python -m llama.server`."""
+
+import sys
+
+from llama.server.app import main
+
+sys.exit(main())
