@@ -80,14 +80,12 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def widened_product(x2: torch.Tensor, weight: torch.Tensor,
                     block_rows: int = WIDEN_ROWS) -> torch.Tensor:
     """x2 (rows, in) float32 @ weight.T, widening `block_rows` weight rows at a time to float32
-    for linear()'s float32 routes (oneDNN or MKL): each block is used while it is in cache."""
-    from llama.layers.linear import linear  # (linear routes bfloat16 weights here)
-
+    for torch's float32 product (oneDNN or MKL): each block is used while it is in cache."""
     n_out = weight.shape[0]
     out = x2.new_empty(x2.shape[0], n_out)
     for start in range(0, n_out, block_rows):
         end = min(start + block_rows, n_out)
-        out[:, start:end] = linear(x2, weight[start:end].to(torch.float32))
+        out[:, start:end] = F.linear(x2, weight[start:end].to(torch.float32))
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from llama.chat_format import validate_dialog
 from llama.chat_formats import dialog_tokens, has_special_tags
 from llama.server import openai_options
+from llama.server.errors import ApiError
 
 # Fields we accept but that have no effect, and the values that mean "off": any other value
 # asks for something this server does not do, and is refused rather than ignored.
@@ -31,20 +32,6 @@ MAX_STOP_CHARS = 256
 # prompt's length in characters counts each run once when bounding its tokens from below.
 _WHITESPACE_RUN = re.compile(r"\s+")
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.6, 0.9  # Llama 2's own (Meta's examples)
-
-
-class ApiError(Exception):
-    """An error response: HTTP status and OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 type: str = "invalid_request_error", code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type, self.code = (status, message, param,
-                                                                       type, code)
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass

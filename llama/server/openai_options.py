@@ -15,15 +15,14 @@ from llama.constrained.tools import (
 )
 from llama.engine.penalties import logit_adjust
 from llama.engine.validation import ArgumentError
+from llama.server.errors import ApiError
 
 MAX_N = 16  # choices per request (each takes a slot like a request of its own)
 FIELDS = {"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "n"}
 CHAT_FIELDS = FIELDS | {"tools", "tool_choice", "parallel_tool_calls"}
 
 
-def _api_error(param: str, message: str):
-    from llama.server.openai_api import ApiError  # (openai_api imports this module)
-
+def _api_error(param: str, message: str) -> ApiError:
     return ApiError(400, message, param)
 
 
