@@ -41,6 +41,7 @@ from llama.engine.core import Engine, EngineSequence
 from llama.engine.distributed import broadcast_object, is_main_process
 from llama.engine.results import FinishReason, Result, finish, prompt_logprobs
 from llama.engine.sampling import ReferenceNoise, sample_top_p
+from llama.engine.stream import TextStream
 from llama.engine.text import TextTracker
 from llama.engine.validation import (
     ArgumentError,
@@ -420,50 +421,6 @@ class Llama:
             prediction["logprobs"] = result.logprobs
         prediction["finish_reason"] = result.finish_reason
         return prediction
-
-
-class TextStream:
-    """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
-
-    def __init__(self, llama: Llama, prompt_tokens, max_gen_len, temperature, top_p, stop,
-                 cancel=None, spec=None):
-        self._llama, self._prompt_tokens = llama, prompt_tokens
-        if max_gen_len is None:
-            max_gen_len = llama.model.params.max_seq_len - 1
-        self._args = (max_gen_len, temperature, top_p, stop)
-        self._cancel, self._spec = cancel, spec
-        check_no_stop(spec, stop)
-        if prompt_tokens is not None:  # bad arguments fail here, not when iterated
-            check_generation_arguments([prompt_tokens], max_gen_len, temperature, top_p, stop,
-                                       llama.model.params, llama.tokenizer.n_words)
-        self.text: Optional[str] = None
-        self.tokens: Optional[List[int]] = None
-        self.finish_reason: Optional[FinishReason] = None
-
-    def __iter__(self) -> Iterator[str]:
-        if self._prompt_tokens is None:  # refused dialog
-            self.text, self.tokens, self.finish_reason = UNSAFE_ERROR, [], "stop"
-            if is_main_process():
-                yield UNSAFE_ERROR
-            return
-        max_gen_len, temperature, top_p, stop = self._args
-        results = yield from _only_on_main(self._llama._generate(
-            [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
-            stream=True, cancel=self._cancel, spec=self._spec))
-        self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
-            results[0].finish_reason
-
-
-def _only_on_main(pieces):
-    """Run a piece generator to its end on every rank; yield its pieces on rank 0 only."""
-    main = is_main_process()
-    while True:
-        try:
-            piece = next(pieces)
-        except StopIteration as finished:
-            return finished.value
-        if main:
-            yield piece
 
 
 def _drain(generator):
