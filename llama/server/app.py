@@ -44,7 +44,7 @@ from llama.tokenizers import stop_tokens
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 DRAIN_S = 5  # on Ctrl-C or SIGTERM, how long running answers may still take
 # Prompt tokens a step prefills alongside the decode rows (0: each prompt alone as it joins).
-# Measured on the 2-core CPU (README, "Throughput with concurrent clients"): riding with the
+# Measured on the 2-core CPU (docs/PERFORMANCE.md, prefill chunks): riding with the
 # decode rows saved no time there (the products of a prefill are bound by arithmetic, not by
 # reading the weights), small chunks smooth the streams of the other clients but delay first
 # tokens. So 0 by default; chunks are for a steadier stream, and for GPUs (unmeasured).
@@ -204,7 +204,7 @@ def _built_and_run_on_a_thread(build: Callable[[], Scheduler],
     """build() a scheduler on a thread of its own, which then runs its loop; returns it once
     built (raising what building raised). So one thread loads and steps the model: OpenMP
     regions started from two threads made libgomp stop its idle threads spinning, and each
-    region of a step waited ~40 us to wake them (S, batch 1: 24 ms a step against 20)."""
+    region of a step waited to wake them (docs/PERFORMANCE.md)."""
     built: dict = {}
     ready = threading.Event()
 
