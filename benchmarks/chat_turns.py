@@ -160,13 +160,12 @@ def main(argv=None) -> int:
         args.max_seq_len, args.prefix_cache = 256, 4
 
     from llama.generation import Llama
-    from llama.kernels.cpu_kernels import use_native_kernels
 
     torch.set_num_threads(args.threads)
     ckpt, tokenizer_path = model_files(args.shape, args.root)
     llama = Llama.build(str(ckpt), str(tokenizer_path), args.max_seq_len, 1, device="cpu",
                         verbose=False)
-    use_native_kernels(llama.model)  # as the server runs it
+    llama.model.use_native_kernels()  # as the server runs it
     turns = user_turns(llama.tokenizer, args.turns, args.turn_tokens)
     print(f"shape {args.shape}, {args.turns} turns of ~{args.turn_tokens} tokens, answers of "
           f"{args.answer_tokens}, {args.threads} threads")

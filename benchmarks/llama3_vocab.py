@@ -21,7 +21,6 @@ import torch
 from benchmarks.cpu_step import make_step, random_model
 from llama.checkpoints.memory import LLAMA3
 from llama.engine.distributed import init_process_groups
-from llama.kernels import cpu_kernels
 from llama.model import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +49,7 @@ def main():
         quantized = None if args.mode in ("none", "native") else args.mode
         models[name] = random_model(model_args, quantized, 32)
         if args.mode == "native":
-            cpu_kernels.use_native_kernels(models[name])
+            models[name].use_native_kernels()
     print(f"Llama 3.2 1B layers x{args.layers}, mode {args.mode}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, position {args.position}, load average "
           f"{os.getloadavg()[0]:.1f}")

@@ -27,7 +27,6 @@ from llama.engine import core as engine_module
 from llama.engine.core import Engine, EngineSequence
 from llama.engine.sampling import RowNoise
 from llama.generation import Llama
-from llama.kernels.cpu_kernels import use_native_kernels
 
 SCHEMA = {"type": "object",
           "properties": {"title": {"type": "string"},
@@ -108,7 +107,7 @@ def main() -> None:
     ckpt, tokenizer_path = model_files(args.shape, args.root)
     llama = Llama.build(str(ckpt), str(tokenizer_path), 512, max(args.rows), device="cpu",
                         verbose=False)
-    use_native_kernels(llama.model)  # as the server runs it
+    llama.model.use_native_kernels()  # as the server runs it
     tokenizer = llama.tokenizer
     text = tokenizer.encode(python_docs_text(), bos=False, eos=False)
     prompts = [[tokenizer.bos_id] + text[i * 997: i * 997 + 32] for i in range(16)]

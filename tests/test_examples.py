@@ -176,8 +176,10 @@ class Terminal:
 
 
 def _answer(screen_after_prompt: str) -> str:
-    """The answer text, without the speed report that follows it."""
-    answer = screen_after_prompt.split("User: ")[0]
+    """The answer text, without the speed report that follows it nor the marker of an answer
+    cut at --max_gen_len."""
+    answer = screen_after_prompt.split("User: ")[0].replace(
+        " [cut: --max_gen_len or --max_seq_len reached]", "")
     return re.sub(r"\(\d+ tokens, [\d.]+ tokens/s, \d+ prompt tokens prefilled\)", "",
                   answer).strip()
 

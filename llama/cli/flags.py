@@ -245,10 +245,12 @@ def resolve_model_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]
 
         return DEMO_CKPT_DIR, tokenizer_path or DEMO_TOKENIZER_PATH
     if not os.path.isdir(ckpt_dir):
-        what = "is a file" if os.path.exists(ckpt_dir) else "does not exist"
+        what = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
         raise ArgumentFileNotFoundError(
-            "ckpt_dir", f"ckpt_dir {ckpt_dir!r} {what}: pass the directory holding the "
-                        f"checkpoint (consolidated.*.pth and params.json)")
+            "ckpt_dir", f"ckpt_dir {ckpt_dir!r} {what}: it should be a checkpoint directory "
+                        f"such as llama-2-7b/, holding params.json and consolidated.NN.pth (see "
+                        f"download.sh), or a Hugging Face directory holding config.json and "
+                        f"*.safetensors")
     if tokenizer_path is None:
         candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
                       os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]
