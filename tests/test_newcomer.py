@@ -27,7 +27,7 @@ def test_a_wrong_ckpt_dir_is_named_not_the_tokenizer(tmp_path):
     with pytest.raises(ArgumentFileNotFoundError, match="ckpt_dir 'nope' does not exist"):
         resolve_model_paths("nope", None)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ArgumentFileNotFoundError, match="is a file"):
+    with pytest.raises(ArgumentFileNotFoundError, match="is not a directory"):
         resolve_model_paths(str(tmp_path / "file"), None)
 
 
