@@ -30,10 +30,10 @@ import statistics
 import time
 from pathlib import Path
 
-import bench
 import torch
 import torch.nn.functional as F
 
+from benchmarks import bench
 from llama.kernels import cpu_kernels
 from llama.layers import bf16
 from llama.layers.linear import linear

@@ -4,9 +4,9 @@ import subprocess
 import sys
 import textwrap
 
-import bench  # noqa: E402
 import pytest
 
+from benchmarks import bench
 from tests.conftest import REPO
 
 # A stand-in for Meta's llama/model.py: its ModelArgs fields and Transformer(args) /

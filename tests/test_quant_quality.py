@@ -4,8 +4,9 @@ fails here. Issue #14's targets: int8 perplexity within 0.5% of float32, int4 wi
 
 
 import pytest
-import quant_quality as qq  # noqa: E402
 import torch
+
+from benchmarks import quant_quality as qq
 
 WINDOWS = 8  # the first 8 of the benchmark's 33 held-out windows (BOS + 256 tokens)
 

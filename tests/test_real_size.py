@@ -4,9 +4,9 @@ measures a format in a process of its own, or says why a format is not run."""
 import json
 
 import pytest
-import real_size  # noqa: E402
 import torch
 
+from benchmarks import real_size
 from llama.checkpoints.meta import full_shapes  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 

@@ -11,8 +11,7 @@ import torch
 
 pytest.importorskip("fastapi")
 
-import serve_stress  # noqa: E402
-
+from benchmarks import serve_stress
 from benchmarks.serve_clients import expected_answers, request_mix  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
