@@ -80,7 +80,7 @@ def library_turns(llama, turns, answer_tokens):
 
 # ---------------------------------------------------------------------- the server
 def start_server(ckpt, tokenizer, port, max_seq_len, prefix_cache, threads):
-    command = [sys.executable, "-m", "llama.server.app", "--ckpt_dir", str(ckpt),
+    command = [sys.executable, "-m", "llama.server", "--ckpt_dir", str(ckpt),
                "--tokenizer_path", str(tokenizer), "--port", str(port), "--max_batch_size",
                "1", "--max_seq_len", str(max_seq_len), "--prefix_cache", str(prefix_cache),
                "--model_name", "llama"]

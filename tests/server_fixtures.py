@@ -27,7 +27,7 @@ def running_server(*args, nproc=None, timeout=120, env=None, code=None):
     is run with `python -c` instead of `-m llama.server` (it calls llama.server.app.main itself,
     after patching what a test needs patched), with the same arguments."""
     port = free_port()
-    entry = ["-m", "llama.server.app"] if code is None else ["-c", code]
+    entry = ["-m", "llama.server"] if code is None else ["-c", code]
     server = entry + ["--port", str(port)] + list(args)
     if nproc is None:
         command = [sys.executable] + server

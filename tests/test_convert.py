@@ -188,7 +188,7 @@ def test_command_line_errors(hub, tmp_path, capsys):
 
 
 def test_console_script_runs_the_module(hub, tmp_path):
-    result = run_script(["-m", "llama.hf.convert", str(hub("gqa")), str(tmp_path / "m"), "--to",
+    result = run_script(["-m", "llama.convert", str(hub("gqa")), str(tmp_path / "m"), "--to",
                          "meta"])
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stderr and (tmp_path / "m" / "consolidated.00.pth").is_file()

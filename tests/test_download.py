@@ -732,7 +732,7 @@ def test_cli_as_module(folder, tmp_path):
     shutil.copy(CHECKLIST_PY, package / "checklist.py")
     chk = write(folder / "checklist.chk", "%s  a.bin\n" % _md5(b"alpha"))
     result = subprocess.run(
-        [sys.executable, "-m", "llama.checkpoints.checklist", str(chk)],
+        [sys.executable, "-m", "llama.checklist", str(chk)],
         capture_output=True,
         text=True,
         cwd=str(package.parent),

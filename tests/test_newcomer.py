@@ -91,11 +91,11 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["-m", "llama.server.app", "--max_bach_size", "2"],
+    (["-m", "llama.server", "--max_bach_size", "2"],
      "error: unknown flag --max_bach_size (did you mean --max_batch_size?); "
      "`python -m llama.server --help` lists the flags"),
-    (["-m", "llama.server.app", "stray"], "error: unexpected argument 'stray'"),
-    (["-m", "llama.checkpoints.reshard", "a", "b", "--mp", "1", "--mpp"],
+    (["-m", "llama.server", "stray"], "error: unexpected argument 'stray'"),
+    (["-m", "llama.reshard", "a", "b", "--mp", "1", "--mpp"],
      "error: unknown flag --mpp (did you mean --mp?)"),
     (["-m", "llama.quantize", "a", "b", "--mode", "int8", "--group-size", "32"],
      "error: unknown flag --group-size (did you mean --group_size?)"),

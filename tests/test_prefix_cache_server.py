@@ -75,7 +75,7 @@ def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
 def test_a_negative_budget_is_refused_before_loading():
     from tests.conftest import run_script
 
-    result = run_script(["-m", "llama.server.app", "--prefix_cache", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server", "--prefix_cache", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in result.stderr
 

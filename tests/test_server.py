@@ -395,7 +395,7 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
 
 def test_a_negative_prefill_chunk_is_refused_before_loading():
     from tests.conftest import run_script
-    result = run_script(["-m", "llama.server.app", "--prefill_chunk", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server", "--prefill_chunk", "-1"], timeout=60)
     assert result.returncode == 2
     assert "--prefill_chunk must be 0 or more, got -1" in result.stderr
 

@@ -92,7 +92,7 @@ def test_api_keys_compare_exactly_with_any_bearer_case():
 
 
 def test_an_empty_api_key_is_refused_at_start():
-    result = run_script(["-m", "llama.server.app"], env={"LLAMA_API_KEY": ""}, timeout=60)
+    result = run_script(["-m", "llama.server"], env={"LLAMA_API_KEY": ""}, timeout=60)
     assert result.returncode == 2 and "LLAMA_API_KEY is empty" in result.stderr
 
 
@@ -120,7 +120,7 @@ def test_completions_keep_the_space_their_text_starts_with(server):
     (["--max_seq_len", "0"], 2, "--max_seq_len must be at least 2"),
 ])
 def test_command_line_mistakes_are_one_line(args, status, says):
-    result = run_script(["-m", "llama.server.app"] + args, timeout=120)
+    result = run_script(["-m", "llama.server"] + args, timeout=120)
     assert result.returncode == status and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -130,7 +130,7 @@ def test_a_taken_port_is_said_before_loading():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "llama.server.app", "--port", str(port)],
+        result = subprocess.run([sys.executable, "-m", "llama.server", "--port", str(port)],
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 1 and "Address already in use" in result.stderr
     assert "Serving" not in result.stderr and "Loaded" not in result.stderr

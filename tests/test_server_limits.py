@@ -153,7 +153,7 @@ def test_the_queue_counts_free_slots():
 
 def test_a_negative_queue_is_refused_before_loading():
     from tests.conftest import run_script
-    result = run_script(["-m", "llama.server.app", "--max_queue", "-1"], timeout=60)
+    result = run_script(["-m", "llama.server", "--max_queue", "-1"], timeout=60)
     assert result.returncode == 2 and "--max_queue must be at least 0" in result.stderr
 
 
