@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOWNLOAD_SH = ROOT / "download.sh"
-CHECKLIST_PY = ROOT / "llama" / "checklist.py"
+CHECKLIST_PY = ROOT / "llama" / "checkpoints" / "checklist.py"
 
 # Load llama/checkpoints/checklist.py by path so that these tests never import the llama
 # package (whose __init__ may need torch).
