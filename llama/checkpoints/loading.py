@@ -26,6 +26,7 @@ from llama.engine.validation import (
     ArgumentValueError,
     LlamaWarning,
     check_arguments,
+    check_ckpt_dir,
     check_group_size,
     check_int,
     check_path,
@@ -57,13 +58,7 @@ def check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
                          model_parallel_size=model_parallel_size, seed=seed, device=device,
                          dtype=dtype, verify=verify, verbose=verbose))
     choose_device(device)
-    if not os.path.isdir(ckpt_dir):
-        problem = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
-        raise ArgumentValueError(
-            "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
-                        f"directory such as llama-2-7b/, holding params.json and "
-                        f"consolidated.NN.pth (see download.sh), or a Hugging Face "
-                        f"directory holding config.json and *.safetensors")
+    check_ckpt_dir(ckpt_dir)
     if hf_format.is_hf_checkpoint(Path(ckpt_dir)):
         source = hf_format.HFCheckpoint(Path(ckpt_dir))  # config refusals, weight files
         # max_seq_len too: a dynamic rope scaling refuses one past its context

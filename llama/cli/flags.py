@@ -41,6 +41,7 @@ from llama.engine.validation import (
     LlamaWarning,
     check_arguments,
     check_bool,
+    check_ckpt_dir,
     check_int,
     check_number,
 )
@@ -244,13 +245,7 @@ def resolve_model_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]
         from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH
 
         return DEMO_CKPT_DIR, tokenizer_path or DEMO_TOKENIZER_PATH
-    if not os.path.isdir(ckpt_dir):
-        what = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
-        raise ArgumentFileNotFoundError(
-            "ckpt_dir", f"ckpt_dir {ckpt_dir!r} {what}: it should be a checkpoint directory "
-                        f"such as llama-2-7b/, holding params.json and consolidated.NN.pth (see "
-                        f"download.sh), or a Hugging Face directory holding config.json and "
-                        f"*.safetensors")
+    check_ckpt_dir(ckpt_dir, ArgumentFileNotFoundError)
     if tokenizer_path is None:
         candidates = [os.path.join(ckpt_dir, "tokenizer.model"),
                       os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "tokenizer.model")]

@@ -272,3 +272,16 @@ def check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, s
                 "prompt_tokens", f"{where} has token ids outside the vocabulary [0, {n_words}): "
                                  f"{bad[:5]}")
     return stop
+
+
+def check_ckpt_dir(ckpt_dir, error=None) -> None:
+    """Raise `error` (ArgumentValueError by default) naming ckpt_dir unless it is a directory,
+    saying what a checkpoint directory of either layout holds."""
+    if os.path.isdir(ckpt_dir):
+        return
+    problem = "is not a directory" if os.path.exists(ckpt_dir) else "does not exist"
+    raise (error or ArgumentValueError)(
+        "ckpt_dir", f"ckpt_dir {os.fspath(ckpt_dir)!r} {problem}: it should be a checkpoint "
+                    f"directory such as llama-2-7b/, holding params.json and consolidated.NN.pth "
+                    f"(see download.sh), or a Hugging Face directory holding config.json and "
+                    f"*.safetensors")
