@@ -92,6 +92,7 @@ class Llama:
         quiet_other_ranks: bool = True,
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
+        reserve_memory: int = 0,
     ) -> "Llama":
         """Load a checkpoint directory (params.json + consolidated.NN.pth, or Hugging Face's
         config.json + *.safetensors) and a tokenizer (by default the directory's
@@ -104,9 +105,9 @@ class Llama:
         (llama/layers/bf16.py: float32's function at half its memory; dtype=torch.float32 for
         float32 weights). `verify=True` checks every file against checklist.chk first.
         `seed` must be the same on every rank: all ranks sample the same tokens. Every
-        argument, the
-        checkpoint directory and then the tokenizer file are checked before anything is loaded,
-        and then whether the model fits in the memory this process may use
+        argument, the checkpoint directory and then the tokenizer file are checked before
+        anything is loaded, and then whether the model fits in the memory this process may use
+        less `reserve_memory` bytes the caller will need beside it (a server's prefix cache)
         (llama/checkpoints/memory_fit.py: NotEnoughMemoryError names the settings that would fit).
 
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
@@ -130,7 +131,7 @@ class Llama:
             raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
                            LoadOptions(model_parallel_size, seed, device, dtype, verify,
-                                       verbose, quantize, group_size))
+                                       verbose, quantize, group_size, reserve_memory))
         if quiet_other_ranks and not is_main_process():
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)

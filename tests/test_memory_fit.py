@@ -109,6 +109,12 @@ def test_build_is_refused_before_reading_weights_and_loads_when_it_fits(
     assert generator.text_completion(["The"], max_gen_len=2, temperature=0)
     monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(need))
     build("gqa")
+    # memory the caller keeps beside the model (a server's prefix cache) is counted
+    with pytest.raises(NotEnoughMemoryError, match=r"reserved beside the model") as caught:
+        build("gqa", reserve_memory=GIB)
+    assert read == [1, 1]
+    with pytest.raises(ArgumentValueError, match="reserve_memory"):
+        build("gqa", reserve_memory=-1)
 
 
 def test_scripts_end_in_one_line(checkpoints, tokenizer_path):

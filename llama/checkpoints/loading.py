@@ -154,6 +154,7 @@ class LoadOptions:
     verbose: bool = True
     quantize: Optional[str] = None
     group_size: Optional[int] = None
+    reserve_memory: int = 0
 
 
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
@@ -168,6 +169,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     quantize, group_size = options.quantize, options.group_size
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
+    check_int("reserve_memory", options.reserve_memory, 0)
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
@@ -202,7 +204,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     keep_bf16 = keep_bf16 and stored == torch.bfloat16
     memory_fit.check_fits(args, world_size, quantize, group_size,
                           torch.bfloat16 if keep_bf16 else dtype, dtype, device,
-                          saved=saved is not None, bf16_checkpoint=stored == torch.bfloat16)
+                          saved=saved is not None, bf16_checkpoint=stored == torch.bfloat16,
+                          reserved=options.reserve_memory)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)

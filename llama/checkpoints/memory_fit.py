@@ -177,20 +177,27 @@ def _levels(root: Path, path: str, limit_file: str, usage_file: str, cache_key: 
 def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
                group_size: Optional[int], weight_dtype: torch.dtype, dtype: torch.dtype,
                device: torch.device, saved: bool = False,
-               bf16_checkpoint: bool = False) -> Need:
+               bf16_checkpoint: bool = False, reserved: int = 0) -> Need:
     """The rank's Need, or NotEnoughMemoryError (one line) if it exceeds available(device):
     the need, what is available, and the settings that would fit with their sizes (int8 or
     int4 weights unless the checkpoint is `saved` quantized; bfloat16 weights when float32
     was asked for a `bf16_checkpoint` on the CPU; a smaller max_seq_len or max_batch_size;
-    more GPUs)."""
+    more GPUs). `reserved` bytes, which the caller will allocate beside the model (a server's
+    prefix cache), are taken from what is available."""
     need = estimate(args, world_size, mode, group_size, weight_dtype, dtype)
     free, source = available(device)
+    if free < 0:  # not known: nothing to decide
+        return need
     # ranks on one host share its memory (each GPU has its own)
     sharing = 1 if torch.device(device).type == "cuda" else int(
         os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if sharing > 1:
         free, source = free // sharing, f"{source}, shared by {sharing} processes"
-    if free < 0 or need.total <= free:
+    if reserved > 0:  # each rank's own (a prefix cache per rank)
+        free, source = max(0, free - reserved), (
+            f"{source}, less {_gib(reserved)} reserved beside the model (reserve_memory: a "
+            f"server's --prefix_cache)")
+    if need.total <= free:
         return need
     options = []
 

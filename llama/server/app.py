@@ -356,7 +356,8 @@ def _serve(args, parser) -> int:
     def build() -> Scheduler:
         generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, args.max_batch_size,
                                 device=args.device, dtype=args.dtype, seed=args.seed,
-                                quantize=args.quantize, group_size=args.group_size)
+                                quantize=args.quantize, group_size=args.group_size,
+                                reserve_memory=int(args.prefix_cache * 2 ** 20))
         model, tokenizer = generator.model, generator.tokenizer
         # rows of different lengths read only their own cache slots (and faster: README)
         model.use_native_kernels()
