@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = {  # (dim, hidden, n_heads, n_kv_heads, vocab)
     "S": (768, 2048, 12, 12, 32000),
     "M": (2048, 5632, 16, 4, 32000),
+    "7B": (4096, 11008, 32, 32, 32000),
 }
 L3_BYTES = 32 << 20
 

@@ -11,7 +11,6 @@ from llama.layers.linear import (
     CPU_INT4_KERNEL_ROWS,
     CPU_INT8_KERNEL_ROWS,
     NATIVE_INT4_ROWS,
-    NATIVE_INT8_ROWS,
     PackedInt4,
     PackedInt8,
     check_int4_device,
@@ -163,8 +162,8 @@ def check_product(packed, q, x):
     assert y.shape == (*x.shape[:-1], q.out_features) and y.dtype == x.dtype
     w = q.dequantize()
     rows = x.numel() // x.shape[-1]
-    limit = NATIVE_INT8_ROWS if isinstance(packed, PackedInt8) else NATIVE_INT4_ROWS
-    if packed.our_kernels and rows <= limit:
+    # our int8 kernel takes every row count; our int4 one products of few rows
+    if packed.our_kernels and (isinstance(packed, PackedInt8) or rows <= NATIVE_INT4_ROWS):
         # float32 products of the float32 dequantized weights, in another order of additions
         xf = x.float().reshape(-1, x.shape[-1])
         if isinstance(packed, PackedInt8):
@@ -178,8 +177,8 @@ def check_product(packed, q, x):
 
 
 @pytest.mark.parametrize("native", ROUTES)
-@pytest.mark.parametrize("rows", [1, 4, CPU_INT8_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS + 1,
-                                  NATIVE_INT8_ROWS, NATIVE_INT8_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, 4, CPU_INT8_KERNEL_ROWS, CPU_INT8_KERNEL_ROWS + 1, 48, 49,
+                                  300])
 @pytest.mark.parametrize("in_features", [192, 100])  # 100: padded to 128 for the CPU kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_products(rows, in_features, dtype, native):

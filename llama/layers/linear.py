@@ -139,17 +139,16 @@ def _threads() -> int:
 # Activations are never rounded to int8 (Llama's activations have outlier channels; per-token
 # int8 activations multiplied the output error of int8 weights alone, docs/QUANTIZATION.md).
 #
-# CPU, products of few rows (decode steps): our native kernels (llama/kernels/cpu_kernels.cpp),
-# which
-# take float32 activations and return float32. The int8 one rounds each row to int16 (one
-# scale per token: finer than bfloat16 for values within 128x of the row's largest) and sums
-# in integers, faster than converting every weight to float32. Where they cannot be built,
-# torch's kernels, vectorised for bfloat16 activations only: activations are then cast to
-# bfloat16 and the result back to x's dtype. Above the row thresholds (prefills) the weight is
-# dequantised to bfloat16, a block of rows at a time, for oneDNN's bfloat16 GEMM (AVX512-BF16),
-# faster there than any of the kernels (matrix-vector kernels at heart) and than float32.
-# Measured crossovers: docs/QUANTIZATION.md; figures: benchmarks/quant_kernels.py.
-NATIVE_INT8_ROWS = 48  # crossover with the dequantised product ~64 rows (docs/QUANTIZATION.md)
+# CPU: our native kernels (llama/kernels/cpu_kernels.cpp), which take float32 activations and
+# return float32. The int8 one rounds each row to int16 (one scale per token: finer than
+# bfloat16 for values within 128x of the row's largest) and sums in integers, exactly: so it
+# takes every product, decode steps and prefills alike, and a token's keys and values are the
+# same bit for bit whether it was prefilled or decoded (chat sessions and the prefix cache
+# keep a conversation's tokens from either). The int4 one takes products of few rows (decode
+# steps); above NATIVE_INT4_ROWS the weight is dequantised to bfloat16, a block of rows at a
+# time, for oneDNN's bfloat16 GEMM (AVX512-BF16). Where our kernels cannot be built, torch's
+# kernels, vectorised for bfloat16 activations only: activations are then cast to bfloat16
+# and the result back to x's dtype. Measured: docs/QUANTIZATION.md, benchmarks/quant_kernels.py.
 NATIVE_INT4_ROWS = 12  # 10-12 rows (int4 dequantises faster, natively)
 CPU_INT8_KERNEL_ROWS = 8  # torch's kernels (no native kernels)
 CPU_INT4_KERNEL_ROWS = 128
@@ -168,9 +167,10 @@ def _by_row_blocks(xb: torch.Tensor, block_t, n_out: int) -> torch.Tensor:
 class PackedInt8:
     """An int8 weight with one scale per output row, laid out for products on one device.
 
-    CPU: our native kernel up to NATIVE_INT8_ROWS rows (int16 activations per row), or where it is
-    unavailable aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS (bfloat16 activations);
-    above, the int8 values as bfloat16 (exact) in oneDNN's GEMM, scales applied to its output.
+    CPU: our native kernel for every row count (int16 activations per row, exact integer sums),
+    or where it is unavailable aten._weight_int8pack_mm up to CPU_INT8_KERNEL_ROWS (bfloat16
+    activations) and above, the int8 values as bfloat16 (exact) in oneDNN's GEMM, scales
+    applied to its output.
     CUDA (and other devices): F.linear(x, weight.to(x.dtype)) * scales, gpt-fast's form, which
     torch.compile fuses into one kernel (the int8 weight dequantised inside the product);
     eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
@@ -206,7 +206,7 @@ class PackedInt8:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if self.device.type != "cpu":
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        elif self.our_kernels and x2.shape[0] <= NATIVE_INT8_ROWS:
+        elif self.our_kernels:
             out = cpu_kernels.int8_mm(_float32(x2), self.weight, self.scales)
         elif not self.our_kernels and x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
             xb = _bfloat16(x2)
