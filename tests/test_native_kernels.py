@@ -59,9 +59,9 @@ def int8_reference(x, q):
                                          (9, 4100)])
 def test_int8_kernel(rows, out_f, in_f):
     """(67, 100): 3 output rows past the last tile of 4, 100 columns padded to 128; 4100: two
-    chunks of integer sums, and 130 rows of it three blocks of activation rows (a prefill). Equal bit for bit to the restated product; against the float
-    product of the dequantized weight, closer than bfloat16 activations get (the outlier
-    channel is 60x the others)."""
+    chunks of integer sums, and 130 rows of it three blocks of activation rows (a prefill).
+    Equal bit for bit to the restated product; against the float product of the dequantized
+    weight, closer than bfloat16 activations get (the outlier channel is 60x the others)."""
     q = quantize_int8(weights(out_f, in_f))
     x = activations(rows, in_f)
     y = cpu_kernels.int8_mm(x, padded_int8(q), q.scales)
