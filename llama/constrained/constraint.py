@@ -71,9 +71,8 @@ class Constraint:
             if self._closing(4 * limit + 64) is None:
                 raise GrammarError(
                     f"no complete answer to this {spec.kind} was found (within "
-                    f"{4 * limit + 64} tokens, by a greedy walk); known case: a regex or "
-                    f"grammar whose answer must start with a space, which llguidance does "
-                    f"not match against SentencePiece's space-prefixed pieces")
+                    f"{4 * limit + 64} tokens, by a greedy walk): check that the "
+                    f"vocabulary can spell what it requires")
             raise ConstraintError(
                 f"the token budget ({limit}) is smaller than the shortest answer the "
                 f"{spec.kind} allows: raise max_tokens / max_gen_len")
