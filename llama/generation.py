@@ -22,7 +22,6 @@ from llama.chat_format import (
     Dialog,
     Message,
     Role,
-    validate_dialog,
 )
 from llama.chat_formats import dialog_tokens, has_special_tags
 from llama.checkpoints.loading import (
@@ -31,6 +30,7 @@ from llama.checkpoints.loading import (
     check_quantize_arguments,
     load_model,
 )
+from llama.constrained.calling import library_answer, library_prompts, uses_tools
 from llama.constrained.spec import (
     check_no_stop,
     grammar_spec,
@@ -41,12 +41,12 @@ from llama.engine.core import Engine, EngineSequence
 from llama.engine.distributed import broadcast_object, is_main_process
 from llama.engine.results import FinishReason, Result, finish, prompt_logprobs
 from llama.engine.sampling import ReferenceNoise, sample_top_p
-from llama.engine.stream import TextStream
+from llama.engine.stream import TextStream, drain
 from llama.engine.text import TextTracker
 from llama.engine.validation import (
     ArgumentError,
     ArgumentTypeError,
-    ArgumentValueError,
+    check_dialog,
     check_generation_arguments,
     check_text,
 )
@@ -181,7 +181,7 @@ class Llama:
         tokens exclude the prompt unless `echo`, stop before a stop token (EOS; for Llama 3
         also <|eot_id|> and <|eom_id|>), and number at most max_gen_len; logprobs (if asked)
         are each token's log-probability."""
-        rows = _drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+        rows = drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
                                      echo))
         return ([row.tokens for row in rows],
                 [row.logprobs for row in rows] if logprobs else None)
@@ -220,7 +220,7 @@ class Llama:
         spec = grammar_spec(response_format, regex, grammar)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
-                                        logprobs, echo, stop, spec=spec)
+                                        logprobs, echo, stop, spec=spec, after_prompt=True)
         return [self._prediction(row, logprobs, lambda text: text) for row in rows]
 
     def chat_completion(
@@ -232,6 +232,8 @@ class Llama:
         logprobs: bool = False,
         stop: Optional[Sequence[str]] = None,
         response_format=None,
+        tools=None,
+        tool_choice=None,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in the chat format of the tokenizer's family
         (Llama 2's [INST] format, or Llama 3's headers ended by <|eot_id|>). Returns
@@ -239,16 +241,27 @@ class Llama:
         "tokens" and "logprobs" with logprobs=True). A dialog that contains the format's
         special tags is not run; its answer is the reference's error text. `response_format`
         constrains the answers as in text_completion (the model is not told the schema: say
-        it in the dialog)."""
+        it in the dialog).
+
+        `tools` and `tool_choice`, as OpenAI's, offer functions in the family's tool format
+        (Llama 3.1's own; a JSON convention for Llama 2: docs/STRUCTURED_OUTPUT.md). A call
+        comes back as {"role": "assistant", "content": "", "tool_calls": [OpenAI's calls,
+        arguments valid against the function's parameters]}, finish_reason "tool_calls";
+        dialogs may hold such messages and {"role": "tool", "content": ...} results."""
         if not isinstance(dialogs, (list, tuple)):
             raise ArgumentTypeError("dialogs", "dialogs must be a list of dialogs, got "
                                                f"{type(dialogs).__name__}")
-        for index, dialog in enumerate(dialogs):
-            _validate_dialog(dialog, index)
         spec = response_format_spec(response_format)
+        offered = None
+        if tools is not None or tool_choice is not None or any(map(uses_tools, dialogs)):
+            dialogs, all_tokens, offered, spec = library_prompts(self.tokenizer, dialogs, tools,
+                                                                 tool_choice, spec)
+        else:
+            for index, dialog in enumerate(dialogs):
+                check_dialog(dialog, index)
+            all_tokens = [dialog_tokens(self.tokenizer, dialog, index)
+                          for index, dialog in enumerate(dialogs)]
         unsafe = [has_special_tags(self.tokenizer, dialog) for dialog in dialogs]
-        all_tokens = [dialog_tokens(self.tokenizer, dialog, index)
-                      for index, dialog in enumerate(dialogs)]
         safe_tokens = [t for t, bad in zip(all_tokens, unsafe) if not bad]
         # The refused dialogs are not run, but sampling draws random numbers as if they were
         # in the batch, as in the reference, so seeded samples of the others stay the same.
@@ -262,7 +275,8 @@ class Llama:
                 refused = Result(tokens=[], logprobs=[], text=UNSAFE_ERROR, finish_reason="stop")
                 results.append(self._prediction(refused, logprobs, _as_assistant))
             else:
-                results.append(self._prediction(next(safe_rows), logprobs, _as_assistant))
+                answer = self._prediction(next(safe_rows), logprobs, _as_assistant)
+                results.append(library_answer(self.tokenizer, answer, offered))
         return results
 
     # ------------------------------------------------------------------ streaming
@@ -284,7 +298,8 @@ class Llama:
         check_text("prompt", prompt)
         spec = grammar_spec(response_format, regex, grammar)
         tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec,
+                          after_prompt=True)
 
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None, stop: Optional[Sequence[str]] = None,
@@ -293,7 +308,7 @@ class Llama:
         """Answer one dialog, yielding the assistant's text as it is generated (see
         stream_text; response_format as in chat_completion). A dialog with special tags
         yields the reference's error text."""
-        _validate_dialog(dialog, 0)
+        check_dialog(dialog, 0)
         spec = response_format_spec(response_format)
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
@@ -324,7 +339,8 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None, spec=None) -> List[Result]:
+                            echo, stop, noise_batch=None, spec=None, after_prompt=False
+                            ) -> List[Result]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
@@ -332,21 +348,23 @@ class Llama:
             noise_batch = None  # the reference cannot run such a batch: nothing to follow
         rows: List[Result] = []
         for begin in range(0, len(prompt_tokens), size):
-            rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
+            rows += drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
                                           index_offset=begin, noise_batch=noise_batch,
-                                          spec=spec))
+                                          spec=spec, after_prompt=after_prompt))
         return rows
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
                   stop=None, stream=False, index_offset=0, noise_batch=None,
-                  cancel=None, spec=None) -> Iterator[str]:
+                  cancel=None, spec=None, after_prompt=False) -> Iterator[str]:
         """Yields text pieces of row 0 when `stream`; returns a Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise).
         `cancel()` is asked after each step; rank 0's answer holds for every rank. `spec`: a
-        grammar.GrammarSpec every row's generation must match."""
+        grammar.GrammarSpec every row's generation must match; `after_prompt` (completions):
+        its text is what the grammar matched, decoded as it follows the prompt
+        (SentencePiece's "▁yes" keeps the space that decoding alone drops)."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
                                           params, self.tokenizer.n_words, index_offset)
@@ -356,10 +374,11 @@ class Llama:
         lens = [len(t) for t in prompt_tokens]
         max_len, min_len = max(lens), min(lens)
         total_len = min(params.max_seq_len, max_gen_len + max_len)
-        track_text = stream or bool(stop)
+        after = spec is not None and after_prompt
         rows = [EngineSequence(prompt=list(t), limit=min(max_gen_len, total_len - len(t)),
                                temperature=temperature, top_p=top_p, logprobs=logprobs,
-                               text=TextTracker(self.tokenizer, stop) if track_text else None)
+                               text=TextTracker(self.tokenizer, stop, t[-1:] if after else ())
+                               if stream or stop or after else None)
                 for t in prompt_tokens]
         if spec is not None:
             check_no_stop(spec, stop)
@@ -422,27 +441,6 @@ class Llama:
             prediction["logprobs"] = result.logprobs
         prediction["finish_reason"] = result.finish_reason
         return prediction
-
-
-def _drain(generator):
-    while True:
-        try:
-            next(generator)
-        except StopIteration as finished:
-            return finished.value
-
-
-def _validate_dialog(dialog, index: int) -> None:
-    """chat_format.validate_dialog, its errors typed as arguments of this API ("dialogs")."""
-    try:
-        validate_dialog(dialog, index)
-    except TypeError as error:
-        raise ArgumentTypeError("dialogs", str(error)) from None
-    except ValueError as error:
-        raise ArgumentValueError("dialogs", str(error)) from None
-    for position, message in enumerate(dialog):
-        check_text(f"dialog {index}, message {position} content", message["content"],
-                   "dialogs")
 
 
 def _as_assistant(text: str) -> Message:

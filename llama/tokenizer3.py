@@ -122,6 +122,18 @@ class Llama3Tokenizer:
         raw = self.model.decode_single_token_bytes(token)
         return raw.decode("utf-8", errors="ignore"), list(raw)
 
+    def token_bytes(self) -> Tuple[List[bytes], List[int]]:
+        """Each id's bytes, and the special ids, whose bytes are 0xff and their name (as the
+        grammar engine, llguidance, expects them: they never match text)."""
+        tokens = [self.model.decode_single_token_bytes(i) for i in range(BASE_TOKENS)]
+        tokens += [b"\xff" + name.encode() for name in SPECIAL_TOKENS]
+        return tokens, list(range(BASE_TOKENS, BASE_TOKENS + N_SPECIAL))
+
+    def encode_fragment(self, text: str) -> List[int]:
+        """Token ids of text in the middle of an answer (byte-level BPE adds nothing at the
+        start of a text, unlike SentencePiece)."""
+        return self.encode(text, bos=False, eos=False)
+
 
 def split_long_runs(s: str, limit: int) -> Iterator[str]:
     """`s` in consecutive pieces, cut only inside a run of more than `limit` whitespace or

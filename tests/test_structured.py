@@ -92,6 +92,28 @@ def test_json_object_regex_and_lark(llama):
     assert all(row["generation"] in ("yes", "no", "maybe") for row in out), out
 
 
+@pytest.mark.parametrize("option", [{"regex": " yes| no"},
+                                    {"grammar": 'start: " " WORD\nWORD: "maybe" | "never"'},
+                                    {"regex": r" [0-9]{2}"}])
+def test_answers_that_start_with_a_space_match_exactly(llama, option):
+    # SentencePiece writes a word's space into its first piece ("▁yes"), which decoding a
+    # text alone drops: a completion keeps it, as the text that follows its prompt
+    pattern = option.get("regex") or " (maybe|never)"
+    answers = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = llama.text_completion(PROMPTS, temperature=1.0, top_p=1.0, max_gen_len=8,
+                                    **option)
+        for row in out:
+            assert re.fullmatch(pattern, row["generation"]), row
+            answers.add(row["generation"])
+    assert len(answers) > 1  # sampled, not one forced answer
+    torch.manual_seed(0)
+    stream = llama.stream_text(PROMPTS[1], temperature=1.0, max_gen_len=8, **option)
+    pieces = list(stream)
+    assert re.fullmatch(pattern, "".join(pieces)) and "".join(pieces) == stream.text
+
+
 def test_chat_completion_and_streams_with_a_pydantic_model(llama):
     pydantic = pytest.importorskip("pydantic")
 
@@ -111,6 +133,28 @@ def test_chat_completion_and_streams_with_a_pydantic_model(llama):
                                                 response_format=Person)[0]["generation"][
         "content"]
     Person.model_validate_json(stream.text)
+
+
+def test_chat_completion_with_tools_in_the_llama2_convention(build):
+    llama = build("gqa", max_seq_len=512, max_batch_size=2)  # the functions take room
+    parameters = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                   "days": {"type": "integer", "minimum": 1,
+                                                            "maximum": 7}},
+                  "required": ["city", "days"]}
+    forecast = {"type": "function", "function": {"name": "forecast", "parameters": parameters}}
+    dialogs = [[{"role": "user", "content": question}] for question in ("Rain?", "Sun?")]
+    torch.manual_seed(2)
+    for answer in llama.chat_completion(dialogs, temperature=1.0, max_gen_len=80,
+                                        tools=[forecast], tool_choice="required"):
+        assert answer["finish_reason"] == "tool_calls" and answer["generation"]["content"] == ""
+        for call in answer["generation"]["tool_calls"]:
+            assert call["function"]["name"] == "forecast"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+        # the call and its result go back into the dialog
+        dialog = dialogs[0] + [answer["generation"], {"role": "tool", "content": "rain"}]
+        final = llama.chat_completion([dialog], temperature=0, max_gen_len=10,
+                                      tools=[forecast], tool_choice="none")[0]
+        assert final["finish_reason"] in ("stop", "length")
 
 
 def test_bad_options_are_refused_by_name(llama):

@@ -129,19 +129,28 @@ def test_tool_calling_round_trip(client, stream):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     kwargs = dict(model="llama-demo", tools=[WEATHER, TIME], tool_choice="required",
                   temperature=1.0, seed=4, max_tokens=100)
-    if stream:
+    if stream:  # OpenAI's deltas: a call's first one names it, the next ones add arguments
         calls = {}
         finish = None
         for chunk in client.chat.completions.create(messages=messages, stream=True, **kwargs):
             choice = chunk.choices[0]
             for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"id": delta.id, "name": "",
-                                                      "arguments": ""})
-                call["name"] += delta.function.name or ""
-                call["arguments"] += delta.function.arguments or ""
+                if delta.index not in calls:
+                    assert delta.id and delta.type == "function" and delta.function.name
+                    assert delta.function.arguments == ""
+                    calls[delta.index] = {"id": delta.id, "name": delta.function.name,
+                                          "arguments": "", "pieces": 0}
+                else:
+                    assert delta.id is None and delta.function.name is None
+                    calls[delta.index]["arguments"] += delta.function.arguments
+                    calls[delta.index]["pieces"] += 1
             finish = choice.finish_reason or finish
         assert finish == "tool_calls" and calls
         calls = [calls[k] for k in sorted(calls)]
+        assert all(call["pieces"] > 1 for call in calls)
+        whole = client.chat.completions.create(messages=messages, **kwargs).choices[0]
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
     else:
         answer = client.chat.completions.create(messages=messages, **kwargs).choices[0]
         assert answer.finish_reason == "tool_calls" and answer.message.content is None
@@ -159,6 +168,29 @@ def test_tool_calling_round_trip(client, stream):
                                            tools=[WEATHER, TIME], tool_choice="none",
                                            temperature=0, max_tokens=30).choices[0]
     assert final.message.content and final.message.tool_calls is None
+
+
+def test_the_client_s_stream_helper_accumulates_calls(client):
+    class Weather(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=12)
+        unit: str = pydantic.Field(pattern="^(celsius|fahrenheit)$")
+
+    tool = openai.pydantic_function_tool(Weather, name="get_weather")
+    kwargs = dict(model="llama-demo", messages=[{"role": "user", "content": "Weather?"}],
+                  tools=[tool], tool_choice="required", temperature=1.0, seed=6,
+                  max_tokens=80)
+    pieces = []
+    with client.chat.completions.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces.append(event.arguments_delta)
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert calls and all(isinstance(c.function.parsed_arguments, Weather) for c in calls)
+    assert len(pieces) > len(calls) and "".join(pieces) == "".join(
+        c.function.arguments for c in calls)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    assert [c.function.arguments for c in whole] == [c.function.arguments for c in calls]
 
 
 def test_named_function_and_auto(client):

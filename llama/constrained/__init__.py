@@ -5,8 +5,10 @@
   per grammar;
 - constraint.py: one row's constraint inside the batch (its token mask, and closing the
   answer before its token budget runs out);
-- tools.py: the tool-calling convention for Llama 2 chat models.
+- calling.py: tool calls in the tokenizer family's format, for the library and the server:
+  tools.py (a JSON convention for Llama 2 chat models), tools3.py (Llama 3.1's own format);
+  call_stream.py reads a call answer, whole or piece by piece as it streams.
 
-May import: the tokenizers and llama.engine's hooks. Used by llama.generation, the session and
-the server.
+May import: the tokenizers, the chat formats and llama.engine's hooks. Used by
+llama.generation, the session and the server.
 """

@@ -60,6 +60,8 @@ class Constraint:
             vocab.order = np.argsort(ranks)  # token ids, preferred first
             vocab.ranks = ranks
         self.matcher = vocab.matcher(spec)
+        self.stops = frozenset(vocab.stop_ids)
+        self._stop_array = np.array(vocab.stop_ids)
         self.words = (vocab.n_vocab + 31) // 32
         self._mask = torch.empty(self.words, dtype=torch.int32)
         self.generated = 0
@@ -69,9 +71,8 @@ class Constraint:
             if self._closing(4 * limit + 64) is None:
                 raise GrammarError(
                     f"no complete answer to this {spec.kind} was found (within "
-                    f"{4 * limit + 64} tokens, by a greedy walk); known case: a regex or "
-                    f"grammar whose answer must start with a space, which llguidance does "
-                    f"not match against SentencePiece's space-prefixed pieces")
+                    f"{4 * limit + 64} tokens, by a greedy walk): check that the "
+                    f"vocabulary can spell what it requires")
             raise ConstraintError(
                 f"the token budget ({limit}) is smaller than the shortest answer the "
                 f"{spec.kind} allows: raise max_tokens / max_gen_len")
@@ -110,7 +111,7 @@ class Constraint:
         if near and self.fallback_at != self.generated:  # entering: a way from before it
             self._remember(self._closing(self.remaining))
         self._consume(token)
-        if token == self.vocab.eos_id:
+        if token in self.stops:
             return token
         if near:
             plan = self._closing(self.remaining)
@@ -135,7 +136,7 @@ class Constraint:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}, which its own mask "
                                f"allowed: {self.matcher.get_error()}")
-        if token != self.vocab.eos_id:
+        if token not in self.stops:
             self.generated += 1
 
     def _closing(self, budget: int) -> Optional[List[int]]:
@@ -163,18 +164,18 @@ class Constraint:
                 self.matcher.rollback(len(plan))
 
     def _preferred(self) -> Optional[int]:
-        """The allowed token (not EOS) that closing prefers, by vocab.order: the first few
+        """The allowed token (not a stop token) that closing prefers, by vocab.order: the first few
         candidates are tested bit by bit, the whole vocabulary only if none is allowed."""
         self.matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self.words * 4)
         words = self._mask.numpy().view(np.uint32)
         order = self.vocab.order
         head = order[:CANDIDATES]
         hits = (words[head >> 5] >> (head & 31).astype(np.uint32)) & 1
-        hits[head == self.vocab.eos_id] = 0
+        hits[np.isin(head, self._stop_array)] = 0
         if hits.any():
             return int(head[hits.argmax()])
         allowed = np.unpackbits(words.view(np.uint8), bitorder="little")[order]
-        allowed[order == self.vocab.eos_id] = 0
+        allowed[np.isin(order, self._stop_array)] = 0
         return int(order[allowed.argmax()]) if allowed.any() else None
 
 

@@ -2,9 +2,10 @@
 regex, a Lark grammar), compiled by llguidance against the tokenizer's vocabulary, once per
 grammar (an LRU cache of matchers in their start state; each request takes a copy).
 
-The vocabulary is read from the tokenizer through `token_bytes()`-style adaptors: SentencePiece
-(Llama 2) here; a tiktoken tokenizer (Llama 3) plugs in through `vocabulary()` by giving its
-own bytes per id. See docs/STRUCTURED_OUTPUT.md for why llguidance.
+The vocabulary is read from the tokenizer: SentencePiece's pieces (Llama 2) here, a tokenizer
+with `token_bytes()` (Llama 3's tiktoken) gives its own bytes per id. A complete answer may end
+with any of the tokenizer's stop tokens (Llama 3's end of turn, of message, of text). See
+docs/STRUCTURED_OUTPUT.md for why llguidance.
 """
 
 import json
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import llguidance
+
+from llama.tokenizers import stop_tokens
 
 KINDS = ("json_schema", "json_object", "regex", "lark")
 CACHE_SIZE = 64  # compiled grammars kept (each a matcher in its start state)
@@ -133,12 +136,14 @@ class Vocabulary:
     never allowed."""
 
     def __init__(self, tokens: List[bytes], special: List[int], bos_id: int, eos_id: int,
-                 encode, n_vocab: Optional[int] = None):
+                 encode, n_vocab: Optional[int] = None, stop_ids: Optional[List[int]] = None):
         n_vocab = max(n_vocab or len(tokens), len(tokens))
         self.tokens = tokens + [b""] * (n_vocab - len(tokens))
         self.eos_id, self.n_vocab = eos_id, n_vocab
+        self.stop_ids = list(stop_ids or [eos_id])  # any of them ends a complete answer
         wrapper = _Wrapper(self.tokens, special, bos_id, eos_id, encode)
-        self.ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=n_vocab)
+        self.ll = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper), n_vocab=n_vocab,
+                                         eos_token=self.stop_ids)
         self._matchers: "OrderedDict[GrammarSpec, llguidance.LLMatcher]" = OrderedDict()
         self._lock = threading.Lock()  # the server compiles on its HTTP threads
         self.ranks = self.order = None  # closing's preferences (constraint.py), on first use
@@ -192,7 +197,8 @@ def vocabulary(tokenizer, n_vocab: Optional[int] = None) -> Vocabulary:
                            f"{type(tokenizer).__name__} has neither token_bytes() nor sp_model")
     encode = (getattr(tokenizer, "encode_fragment", None)
               or _fragment_encoder(tokenizer, tokens))
-    vocab = Vocabulary(tokens, special, tokenizer.bos_id, tokenizer.eos_id, encode, n_vocab)
+    vocab = Vocabulary(tokens, special, tokenizer.bos_id, tokenizer.eos_id, encode, n_vocab,
+                       stop_tokens(tokenizer))
     _VOCABULARIES[key] = (tokenizer, vocab)
     return vocab
 
@@ -201,12 +207,22 @@ def _fragment_encoder(tokenizer, tokens: List[bytes]):
     """encode(text) for text in the middle of an answer. SentencePiece starts every text with
     a space ("▁"); llguidance tokenizes the bytes a grammar forces, which follow other text.
     So the text is encoded after a newline (a byte piece, which merges with nothing) and the
-    tokens up to it dropped."""
+    tokens up to it dropped. A model whose normalizer rewrites text (removing spaces at the
+    end, collapsing runs of them) would give other bytes: then the text's bytes are spelled
+    with byte pieces (<0xNN>), which a byte-fallback vocabulary has for every byte."""
     newline = tokens.index(b"\n") if b"\n" in tokens else None
+    sp = getattr(tokenizer, "sp_model", None)
+    byte_ids = ({i: sp.piece_to_id(f"<0x{i:02X}>") for i in range(256)}
+                if sp is not None else {})
 
     def encode(text: str) -> List[int]:
         if newline is None:
             return tokenizer.encode(text, bos=False, eos=False)
         ids = tokenizer.encode("\n" + text, bos=False, eos=False)
-        return ids[ids.index(newline) + 1:] if newline in ids else ids
+        ids = ids[ids.index(newline) + 1:] if newline in ids else ids
+        raw = text.encode("utf-8")
+        if b"".join(tokens[i] for i in ids) != raw and all(
+                tokens[byte_ids.get(b, 0)] == bytes([b]) for b in raw):
+            return [byte_ids[b] for b in raw]
+        return ids
     return encode

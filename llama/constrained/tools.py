@@ -7,16 +7,19 @@ a call is the answer {"tool_calls": [{"name": ..., "arguments": {...}}]}, nothin
 results come back as a user turn {"tool_results": [{"tool_call_id", "name", "content"}]}.
 A grammar holds the answer to it: with tool_choice "required" or a named function, the answer
 is such a call, arguments valid against the function's parameters; with "auto", either
-that or plain text that does not start with "{". Llama 3.1's own format is another
-convention behind the same three functions (prompt, grammar, parse).
+that or plain text that does not start with "{". Llama 3.1's own format (tools3.py) is
+another convention behind the same functions (dialog, grammar, SHAPE for reading calls);
+calling.py picks one by the tokenizer's family.
 """
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from llama.constrained.call_stream import CallShape, openai_calls
 from llama.constrained.grammar import GrammarSpec
+
+SHAPE = CallShape(depth=3, name_key="name", args_key="arguments")  # {"tool_calls": [call]}
 
 CHOICES = ("none", "auto", "required")
 
@@ -115,7 +118,8 @@ def call_schema(tools: Tools) -> Dict[str, Any]:
 
 
 def grammar(tools: Tools) -> GrammarSpec:
-    """The answer's grammar: a call; with "auto", a call or text not starting with "{"."""
+    """The answer's grammar: a call; with "auto", a call or text whose first character
+    after spaces is not "{"."""
     schema = call_schema(tools)
     if tools.choice != "auto":
         return GrammarSpec.json_schema(schema)
@@ -123,19 +127,27 @@ def grammar(tools: Tools) -> GrammarSpec:
 
     schema = dict(closed_objects(schema), **{"x-guidance": {"whitespace_flexible": False}})
     return GrammarSpec.lark(f'start: call | text\ncall: " "? %json {json.dumps(schema)}\n'
-                            f'text: /( ?[^ {{]|  )(?s:.)*/\n')
+                            f'text: /\\s*[^\\s{{](?s:.)*/\n')
 
 
 def parse_calls(text: str) -> Optional[List[Dict[str, Any]]]:
-    """OpenAI's tool_calls for an answer that is a call (None for a text answer)."""
-    stripped = text.strip()
-    if not stripped.startswith("{"):
-        return None
-    calls = json.loads(stripped)["tool_calls"]
-    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-             "function": {"name": call["name"],
-                          "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
-            for call in calls]
+    """OpenAI's tool_calls for an answer that is a call (None for a text answer); each
+    call's arguments as the model wrote them."""
+    return openai_calls(SHAPE, text)
+
+
+def dialog(messages: List[Any], tools: Optional[Tools]) -> List[Any]:
+    """OpenAI's messages in Llama 2's plain roles (convert_messages), the functions told in
+    the system prompt when tools are offered."""
+    messages = convert_messages(messages)
+    if tools is None:
+        return messages
+    told = system_prompt(tools)
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") == "system" \
+            and isinstance(first.get("content"), str):
+        return [{"role": "system", "content": f"{first['content']}\n\n{told}"}] + messages[1:]
+    return [{"role": "system", "content": told}] + messages
 
 
 def convert_messages(messages: List[Any]) -> List[Any]:

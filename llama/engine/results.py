@@ -9,7 +9,7 @@ import torch
 
 from llama.engine.core import EngineSequence
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]  # the last: chat with tools
 
 
 @dataclass

@@ -14,12 +14,12 @@ class TextStream:
     """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
 
     def __init__(self, llama, prompt_tokens, max_gen_len, temperature, top_p, stop,
-                 cancel=None, spec=None):
+                 cancel=None, spec=None, after_prompt=False):
         self._llama, self._prompt_tokens = llama, prompt_tokens
         if max_gen_len is None:
             max_gen_len = llama.model.params.max_seq_len - 1
         self._args = (max_gen_len, temperature, top_p, stop)
-        self._cancel, self._spec = cancel, spec
+        self._cancel, self._spec, self._after_prompt = cancel, spec, after_prompt
         check_no_stop(spec, stop)
         if prompt_tokens is not None:  # bad arguments fail here, not when iterated
             check_generation_arguments([prompt_tokens], max_gen_len, temperature, top_p, stop,
@@ -37,9 +37,18 @@ class TextStream:
         max_gen_len, temperature, top_p, stop = self._args
         results = yield from _only_on_main(self._llama._generate(
             [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
-            stream=True, cancel=self._cancel, spec=self._spec))
+            stream=True, cancel=self._cancel, spec=self._spec, after_prompt=self._after_prompt))
         self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
             results[0].finish_reason
+
+
+def drain(generator):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as finished:
+            return finished.value
 
 
 def _only_on_main(pieces):

@@ -149,6 +149,23 @@ def check_text(name: str, value: str, param: Optional[str] = None) -> str:
     return value
 
 
+def check_dialog(dialog, index: int, validate: Optional[Callable] = None) -> None:
+    """A dialog the chat format can write (`validate(dialog, index)`: by default
+    chat_format.validate_dialog, Llama 2's rules), its errors typed as arguments of the API
+    ("dialogs"), and every content text."""
+    from llama.chat_format import validate_dialog
+
+    try:
+        (validate or validate_dialog)(dialog, index)
+    except TypeError as error:
+        raise ArgumentTypeError("dialogs", str(error)) from None
+    except ValueError as error:
+        raise ArgumentValueError("dialogs", str(error)) from None
+    for position, message in enumerate(dialog):
+        check_text(f"dialog {index}, message {position} content", message["content"],
+                   "dialogs")
+
+
 def check_stop(value: Any) -> List[str]:
     """None, a string, or a list of non-empty strings; returned as a list."""
     if value is None:

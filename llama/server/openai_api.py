@@ -11,6 +11,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from llama.chat_format import validate_dialog
 from llama.chat_formats import dialog_tokens, has_special_tags
+from llama.constrained.calling import (
+    ToolError,
+    tool_dialog,
+    tool_dialog_tokens,
+    uses_tools,
+    validator,
+)
 from llama.server import openai_options
 from llama.server.errors import ApiError
 
@@ -176,18 +183,53 @@ def check_fits(texts: List[str], tokenizer, max_seq_len: int, what: str) -> None
 def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
     job = _common(body, CHAT_FIELDS, model_name)
     job.chat = True
-    messages = openai_options.chat_messages(body)  # tool calls and results as plain roles
+    messages = _messages(body.get("messages"))
+    job.tools = openai_options.read_tools(body)
+    tool_format = job.tools is not None or uses_tools(messages)
+    try:  # tool calls and results, and the functions, in the family's tool format
+        dialog = tool_dialog(tokenizer, messages, job.tools) if tool_format else messages
+    except ToolError as error:
+        raise ApiError(400, str(error), error.param) from None
+    check_fits([m["content"] for m in dialog], tokenizer, max_seq_len, "messages")
+    try:
+        if tool_format:
+            validator(tokenizer)(dialog, 0)
+        else:
+            validate_dialog(dialog, 0)
+    except (TypeError, ValueError) as error:
+        raise ApiError(400, str(error).replace("dialog 0", "messages"), "messages") from None
+    job.refused = has_special_tags(tokenizer, dialog)
+    if job.refused:
+        job.prompts, job.limits = [[]], [0]
+    else:
+        job.prompts = [tool_dialog_tokens(tokenizer, dialog) if tool_format
+                       else dialog_tokens(tokenizer, dialog)]
+        _limits(job, body, ("max_tokens", "max_completion_tokens"), max_seq_len, "messages")
+    job.logprobs = _boolean(body, "logprobs")
+    job.top_logprobs = _integer(body, "top_logprobs", 0, 20) or 0
+    if job.top_logprobs and not job.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    openai_options.read_options(job, body, tokenizer)
+    return job
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(messages) -> List[Dict[str, Any]]:
+    """OpenAI's messages read: each content a str (text parts joined; null for an assistant
+    that calls tools), the other fields kept (tool_calls, tool_call_id, name)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} "
                             "objects", "messages")
-    dialog = []
+    out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
         role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"{where}.role must be 'system', 'user' or 'assistant', got "
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, got "
                                 f"{role!r}", f"{where}.role")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text"
@@ -195,27 +237,13 @@ def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
                 raise ApiError(400, f"{where}.content parts must be {{\"type\": \"text\", "
                                     f"\"text\": ...}}", f"{where}.content")
             content = "".join(p["text"] for p in content)
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string, got "
                                 f"{type(content).__name__}", f"{where}.content")
-        dialog.append({"role": role, "content": _utf8(content, f"{where}.content")})
-    check_fits([m["content"] for m in dialog], tokenizer, max_seq_len, "messages")
-    try:
-        validate_dialog(dialog, 0)
-    except (TypeError, ValueError) as error:
-        raise ApiError(400, str(error).replace("dialog 0", "messages"), "messages") from None
-    job.refused = has_special_tags(tokenizer, dialog)
-    job.prompts = [[] if job.refused else dialog_tokens(tokenizer, dialog)]
-    if not job.refused:
-        _limits(job, body, ("max_tokens", "max_completion_tokens"), max_seq_len, "messages")
-    else:
-        job.limits = [0]
-    job.logprobs = _boolean(body, "logprobs")
-    job.top_logprobs = _integer(body, "top_logprobs", 0, 20) or 0
-    if job.top_logprobs and not job.logprobs:
-        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    openai_options.read_options(job, body, tokenizer)
-    return job
+        out.append({**message, "content": _utf8(content, f"{where}.content")})
+    return out
 
 
 def parse_completion(body, tokenizer, max_seq_len: int, model_name: str) -> Job:

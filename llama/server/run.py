@@ -8,7 +8,7 @@ import time
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 from llama.chat_format import UNSAFE_ERROR
-from llama.constrained.tools import parse_calls
+from llama.constrained.calling import parse_calls
 from llama.server.metrics import Metrics, Record
 from llama.server.openai_api import ApiError, Job, chat_logprobs, completion_logprobs, usage
 from llama.server.openai_options import ToolAnswer
@@ -121,8 +121,8 @@ class Run:
             choice: Dict[str, Any] = {"index": i, "finish_reason": finish[i], "logprobs": None}
             if job.chat:
                 choice["message"] = {"role": "assistant", "content": texts[i], "refusal": None}
-                calls = parse_calls(texts[i]) if job.tools is not None else None
-                if calls:  # the answer is a call (tools.py's convention)
+                calls = parse_calls(tokenizer, texts[i]) if job.tools is not None else None
+                if calls:  # the answer is a call (in the family's tool format)
                     choice["message"].update(content=None, tool_calls=calls)
                     choice["finish_reason"] = "tool_calls"
                 if job.logprobs:
@@ -142,7 +142,7 @@ class Run:
         job = self.job
         extra = {"usage": None} if job.include_usage else {}
         prompt_tokens = completion_tokens = 0
-        answers = {}  # with tools: each choice's answer, a call held back until complete
+        answers = {}  # with tools: each choice's answer (ToolAnswer)
         status = CLIENT_GONE  # unless it gets to the end
         try:
             if job.chat:  # the first chunk carries the role
@@ -155,12 +155,20 @@ class Run:
                 for i, text in enumerate(job.texts):
                     yield _sse({**head, **extra, "choices": [_text_choice(i, text)]})
             async for index, event in self.events_until_done():
-                text = event.text
-                if job.tools is not None:
-                    text = answers.setdefault(index, ToolAnswer()).add(text)
-                if text or (event.tokens and job.tools is None):
+                if job.tools is not None:  # text, or a call streamed as OpenAI's deltas
+                    answer = answers.setdefault(index, ToolAnswer(tokenizer))
+                    deltas = answer.add(event.text)
+                    if event.done and answer.rest():
+                        deltas.append({"content": answer.rest()})
+                    for delta in deltas:
+                        piece = _chat_choice(index, delta)
+                        if job.logprobs and "content" in delta:
+                            piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
+                                                              event.logprobs, event.top)
+                        yield _sse({**head, **extra, "choices": [piece]})
+                elif event.text or event.tokens:
                     if job.chat:
-                        piece = _chat_choice(index, {"content": text})
+                        piece = _chat_choice(index, {"content": event.text})
                         if job.logprobs:
                             piece["logprobs"] = chat_logprobs(tokenizer, event.tokens,
                                                               event.logprobs, event.top)
@@ -174,13 +182,8 @@ class Run:
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
                     finish_reason = event.finish_reason
-                    if index in answers:  # tool calls come whole, as one delta
-                        calls = answers[index].calls()
-                        if calls:
-                            finish_reason = "tool_calls"
-                            yield _sse({**head, **extra, "choices": [_chat_choice(
-                                index, {"tool_calls": [dict(call, index=k) for k, call
-                                                       in enumerate(calls)]})]})
+                    if index in answers and answers[index].is_call:
+                        finish_reason = "tool_calls"
                     last = (_chat_choice(index, {}, finish_reason) if job.chat else
                             _text_choice(index, "", finish_reason))
                     yield _sse({**head, **extra, "choices": [last]})
