@@ -57,7 +57,7 @@ def make_step(model, bsz, position, compiled):
         return lambda: model.forward(tokens, position, cache, last_logits_only=True)
     llama.compile_decode()
     cache.mark_static()
-    return lambda: llama._run_compiled_step(tokens, where, cache, None)
+    return lambda: llama._compiled_step(tokens, where, cache, None)
 
 
 def split(step, reps=10):

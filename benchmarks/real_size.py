@@ -280,7 +280,7 @@ def read_rate(r, bsz: int, tok_s: float) -> float:
 
 def first_to_last(turns) -> str:
     if turns is None:
-        return "(no chat_session)"
+        return "(not measured)"
     ttft = turns["ttft_s"]
     return f"{ttft[0]:.2f} -> {ttft[-1]:.2f} (x{ttft[-1] / ttft[0]:.2f})"
 
@@ -338,11 +338,11 @@ def main(argv=None) -> int:
         parser.error("give --write DIR --shape SHAPE, --run DIR, or both")
     if a.write and not a.shape:
         parser.error("--write needs --shape (" + ", ".join(SHAPES) + ")")
-    if min(a.batch + [a.prompt_len, a.turns, a.turn_tokens, a.answer_tokens, a.runs,
-                      a.threads]) < 1 or a.gen_len < 2 or a.bandwidth_gib <= 0:
-        parser.error("--batch, --prompt-len, --turns, --turn-tokens, --answer-tokens, --runs "
-                     "and --threads must be at least 1, --gen-len at least 2, "
-                     "--bandwidth-gib above 0")
+    if min(a.batch + [a.prompt_len, a.turn_tokens, a.answer_tokens, a.runs,
+                      a.threads]) < 1 or a.gen_len < 2 or a.bandwidth_gib <= 0 or a.turns < 0:
+        parser.error("--batch, --prompt-len, --turn-tokens, --answer-tokens, --runs "
+                     "and --threads must be at least 1, --turns at least 0 (no chat), --gen-len "
+                     "at least 2, --bandwidth-gib above 0")
     if a.write:
         write(a.write, a.shape, a.seed)
     if a.run:

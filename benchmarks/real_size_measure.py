@@ -73,15 +73,16 @@ def measure_format(ckpt: Path, fmt: str, build: dict, a, say=print) -> dict:
         say(f"decode batch {bsz}: " + (f"{rate:.2f} tok/s" if rate else "too short to time"))
     llama.free_cache()  # the chat's calls need one row, longer
 
-    users, answers = chat_texts(llama.tokenizer, a.turns, a.turn_tokens, a.answer_tokens)
-    out["chat_completion"] = chat_completion_turns(llama, users, answers)
-    say("chat_completion, time to first token by turn: "
-        + seconds_list(out["chat_completion"]["ttft_s"]))
-    llama.free_cache()
-    if hasattr(llama, "chat_session"):
-        out["chat_session"] = session_turns(llama, users, a.answer_tokens)
-        say("chat_session, time to first token by turn: "
-            + seconds_list(out["chat_session"]["ttft_s"]))
+    if a.turns:
+        users, answers = chat_texts(llama.tokenizer, a.turns, a.turn_tokens, a.answer_tokens)
+        out["chat_completion"] = chat_completion_turns(llama, users, answers)
+        say("chat_completion, time to first token by turn: "
+            + seconds_list(out["chat_completion"]["ttft_s"]))
+        llama.free_cache()
+        if hasattr(llama, "chat_session"):
+            out["chat_session"] = session_turns(llama, users, a.answer_tokens)
+            say("chat_session, time to first token by turn: "
+                + seconds_list(out["chat_session"]["ttft_s"]))
     out["peak_rss"] = peak_rss()
     return out
 
@@ -133,6 +134,8 @@ def chat_texts(tokenizer, turns: int, turn_tokens: int, answer_tokens: int):
 def chat_length(tokenizer, turns: int, turn_tokens: int, answer_tokens: int) -> int:
     """Tokens the chat's longest call holds: the last turn's prompt (the fixed answers
     replayed) and its answer, with room for a session's own answers' EOS and re-encoding."""
+    if turns == 0:
+        return 0
     users, answers = chat_texts(tokenizer, turns, turn_tokens, answer_tokens)
     dialog = [{"role": role, "content": text} for pair in zip(users, answers)
               for role, text in zip(("user", "assistant"), pair)][:-1]

@@ -5,7 +5,6 @@ are prefilled in one left-padded pass, then each step samples one token per row 
 back, syncing with the host once.
 """
 
-import functools
 import os
 import sys
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypedDict
@@ -37,6 +36,7 @@ from llama.constrained.spec import (
     make_constraint,
     response_format_spec,
 )
+from llama.engine.compiled import CompiledDecode
 from llama.engine.core import Engine, EngineSequence
 from llama.engine.distributed import broadcast_object, is_main_process
 from llama.engine.results import FinishReason, Result, finish, prompt_logprobs
@@ -149,22 +149,10 @@ class Llama:
         cache size) and, with `cuda_graphs` (default: on when the model is on a CUDA device),
         is captured as a CUDA graph and replayed every step (torch.compile's
         "reduce-overhead" mode). The first calls are slow while it compiles; results equal
-        the eager path's. Other options go to torch.compile."""
-        if cuda_graphs is None:
-            cuda_graphs = self.model.output.weight.device.type == "cuda"
-        if cuda_graphs:
-            compile_options.setdefault("mode", "reduce-overhead")
-        compile_options.setdefault("dynamic", False)  # one static graph per shape
-        # Traced without inference mode: torch 2.13's inductor fails on views of input tensors
-        # traced inside it. The step runs under no_grad instead (_run_compiled_step), on
-        # ordinary (non-inference) tensors: hence the clones there and in _generate.
-        step = functools.partial(type(self.model).forward.__wrapped__, self.model)
-        self._compiled_step = torch.compile(step, **compile_options)
-
-    def _run_compiled_step(self, tokens, position, cache, pads):
-        with torch.inference_mode(False), torch.no_grad():
-            return self._compiled_step(tokens.clone(), position, cache, pads,
-                                       last_logits_only=True)
+        the eager path's. On the CPU, its first steps for each shape are timed against eager
+        ones and the faster kind is kept (llama/engine/compiled.py). Other options go to
+        torch.compile."""
+        self._compiled_step = CompiledDecode(self.model, cuda_graphs, **compile_options)
 
     # ------------------------------------------------------------------ reference API
     @torch.inference_mode()
@@ -390,8 +378,8 @@ class Llama:
         compiled = self._compiled_step is not None and n_steps > 1
         cache = self._cache_for(bsz, max_len + n_steps, exact_rows=compiled)
         stop_ids = stop_tokens(self.tokenizer)
-        engine = Engine(self.model, stop_ids, cache,
-                        self._run_compiled_step if compiled else None)
+        engine = Engine(self.model, stop_ids, cache, self._compiled_step if compiled else None,
+                        step_choice=self._compiled_step.choice(cache) if compiled else None)
         noise = None
         if temperature > 0:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))

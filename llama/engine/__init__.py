@@ -2,6 +2,7 @@
 
 - core.py: sequences in cache slots, prefill (alone, from a cached prefix, or in chunks riding
   with the decode rows) and decode steps;
+- compiled.py: the torch.compile'd decode step, and the clock's choice between it and eager;
 - sampling.py: greedy and top-p sampling and the random draws they use;
 - logits.py, penalties.py: per-row logit adjustments inside the batch (penalties, logit bias,
   grammar masks);

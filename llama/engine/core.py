@@ -21,6 +21,7 @@ from typing import Callable, Collection, List, Optional, Tuple, Union
 
 import torch
 
+from llama.engine.compiled import CompiledOrEager, clock
 from llama.engine.logits import constrain_logits, take_constrained
 from llama.engine.sampling import ReferenceNoise, RowNoise, sample
 from llama.engine.text import TextTracker
@@ -90,12 +91,15 @@ class Engine:
 
     def __init__(self, model, stop_ids: Union[int, Collection[int]], cache: KVCache,
                  compiled_step: Optional[Callable] = None, release_finished: bool = False,
-                 prefill_chunk: int = 0, prefix_cache=None):
+                 prefill_chunk: int = 0, prefix_cache=None,
+                 step_choice: Optional[CompiledOrEager] = None):
         self.model, self.cache = model, cache
         # the tokens that end a sequence (tokenizers.stop_tokens); one int is an EOS id alone
         self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
         self.prefix_cache = prefix_cache  # a PrefixCache shared by the sequences added, or None
         self.compiled_step = compiled_step
+        # with a compiled step: whether each step takes it or the eager one (compiled.py)
+        self.step_choice = step_choice
         self.release_finished = release_finished  # server: free a slot as its row ends
         if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be an int >= 0, got {prefill_chunk!r}")
@@ -318,7 +322,10 @@ class Engine:
         padded = any(seq.start for seq in sequences)
         starts = self.starts[:rows] if padded else None
         uniform = len(sequences) == rows and len(host_positions) == 1
-        if self.compiled_step is not None:
+        compiled = self.compiled_step is not None and (
+            self.step_choice is None or self.step_choice.next())
+        began = clock()
+        if compiled:
             positions = self.positions[:1] if uniform else self.positions[:rows]
             logits = self.compiled_step(tokens[:, None], positions, self.cache, starts)
         elif uniform:  # every row at the same slot: the plain step, reading a prefix
@@ -330,6 +337,8 @@ class Engine:
                                         self.cache.view(slice(0, rows), kv_len), starts,
                                         last_logits_only=True)
         self.logits = logits[:, -1]
+        if self.step_choice is not None:
+            self.step_choice.took(clock() - began)
         self.positions[:rows] += self.occupied[:rows]
         for seq in sequences:
             seq.position += 1
