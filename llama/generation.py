@@ -104,9 +104,8 @@ class Llama:
         (llama/layers/bf16.py: float32's function at half its memory; dtype=torch.float32 for
         float32 weights). `verify=True` checks every file against checklist.chk first.
         `seed` must be the same on every rank: all ranks sample the same tokens. Every
-        argument, the
-        checkpoint directory and then the tokenizer file are checked before anything is loaded,
-        and then whether the model fits in the memory this process may use
+        argument, the checkpoint directory and then the tokenizer file are checked before
+        anything is loaded, and then whether the model fits in the memory this process may use
         (llama/checkpoints/memory_fit.py: NotEnoughMemoryError names the settings that would fit).
 
         As the reference's build does, on every process but rank 0 this sends `sys.stdout` to
@@ -213,9 +212,9 @@ class Llama:
                                                f"{type(prompts).__name__}")
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise ArgumentTypeError("prompts", f"prompts[{index}] must be a str, got "
+                raise ArgumentTypeError("prompts", f"prompt {index + 1} must be a str, got "
                                                    f"{type(prompt).__name__}")
-            check_text(f"prompts[{index}]", prompt, "prompts")
+            check_text(f"prompt {index + 1}", prompt, "prompts")
         spec = grammar_spec(response_format, regex, grammar)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
@@ -249,12 +248,13 @@ class Llama:
         all_tokens = [dialog_tokens(self.tokenizer, dialog, index)
                       for index, dialog in enumerate(dialogs)]
         safe_tokens = [t for t, bad in zip(all_tokens, unsafe) if not bad]
+        names = [f"dialog {i + 1}" for i, bad in enumerate(unsafe) if not bad]
         # The refused dialogs are not run, but sampling draws random numbers as if they were
         # in the batch, as in the reference, so seeded samples of the others stay the same.
         noise_batch = ([len(t) for t in all_tokens], [i for i, bad in enumerate(unsafe) if not bad])
         safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
                                                   top_p, logprobs, False, stop, noise_batch,
-                                                  spec))
+                                                  spec, names))
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
@@ -297,7 +297,8 @@ class Llama:
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         tokens = dialog_tokens(self.tokenizer, dialog)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
+        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec,
+                          name="dialog")
 
     def chat_session(self, system: Optional[str] = None, reply_room: Optional[int] = None,
                      retokenize: bool = False) -> ChatSession:
@@ -323,7 +324,9 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None, spec=None) -> List[Result]:
+                            echo, stop, noise_batch=None, spec=None, names=None
+                            ) -> List[Result]:
+        names = names or [f"prompt {i + 1}" for i in range(len(prompt_tokens))]
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
@@ -333,22 +336,23 @@ class Llama:
         for begin in range(0, len(prompt_tokens), size):
             rows += _drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
-                                          index_offset=begin, noise_batch=noise_batch,
-                                          spec=spec))
+                                          names=names[begin: begin + size],
+                                          noise_batch=noise_batch, spec=spec))
         return rows
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                  stop=None, stream=False, index_offset=0, noise_batch=None,
+                  stop=None, stream=False, names=None, noise_batch=None,
                   cancel=None, spec=None) -> Iterator[str]:
         """Yields text pieces of row 0 when `stream`; returns a Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise).
         `cancel()` is asked after each step; rank 0's answer holds for every rank. `spec`: a
-        grammar.GrammarSpec every row's generation must match."""
+        grammar.GrammarSpec every row's generation must match. `names`: what errors call the
+        prompts."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
-                                          params, self.tokenizer.n_words, index_offset)
+                                          params, self.tokenizer.n_words, names)
         bsz = len(prompt_tokens)
         if bsz == 0:
             return []
@@ -440,7 +444,7 @@ def _validate_dialog(dialog, index: int) -> None:
     except ValueError as error:
         raise ArgumentValueError("dialogs", str(error)) from None
     for position, message in enumerate(dialog):
-        check_text(f"dialog {index}, message {position} content", message["content"],
+        check_text(f"dialog {index + 1}, message {position + 1} content", message["content"],
                    "dialogs")
 
 

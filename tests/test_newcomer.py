@@ -47,9 +47,9 @@ def test_a_stray_word_is_refused_by_the_scripts():
 
 
 def test_text_that_is_not_utf8_is_an_argument_error(library):
-    with pytest.raises(ArgumentValueError, match=r"prompts\[0\] holds '\\udce9'"):
+    with pytest.raises(ArgumentValueError, match=r"prompt 1 holds '\\udce9'"):
         library.text_completion(["caf\udce9"], max_gen_len=2)
-    with pytest.raises(ArgumentValueError, match="dialog 0, message 0 content"):
+    with pytest.raises(ArgumentValueError, match="dialog 1, message 1 content"):
         library.chat_completion([[{"role": "user", "content": "\ud800"}]], max_gen_len=2)
     with pytest.raises(ArgumentValueError, match="prompt holds"):
         library.stream_text("x\ud800")
