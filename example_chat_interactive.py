@@ -9,9 +9,9 @@ other /words are refused (// sends a message that starts with /). An answer cut 
 --max_gen_len ends with [cut ...].
 Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
 prompt interrupts the chat (exit status 130, as for any command stopped by Ctrl-C; every
-process stops under torchrun). The conversation stays in the KV cache between turns (Llama.chat_session): each
-answer starts after prefilling only the new message. When the conversation outgrows
-max_seq_len, the oldest exchanges are dropped, and it says so.
+process stops under torchrun). The conversation stays in the KV cache between turns
+(Llama.chat_session): each answer starts after prefilling only the new message. When the
+conversation outgrows max_seq_len, the oldest exchanges are dropped, and it says so.
 """
 
 import contextlib
