@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional
 from llama.cli.flags import EXPECTED_ERRORS, ArgumentParser, in_flag_terms
 from llama.engine.validation import ArgumentValueError
 from llama.server.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
-from llama.server.metrics import Metrics
+from llama.server.metrics import CLIENT_GONE, Metrics
 from llama.server.openai_api import (
     ApiError,
     envelope,
@@ -37,7 +37,6 @@ from llama.server.openai_api import (
     parse_chat,
     parse_completion,
 )
-from llama.server.metrics import CLIENT_GONE
 from llama.server.run import RETRY_AFTER_S, Run
 from llama.server.scheduler import Scheduler
 from llama.tokenizers import stop_tokens

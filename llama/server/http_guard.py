@@ -64,6 +64,7 @@ def guard(app, max_body: int, body_timeout: float,
         if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        arrived = None if metrics is None else metrics.begin(scope["path"], scope["method"])
         try:
             _check_host(headers.get("host", ""), allowed)
             if scope["method"] != "POST":
@@ -72,8 +73,8 @@ def guard(app, max_body: int, body_timeout: float,
             body = await _read_body(receive, headers.get("content-length"), max_body,
                                     body_timeout)
         except _Refused as refused:
-            if metrics is not None:
-                metrics.refused(scope["method"], scope["path"], refused.logged)
+            if arrived is not None:  # logged and counted as the API's own answers are
+                metrics.finish(arrived, refused.logged)
             return await _error_response(refused.error, refused.close)(scope, receive, send)
         return await app(scope, _replay(body, receive), send)
 

@@ -69,11 +69,6 @@ class Metrics:
     def begin(self, route: str, method: str = "POST") -> Record:
         return Record(route=route, started=self.clock(), method=method)
 
-    def refused(self, method: str, path: str, status: int) -> None:
-        """A request the HTTP guard refused before any route saw it (a body too large or
-        too slow, not JSON, a Host not allowed): logged and counted as any other."""
-        self.finish(self.begin(path, method), status)
-
     def tokens(self, record: Record, choice: int, count: int) -> None:
         """`count` new tokens of a choice have just been sent."""
         if count <= 0:
