@@ -165,6 +165,13 @@ class Terminal:
     def type(self, line):
         os.write(self.master, line.encode() + b"\n")
 
+    def rest(self, timeout=60):
+        """The screen once the program has exited and printed all it prints."""
+        self._read_until(lambda: self.process.poll() is not None, timeout, "its exit")
+        while select.select([self.master], [], [], 0.2)[0]:
+            self.screen += os.read(self.master, 65536).decode("utf-8", "replace")
+        return self.screen
+
     def close(self):
         """The program's exit status; afterwards `lflag` holds the terminal's local modes."""
         try:
@@ -253,6 +260,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(nproc, checkpoints, tokeniz
         term.expect("User: ", count=turn + 1)
     os.write(term.master, b"\x03")  # Ctrl-C at the prompt
     term.expect("interrupted")
+    term.rest()
     status = term.close()
     # torchrun ends with its own status (1) when its workers fail, as they do here (130 each)
     assert status == (130 if nproc is None else 1), term.screen[-3000:]

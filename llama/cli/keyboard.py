@@ -64,21 +64,24 @@ class Keyboard:
     def read_line(self, prompt: str) -> Optional[str]:
         """A line typed after `prompt`, or None for Ctrl-D (at an empty line: the input
         ends). Raises KeyboardInterrupt for Ctrl-C (a key on a terminal, else SIGINT)."""
-        print(prompt, end="", flush=True)
+        try:
+            print(prompt, end="", flush=True)
+            return self._read()
+        except KeyboardInterrupt:  # (a signal may come as the prompt is printed)
+            print(flush=True)  # the line said next (on stderr) starts a line of its own
+            raise
+
+    def _read(self) -> Optional[str]:
         if self.fd is None:
             try:
                 return input()
             except EOFError:
                 print()
                 return None
-            except KeyboardInterrupt:
-                print(flush=True)  # before the "interrupted" line on stderr
-                raise
         self._set(isig=False, canonical=True)
         # In canonical mode one read returns one line, ended by Enter, Ctrl-C (VEOL) or Ctrl-D.
         data = os.read(self.fd, 65536)
         if CTRL_C in data:
-            print(flush=True)
             raise KeyboardInterrupt
         if not data:
             print()
