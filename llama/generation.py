@@ -296,9 +296,8 @@ class Llama:
         spec = response_format_spec(response_format)
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
-        tokens = dialog_tokens(self.tokenizer, dialog)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec,
-                          name="dialog")
+        return TextStream(self, dialog_tokens(self.tokenizer, dialog), max_gen_len, temperature,
+                          top_p, stop, cancel, spec, "dialog")
 
     def chat_session(self, system: Optional[str] = None, reply_room: Optional[int] = None,
                      retokenize: bool = False) -> ChatSession:
@@ -324,8 +323,7 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None, spec=None, names=None
-                            ) -> List[Result]:
+                            echo, stop, noise_batch=None, spec=None, names=None) -> List[Result]:
         names = names or [f"prompt {i + 1}" for i in range(len(prompt_tokens))]
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
@@ -348,8 +346,7 @@ class Llama:
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
         sampling then draws its random numbers for that batch (see ReferenceNoise).
         `cancel()` is asked after each step; rank 0's answer holds for every rank. `spec`: a
-        grammar.GrammarSpec every row's generation must match. `names`: what errors call the
-        prompts."""
+        grammar.GrammarSpec every row's generation must match; `names`: what errors call them."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
                                           params, self.tokenizer.n_words, names)
