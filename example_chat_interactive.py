@@ -8,9 +8,10 @@ Commands: /reset forgets the conversation (keeps the system prompt), /exit or Ct
 other /words are refused (// sends a message that starts with /). An answer cut by
 --max_gen_len ends with [cut ...].
 Ctrl-C while an answer is written stops that answer and keeps the conversation; Ctrl-C at the
-prompt quits. The conversation stays in the KV cache between turns (Llama.chat_session): each
-answer starts after prefilling only the new message. When the conversation outgrows
-max_seq_len, the oldest exchanges are dropped, and it says so.
+prompt interrupts the chat (exit status 130, as for any command stopped by Ctrl-C; every
+process stops under torchrun). The conversation stays in the KV cache between turns
+(Llama.chat_session): each answer starts after prefilling only the new message. When the
+conversation outgrows max_seq_len, the oldest exchanges are dropped, and it says so.
 """
 
 import contextlib
@@ -31,9 +32,18 @@ DEMO_DEFAULTS = {"max_seq_len": 256, "max_gen_len": 64}
 
 
 def read_user_turn(keyboard: Optional[Keyboard]) -> Optional[str]:
-    """Rank 0 reads a line; every rank gets it. None means quit (Ctrl-D or Ctrl-C)."""
-    line = keyboard.read_line("User: ") if keyboard else None
-    return broadcast_object(line)
+    """Rank 0 reads a line; every rank gets it. None means quit (Ctrl-D). Ctrl-C raises
+    KeyboardInterrupt on every rank (rank 0 tells the others first, so none waits for a line
+    that never comes); `run` then exits with status 130."""
+    interrupted = False
+    try:
+        line = keyboard.read_line("User: ") if keyboard else None
+    except KeyboardInterrupt:
+        line, interrupted = None, True
+    line, interrupted = broadcast_object((line, interrupted))
+    if interrupted:
+        raise KeyboardInterrupt
+    return line
 
 
 def stream_answer(session, line: str, keyboard: Optional[Keyboard], **options):
@@ -76,8 +86,9 @@ def main(
 ):
     """Chat in the terminal; answers are printed as they are generated.
 
-    Ctrl-C stops an answer and keeps the conversation; /exit, Ctrl-D or Ctrl-C at the prompt
-    quits; /reset starts the conversation over (keeping the system prompt).
+    Ctrl-C stops an answer and keeps the conversation; /exit or Ctrl-D at the prompt quits
+    (Ctrl-C there interrupts: exit status 130); /reset starts the conversation over (keeping
+    the system prompt).
 
     Args:
         ckpt_dir: checkpoint directory, e.g. llama-2-7b-chat/ (default: the bundled demo

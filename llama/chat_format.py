@@ -18,9 +18,15 @@ SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 
-def validate_dialog(dialog, index: int = 0) -> None:
-    """Raise TypeError/ValueError naming dialog `index` if it cannot be formatted."""
-    where = f"dialog {index}"
+def validate_dialog(dialog, index: int = 0, path: Optional[str] = None) -> None:
+    """Raise TypeError/ValueError if the dialog cannot be formatted, naming it as people count
+    ("dialog 1" for index 0, its messages "message 1", ...), or, given `path` (the field of a
+    JSON request, e.g. "messages"), as that field and its items ("messages[0]")."""
+    where = path or f"dialog {index + 1}"
+
+    def at(position: int) -> str:
+        return f"{path}[{position}]" if path else f"{where}, message {position + 1}"
+
     if not isinstance(dialog, (list, tuple)):
         raise TypeError(f"{where} must be a list of {{'role', 'content'}} messages, "
                         f"got {type(dialog).__name__}")
@@ -28,26 +34,24 @@ def validate_dialog(dialog, index: int = 0) -> None:
         raise ValueError(f"{where} is empty: it needs at least one user message")
     for position, message in enumerate(dialog):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise TypeError(f"{where}, message {position}: expected a dict with 'role' and "
-                            f"'content', got {message!r}")
+            raise TypeError(f"{at(position)}: expected a dict with 'role' and 'content', got "
+                            f"{message!r}")
         if message["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"{where}, message {position}: role must be 'system', 'user' or "
-                             f"'assistant', got {message['role']!r}")
+            raise ValueError(f"{at(position)}: role must be 'system', 'user' or 'assistant', "
+                             f"got {message['role']!r}")
         if not isinstance(message["content"], str):
-            raise TypeError(f"{where}, message {position}: content must be a str, got "
+            raise TypeError(f"{at(position)}: content must be a str, got "
                             f"{type(message['content']).__name__}")
         if message["role"] == "system" and position != 0:
-            raise ValueError(f"{where}, message {position}: a system message may only come "
-                             f"first")
+            raise ValueError(f"{at(position)}: a system message may only come first")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns:
         raise ValueError(f"{where} has only a system prompt: add a user message after it")
     for position, message in enumerate(turns):
         expected = "user" if position % 2 == 0 else "assistant"
         if message["role"] != expected:
-            offset = len(dialog) - len(turns)
             raise ValueError(
-                f"{where}, message {position + offset}: expected role {expected!r}, got "
+                f"{at(position + len(dialog) - len(turns))}: expected role {expected!r}, got "
                 f"{message['role']!r}; after an optional system prompt, roles must alternate "
                 f"user, assistant, user, ...")
     if turns[-1]["role"] != "user":

@@ -82,12 +82,12 @@ def validate_tool_dialog(dialog, index: int = 0) -> None:
     told in one), assistant turns (never two in a row; with `tool_calls`, a list of texts)
     and ipython turns (tool results, after a call or another result), ending with a user or
     ipython turn for the model to answer."""
-    where = f"dialog {index}"
+    where = f"dialog {index + 1}"  # as people count
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise TypeError(f"{where} must be a non-empty list of {{'role', 'content'}} messages")
     previous = None
     for position, message in enumerate(dialog):
-        here = f"{where}, message {position}"
+        here = f"{where}, message {position + 1}"
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise TypeError(f"{here}: expected a dict with 'role' and a str 'content', got "
                             f"{message!r}")

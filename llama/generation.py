@@ -202,9 +202,9 @@ class Llama:
                                                f"{type(prompts).__name__}")
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise ArgumentTypeError("prompts", f"prompts[{index}] must be a str, got "
+                raise ArgumentTypeError("prompts", f"prompt {index + 1} must be a str, got "
                                                    f"{type(prompt).__name__}")
-            check_text(f"prompts[{index}]", prompt, "prompts")
+            check_text(f"prompt {index + 1}", prompt, "prompts")
         spec = grammar_spec(response_format, regex, grammar)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         rows = self._generate_in_chunks(prompt_tokens, max_gen_len, temperature, top_p,
@@ -251,12 +251,13 @@ class Llama:
                           for index, dialog in enumerate(dialogs)]
         unsafe = [has_special_tags(self.tokenizer, dialog) for dialog in dialogs]
         safe_tokens = [t for t, bad in zip(all_tokens, unsafe) if not bad]
+        names = [f"dialog {i + 1}" for i, bad in enumerate(unsafe) if not bad]
         # The refused dialogs are not run, but sampling draws random numbers as if they were
         # in the batch, as in the reference, so seeded samples of the others stay the same.
         noise_batch = ([len(t) for t in all_tokens], [i for i, bad in enumerate(unsafe) if not bad])
         safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
                                                   top_p, logprobs, False, stop, noise_batch,
-                                                  spec))
+                                                  spec, names))
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
@@ -300,8 +301,8 @@ class Llama:
         spec = response_format_spec(response_format)
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
-        tokens = dialog_tokens(self.tokenizer, dialog)
-        return TextStream(self, tokens, max_gen_len, temperature, top_p, stop, cancel, spec)
+        return TextStream(self, dialog_tokens(self.tokenizer, dialog), max_gen_len, temperature,
+                          top_p, stop, cancel, spec, "dialog")
 
     def chat_session(self, system: Optional[str] = None, reply_room: Optional[int] = None,
                      retokenize: bool = False) -> ChatSession:
@@ -327,8 +328,9 @@ class Llama:
 
     # ------------------------------------------------------------------ the decode loop
     def _generate_in_chunks(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs,
-                            echo, stop, noise_batch=None, spec=None, after_prompt=False
-                            ) -> List[Result]:
+                            echo, stop, noise_batch=None, spec=None, after_prompt=False,
+                            names=None) -> List[Result]:
+        names = names or [f"prompt {i + 1}" for i in range(len(prompt_tokens))]
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         size = self.model.params.max_batch_size
@@ -338,13 +340,14 @@ class Llama:
         for begin in range(0, len(prompt_tokens), size):
             rows += drain(self._generate(prompt_tokens[begin: begin + size], max_gen_len,
                                           temperature, top_p, logprobs, echo, stop,
-                                          index_offset=begin, noise_batch=noise_batch,
-                                          spec=spec, after_prompt=after_prompt))
+                                          names=names[begin: begin + size],
+                                          noise_batch=noise_batch, spec=spec,
+                                          after_prompt=after_prompt))
         return rows
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo,
-                  stop=None, stream=False, index_offset=0, noise_batch=None,
+                  stop=None, stream=False, names=None, noise_batch=None,
                   cancel=None, spec=None, after_prompt=False) -> Iterator[str]:
         """Yields text pieces of row 0 when `stream`; returns a Result per prompt.
         `noise_batch` = (prompt lengths of a larger batch, the rows of it these prompts are):
@@ -352,10 +355,11 @@ class Llama:
         `cancel()` is asked after each step; rank 0's answer holds for every rank. `spec`: a
         grammar.GrammarSpec every row's generation must match; `after_prompt` (completions):
         its text is what the grammar matched, decoded as it follows the prompt
-        (SentencePiece's "▁yes" keeps the space that decoding alone drops)."""
+        (SentencePiece's "▁yes" keeps the space that decoding alone drops); `names`: what
+        errors call the prompts."""
         params = self.model.params
         stop = check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop,
-                                          params, self.tokenizer.n_words, index_offset)
+                                          params, self.tokenizer.n_words, names)
         bsz = len(prompt_tokens)
         if bsz == 0:
             return []

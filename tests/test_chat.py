@@ -37,11 +37,11 @@ def test_multi_turn_dialog_with_system_prompt(tokenizer):
 
 
 @pytest.mark.parametrize("dialog, error, message", [
-    ([], ValueError, "dialog 3 is empty"),
+    ([], ValueError, "dialog 4 is empty"),
     ([{"role": "system", "content": "be nice"}], ValueError, "only a system prompt"),
     ([{"role": "assistant", "content": "hi"}], ValueError, "expected role 'user'"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], ValueError,
-     "message 1: expected role 'assistant'"),
+     "dialog 4, message 2: expected role 'assistant'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], ValueError,
      "last message must be from the user"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], ValueError,
@@ -73,7 +73,7 @@ def test_chat_completion_refuses_special_tags_without_generating(build):
 def test_chat_completion_error_names_the_dialog(build):
     generator = build("gqa")
     good = [{"role": "user", "content": "hi"}]
-    with pytest.raises(ValueError, match="dialog 1: the last message must be from the user"):
+    with pytest.raises(ValueError, match="dialog 2: the last message must be from the user"):
         generator.chat_completion([good, good + [{"role": "assistant", "content": "x"}]])
 
 

@@ -92,6 +92,6 @@ def test_truncation_drops_the_oldest_exchanges_in_llama3_tokens(ours, meta):
 
 
 def test_bad_dialogs_are_refused_as_for_llama2(ours):
-    with pytest.raises(ValueError, match="dialog 2, message 1: expected role 'assistant'"):
+    with pytest.raises(ValueError, match="dialog 3, message 2: expected role 'assistant'"):
         dialog_tokens(ours, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                       index=2)

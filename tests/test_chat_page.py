@@ -63,6 +63,13 @@ def locked_server():
 
 
 @pytest.fixture(scope="module")
+def demo_server():
+    """The demo model with its own defaults: a 512-token context (the page's Max tokens 128)."""
+    with running_server("--max_batch_size", "1") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def driver(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -337,3 +344,92 @@ def test_max_tokens_leaves_room_for_a_conversation(driver, locked_server):
     page.field("api_key").send_keys(Keys.TAB)
     page.wait(lambda: page.field("model").text == "llama-demo", timeout=10)
     assert page.field("max_tokens").get_attribute("value") == "200"
+
+
+# Each chat request the page makes, with its body and the status it got.
+RECORD_REQUESTS = """
+window.sent = [];
+const original = window.fetch;
+window.fetch = async (url, options) => {
+  const response = await original(url, options);
+  if (String(url).endsWith("/v1/chat/completions")) {
+    window.sent.push({body: JSON.parse(options.body), status: response.status});
+  }
+  return response;
+};"""
+
+
+def prompt_tokens(messages):
+    """The prompt's tokens as the server counts them (the demo model's tokenizer and chat
+    format), computed here."""
+    from llama.chat_formats import dialog_tokens
+    from llama.cli.demo import DEMO_TOKENIZER_PATH
+    from llama.tokenizers import load_tokenizer
+
+    return len(dialog_tokens(load_tokenizer(DEMO_TOKENIZER_PATH), messages))
+
+
+def allowance(question):
+    """What the page may leave unused: it counts a message not yet sent at one token per UTF-8
+    byte, plus the chat format's markup and slack, and an answer's end at 2 tokens."""
+    return len(question.encode()) + 40
+
+
+def refused(url):
+    metrics = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith('llama_requests_total{route="/v1/chat/completions",status="4'))
+
+
+def test_the_history_is_sized_from_token_counts_and_nothing_is_refused(driver, demo_server):
+    """On the demo model's defaults the conversation keeps as many exchanges as fit with Max
+    tokens (128 of 512), dropping the oldest before sending: no request gets a 400."""
+    questions = ["What is a list?", "How do I open a file?", "What is a tuple?",
+                 "What does yield do?", "How are exceptions raised?", "What is a class?"]
+    refused_before = refused(demo_server)
+    page = Page(driver, demo_server, max_tokens=None)
+    page.js(RECORD_REQUESTS)
+    page.wait(lambda: page.field("max_tokens").get_attribute("value") == "128", timeout=10)
+    answers = [page.ask(question) for question in questions]
+    sent = page.js("return window.sent")
+    assert [request["status"] for request in sent] == [200] * len(questions)
+    assert refused(demo_server) == refused_before
+    exchanges = []  # the whole conversation, as the page shows it
+    for question, answer in zip(questions, answers):
+        exchanges.append([user(question), assistant(answer)])
+    kept = []
+    for i, request in enumerate(sent):
+        body = request["body"]
+        assert body["max_tokens"] == 128 and body["stream_options"] == {"include_usage": True}
+        messages = body["messages"]
+        k = (len(messages) - 1) // 2  # exchanges sent before the question: the latest ones
+        kept.append(k)
+        shown = [dict(m, content=m["content"].lstrip()) for m in messages]  # as on the page
+        assert shown == [m for pair in exchanges[i - k:i] for m in pair] + [user(questions[i])]
+        assert prompt_tokens(messages) + 128 <= 512
+        if k < i:  # one more exchange would not have fitted
+            more = [m for pair in exchanges[i - k - 1:i] for m in pair] + [user(questions[i])]
+            assert prompt_tokens(more) + 128 > 512 - allowance(questions[i]), (i, k)
+    assert max(kept) >= 2 and kept[-1] < len(questions) - 1, kept  # several turns; some dropped
+    assert len(page.js("return document.querySelectorAll('.dropped')")) == \
+        2 * (len(questions) - 1 - kept[-1])
+    last = sent[-1]["body"]["messages"]
+    assert answers[-1] == api(demo_server, last, 128)
+
+
+def test_max_tokens_shrinks_to_the_room_left(driver, demo_server):
+    """Max tokens 500 of a 512-token context: each request asks for what is left (the
+    history dropped first), and none is refused."""
+    page = Page(driver, demo_server, max_tokens="500")
+    page.js(RECORD_REQUESTS)
+    questions = ["What is a list?", "How do I open a file?"]
+    for question in questions:
+        page.ask(question)
+    sent = page.js("return window.sent")
+    assert [request["status"] for request in sent] == [200, 200]
+    for question, request in zip(questions, sent):
+        body = request["body"]
+        assert body["messages"] == [user(question)]  # no room for the first exchange
+        room = 512 - prompt_tokens(body["messages"])
+        assert room - allowance(question) <= body["max_tokens"] <= room
+    assert [kind for kind, _ in page.messages()] == ["user", "assistant"] * 2

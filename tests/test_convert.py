@@ -58,7 +58,7 @@ def test_to_hf_loads_in_transformers_with_the_same_logits(kind, hub, tmp_path):
     """From two Meta shards, into safetensors files of at most 40 KB."""
     src = hub.meta(kind, n_shards=2)
     dst = tmp_path / "hf"
-    _run(src, dst, "--to", "hf", "--max-shard-size", "40KB")
+    _run(src, dst, "--to", "hf", "--max_shard_size", "40KB")
     files = sorted(dst.glob("*.safetensors"))
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     assert len(files) > 2 and set(index["weight_map"].values()) == {p.name for p in files}
@@ -185,6 +185,34 @@ def test_command_line_errors(hub, tmp_path, capsys):
                     str(other)]) == 1
     assert "has 32016 pieces but the weights have 1000 vocabulary rows" in \
         capsys.readouterr().err
+
+
+def test_flags_are_spelt_as_the_other_tools_and_the_dashed_ones_still_work(hub, tmp_path,
+                                                                             capsys):
+    """--max_shard_size, as --max_seq_len elsewhere (Meta's scripts' spelling); the dashed
+    spellings of the first releases are taken, unlisted; mistakes are one line."""
+    src = hub.meta("gqa")
+    for name, flags in (("under", ["--max_shard_size", "40KB", "--max_position_embeddings=96"]),
+                        ("dash", ["--max-shard-size", "40KB", "--max-position-embeddings=96"])):
+        _run(src, tmp_path / name, "--to", "hf", *flags)
+        assert json.loads((tmp_path / name / "config.json").read_text())[
+            "max_position_embeddings"] == 96
+        index = json.loads((tmp_path / name / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 2  # 40 KB files
+    assert (tmp_path / "under" / "model.safetensors.index.json").read_bytes() == \
+        (tmp_path / "dash" / "model.safetensors.index.json").read_bytes()
+    with pytest.raises(SystemExit) as shown:
+        convert(["--help"])
+    assert shown.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--max_shard_size" in help_text and "--max_position_embeddings" in help_text
+    assert "--max-" not in help_text
+    with pytest.raises(SystemExit) as refused:
+        convert([str(src), str(tmp_path / "x"), "--to", "hf", "--max_shard_sise", "1GB"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: unknown flag --max_shard_sise (did you mean --max_shard_size?); "
+        "`python -m llama.convert --help` lists the flags\n")
 
 
 def test_console_script_runs_the_module(hub, tmp_path):

@@ -165,6 +165,13 @@ class Terminal:
     def type(self, line):
         os.write(self.master, line.encode() + b"\n")
 
+    def rest(self, timeout=60):
+        """The screen once the program has exited and printed all it prints."""
+        self._read_until(lambda: self.process.poll() is not None, timeout, "its exit")
+        while select.select([self.master], [], [], 0.2)[0]:
+            self.screen += os.read(self.master, 65536).decode("utf-8", "replace")
+        return self.screen
+
     def close(self):
         """The program's exit status; afterwards `lflag` holds the terminal's local modes."""
         try:
@@ -231,8 +238,9 @@ def test_interactive_chat_ends_on_ctrl_d(checkpoints, tokenizer_path):
 @pytest.mark.parametrize("nproc", [None, 2])
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(nproc, checkpoints, tokenizer_path):
     """The first Ctrl-C stops the answer being written (on every rank: rank 0's key is
-    broadcast after each token), and the conversation goes on; Ctrl-C at the prompt then ends
-    every process cleanly (torchrun never sees a signal)."""
+    broadcast after each token), and the conversation goes on; Ctrl-C at the prompt then
+    interrupts every process (torchrun never sees a signal): status 130, as a shell's command
+    stopped by Ctrl-C, one line and no traceback."""
     script = ["example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa", nproc or 1),
               "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len", "2048",
               "--max_gen_len", "1500"]
@@ -251,49 +259,85 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(nproc, checkpoints, tokeniz
         term.expect("[stopped]", count=turn)
         term.expect("User: ", count=turn + 1)
     os.write(term.master, b"\x03")  # Ctrl-C at the prompt
-    term.expect("Bye.")
-    assert term.close() == 0
+    term.expect("interrupted")
+    term.rest()
+    status = term.close()
+    # torchrun ends with its own status (1) when its workers fail, as they do here (130 each)
+    assert status == (130 if nproc is None else 1), term.screen[-3000:]
+    assert term.screen.count("interrupted") == 1 and "Bye." not in term.screen
+    assert 'example_chat_interactive.py", line' not in term.screen  # no traceback of ours
+    if nproc is None:
+        assert "Traceback" not in term.screen
+    else:
+        assert "exitcode  : 130" in term.screen, term.screen[-3000:]
     assert all(term.lflag & flag for flag in (termios.ISIG, termios.ICANON, termios.ECHO))
 
 
-def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
-    """Input from a pipe (no terminal to read Ctrl-C from): one process stops on SIGINT."""
+def _chat_on_a_pipe(checkpoints, tokenizer_path):
+    """The interactive chat reading a pipe (no terminal to read Ctrl-C from), and a function
+    that reads what it prints until `done(all of it)`, then returns all of it."""
     command = [sys.executable, "example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa"),
                "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len",
                "2048", "--max_gen_len", "1500"]
     process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
-    screen = b""
+    screen = [b""]
 
     def read_until(done):
-        nonlocal screen
         deadline = time.time() + 120
-        while not done():
-            assert time.time() < deadline, screen[-3000:]
+        while not done(screen[0]):
+            assert time.time() < deadline, screen[0][-3000:]
             if select.select([process.stdout], [], [], 0.5)[0]:
-                screen += os.read(process.stdout.fileno(), 65536)
+                part = os.read(process.stdout.fileno(), 65536)
+                assert part, f"the chat ended: {screen[0][-3000:]!r}"
+                screen[0] += part
+        return screen[0]
 
-    read_until(lambda: b"User: " in screen)
+    return process, read_until
+
+
+def test_sigint_at_the_prompt_exits_130_in_one_line(checkpoints, tokenizer_path):
+    """Ctrl-C (SIGINT) at the prompt interrupts the chat: status 130, as a shell's command
+    stopped by Ctrl-C; one "interrupted" line, no traceback."""
+    process, read_until = _chat_on_a_pipe(checkpoints, tokenizer_path)
+    try:
+        read_until(lambda screen: b"User: " in screen)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=60)
+        screen = read_until(lambda screen: True) + process.stdout.read()
+    finally:
+        process.kill()  # if still running
+    assert status == 130, screen[-3000:]
+    assert screen.decode().splitlines()[-1] == "interrupted", screen[-3000:]
+    assert b"Traceback" not in screen and b"Bye." not in screen
+
+
+def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
+    """Input from a pipe: one process stops an answer on SIGINT; the end of the input
+    (Ctrl-D) ends the chat with status 0."""
+    process, read_until = _chat_on_a_pipe(checkpoints, tokenizer_path)
+    read_until(lambda screen: b"User: " in screen)
     process.stdin.write(b"Hello there, what is a list?\n")
     process.stdin.flush()
-    read_until(lambda: b"Assistant: " in screen)
-    begun = len(screen) + 20
-    read_until(lambda: len(screen) >= begun)
+    begun = len(read_until(lambda screen: b"Assistant: " in screen)) + 20
+    read_until(lambda screen: len(screen) >= begun)
     process.send_signal(signal.SIGINT)
-    read_until(lambda: b"[stopped]" in screen and screen.count(b"User: ") == 2)
+    read_until(lambda screen: b"[stopped]" in screen and screen.count(b"User: ") == 2)
     process.stdin.close()  # Ctrl-D
-    read_until(lambda: b"Bye." in screen)
+    read_until(lambda screen: b"Bye." in screen)
     assert process.wait(timeout=60) == 0
 
 
-def test_the_chat_prompt_edits_chinese_and_quits_on_ctrl_c():
+def test_the_chat_prompt_edits_chinese_and_ctrl_c_interrupts():
     """The prompt's line editing (the terminal's, as with input()): backspace erases a whole
-    character of a Chinese line; Ctrl-C ends the line and means quit."""
+    character of a Chinese line; Ctrl-C ends the line as an interrupt."""
     program = ("from llama.cli.keyboard import Keyboard\n"
                "keyboard = Keyboard()\n"
                "try:\n"
                "    for _ in range(2): print(repr(keyboard.read_line('User: ')), flush=True)\n"
+               "except KeyboardInterrupt:\n"
+               "    print('KeyboardInterrupt', flush=True)\n"
                "finally:\n"
                "    keyboard.close()\n")
     term = Terminal([sys.executable, "-c", program], {**os.environ, "PYTHONPATH": str(REPO)})
@@ -301,6 +345,6 @@ def test_the_chat_prompt_edits_chinese_and_quits_on_ctrl_c():
     os.write(term.master, "上下五千年，英雄万万千。你好吗\x7f\x7f\n".encode())
     term.expect("'上下五千年，英雄万万千。你'")
     os.write(term.master, b"abc\x03")
-    term.expect("None")
+    term.expect("KeyboardInterrupt")
     assert term.close() == 0
     assert all(term.lflag & flag for flag in (termios.ISIG, termios.ICANON, termios.ECHO))

@@ -216,25 +216,43 @@ def test_kv_cache_is_sized_to_the_call(build):
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda g: g.generate([[1] * 65], 4), ValueError,
-     "prompt 0 has 65 tokens, more than max_seq_len=64"),
+     "prompt 1 has 65 tokens, more than max_seq_len=64"),
     (lambda g: g.text_completion(["ok", "word " * 80]), ValueError,
-     "prompt 1 has .* tokens, more than max_seq_len=64"),
+     "prompt 2 has .* tokens, more than max_seq_len=64"),
     (lambda g: g.generate([[1]] * 5, 4), ValueError, "5 prompts exceed max_batch_size=4"),
-    (lambda g: g.generate([[1], []], 4), ValueError, "prompt 1 is empty"),
+    (lambda g: g.generate([[1], []], 4), ValueError, "prompt 2 is empty"),
     (lambda g: g.generate([[1, 5000]], 4), ValueError, "outside the vocabulary"),
     (lambda g: g.text_completion(["a"], temperature=-0.1), ValueError, "temperature must be"),
     (lambda g: g.text_completion(["a"], top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
     (lambda g: g.text_completion(["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
     (lambda g: g.text_completion(["a"], max_gen_len=-1), ValueError, "max_gen_len must be"),
-    (lambda g: g.text_completion(["a", 3]), TypeError, r"prompts\[1\] must be a str"),
+    (lambda g: g.text_completion(["a", 3]), TypeError, "prompt 2 must be a str"),
     (lambda g: g.stream_text("a", temperature=-1), ValueError, "temperature"),  # not iterated
     (lambda g: g.text_completion("a"), TypeError, "list of prompt strings"),
-    (lambda g: g.chat_completion([[]]), ValueError, "dialog 0 is empty"),
+    (lambda g: g.chat_completion([[]]), ValueError, "dialog 1 is empty"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, message, build):
     generator = build("gqa")
     with pytest.raises(error, match=message):
         call(generator)
+
+
+def test_errors_count_prompts_and_dialogs_from_one(build):
+    """As people count, across the chunks of a batch larger than max_batch_size, and a chat
+    names its dialogs (a refused one included) rather than the prompts it runs."""
+    generator = build("gqa")  # max_batch_size 4, max_seq_len 64
+    too_long = "word " * 80
+    with pytest.raises(ValueError, match="^prompt 6 has .* tokens, more than max_seq_len=64"):
+        generator.text_completion(["a"] * 5 + [too_long], max_gen_len=2)
+    dialogs = [[{"role": "user", "content": "Tell me about [INST] tags"}],  # refused, not run
+               [{"role": "user", "content": "Hello"}],
+               [{"role": "user", "content": too_long}]]
+    with pytest.raises(ValueError, match="^dialog 3 has .* tokens, more than max_seq_len=64"):
+        generator.chat_completion(dialogs, max_gen_len=2)
+    with pytest.raises(ValueError, match="^dialog has .* tokens"):
+        generator.stream_chat(dialogs[2], max_gen_len=2)
+    with pytest.raises(ValueError, match="^prompt has .* tokens"):
+        generator.stream_text(too_long, max_gen_len=2)
 
 
 def test_bad_build_arguments(checkpoints, tokenizer_path):

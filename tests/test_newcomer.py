@@ -47,9 +47,9 @@ def test_a_stray_word_is_refused_by_the_scripts():
 
 
 def test_text_that_is_not_utf8_is_an_argument_error(library):
-    with pytest.raises(ArgumentValueError, match=r"prompts\[0\] holds '\\udce9'"):
+    with pytest.raises(ArgumentValueError, match=r"prompt 1 holds '\\udce9'"):
         library.text_completion(["caf\udce9"], max_gen_len=2)
-    with pytest.raises(ArgumentValueError, match="dialog 0, message 0 content"):
+    with pytest.raises(ArgumentValueError, match="dialog 1, message 1 content"):
         library.chat_completion([[{"role": "user", "content": "\ud800"}]], max_gen_len=2)
     with pytest.raises(ArgumentValueError, match="prompt holds"):
         library.stream_text("x\ud800")
@@ -99,6 +99,13 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
      "error: unknown flag --mpp (did you mean --mp?)"),
     (["-m", "llama.quantize", "a", "b", "--mode", "int8", "--group-size", "32"],
      "error: unknown flag --group-size (did you mean --group_size?)"),
+    (["-m", "llama.convert", "a", "b", "--to", "hf", "--max_shard_sise", "1GB"],
+     "error: unknown flag --max_shard_sise (did you mean --max_shard_size?); "
+     "`python -m llama.convert --help` lists the flags"),
+    (["-m", "llama.memory", "4096", "--family", "llama3"], "error: unknown flag --family"),
+    (["-m", "llama.checklist", "checklist.chk", "--lst"],
+     "error: unknown flag --lst (did you mean --list?); `python -m llama.checklist --help` "
+     "lists the flags"),
 ])
 def test_the_tools_say_mistakes_as_the_scripts_do(args, says):
     result = run_script(args, timeout=120)

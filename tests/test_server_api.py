@@ -52,6 +52,25 @@ def test_client_mistakes_get_openai_errors_not_500(server):
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
 
+def test_errors_name_one_of_several_prompts_as_people_count(server):
+    too_long = "word " * 600  # over the demo model's 512-token context
+    several = _post(server, "/v1/completions", {"prompt": ["A list is", too_long]})
+    assert several.status_code == 400
+    assert re.match(r"prompt 2 has \d+ tokens; ", several.json()["error"]["message"]), \
+        several.text
+    alone = _post(server, "/v1/completions", {"prompt": too_long})
+    assert re.match(r"the prompt has \d+ tokens; ", alone.json()["error"]["message"])
+    lone = _post(server, "/v1/completions", {"prompt": ["A list is", "caf\ud800"]})
+    assert lone.json()["error"]["message"].startswith("prompt 2 holds '\\ud800' at character 3")
+    # a request's messages are named as the JSON field (from 0), as the other errors name them
+    order = _post(server, "/v1/chat/completions",
+                  {"messages": [{"role": "user", "content": "a"},
+                                {"role": "user", "content": "b"}]})
+    assert order.status_code == 400
+    assert order.json()["error"]["message"].startswith(
+        "messages[1]: expected role 'assistant', got 'user'"), order.text
+
+
 def test_a_tiny_temperature_is_greedy(server):
     def text(temperature):
         return _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12,

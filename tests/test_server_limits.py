@@ -4,6 +4,7 @@ free slots, and a scheduler that dies (issue #25, points 1-5)."""
 
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -109,6 +110,44 @@ def test_idle_connections_cannot_take_every_file_descriptor():
             for sock in idle:
                 sock.close()
         assert read_log(url.process).count("Errno 24") == 0
+
+
+def _counted(metrics: str, route: str, status: int) -> int:
+    found = re.search(rf'^llama_requests_total{{route="{re.escape(route)}",status="{status}"}} '
+                      rf'(\d+)$', metrics, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def test_refused_requests_are_in_the_access_log_and_the_metrics(server):
+    """What the HTTP guard refuses (413, 415, 408, a Host not allowed) never reaches a route,
+    yet an operator sees each: one access-log line, and a count by route and status."""
+    refusals = [("POST", "/v1/completions", 413), ("POST", "/v1/chat/completions", 415),
+                ("POST", "/v1/completions", 408), ("GET", "/health", 400),
+                ("GET", "/no/such/route", 400)]
+    log_before, before = read_log(server.process), httpx.get(server + "/metrics").text
+    big = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: 50000000\r\n\r\n")
+    plain = httpx.post(server + "/v1/chat/completions", content=b"{}", timeout=30,
+                       headers={"Content-Type": "text/plain"})
+    stalled = _raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: 9\r\n\r\n{", wait=8)
+    hosts = [httpx.get(server + path, headers={"Host": "evil.example"}).status_code
+             for path in ("/health", "/no/such/route")]
+    assert big.startswith(b"HTTP/1.1 413") and plain.status_code == 415
+    assert stalled.startswith(b"HTTP/1.1 408") and hosts == [400, 400]
+    after = httpx.get(server + "/metrics").text
+    expected = {}
+    for _, path, status in refusals:  # a path with no route is counted as "other"
+        key = (path if path != "/no/such/route" else "other", status)
+        expected[key] = expected.get(key, 0) + 1
+    for (route, status), count in expected.items():
+        assert _counted(after, route, status) == _counted(before, route, status) + count, \
+            (route, status)
+    lines = read_log(server.process)[len(log_before):].splitlines()
+    for method, path, status in refusals:
+        pattern = (rf"request - {method} {re.escape(path)} {status} prompt_tokens=0 "
+                   rf"completion_tokens=0 ttft=- total=\d+\.\d{{3}}s")
+        assert sum(bool(re.fullmatch(pattern, line)) for line in lines) == 1, (pattern, lines)
 
 
 def test_stop_strings_longer_than_the_cap_are_refused(server):

@@ -76,7 +76,7 @@ def test_generation_refuses_non_finite_and_mistyped_sampling_arguments(build):
                           (dict(max_gen_len=2.0), ArgumentTypeError)]:
         with pytest.raises(error, match=f"^{next(iter(kwargs))} must be"):
             generator.text_completion(["a"], **kwargs)
-    with pytest.raises(ArgumentValueError, match="prompt 0 has 70 tokens") as caught:
+    with pytest.raises(ArgumentValueError, match="prompt 1 has 70 tokens") as caught:
         generator.generate([[1] * 70], 4)
     assert caught.value.param == "prompt_tokens"
 

@@ -270,9 +270,9 @@ def verify_file(checklist_path, name, path) -> str:
     return name
 
 
-def _build_parser():
-    parser = argparse.ArgumentParser(
-        prog="checklist.py",
+def _build_parser(parser_class=argparse.ArgumentParser, prog="checklist.py"):
+    parser = parser_class(
+        prog=prog,
         description="Verify files against an md5 checklist (checklist.chk).",
     )
     parser.add_argument("checklist", metavar="CHECKLIST", help="the checklist file")
@@ -302,8 +302,10 @@ def _build_parser():
     return parser
 
 
-def main(argv=None) -> int:
-    parser = _build_parser()
+def main(argv=None, parser_class=argparse.ArgumentParser, prog="checklist.py") -> int:
+    """The command line. As a plain script (download.sh) argparse's own parser reads it;
+    `python -m llama.checklist` passes the other tools' (llama.cli.flags.ArgumentParser)."""
+    parser = _build_parser(parser_class, prog)
     args = parser.parse_args(argv)
     only = None
     if args.only:

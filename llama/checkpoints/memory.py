@@ -90,9 +90,9 @@ def markdown_table(tokens: int = 4096, models=None) -> str:
 
 def main(argv=None) -> int:
     """`python -m llama.memory [TOKENS] [llama2|llama3]`: the table, as markdown."""
-    import argparse
+    from llama.cli.flags import ArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m llama.memory",
         description="Weights (float, int8, int4) and KV cache per process for Meta's models.")
     parser.add_argument("tokens", nargs="?", type=int, default=4096,

@@ -62,7 +62,26 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the `python -m llama.*` tools, whose mistakes read as the scripts' do:
     one `error: ...` line naming the flag (with "did you mean" for a misspelt one) and where
-    the help is, instead of the whole usage; status 2."""
+    the help is, instead of the whole usage; status 2. Flags are spelt as the scripts' (Meta's
+    `--max_seq_len`); `add_alias` keeps a former spelling working, unlisted."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._aliases: Dict[str, str] = {}
+
+    def add_alias(self, alias: str, flag: str) -> None:
+        """Take `alias` (e.g. `--max-shard-size`, as a tool once spelt it) for `flag`; the
+        help lists only `flag`."""
+        self._aliases[alias] = flag
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        respelled = []
+        for token in args:
+            name, equals, value = token.partition("=")
+            respelled.append(self._aliases[name] + equals + value if name in self._aliases
+                             else token)
+        return super().parse_known_args(respelled, namespace)
 
     def error(self, message: str):
         unknown = re.match(r"unrecognized arguments: (.*)", message)

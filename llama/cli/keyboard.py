@@ -1,5 +1,6 @@
 """The keyboard of an interactive chat: Ctrl-C while an answer streams stops that answer and
-keeps the conversation; Ctrl-C or Ctrl-D at the prompt leaves.
+keeps the conversation; Ctrl-D at the prompt leaves, Ctrl-C there interrupts (KeyboardInterrupt:
+the script exits with status 130, as a shell's command stopped by Ctrl-C).
 
 Under torchrun a Ctrl-C signal cannot be used for this: the terminal sends SIGINT to torchrun
 (its workers run in sessions of their own), and torchrun then stops every worker. So when rank
@@ -61,18 +62,28 @@ class Keyboard:
             self.fd = None
 
     def read_line(self, prompt: str) -> Optional[str]:
-        """A line typed after `prompt`, or None for Ctrl-C or Ctrl-D (at an empty line)."""
-        print(prompt, end="", flush=True)
+        """A line typed after `prompt`, or None for Ctrl-D (at an empty line: the input
+        ends). Raises KeyboardInterrupt for Ctrl-C (a key on a terminal, else SIGINT)."""
+        try:
+            print(prompt, end="", flush=True)
+            return self._read()
+        except KeyboardInterrupt:  # (a signal may come as the prompt is printed)
+            print(flush=True)  # the line said next (on stderr) starts a line of its own
+            raise
+
+    def _read(self) -> Optional[str]:
         if self.fd is None:
             try:
                 return input()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 print()
                 return None
         self._set(isig=False, canonical=True)
         # In canonical mode one read returns one line, ended by Enter, Ctrl-C (VEOL) or Ctrl-D.
         data = os.read(self.fd, 65536)
-        if not data or CTRL_C in data:
+        if CTRL_C in data:
+            raise KeyboardInterrupt
+        if not data:
             print()
             return None
         return data.decode(self.encoding, "replace").rstrip("\n")

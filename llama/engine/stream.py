@@ -14,16 +14,17 @@ class TextStream:
     """Iterate for text pieces; afterwards `text`, `tokens` and `finish_reason` are set."""
 
     def __init__(self, llama, prompt_tokens, max_gen_len, temperature, top_p, stop,
-                 cancel=None, spec=None, after_prompt=False):
+                 cancel=None, spec=None, after_prompt=False, name="prompt"):
         self._llama, self._prompt_tokens = llama, prompt_tokens
         if max_gen_len is None:
             max_gen_len = llama.model.params.max_seq_len - 1
         self._args = (max_gen_len, temperature, top_p, stop)
         self._cancel, self._spec, self._after_prompt = cancel, spec, after_prompt
+        self._name = name  # what errors call it
         check_no_stop(spec, stop)
         if prompt_tokens is not None:  # bad arguments fail here, not when iterated
             check_generation_arguments([prompt_tokens], max_gen_len, temperature, top_p, stop,
-                                       llama.model.params, llama.tokenizer.n_words)
+                                       llama.model.params, llama.tokenizer.n_words, [name])
         self.text: Optional[str] = None
         self.tokens: Optional[List[int]] = None
         self.finish_reason: Optional[FinishReason] = None
@@ -37,7 +38,8 @@ class TextStream:
         max_gen_len, temperature, top_p, stop = self._args
         results = yield from _only_on_main(self._llama._generate(
             [self._prompt_tokens], max_gen_len, temperature, top_p, False, False, stop,
-            stream=True, cancel=self._cancel, spec=self._spec, after_prompt=self._after_prompt))
+            stream=True, names=[self._name], cancel=self._cancel, spec=self._spec,
+            after_prompt=self._after_prompt))
         self.text, self.tokens, self.finish_reason = results[0].text, results[0].tokens, \
             results[0].finish_reason
 

@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -162,7 +162,7 @@ def check_dialog(dialog, index: int, validate: Optional[Callable] = None) -> Non
     except ValueError as error:
         raise ArgumentValueError("dialogs", str(error)) from None
     for position, message in enumerate(dialog):
-        check_text(f"dialog {index}, message {position} content", message["content"],
+        check_text(f"dialog {index + 1}, message {position + 1} content", message["content"],
                    "dialogs")
 
 
@@ -254,10 +254,10 @@ def context_warning(max_seq_len: int, rope_theta: float,
 
 
 def check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, stop, params,
-                               n_words: int, index_offset: int = 0) -> List[str]:
-    """Raises ArgumentError (see llama.engine.validation) for the first bad argument; returns the
-    stop
-    strings as a list."""
+                               n_words: int, names: Optional[Sequence[str]] = None) -> List[str]:
+    """Raises ArgumentError for the first bad argument; returns the stop strings as a list.
+    Errors call prompt i `names[i]` (default "prompt 1", "prompt 2", ...: counted from 1, as
+    people count; a chat's are its dialogs)."""
     check_int("max_gen_len", max_gen_len, 0)
     check_temperature(temperature)
     check_top_p(top_p)
@@ -271,7 +271,7 @@ def check_generation_arguments(prompt_tokens, max_gen_len, temperature, top_p, s
                              f"{params.max_batch_size}: pass fewer prompts per call, or build "
                              f"with a larger max_batch_size")
     for index, tokens in enumerate(prompt_tokens):
-        where = f"prompt {index + index_offset}"
+        where = names[index] if names is not None else f"prompt {index + 1}"
         if not isinstance(tokens, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise ArgumentTypeError("prompt_tokens", f"{where} must be a list of int token ids")

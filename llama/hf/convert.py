@@ -4,7 +4,7 @@
     python -m llama.convert llama-2-13b-hf/ llama-2-13b/ --to meta --shards 2
 
 --to hf writes what transformers' from_pretrained loads: config.json, generation_config.json,
-model-0000N-of-0000M.safetensors files of at most --max-shard-size bytes with
+model-0000N-of-0000M.safetensors files of at most --max_shard_size bytes with
 model.safetensors.index.json (a single model.safetensors when the weights fit in one), and
 tokenizer.model with tokenizer_config.json and special_tokens_map.json. --to meta writes
 consolidated.NN.pth shards, params.json and checklist.chk as Meta's download has them, and
@@ -32,6 +32,7 @@ from llama.checkpoints import host_memory, saving
 from llama.checkpoints import meta as checkpoint
 from llama.checkpoints.meta import CheckpointError
 from llama.checkpoints.saving import params_json
+from llama.cli.flags import ArgumentParser
 from llama.engine.validation import ArgumentError
 from llama.hf import config as hf_config
 from llama.hf.format import (
@@ -325,8 +326,8 @@ def parse_size(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama.convert", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="checkpoint directory to read (either layout)")
     parser.add_argument("dst", help="new directory to write")
     parser.add_argument("--to", required=True, choices=["hf", "meta"],
@@ -334,15 +335,18 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=1,
                         help="--to meta: number of consolidated.NN.pth shards (model-parallel "
                              "size) to write (default 1)")
-    parser.add_argument("--max-shard-size", type=parse_size, default=MAX_SHARD_BYTES,
+    parser.add_argument("--max_shard_size", type=parse_size, default=MAX_SHARD_BYTES,
                         help="--to hf: largest safetensors file (default 5GB)")
-    parser.add_argument("--max-position-embeddings", type=int, default=None,
+    parser.add_argument("--max_position_embeddings", type=int, default=None,
                         help="--to hf: the context length config.json declares (default 131072 "
                              "for Llama 3.1+, 8192 for Llama 3, 4096 for Llama 2; Code Llama's "
                              "is 16384)")
     parser.add_argument("--tokenizer", default=None,
                         help="--to hf: tokenizer.model to copy (default: the one in SRC or "
                              "beside it)")
+    # the dashed spellings of the first releases, before the tools took the scripts' (Meta's)
+    for flag in ("--max_shard_size", "--max_position_embeddings"):
+        parser.add_alias(flag.replace("_", "-"), flag)
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional
 from llama.cli.flags import EXPECTED_ERRORS, ArgumentParser, in_flag_terms
 from llama.engine.validation import ArgumentValueError
 from llama.server.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
-from llama.server.metrics import Metrics
+from llama.server.metrics import CLIENT_GONE, Metrics
 from llama.server.openai_api import (
     ApiError,
     envelope,
@@ -37,7 +37,7 @@ from llama.server.openai_api import (
     parse_chat,
     parse_completion,
 )
-from llama.server.run import CLIENT_GONE, RETRY_AFTER_S, Run
+from llama.server.run import RETRY_AFTER_S, Run
 from llama.server.scheduler import Scheduler
 from llama.tokenizers import stop_tokens
 
@@ -165,6 +165,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: in
     async def completions(http: HttpRequest):
         return await complete(http, parse_completion)
 
+    metrics.routes = {route.path for route in app.routes}
+    app.state.metrics = metrics  # for the HTTP guard's refusals (http_guard.guard)
     return app
 
 
@@ -391,7 +393,7 @@ def _serve(args, parser) -> int:
     app = create_app(scheduler, tokenizer, name, max_seq_len, args.api_key)
     allowed = (args.allowed_hosts.split(",") if args.allowed_hosts
                else default_allowed_hosts(args.host))
-    app = guard(app, args.max_body_bytes, args.timeout, allowed)
+    app = guard(app, args.max_body_bytes, args.timeout, allowed, app.state.metrics)
     print(f"Serving {name} on http://{args.host}:{args.port} (chat page at /, OpenAI API "
           f"under /v1)", file=sys.stderr, flush=True)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -5,7 +5,8 @@ may send and how long it may take, and which pages may send it.
   one over `max_body` bytes (413, without reading the rest) or one that stalls for
   `body_timeout` seconds between two pieces (408); refuses bodies that are not JSON (415: a web
   page may post text/plain to any address without asking, but not JSON) and Host headers not
-  allowed (400: a page of another site that resolves its name to 127.0.0.1).
+  allowed (400: a page of another site that resolves its name to 127.0.0.1). Each refusal is
+  an access-log line and counted in /metrics, as the API's own answers are.
 - `limited_protocol(...)`, uvicorn's h11 protocol with a connection limit and a timeout for a
   request's head: a connection that sends no complete head within `head_timeout` seconds is
   closed, and a new connection beyond `max_connections` closes the connection idle longest
@@ -17,6 +18,7 @@ import asyncio
 import json
 from typing import Callable, Iterable, List, Optional, Tuple
 
+from llama.server.metrics import CLIENT_GONE, Metrics
 from llama.server.openai_api import ApiError
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -40,8 +42,9 @@ def default_allowed_hosts(bind_host: str) -> Optional[List[str]]:
 
 
 class _Refused(Exception):
-    def __init__(self, error: ApiError, close: bool):
+    def __init__(self, error: ApiError, close: bool, logged: Optional[int] = None):
         self.error, self.close = error, close
+        self.logged = logged or error.status  # the status the access log and metrics say
 
 
 def _error_response(error: ApiError, close: bool):
@@ -52,14 +55,16 @@ def _error_response(error: ApiError, close: bool):
 
 
 def guard(app, max_body: int, body_timeout: float,
-          allowed_hosts: Optional[Iterable[str]] = None):
-    """`app` behind the checks above (see the module's docstring)."""
+          allowed_hosts: Optional[Iterable[str]] = None, metrics: Optional[Metrics] = None):
+    """`app` behind the checks above (see the module's docstring); `metrics` logs and counts
+    the requests refused."""
     allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
 
     async def guarded(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        arrived = None if metrics is None else metrics.begin(scope["path"], scope["method"])
         try:
             _check_host(headers.get("host", ""), allowed)
             if scope["method"] != "POST":
@@ -68,6 +73,8 @@ def guard(app, max_body: int, body_timeout: float,
             body = await _read_body(receive, headers.get("content-length"), max_body,
                                     body_timeout)
         except _Refused as refused:
+            if arrived is not None:  # logged and counted as the API's own answers are
+                metrics.finish(arrived, refused.logged)
             return await _error_response(refused.error, refused.close)(scope, receive, send)
         return await app(scope, _replay(body, receive), send)
 
@@ -104,7 +111,8 @@ async def _read_body(receive, length: Optional[str], max_body: int, timeout: flo
                                          f"last part", code="request_timeout"),
                            close=True) from None
         if message["type"] == "http.disconnect":
-            raise _Refused(ApiError(400, "the client left before sending its body"), close=True)
+            raise _Refused(ApiError(400, "the client left before sending its body"), close=True,
+                           logged=CLIENT_GONE)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_body:

@@ -1,17 +1,20 @@
-"""What an operator reads off a running server: one access-log line per API request, and
-counters and histograms in Prometheus's text format (GET /metrics). Plain bookkeeping, no HTTP
-and no dependency; the server calls it from its event loop only."""
+"""What an operator reads off a running server: one access-log line per API request (and per
+request the HTTP guard refused), and counters and histograms in Prometheus's text format (GET
+/metrics). Plain bookkeeping, no HTTP and no dependency; the server calls it from its event
+loop only."""
 
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, TextIO, Tuple
+from typing import Callable, Dict, List, Optional, Set, TextIO, Tuple
 
 # Upper bounds (seconds) of the histograms' buckets: a first token takes a prefill (ms to
 # seconds), a next one a decode step (ms to a few hundred ms on a CPU).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CLIENT_GONE = 499  # the access log's status of a request whose client left (nginx's)
+OTHER_ROUTE = "other"  # the metrics' route of a path the server has no route for
 
 
 class Histogram:
@@ -41,6 +44,7 @@ class Record:
     """One API request, from its arrival to its last byte."""
     route: str
     started: float
+    method: str = "POST"
     id: str = "-"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -58,9 +62,12 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.inter_token = Histogram(INTER_TOKEN_BUCKETS)
         self.duration = Histogram(DURATION_BUCKETS)
+        # the server's routes (None: any path): other paths are counted as OTHER_ROUTE, so
+        # that clients asking for made-up paths cannot add series without end
+        self.routes: Optional[Set[str]] = None
 
-    def begin(self, route: str) -> Record:
-        return Record(route=route, started=self.clock())
+    def begin(self, route: str, method: str = "POST") -> Record:
+        return Record(route=route, started=self.clock(), method=method)
 
     def tokens(self, record: Record, choice: int, count: int) -> None:
         """`count` new tokens of a choice have just been sent."""
@@ -84,14 +91,15 @@ class Metrics:
             return
         record.done = True
         total = self.clock() - record.started
-        key = (record.route, status)
+        known = self.routes is None or record.route in self.routes
+        key = (record.route if known else OTHER_ROUTE, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.prompt_tokens += record.prompt_tokens
         self.completion_tokens += record.completion_tokens
         self.duration.observe(total)
         ttft = ("-" if record.first_token is None
                 else f"{record.first_token - record.started:.3f}s")
-        print(f"request {record.id} POST {record.route} {status} "
+        print(f"request {record.id} {record.method} {record.route[:200]} {status} "
               f"prompt_tokens={record.prompt_tokens} "
               f"completion_tokens={record.completion_tokens} ttft={ttft} total={total:.3f}s",
               file=self.log, flush=True)
@@ -99,7 +107,8 @@ class Metrics:
     def render(self) -> str:
         """Prometheus's text exposition format (version 0.0.4)."""
         load = self.load()
-        lines = ["# HELP llama_requests_total API requests answered, by route and status.",
+        lines = ["# HELP llama_requests_total API requests answered or refused, by route and "
+                 "status.",
                  "# TYPE llama_requests_total counter"]
         lines += [f'llama_requests_total{{route="{route}",status="{status}"}} {count}'
                   for (route, status), count in sorted(self.requests.items())]

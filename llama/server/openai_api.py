@@ -95,14 +95,14 @@ def _boolean(body, name) -> bool:
     return bool(value)
 
 
-def _utf8(text: str, param: str) -> str:
+def _utf8(text: str, param: str, name: Optional[str] = None) -> str:
     """`text`, if UTF-8 can write it: JSON's escapes can carry a lone surrogate ("\\ud800"),
-    which no tokenizer can read."""
+    which no tokenizer can read. `name`: what the message calls it (default: 'param')."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ApiError(400, f"'{param}' holds {text[exc.start:exc.end]!r} at character "
-                            f"{exc.start}, half of a UTF-16 surrogate pair: not text",
+        raise ApiError(400, f"{name or repr(param)} holds {text[exc.start:exc.end]!r} at "
+                            f"character {exc.start}, half of a UTF-16 surrogate pair: not text",
                        param) from None
     return text
 
@@ -146,38 +146,47 @@ def _common(body: Dict[str, Any], allowed: set, model_name: str) -> Job:
                stream=stream, include_usage=bool((options or {}).get("include_usage")))
 
 
+def _prompt_names(param: str, count: int) -> List[str]:
+    """What errors call each of `count` prompts: "the prompt", or "prompt 1", "prompt 2", ...
+    (counted from 1, as people count) when a request has several."""
+    return [f"the {param}"] if count == 1 else [f"prompt {i + 1}" for i in range(count)]
+
+
 def _limits(job: Job, body, names: Tuple[str, ...], max_seq_len: int, what: str) -> None:
     max_tokens = None
     for name in names:
         value = _integer(body, name, 1)
         if value is not None:
             max_tokens, asked = value, name
-    for prompt in job.prompts:
+    for prompt, called in zip(job.prompts, _prompt_names(what, len(job.prompts))):
         room = max_seq_len - len(prompt)
         if room < 1:
-            raise ApiError(400, f"the {what} has {len(prompt)} tokens; this server's context "
+            raise ApiError(400, f"{called} has {len(prompt)} tokens; this server's context "
                                 f"is {max_seq_len} tokens (--max_seq_len), which leaves no "
                                 f"room for an answer", what, code="context_length_exceeded")
         if max_tokens is not None and max_tokens > room:
-            raise ApiError(400, f"'{asked}' is {max_tokens}, but the {what} has {len(prompt)} "
+            raise ApiError(400, f"'{asked}' is {max_tokens}, but {called} has {len(prompt)} "
                                 f"tokens and the context is {max_seq_len}: at most {room}",
                            asked, code="context_length_exceeded")
         job.limits.append(max_tokens if max_tokens is not None else room)
 
 
-def check_fits(texts: List[str], tokenizer, max_seq_len: int, what: str) -> None:
+def check_fits(texts: List[str], tokenizer, max_seq_len: int, what: str,
+               name: Optional[str] = None) -> None:
     """Refuse, before tokenizing, text that cannot fit the context: no token holds more than
     the vocabulary's longest piece, so a text needs at least (characters / that) tokens.
     Tokenizing costs time and ~45 bytes a character (a 50 MB prompt stalled the server for
-    16 s); the exact count is checked after tokenizing what passes."""
+    16 s); the exact count is checked after tokenizing what passes. `what`: the field;
+    `name`: what the message calls the text (default "the `what`")."""
     longest = tokenizer.longest_token
     most = max_seq_len * longest
     chars = sum(len(_WHITESPACE_RUN.sub(" ", text)) for text in texts)
     if chars > most:
-        raise ApiError(400, f"the {what} has {chars} characters (whitespace runs counted "
-                            f"once), more than this server's context of {max_seq_len} tokens "
-                            f"can hold (at most {most}: no token is longer than {longest} "
-                            f"characters); shorten it", what, code="context_length_exceeded")
+        raise ApiError(400, f"{name or 'the ' + what} has {chars} characters (whitespace runs "
+                            f"counted once), more than this server's context of {max_seq_len} "
+                            f"tokens can hold (at most {most}: no token is longer than "
+                            f"{longest} characters); shorten it", what,
+                       code="context_length_exceeded")
 
 
 def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
@@ -195,9 +204,10 @@ def parse_chat(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
         if tool_format:
             validator(tokenizer)(dialog, 0)
         else:
-            validate_dialog(dialog, 0)
-    except (TypeError, ValueError) as error:
-        raise ApiError(400, str(error).replace("dialog 0", "messages"), "messages") from None
+            validate_dialog(dialog, path="messages")
+    except (TypeError, ValueError) as error:  # (a tool dialog's errors name "dialog 1")
+        raise ApiError(400, re.sub(r"^dialog 1\b", "messages", str(error)),
+                       "messages") from None
     job.refused = has_special_tags(tokenizer, dialog)
     if job.refused:
         job.prompts, job.limits = [[]], [0]
@@ -254,9 +264,10 @@ def parse_completion(body, tokenizer, max_seq_len: int, model_name: str) -> Job:
                                                                for p in prompts):
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings",
                        "prompt")
-    job.texts = [_utf8(p, "prompt") for p in prompts]
-    for text in prompts:
-        check_fits([text], tokenizer, max_seq_len, "prompt")
+    names = _prompt_names("prompt", len(prompts))
+    job.texts = [_utf8(p, "prompt", name) for p, name in zip(prompts, names)]
+    for text, name in zip(prompts, names):
+        check_fits([text], tokenizer, max_seq_len, "prompt", name)
     job.prompts = [tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     _limits(job, body, ("max_tokens",), max_seq_len, "prompt")
     top = _integer(body, "logprobs", 0, 5)

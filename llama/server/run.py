@@ -9,13 +9,12 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from llama.chat_format import UNSAFE_ERROR
 from llama.constrained.calling import parse_calls
-from llama.server.metrics import Metrics, Record
+from llama.server.metrics import CLIENT_GONE, Metrics, Record
 from llama.server.openai_api import ApiError, Job, chat_logprobs, completion_logprobs, usage
 from llama.server.openai_options import ToolAnswer
 from llama.server.scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown
 
 RETRY_AFTER_S = 1
-CLIENT_GONE = 499  # the access log's status of a request whose client left (nginx's)
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request looks for its client
 
 
