@@ -257,7 +257,7 @@ class Llama:
         noise_batch = ([len(t) for t in all_tokens], [i for i, bad in enumerate(unsafe) if not bad])
         safe_rows = iter(self._generate_in_chunks(safe_tokens, max_gen_len, temperature,
                                                   top_p, logprobs, False, stop, noise_batch,
-                                                  spec, names))
+                                                  spec, names=names))
         results: List[ChatPrediction] = []
         for is_unsafe in unsafe:
             if is_unsafe:
@@ -302,7 +302,7 @@ class Llama:
         if has_special_tags(self.tokenizer, dialog):
             return TextStream(self, None, max_gen_len, temperature, top_p, stop)
         return TextStream(self, dialog_tokens(self.tokenizer, dialog), max_gen_len, temperature,
-                          top_p, stop, cancel, spec, "dialog")
+                          top_p, stop, cancel, spec, name="dialog")
 
     def chat_session(self, system: Optional[str] = None, reply_room: Optional[int] = None,
                      retokenize: bool = False) -> ChatSession:
