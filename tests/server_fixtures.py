@@ -78,3 +78,13 @@ def stop(process, timeout=30):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     return process.returncode
+
+
+def streamed_arguments(client, kwargs):
+    """The argument pieces of the openai client's stream helper, and its final completion."""
+    pieces = []
+    with client.chat.completions.stream(**kwargs) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces.append(event.arguments_delta)
+        return pieces, stream.get_final_completion()

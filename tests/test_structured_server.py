@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pydantic = pytest.importorskip("pydantic")
 pytest.importorskip("fastapi")
 
-from tests.server_fixtures import running_server  # noqa: E402
+from tests.server_fixtures import running_server, streamed_arguments  # noqa: E402
 from tests.structured_schemas import SCHEMAS  # noqa: E402
 
 ASK = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -179,12 +179,7 @@ def test_the_client_s_stream_helper_accumulates_calls(client):
     kwargs = dict(model="llama-demo", messages=[{"role": "user", "content": "Weather?"}],
                   tools=[tool], tool_choice="required", temperature=1.0, seed=6,
                   max_tokens=80)
-    pieces = []
-    with client.chat.completions.stream(**kwargs) as stream:
-        for event in stream:
-            if event.type == "tool_calls.function.arguments.delta":
-                pieces.append(event.arguments_delta)
-        final = stream.get_final_completion()
+    pieces, final = streamed_arguments(client, kwargs)
     calls = final.choices[0].message.tool_calls
     assert calls and all(isinstance(c.function.parsed_arguments, Weather) for c in calls)
     assert len(pieces) > len(calls) and "".join(pieces) == "".join(
@@ -272,3 +267,4 @@ def test_bad_fields_are_refused_by_name(server, body, param):
                           json={"messages": ASK, **body}, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+

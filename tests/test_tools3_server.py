@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 
 from llama.checkpoints.fixtures import random_weights  # noqa: E402
 from tests.llama3_reference import meta_tokenizer_path  # noqa: E402
-from tests.server_fixtures import running_server  # noqa: E402
+from tests.server_fixtures import running_server, streamed_arguments  # noqa: E402
 from tests.test_llama3_generation import ARGS, write  # noqa: E402
 from tests.test_tools3 import SCHEMAS, TIME, WEATHER  # noqa: E402
 
@@ -82,12 +82,7 @@ def test_the_client_s_stream_helper_accumulates_the_call(client):
     tool = openai.pydantic_function_tool(Weather, name="get_weather")
     kwargs = dict(model="llama3-random", messages=ASK, tools=[tool], tool_choice="required",
                   temperature=1.0, seed=5, max_tokens=60)
-    pieces = []
-    with client.chat.completions.stream(**kwargs) as stream:
-        for event in stream:
-            if event.type == "tool_calls.function.arguments.delta":
-                pieces.append(event.arguments_delta)
-        final = stream.get_final_completion()
+    pieces, final = streamed_arguments(client, kwargs)
     (call,) = final.choices[0].message.tool_calls
     assert isinstance(call.function.parsed_arguments, Weather)  # pydantic validated it
     assert len(pieces) > 1 and "".join(pieces) == call.function.arguments
