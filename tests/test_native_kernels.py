@@ -172,8 +172,9 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
     for packed in (pack(quantize_int8(w)), pack(quantize_int4(w, 32))):
         assert packed.our_kernels
         linear(torch.randn(4, 1, 128), packed)  # a decode step of 4 rows
-        linear(torch.randn(1, 100, 128), packed)  # a prefill: the dequantised product
-    assert calls == ["int8_mm", "int4_mm"]
+        linear(torch.randn(1, 100, 128), packed)  # a prefill: int8's exact kernel again,
+        # int4's dequantised product
+    assert calls == ["int8_mm", "int8_mm", "int4_mm"]
 
 
 @pytest.mark.skipif(not cpu_kernels.fast_float(), reason="the float32 kernel is vectorised for "
