@@ -382,8 +382,7 @@ class Llama:
         compiled = self._compiled_step is not None and n_steps > 1
         cache = self._cache_for(bsz, max_len + n_steps, exact_rows=compiled)
         stop_ids = stop_tokens(self.tokenizer)
-        engine = Engine(self.model, stop_ids, cache, self._compiled_step if compiled else None,
-                        step_choice=self._compiled_step.choice(cache) if compiled else None)
+        engine = Engine(self.model, stop_ids, cache, self._compiled_step if compiled else None)
         noise = None
         if temperature > 0:
             noise_lens, noise_rows = noise_batch or (lens, list(range(bsz)))

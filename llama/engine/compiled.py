@@ -14,7 +14,6 @@ synchronisation per step).
 
 import functools
 import statistics
-import time
 from typing import Dict, List, Optional
 
 import torch
@@ -84,7 +83,3 @@ class CompiledOrEager:
         if min(len(t) for t in self.times.values()) >= self.trials:
             self.verdict = (statistics.median(self.times[True])
                             <= statistics.median(self.times[False]))
-
-
-def clock() -> float:
-    return time.perf_counter()

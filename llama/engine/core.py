@@ -16,12 +16,12 @@ A sequence may start with keys and values already in its row: a conversation's e
 `prefix_cache` (prefix_cache.py), copied in; only the rest of its prompt is prefilled.
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection, List, Optional, Tuple, Union
 
 import torch
 
-from llama.engine.compiled import CompiledOrEager, clock
 from llama.engine.logits import constrain_logits, take_constrained
 from llama.engine.sampling import ReferenceNoise, RowNoise, sample
 from llama.engine.text import TextTracker
@@ -84,22 +84,22 @@ class Engine:
     """Sequences in the slots of `cache`; `step()` advances every occupied slot by a token.
 
     `compiled_step(tokens, positions, cache, pads)`, if given, is the model's forward compiled
-    for one token per row (Llama.compile_decode): it then runs every step over all the slots
+    for one token per row (compiled.CompiledDecode, whose choice(cache) times it against the
+    eager step and says which each step takes): it runs its steps over all the slots
     of `cache`, whose tensors keep their addresses, and each sequence added is prefilled at
     once. Otherwise, with `prefill_chunk` > 0, prompts ride with the decode steps (see the
     module's docstring)."""
 
     def __init__(self, model, stop_ids: Union[int, Collection[int]], cache: KVCache,
                  compiled_step: Optional[Callable] = None, release_finished: bool = False,
-                 prefill_chunk: int = 0, prefix_cache=None,
-                 step_choice: Optional[CompiledOrEager] = None):
+                 prefill_chunk: int = 0, prefix_cache=None):
         self.model, self.cache = model, cache
         # the tokens that end a sequence (tokenizers.stop_tokens); one int is an EOS id alone
         self.stop_ids = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
         self.prefix_cache = prefix_cache  # a PrefixCache shared by the sequences added, or None
         self.compiled_step = compiled_step
         # with a compiled step: whether each step takes it or the eager one (compiled.py)
-        self.step_choice = step_choice
+        self.step_choice = compiled_step.choice(cache) if compiled_step is not None else None
         self.release_finished = release_finished  # server: free a slot as its row ends
         if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be an int >= 0, got {prefill_chunk!r}")
@@ -322,9 +322,8 @@ class Engine:
         padded = any(seq.start for seq in sequences)
         starts = self.starts[:rows] if padded else None
         uniform = len(sequences) == rows and len(host_positions) == 1
-        compiled = self.compiled_step is not None and (
-            self.step_choice is None or self.step_choice.next())
-        began = clock()
+        compiled = self.step_choice is not None and self.step_choice.next()
+        began = time.perf_counter()
         if compiled:
             positions = self.positions[:1] if uniform else self.positions[:rows]
             logits = self.compiled_step(tokens[:, None], positions, self.cache, starts)
@@ -338,7 +337,7 @@ class Engine:
                                         last_logits_only=True)
         self.logits = logits[:, -1]
         if self.step_choice is not None:
-            self.step_choice.took(clock() - began)
+            self.step_choice.took(time.perf_counter() - began)
         self.positions[:rows] += self.occupied[:rows]
         for seq in sequences:
             seq.position += 1
