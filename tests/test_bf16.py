@@ -1,4 +1,4 @@
-"""bfloat16 weights with float32 activations (llama/layers/bf16.py, llama/kernels/cpu_bf16.cpp):
+"""bfloat16 weights with float32 activations (llama/layers/bf16.py, llama/kernels/cpu_dense.cpp):
 the kernel
 against float64 and against the float32 kernel on the widened weight, rows alone or batched,
 long products through widened blocks, the fallback without the kernels, and a default CPU

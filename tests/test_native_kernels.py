@@ -1,4 +1,4 @@
-"""Our native CPU kernels (llama/kernels/cpu_kernels.cpp, cpu_float.cpp) against float products of
+"""Our native CPU kernels (llama/kernels/cpu_kernels.cpp, cpu_dense.cpp) against float products of
 the
 dequantized weights (int4), against integer products of the int16-rounded activations computed
 in torch (int8) and against float64 (float32): row counts of decode steps, odd widths and

@@ -1,8 +1,6 @@
-"""Native CPU kernels: int8 and int4 weight products of few rows (llama/kernels/cpu_kernels.cpp),
-float32
-ones (llama/kernels/cpu_float.cpp), bfloat16-weight ones (llama/kernels/cpu_bf16.cpp) and a decode
-step's
-attention (llama/kernels/cpu_attention.cpp).
+"""Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp), float32
+and bfloat16-weight ones (llama/kernels/cpu_dense.cpp) and a decode step's attention
+(llama/kernels/cpu_attention.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -29,8 +27,7 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.cpp", "cpu_float.cpp", "cpu_bf16.cpp",
-                         "cpu_attention.cpp")]
+           for name in ("cpu_kernels.cpp", "cpu_dense.cpp", "cpu_attention.cpp")]
 GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -90,7 +87,7 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, sta
 
 
 def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(rows, N) = x (rows, K) @ weight (N, K).T in float32 (llama/kernels/cpu_float.cpp), each
+    """(rows, N) = x (rows, K) @ weight (N, K).T in float32 (llama/kernels/cpu_dense.cpp), each
     row's
     outputs the same bit for bit whatever the other rows and the thread count."""
     return _ops().float_mm(x, weight)
@@ -98,7 +95,7 @@ def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(rows, N) float32 = x (rows, K) float32 @ weight (N, K) bfloat16 .T, the weight widened
-    to float32 inside the product (llama/kernels/cpu_bf16.cpp): float_mm's function on half the
+    to float32 inside the product (llama/kernels/cpu_dense.cpp): float_mm's function on half the
     bytes, each row's outputs the same bit for bit whatever the other rows and thread count."""
     return _ops().bf16_mm(x, weight)
 

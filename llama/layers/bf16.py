@@ -1,7 +1,7 @@
 """bfloat16 weights with float32 activations on the CPU: the default for checkpoints stored in
 bfloat16 (Meta's are), so a model holds half the bytes of float32 and computes the same
 function. float32 represents every bfloat16 value exactly; the weights are widened inside the
-products (llama/kernels/cpu_bf16.cpp), and activations, norms, softmax and the KV cache stay
+products (llama/kernels/cpu_dense.cpp), and activations, norms, softmax and the KV cache stay
 float32.
 
 Products take the native kernel where it is vectorised (AVX-512, AVX2): it streams each weight

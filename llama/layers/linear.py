@@ -69,7 +69,7 @@ def native_route(weight: torch.Tensor):
 
 class FloatKernel:
     """A float32 CPU weight whose products of 1 to NATIVE_FLOAT_ROWS rows take our kernel
-    (llama/kernels/cpu_float.cpp: the weight read once for all the rows, each row's result
+    (llama/kernels/cpu_dense.cpp: the weight read once for all the rows, each row's result
     independent of the others); other products take float_product. Chosen for a model's
     weights by Transformer.use_native_kernels."""
 

@@ -1,8 +1,15 @@
-// bfloat16-weight products of few rows (decode steps) on the CPU, in float32.
+// float32 and bfloat16 weight products on the CPU, in float32.
 //
-//   bf16_mm(x, weight) -> y        y[r, o] = sum_k x[r, k] * float(weight[o, k])
+//   float_mm(x, weight) -> y        y[r, o] = sum_k x[r, k] * weight[o, k]          (few rows)
+//   bf16_mm(x, weight) -> y         y[r, o] = sum_k x[r, k] * float(weight[o, k])   (any rows)
 //
-// x: (R, K) float32, contiguous; weight: (N, K) bfloat16, contiguous. y: (R, N) float32.
+// x: (R, K) float32, contiguous; weight: (N, K) float32 or bfloat16, contiguous. y: (R, N)
+// float32.
+//
+// A decode step reads every weight once; the work per weight is one multiply-add per row. So
+// the weight is streamed once for all R rows: a tile of OUTS weight rows is loaded a vector at
+// a time and used for ROWS activation rows, then again (from cache) for the next ROWS rows.
+// Threads split the output rows (at::parallel_for), so each core streams its own slab.
 //
 // Meta ships its checkpoints in bfloat16, and float32 represents every bfloat16 value exactly:
 // widening a weight inside the product (its 16 bits shifted into a float32's upper half) and
@@ -10,11 +17,12 @@
 // Activations and sums stay float32: nothing is rounded to bfloat16 (the avx512_bf16
 // dot-product instruction would round the activations, so it is not used here).
 //
-// Same shape as cpu_float.cpp: a tile of OUTS weight rows is streamed once for all R rows
-// (ROWS activation rows at a time, the rest from cache); threads split the output rows. Every
-// output is one fixed sequence of operations (lane j adds columns j, j + V, ... in order by
-// FMA, then a fixed tree over the lanes), so a row's result is the same bit for bit alone or
-// in any batch, on any thread count.
+// Every output is one fixed sequence of operations: lane j of a vector accumulator adds the
+// products of columns j, j + V, j + 2V, ... in order (FMA), the lanes are then summed by a
+// fixed tree. It does not depend on R, on where a row sits in x, on the thread count or on
+// the weight's storage: a row's result is the same bit for bit alone or in any batch (a
+// server's request gives the same logits alone or joining others), and bf16_mm's equals
+// float_mm's on the widened weight.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,8 +49,13 @@ static constexpr int ROWS = 4;
 #endif
 
 static constexpr int OUTS = 4;  // weight rows per tile
-// Prefetch distance (bytes) along each weight row: as cpu_float.cpp's in elements of a row
-// (16 KB of float32 there, 8 KB of bfloat16 here). Measured: docs/MEMORY_AND_BF16.md.
+// Prefetch distance (bytes) along each weight row: for float32 weights 16 KB, measured best of
+// 1, 4, 8, 16, 24 and 32 KB on the AVX-512 machine (S's matrices at 1-16 rows; 4 and 8 KB lost
+// ~20% at 4-8 rows); for bfloat16 weights 8 KB, the same elements ahead
+// (docs/MEMORY_AND_BF16.md). A tile widened for a prefill keeps its bfloat16 distance.
+#ifndef PREFETCH_F32
+#define PREFETCH_F32 16384
+#endif
 #ifndef PREFETCH_BF16
 #define PREFETCH_BF16 8192
 #endif
@@ -116,7 +129,7 @@ static inline float total(fvec v) { return v; }
 
 // Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row, in
 // bfloat16 (uint16_t) or already widened (float: the same values, the same operations).
-template <int NO, int NR, typename W>
+template <int NO, int NR, int PREFETCH, typename W>
 static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
   fvec acc[NO][NR];
   for (int o = 0; o < NO; ++o)
@@ -127,7 +140,7 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     for (int o = 0; o < NO; ++o) {
 #if defined(LB_AVX512) || defined(LB_AVX2)
       if ((k * sizeof(W)) % 64 == 0)  // once per cache line
-        _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH_BF16, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH, _MM_HINT_T0);
 #endif
       wv[o] = load_w(w + o * K + k);
     }
@@ -148,17 +161,18 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     for (int r = 0; r < NR; ++r) y[r * N + o] = total(acc[o][r]);
 }
 
-template <int NO, typename W>
+// Every group of ROWS activation rows against the same few weight rows: read from memory once.
+template <int NO, int PREFETCH, typename W>
 static void all_rows_of(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N) {
   for (int64_t r = 0; r < R; r += ROWS) {
     const float* xr = x + r * K;
     float* yr = y + r * N;
     switch (R - r < ROWS ? R - r : ROWS) {
-      case 1: tile<NO, 1>(xr, K, w, yr, N); break;
-      case 2: tile<NO, 2>(xr, K, w, yr, N); break;
+      case 1: tile<NO, 1, PREFETCH>(xr, K, w, yr, N); break;
+      case 2: tile<NO, 2, PREFETCH>(xr, K, w, yr, N); break;
 #if !defined(LB_AVX2)
-      case 3: tile<NO, 3>(xr, K, w, yr, N); break;
-      case 4: tile<NO, 4>(xr, K, w, yr, N); break;
+      case 3: tile<NO, 3, PREFETCH>(xr, K, w, yr, N); break;
+      case 4: tile<NO, 4, PREFETCH>(xr, K, w, yr, N); break;
 #endif
     }
   }
@@ -179,10 +193,39 @@ static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, fl
                      int64_t N, float* wide) {
   if (R > ROWS) {
     for (int64_t i = 0; i < NO * K; ++i) wide[i] = widen_one(w[i]);
-    all_rows_of<NO>(x, R, K, static_cast<const float*>(wide), y, N);
+    all_rows_of<NO, PREFETCH_BF16>(x, R, K, static_cast<const float*>(wide), y, N);
   } else {
-    all_rows_of<NO>(x, R, K, w, y, N);
+    all_rows_of<NO, PREFETCH_BF16>(x, R, K, w, y, N);
   }
+}
+
+at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "float_mm: x must be a contiguous (rows, K) float32 tensor");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat &&
+              weight.is_contiguous() && weight.size(1) == x.size(1),
+              "float_mm: weight must be a contiguous (N, K) float32 tensor, K as x's");
+  const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({R, N}, x.options());
+  if (R == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (N + OUTS - 1) / OUTS;
+  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 4, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * OUTS;
+      if (o + OUTS <= N) {
+        all_rows_of<OUTS, PREFETCH_F32>(xp, R, K, wp + o * K, yp + o, N);
+      } else {
+        for (int64_t i = o; i < N; ++i)
+          all_rows_of<1, PREFETCH_F32>(xp, R, K, wp + i * K, yp + i, N);
+      }
+    }
+  });
+  return y;
 }
 
 at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
@@ -225,6 +268,12 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-TORCH_LIBRARY_FRAGMENT(llama_kernels, m) { m.def("bf16_mm(Tensor x, Tensor weight) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
+  m.def("float_mm(Tensor x, Tensor weight) -> Tensor");
+  m.def("bf16_mm(Tensor x, Tensor weight) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) { m.impl("bf16_mm", &bf16_mm); }
+TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
+  m.impl("float_mm", &float_mm);
+  m.impl("bf16_mm", &bf16_mm);
+}
