@@ -22,24 +22,17 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks import real_size
 
 
 def ours(ckpt: Path, fmt: str, a) -> dict:
-    """benchmarks.real_size's figures for one format (no chat turns)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.real_size", "--run", str(ckpt),
-                   "--formats", fmt, "--turns", "0", "--batch", "1", "4", "--prompt-len",
-                   str(a.prompt_len), "--gen-len", str(a.gen_len), "--threads", str(a.threads),
-                   "--json", str(out)]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0 or not out.exists():
-            return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
-        result = json.loads(out.read_text())["results"][0]
+    """benchmarks.real_size's figures for one format, in a process of its own (no chat)."""
+    options = ["--threads", str(a.threads), "--max-seq-len", str(a.prompt_len + a.gen_len),
+               "--batch", "1", "4", "--prompt-len", str(a.prompt_len), "--gen-len",
+               str(a.gen_len), "--turns", "0"]
+    result = real_size.run_format(ckpt, fmt, options, None)
     if "not_run" in result:
         return {"error": result["not_run"]}
     return {"prefill": result["prefill_tok_s"], "b1": result["decode_tok_s"]["1"],
@@ -93,6 +86,7 @@ def main(argv=None) -> int:
     for tool in ("llama-bench", "llama-batched-bench"):
         if not (a.llama_cpp / tool).exists():
             parser.error(f"no {tool} in {a.llama_cpp}: build llama.cpp's {tool} target")
+    real_size.native_kernels()  # built now, if not yet, rather than in a format's load time
     for number in range(1, a.rounds + 1):
         results = []
         for fmt in a.formats:
