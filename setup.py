@@ -13,7 +13,7 @@ setup(
     description="Llama 2 inference: Meta's reference API and checkpoint format, on CPU or GPU, "
                 "any shard count on any number of processes",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["demo_model/*", "server/static/*", "kernels/*.cpp"]},
+    package_data={"llama": ["demo_model/*", "server/static/*", "kernels/*.cpp", "kernels/*.h"]},
     python_requires=">=3.9",
     install_requires=requirements("requirements.txt"),
     extras_require={"dev": requirements("requirements-dev.txt"),

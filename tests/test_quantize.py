@@ -154,21 +154,19 @@ ROUTES = [pytest.param(True, id="native", marks=pytest.mark.skipif(
 
 
 def check_product(packed, q, x):
-    """The packed product against F.linear of the dequantized weight: with x itself, as our int4
-    kernel takes it (float32 throughout), with x's rows rounded to int16 as our int8 kernel
-    takes them, and with x rounded to bfloat16, as torch's kernels and the dequantised product
-    take it."""
+    """The packed product against F.linear of the dequantized weight: with x's rows rounded to
+    int16, as our int8 and int4 kernels take them, and with x rounded to bfloat16, as torch's
+    kernels and the dequantised product take it."""
     y = linear(x, packed)
     assert y.shape == (*x.shape[:-1], q.out_features) and y.dtype == x.dtype
     w = q.dequantize()
     rows = x.numel() // x.shape[-1]
-    # our int8 kernel takes every row count; our int4 one products of few rows
-    if packed.our_kernels and (isinstance(packed, PackedInt8) or rows <= NATIVE_INT4_ROWS):
+    # our int8 kernel takes every row count; our int4 one too where vectorised
+    if packed.our_kernels and (isinstance(packed, PackedInt8) or rows <= NATIVE_INT4_ROWS
+                               or cpu_kernels.int4_every_product()):
         # float32 products of the float32 dequantized weights, in another order of additions
-        xf = x.float().reshape(-1, x.shape[-1])
-        if isinstance(packed, PackedInt8):
-            xq, xs = cpu_kernels.int16_rows(xf)
-            xf = xq.float() * xs[:, None]
+        xq, xs = cpu_kernels.int16_rows(x.float().reshape(-1, x.shape[-1]))
+        xf = xq.float() * xs[:, None]
         assert relative_error(y, F.linear(xf, w).view(y.shape)) < (
             1e-6 if x.dtype == torch.float32 else 5e-3)
     else:
@@ -224,8 +222,8 @@ def test_packed_sizes(native):
     q8, q4 = quantize_int8(w), quantize_int4(w, 128)
     assert PackedInt8(q8, our_kernels=native).nbytes == q8.nbytes == 256 * 512 + 256 * 2
     assert PackedInt4(q4, our_kernels=native).nbytes == q4.nbytes == 256 * 256 + 256 * 4 * 2 * 2
-    # rows padded to a multiple of 4 in our layout, of 64 in torch's
-    padded = 200 if native else 256
+    # rows padded to a multiple of 16 in our layout, of 64 in torch's
+    padded = 208 if native else 256
     assert (PackedInt4(quantize_int4(llama_like(200, 512), 128), our_kernels=native).nbytes
             == padded * 256 + padded * 4 * 2 * 2)
 

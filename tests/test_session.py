@@ -6,6 +6,7 @@ import torch
 
 from llama.chat_format import UNSAFE_ERROR, dialog_to_tokens, truncate_dialog
 from llama.engine.validation import ArgumentValueError
+from llama.kernels import cpu_kernels
 
 USER_TURNS = ["What is a class in Python?", "And a module?", "How do I import one?",
               "Give an example with a loop.", "Thanks. What about exceptions?"]
@@ -20,13 +21,18 @@ def _turn_tokens(encode, content):
     return encode(f"[INST] {content} [/INST]", bos=True, eos=False)
 
 
-@pytest.mark.parametrize("kind,quantize", [("gqa", None), ("mha", None), ("gqa", "int8")])
+@pytest.mark.parametrize("kind,quantize", [
+    ("gqa", None), ("mha", None), ("gqa", "int8"),
+    pytest.param("gqa", "int4", marks=pytest.mark.skipif(
+        not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
+        "the dequantised bfloat16 product"))])
 def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind, quantize):
     """Default: the model's answers stay as generated. Each answer equals greedy generation
     over the whole conversation's tokens, prefilled at once in a fresh cache; each turn
     prefills only EOS and the new user turn (and the last answer token, never run). int8:
     its kernel's sums are exact, so a token prefilled (in a product of many rows) and the
-    same token decoded (one row) give the same keys and values."""
+    same token decoded (one row) give the same keys and values; int4: its group sums are, and
+    its float sum over the groups is the same sequence for any number of rows."""
     generator = build(kind, max_seq_len=384, max_batch_size=2, quantize=quantize)
     session = generator.chat_session(system="Answer briefly.", reply_room=16)
     encode, eos = generator.tokenizer.encode, generator.tokenizer.eos_id
@@ -168,3 +174,33 @@ def test_session_rejects_bad_arguments(build):
     with pytest.raises(ArgumentValueError, match="temperature"):
         session.send("hi", temperature=-1)
     assert session.messages == []
+
+
+@pytest.mark.parametrize("quantize", [
+    None, "int8", pytest.param("int4", marks=pytest.mark.skipif(
+        not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
+        "the dequantised bfloat16 product"))])
+def test_a_tokens_products_are_the_same_bits_prefilled_or_decoded(build, quantize):
+    """What chat sessions and the prefix cache rely on: a text prefilled at once, or its first
+    half prefilled and the rest decoded a token at a time, gives the first layer the same
+    bits of keys and values (its inputs are the same, so the products must be: each row's
+    result does not depend on the others). Later layers differ by attention's order of
+    additions alone (a prefill's and a decode step's attention are different computations),
+    and, with int8 or int4 weights, the int16 roundings those move: well below a bfloat16
+    rounding of the activations."""
+    generator = build("gqa", max_seq_len=64, max_batch_size=1, quantize=quantize)
+    model = generator.model
+    tokens = torch.tensor([generator.tokenizer.encode(" ".join(USER_TURNS), bos=True,
+                                                      eos=False)[:40]])
+    n = tokens.shape[1]
+    assert n == 40
+    whole, parts = model.new_cache(1, 64), model.new_cache(1, 64)
+    model.forward(tokens, 0, whole)
+    model.forward(tokens[:, :20], 0, parts)
+    for position in range(20, n):
+        model.forward(tokens[:, position:position + 1], position, parts)
+    assert torch.equal(whole.k[0][:, :, :n], parts.k[0][:, :, :n])
+    assert torch.equal(whole.v[0][:, :, :n], parts.v[0][:, :, :n])
+    for layer in range(1, len(whole.k)):
+        for a, b in ((whole.k[layer], parts.k[layer]), (whole.v[layer], parts.v[layer])):
+            assert float((a - b).abs().max() / a.abs().max()) < 1e-3, layer

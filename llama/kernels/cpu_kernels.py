@@ -1,6 +1,6 @@
-"""Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp), float32
-and bfloat16-weight ones (llama/kernels/cpu_dense.cpp) and a decode step's attention
-(llama/kernels/cpu_attention.cpp).
+"""Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp and
+cpu_int4.cpp, sharing cpu_common.h), float32 and bfloat16-weight ones (cpu_dense.cpp) and a
+decode step's attention (cpu_attention.cpp).
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.cpp", "cpu_dense.cpp", "cpu_attention.cpp")]
-GROUP_ALIGN = 4  # output rows of the kernels' tiles: int4 weights are padded to a multiple
+           for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_common.h")]  # in the fingerprint, not compiled alone
+INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
 
@@ -75,7 +77,10 @@ def int16_rows(x: torch.Tensor):
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
             n_out: int) -> torch.Tensor:
-    """(rows, n_out) float32 products with an int4 weight in pack_int4's layout."""
+    """(rows, n_out) float32 products with an int4 weight in pack_int4's layout, x's rows
+    rounded to int16 as int8_mm's are and each group's products summed in integers; then one
+    fixed float sum over the groups per output: the same bits for a row alone or in any batch,
+    on every instruction set and thread count."""
     return _ops().int4_mm(x, packed, sz, group_size, n_out)
 
 
@@ -114,6 +119,12 @@ def fast_attention() -> bool:
     return isa() == "avx512"
 
 
+def int4_every_product() -> bool:
+    """Whether int4_mm is vectorised here (AVX-512 or AVX2 builds), so it takes prefills as
+    well as decode steps; the plain C++ one is left to decode steps."""
+    return isa() in ("avx512", "avx2")
+
+
 def fast_float() -> bool:
     """Whether float_mm runs vectorised here (AVX-512 or AVX2 builds; the plain C++ one sums
     one element at a time, slower than torch's products)."""
@@ -122,17 +133,21 @@ def fast_float() -> bool:
 
 def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """The kernels' layout of an int4 weight: values (N, K) uint8 in 0..15, scales and zeros
-    (N, K / G) bfloat16 -> (packed (N4, K / 2) uint8, sz (N4, K / G, 2) bfloat16), N4 = N
-    rounded up to GROUP_ALIGN with zero rows. Each 32 columns of a row are 16 bytes, byte j
-    holding column j in its low nibble and column j + 16 in its high one, so one 16-byte load
-    widens to 16 lanes of each."""
+    (N, K / G) bfloat16 -> (packed (N16, K / 2) uint8, sz (N16, K / G, 2) bfloat16), N16 = N
+    rounded up to INT4_BLOCK with zero rows. Outputs go in blocks of 16; per block and per 8
+    columns, 64 bytes: 16-bit word j holds output j // 2's columns 2p + (j & 1) in its
+    nibbles p = 0..3, so one vector splits into 4 vectors of (output, column pair) int16 lanes
+    (llama/kernels/cpu_int4.cpp). sz: per block and group, the 16 outputs' (scale, zero)."""
     n, k = values.shape
-    pad = -n % GROUP_ALIGN
-    blocks = values.to(torch.uint8).view(n, k // 32, 2, 16)  # (N, K / 32, low|high, 16)
-    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
-    sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)  # (N, K / G, 2)
-    packed = torch.nn.functional.pad(packed, (0, 0, 0, pad)).contiguous()
-    sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, pad)).contiguous()
+    pad = -n % INT4_BLOCK
+    v = F.pad(values.to(torch.uint8), (0, 0, 0, pad))
+    blocks = (n + pad) // INT4_BLOCK
+    # (block, output, step of 8 columns, nibble p, parity) -> (block, step, output, parity, p)
+    v = v.view(blocks, INT4_BLOCK, k // 8, 4, 2).permute(0, 2, 1, 4, 3)
+    low, high = v[..., 0] | (v[..., 1] << 4), v[..., 2] | (v[..., 3] << 4)  # word's 2 bytes
+    packed = torch.stack([low, high], dim=-1).contiguous().view(n + pad, k // 2)
+    sz = F.pad(torch.stack([scales, zeros], dim=-1).to(torch.bfloat16), (0, 0, 0, 0, 0, pad))
+    sz = sz.view(blocks, INT4_BLOCK, -1, 2).transpose(1, 2).contiguous().view(n + pad, -1, 2)
     return packed, sz
 
 
@@ -154,8 +169,8 @@ def _fingerprint() -> str:
         cpu += "".join(sorted(set(lines)))
     except OSError:
         cpu += platform.processor()
-    text = (b"".join(source.read_bytes() for source in SOURCES) + " ".join(_flags()).encode()
-            + cpu.encode() + torch.__version__.encode())
+    text = (b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+            + " ".join(_flags()).encode() + cpu.encode() + torch.__version__.encode())
     return hashlib.sha256(text).hexdigest()[:12]
 
 

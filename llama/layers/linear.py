@@ -144,12 +144,14 @@ def _threads() -> int:
 # bfloat16 for values within 128x of the row's largest) and sums in integers, exactly: so it
 # takes every product, decode steps and prefills alike, and a token's keys and values are the
 # same bit for bit whether it was prefilled or decoded (chat sessions and the prefix cache
-# keep a conversation's tokens from either). The int4 one takes products of few rows (decode
-# steps); above NATIVE_INT4_ROWS the weight is dequantised to bfloat16, a block of rows at a
-# time, for oneDNN's bfloat16 GEMM (AVX512-BF16). Where our kernels cannot be built, torch's
+# keep a conversation's tokens from either). The int4 one does the same (int16 rows, integer
+# sums per group, then one fixed float sum over the groups per output), so on AVX-512 and AVX2
+# it takes every product too; a plain C++ build takes decode steps (up to NATIVE_INT4_ROWS
+# rows) and above that the weight is dequantised to bfloat16, a block of rows at a time, for
+# oneDNN's bfloat16 GEMM. Where our kernels cannot be built, torch's
 # kernels, vectorised for bfloat16 activations only: activations are then cast to bfloat16
 # and the result back to x's dtype. Measured: docs/QUANTIZATION.md, benchmarks/quant_kernels.py.
-NATIVE_INT4_ROWS = 12  # 10-12 rows (int4 dequantises faster, natively)
+NATIVE_INT4_ROWS = 12  # plain C++ builds: above, the dequantised product is faster
 CPU_INT8_KERNEL_ROWS = 8  # torch's kernels (no native kernels)
 CPU_INT4_KERNEL_ROWS = 128
 _CPU_BLOCK = 64  # rows of the CPU int4 layout's blocks: weights are padded to a multiple
@@ -226,8 +228,9 @@ class PackedInt8:
 
 
 class PackedInt4:
-    """A group-wise int4 weight laid out for one device's kernel. CPU: our native kernel up to
-    NATIVE_INT4_ROWS rows, in its own layout (cpu_kernels.pack_int4), float32 throughout;
+    """A group-wise int4 weight laid out for one device's kernel. CPU: our native kernel, in
+    its own layout (cpu_kernels.pack_int4), float32 activations rounded to int16 per row, for
+    every product on AVX-512 and AVX2 (up to NATIVE_INT4_ROWS rows in a plain C++ build);
     where it is unavailable, aten._weight_int4pack_mm_for_cpu in torch's layout up to
     CPU_INT4_KERNEL_ROWS rows (bfloat16 activations). Above those, the weight dequantised to
     bfloat16 a block of rows at a time for oneDNN's GEMM. CUDA (compute capability 8.0+):
@@ -244,7 +247,7 @@ class PackedInt4:
         q = q.to(self.device)
         self.our_kernels = (self.device.type == "cpu" and our_kernels is not False
                             and cpu_kernels.available())
-        if self.our_kernels:  # (rows rounded up to 4, in / 2) uint8, (rows, in / G, 2) bfloat16
+        if self.our_kernels:  # (rows rounded up to 16, in / 2) uint8, (rows, in / G, 2) bf16
             self.weight, self.scales_and_zeros = cpu_kernels.pack_int4(q.values(), q.scales,
                                                                        q.zeros)
             return
@@ -305,7 +308,8 @@ class PackedInt4:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
-        if self.our_kernels and x2.shape[0] <= NATIVE_INT4_ROWS:
+        if self.our_kernels and (x2.shape[0] <= NATIVE_INT4_ROWS
+                                 or cpu_kernels.int4_every_product()):
             out = cpu_kernels.int4_mm(_float32(x2), self.weight, self.scales_and_zeros,
                                       self.group_size, self.out_features)
             return (out if out.dtype == x.dtype else out.to(x.dtype)).view(

@@ -1,0 +1,115 @@
+// What the int8 and int4 kernels (cpu_kernels.cpp, cpu_int4.cpp) share: the instruction set
+// chosen at compile time, tile sizes, prefetch distances, bfloat16 conversions, the output
+// tiles per parallel chunk, and activations rounded to int16 per row.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define LK_AVX512 1
+static constexpr int ROWS = 4;  // activation rows per tile: 4 x 4 accumulators
+// acc + pairwise products of 32 int16 lanes, in 16 int32 lanes (one instruction with VNNI)
+static inline __m512i dot_i16x32(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LK_AVX2 1
+static constexpr int ROWS = 2;  // 16 vector registers: 4 x 2 accumulators
+#else
+static constexpr int ROWS = 4;
+#endif
+
+static constexpr int OUTS = 4;  // output rows per tile (int4 weights are padded to it)
+// How far ahead (bytes) each weight stream is prefetched: the hardware prefetcher alone left
+// one core at ~6.5 GB/s of int8 reads, against ~13 GB/s for MKL's float32 matrix-vector
+// product; with these ~9.5 (int8) and ~11 GB/s (int4), measured on the AVX-512 machine
+// (docs/QUANTIZATION.md). A prefetch past the end of a weight does not fault.
+#ifndef PREFETCH8
+#define PREFETCH8 16384
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+#ifndef PREFETCH4
+#define PREFETCH4 8192
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to()
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Output-row tiles per parallel chunk: at least ~64 KB of weights, so tiny products stay on
+// one thread.
+static int64_t grain(int64_t bytes_per_tile) {
+  return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(bytes_per_tile, 1));
+}
+
+static constexpr int64_t I16_MAX = 32767;
+
+// Rows of x (R, K) as int16 (R, W), zero past K, and their scales. A row with an infinite or
+// NaN value gets a NaN scale, so its outputs are NaN, as a float product's would be.
+static void quantize_rows_i16(const float* x, int64_t R, int64_t K, int64_t W, int16_t* q,
+                              float* scales) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    int16_t* qr = q + r * W;
+    float amax = 0.f, finite = 0.f;  // finite: sum of x - x, NaN if any x is inf or NaN
+    int64_t k = 0;
+#if defined(LK_AVX512)
+    __m512 vmax = _mm512_setzero_ps(), vfin = _mm512_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+      vfin = _mm512_add_ps(vfin, _mm512_sub_ps(v, v));
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    finite = _mm512_reduce_add_ps(vfin);
+#endif
+    for (; k < K; ++k) {
+      amax = std::max(amax, std::fabs(xr[k]));
+      finite += xr[k] - xr[k];
+    }
+    if (finite != 0.f || !(amax <= 3.4e38f)) {  // NaN compares unequal; inf > max float
+      std::memset(qr, 0, W * sizeof(int16_t));
+      scales[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float inv = amax > 0.f ? static_cast<float>(I16_MAX) / amax : 0.f;
+    scales[r] = amax / static_cast<float>(I16_MAX);
+    k = 0;
+#if defined(LK_AVX512)
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (; k + 16 <= K; k += 16)  // nearest, ties to even (the default rounding mode)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm512_cvtsepi32_epi16(
+          _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv))));
+#endif
+    for (; k < K; ++k) qr[k] = static_cast<int16_t>(std::nearbyint(xr[k] * inv));
+    for (; k < W; ++k) qr[k] = 0;
+  }
+}
+
