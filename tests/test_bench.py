@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from benchmarks import bench
+from llama.kernels import cpu_kernels
 from tests.conftest import REPO
 
 # A stand-in for Meta's llama/model.py: its ModelArgs fields and Transformer(args) /
@@ -157,3 +158,15 @@ def test_quant_gpu_builds_and_decodes_a_quantized_model(capsys):
     out = capsys.readouterr().out
     assert "int8: built in" in out and "int4 g32: built in" in out
     assert out.count("eager decode, batch 1:") == 2
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable")
+def test_kernel_compute_prints_a_figure_per_kernel_and_row_count(capsys):
+    from benchmarks import kernel_compute
+
+    kernel_compute.main(["--rows", "1", "3", "--out", "32", "--in", "256", "--calls", "2",
+                         "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" (")[0]: line.split()[-2:] for line in lines[2:]}
+    assert set(rows) == {"int8", "int4 g32", "int4 g128", "bf16", "float32"}
+    assert all(float(cell) > 0 for cells in rows.values() for cell in cells)
