@@ -140,6 +140,19 @@ def run_workers(jobs, nproc, tmp_path) -> list:
     return [json.loads(Path(job["out_path"]).read_text()) for job in jobs]
 
 
+def run_entry_points(commands, tmp_path, env=None) -> list:
+    """[(status, stdout, stderr)] of `python *command` for each command (["-m", module, ...]
+    or [script, ...]), run one after the other in one child process (tests/entry_points.py,
+    under run_script's environment), each as python runs it: for command lines refused before
+    anything loads, which would each pay torch's import in a process of their own."""
+    listing, results = tmp_path / "entry-points.json", tmp_path / "entry-points-results.json"
+    listing.write_text(json.dumps(commands))
+    child = run_script([str(REPO / "tests" / "entry_points.py"), str(listing), str(results)],
+                       env=env)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    return [tuple(result) for result in json.loads(results.read_text())]
+
+
 def free_port() -> int:
     import socket
 

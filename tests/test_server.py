@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from llama import Llama  # noqa: E402
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
-from tests.server_fixtures import running_server  # noqa: E402
+from tests.server_fixtures import refused_by_the_parser, running_server  # noqa: E402
 
 QUESTIONS = ["What is a list?", "How do I open a file?", "Explain decorators.",
              "What does yield do?", "上下五千年，英雄万万千。", "What is a class?",
@@ -393,11 +393,10 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
         assert "rank 0 stopped" in read_log(url.process)
 
 
-def test_a_negative_prefill_chunk_is_refused_before_loading():
-    from tests.conftest import run_script
-    result = run_script(["-m", "llama.server", "--prefill_chunk", "-1"], timeout=60)
-    assert result.returncode == 2
-    assert "--prefill_chunk must be 0 or more, got -1" in result.stderr
+def test_a_negative_prefill_chunk_is_refused_before_loading(capsys):
+    status, stderr = refused_by_the_parser(["--prefill_chunk", "-1"], capsys)
+    assert status == 2
+    assert "--prefill_chunk must be 0 or more, got -1" in stderr
 
 
 def test_prompts_prefilled_in_chunks_riding_with_the_batch_answer_alike(library):
