@@ -354,6 +354,15 @@ def test_two_processes_under_torchrun_answer_as_one_and_stop_cleanly(client):
     assert log.count("Traceback") == log.count("SignalException: Process"), log[-3000:]
 
 
+DRAIN_S = 1  # the server's grace period (llama.server.app.DRAIN_S, 5 s) in the test below
+_SHORT_DRAIN = f"""
+import sys
+from llama.server import app
+app.DRAIN_S = {DRAIN_S}
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
     """The first SIGINT stops taking requests (503) and gives running answers DRAIN_S
     seconds; an answer still running then ends with an error event, not a cut connection;
@@ -362,10 +371,10 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
     import signal
     import time
 
-    from llama.server.app import DRAIN_S
     from tests.server_fixtures import read_log
 
-    with running_server("--max_batch_size", "2", "--max_seq_len", "4096") as url:
+    with running_server("--max_batch_size", "2", "--max_seq_len", "4096",
+                        code=_SHORT_DRAIN) as url:
         body = {"prompt": PROMPTS[1], "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as long:
             lines = long.iter_lines()
