@@ -5,8 +5,6 @@ through real HTTP."""
 import json
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -15,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from llama.server.http_guard import default_allowed_hosts, host_name  # noqa: E402
-from tests.conftest import REPO, run_entry_points  # noqa: E402
+from tests.conftest import run_entry_points  # noqa: E402
 from tests.server_fixtures import read_log, refused_by_the_parser, running_server  # noqa: E402
 
 PROMPT = "A list is"
@@ -144,10 +142,16 @@ MISTAKES = [
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory):
     """(status, stdout, stderr) of `python -m llama.server` on each mistaken command line, all
-    run in one process (tests/entry_points.py)."""
-    commands = [["-m", "llama.server"] + args for args, _, _ in MISTAKES]
-    results = run_entry_points(commands, tmp_path_factory.mktemp("mistakes"))
-    return {tuple(args): result for (args, _, _), result in zip(MISTAKES, results)}
+    run in one process (tests/entry_points.py); under "taken port", on a port this process
+    listens on meanwhile."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [args for args, _, _ in MISTAKES] + [["--port", str(taken.getsockname()[1])]]
+        results = run_entry_points([["-m", "llama.server"] + args for args in cases],
+                                   tmp_path_factory.mktemp("mistakes"))
+    named = {tuple(args): result for (args, _, _), result in zip(MISTAKES, results)}
+    return {**named, "taken port": results[-1]}
 
 
 @pytest.mark.parametrize("args, status, says", MISTAKES)
@@ -157,15 +161,10 @@ def test_command_line_mistakes_are_one_line(args, status, says, mistakes):
     assert "Traceback" not in stderr
 
 
-def test_a_taken_port_is_said_before_loading():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "llama.server", "--port", str(port)],
-                                capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 1 and "Address already in use" in result.stderr
-    assert "Serving" not in result.stderr and "Loaded" not in result.stderr
+def test_a_taken_port_is_said_before_loading(mistakes):
+    status, _, stderr = mistakes["taken port"]
+    assert status == 1 and "Address already in use" in stderr
+    assert "Serving" not in stderr and "Loaded" not in stderr
 
 
 def _metric(text, name):
