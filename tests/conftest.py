@@ -119,6 +119,40 @@ def run_script(args, nproc=None, timeout=240, env=None, cwd=REPO):
                           timeout=timeout)
 
 
+def run_workers(jobs, nproc, tmp_path) -> list:
+    """What tests/mp_worker.py's main writes for each job (a dict of its keyword arguments
+    but out_path). nproc None: in this process, a process group of one (on the CPU unless
+    the job names a device); else all the jobs in turn in one torchrun launch of `nproc`
+    processes, each job building its own model (a launch costs seconds: torch's import in
+    every process, the group's rendezvous)."""
+    from tests import mp_worker
+
+    jobs = [{**job, "out_path": str(tmp_path / f"worker-{nproc}-{i}.json")}
+            for i, job in enumerate(jobs)]
+    if nproc is None:
+        for job in jobs:
+            mp_worker.main(**{"device": "cpu", **job})
+    else:
+        listing = tmp_path / f"worker-{nproc}-jobs.json"
+        listing.write_text(json.dumps(jobs))
+        result = run_script([mp_worker.__file__, "--jobs", str(listing)], nproc=nproc)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads(Path(job["out_path"]).read_text()) for job in jobs]
+
+
+def run_entry_points(commands, tmp_path, env=None) -> list:
+    """[(status, stdout, stderr)] of `python *command` for each command (["-m", module, ...]
+    or [script, ...]), run one after the other in one child process (tests/entry_points.py,
+    under run_script's environment), each as python runs it: for command lines refused before
+    anything loads, which would each pay torch's import in a process of their own."""
+    listing, results = tmp_path / "entry-points.json", tmp_path / "entry-points-results.json"
+    listing.write_text(json.dumps(commands))
+    child = run_script([str(REPO / "tests" / "entry_points.py"), str(listing), str(results)],
+                       env=env)
+    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
+    return [tuple(result) for result in json.loads(results.read_text())]
+
+
 def free_port() -> int:
     import socket
 

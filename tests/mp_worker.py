@@ -1,6 +1,7 @@
 """Run by tests under torchrun (or plain python): build from a checkpoint, generate greedily,
 and write what rank 0 saw to a JSON file. Optional 4th to 6th arguments: device, dtype,
-quantize ("" for the default)."""
+quantize ("" for the default). `--jobs FILE` instead runs main for each keyword-argument dict
+of the JSON list in FILE, in turn, in one process group (tests.conftest.run_workers)."""
 
 import json
 import sys
@@ -43,5 +44,10 @@ def main(ckpt_dir: str, tokenizer_path: str, out_path: str, device=None, dtype=N
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])  # ckpt_dir tokenizer_path out_path [device dtype quantize]
+    if sys.argv[1] == "--jobs":  # --jobs FILE
+        with open(sys.argv[2]) as f:
+            for job in json.load(f):
+                main(**job)
+    else:
+        main(*sys.argv[1:])  # ckpt_dir tokenizer_path out_path [device dtype quantize]
     shutdown()

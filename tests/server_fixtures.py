@@ -62,6 +62,20 @@ def running_server(*args, nproc=None, timeout=120, env=None, code=None):
         stop(process)
 
 
+def refused_by_the_parser(argv, capsys):
+    """(exit status, stderr) of llama.server's main(argv) run in this process, for a command
+    line its argument parser refuses (SystemExit, before the model or uvicorn is touched).
+    `python -m llama.server` makes these the process's status and stderr, as
+    tests/test_server_api.py checks with real processes."""
+    from llama.server.app import main
+
+    try:
+        main(argv)
+    except SystemExit as refused:
+        return refused.code, capsys.readouterr().err
+    raise AssertionError(f"main({argv}) was not refused")
+
+
 def read_log(process) -> str:
     process.log.seek(0)
     return process.log.read()

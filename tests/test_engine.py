@@ -59,17 +59,36 @@ def _use(model, kernels):
         assert model.use_native_kernels()
 
 
+LIMITS = [12, 5, 9, 14, 7, 10]
+
+
+@pytest.fixture(scope="module")
+def alone(build):
+    """generate()'s greedy tokens and logprobs of each of PROMPTS alone (LIMITS tokens), by
+    (kind, kernels): what every chunk size's engine must give, computed once for them all."""
+    made = {}
+
+    def _alone(kind, kernels):
+        if (kind, kernels) not in made:
+            generator = build(kind, max_seq_len=64, max_batch_size=4)
+            _use(generator.model, kernels)
+            made[kind, kernels] = [generator.generate([_encode(generator, p)], limit,
+                                                      temperature=0, logprobs=True)
+                                   for p, limit in zip(PROMPTS, LIMITS)]
+        return made[kind, kernels]
+
+    return _alone
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
-def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, kernels, chunk, build):
+def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, kernels, chunk, build,
+                                                                 alone):
     generator = build(kind, max_seq_len=64, max_batch_size=4)
     _use(generator.model, kernels)
-    limits = [12, 5, 9, 14, 7, 10]
-    alone = [generator.generate([_encode(generator, p)], limit, temperature=0,
-                                logprobs=True) for p, limit in zip(PROMPTS, limits)]
     seqs = [EngineSequence(prompt=_encode(generator, p), limit=limit, logprobs=True)
-            for p, limit in zip(PROMPTS, limits)]
+            for p, limit in zip(PROMPTS, LIMITS)]
     # three slots for six sequences: later ones wait for a slot and reuse its cache
     engine = _server_engine(generator, slots=3, chunk=chunk)
     arrivals = {0: seqs[:1], 2: seqs[1:3], 6: seqs[3:4], 9: seqs[4:5], 13: seqs[5:]}
@@ -80,7 +99,7 @@ def test_greedy_rows_joining_a_busy_batch_get_their_tokens_alone(kind, kernels, 
             engine.add(waiting.pop(0))
         engine.step()
         step += 1
-    for seq, (tokens, logprobs) in zip(seqs, alone):
+    for seq, (tokens, logprobs) in zip(seqs, alone(kind, kernels)):
         assert seq.tokens == tokens[0]
         if kernels == "all" and not chunk:  # every product and attention row by row: the
             assert seq.token_logprobs == logprobs[0]  # same bits (a chunk's step: oneDNN's)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port, run_script
+from tests.conftest import REPO, free_port, run_entry_points, run_script
 
 PROMPT_STARTS = ["I believe the meaning of life is", "Simply put, the theory of relativity",
                  "A brief message congratulating", "Translate English to French:"]
@@ -75,23 +75,42 @@ def test_chat_example_one_and_two_processes(checkpoints, tokenizer_path):
     assert _generations(runs[1].stdout) == _generations(out)
 
 
-@pytest.mark.parametrize("flags, status, message", [
+BAD_FLAGS = [
     (["--max_seqlen", "64"], 2, "error: unknown flag --max_seqlen (did you mean --max_seq_len?)"),
     (["--temperature", "-1"], 1, "error: --temperature must be >= 0 (0 is greedy), got -1"),
-])
-def test_bad_flags_end_the_script_in_one_line_before_loading(flags, status, message):
-    result = run_script(["example_text_completion.py"] + flags)
-    assert result.returncode == status
-    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]]  # one line, no load
-    assert result.stderr.startswith(message) and result.stdout == ""
+]
 
 
-def test_missing_checkpoint_and_tokenizer_name_the_checkpoint_flag(tmp_path):
-    result = run_script(["example_chat_completion.py", "--ckpt_dir", str(tmp_path / "nope"),
-                         "--tokenizer_path", str(tmp_path / "nope.model")])
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
-        f"error: --ckpt_dir '{tmp_path / 'nope'}' does not exist: it should be a checkpoint "
+def _missing(tmp):
+    """The chat script given a checkpoint directory and a tokenizer that do not exist."""
+    return ("example_chat_completion.py", "--ckpt_dir", str(tmp / "nope"), "--tokenizer_path",
+            str(tmp / "nope.model"))
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """The scripts on mistaken command lines, all run in one process (tests/entry_points.py):
+    (status, stdout, stderr) by command line, and the folder _missing names."""
+    tmp = tmp_path_factory.mktemp("mistakes")
+    commands = [("example_text_completion.py", *flags) for flags, _, _ in BAD_FLAGS]
+    commands.append(_missing(tmp))
+    return tmp, dict(zip(commands, run_entry_points([list(c) for c in commands], tmp)))
+
+
+@pytest.mark.parametrize("flags, status, message", BAD_FLAGS)
+def test_bad_flags_end_the_script_in_one_line_before_loading(flags, status, message, mistakes):
+    returncode, stdout, stderr = mistakes[1][("example_text_completion.py", *flags)]
+    assert returncode == status
+    assert stderr.splitlines() == [stderr.splitlines()[0]]  # one line, no load
+    assert stderr.startswith(message) and stdout == ""
+
+
+def test_missing_checkpoint_and_tokenizer_name_the_checkpoint_flag(mistakes):
+    tmp, results = mistakes
+    returncode, _, stderr = results[_missing(tmp)]
+    assert returncode == 1
+    assert stderr.splitlines() == [
+        f"error: --ckpt_dir '{tmp / 'nope'}' does not exist: it should be a checkpoint "
         f"directory such as llama-2-7b/, holding params.json and consolidated.NN.pth (see "
         f"download.sh), or a Hugging Face directory holding config.json and *.safetensors"]
 
@@ -332,15 +351,21 @@ def test_sigint_without_a_terminal_stops_an_answer(checkpoints, tokenizer_path):
 def test_the_chat_prompt_edits_chinese_and_ctrl_c_interrupts():
     """The prompt's line editing (the terminal's, as with input()): backspace erases a whole
     character of a Chinese line; Ctrl-C ends the line as an interrupt."""
-    program = ("from llama.cli.keyboard import Keyboard\n"
-               "keyboard = Keyboard()\n"
+    # llama/cli/keyboard.py imports nothing of the package: loaded from its file, the program
+    # does not pay for torch's import (llama/__init__.py's)
+    program = ("import importlib.util, sys\n"
+               "spec = importlib.util.spec_from_file_location('keyboard', sys.argv[1])\n"
+               "module = importlib.util.module_from_spec(spec)\n"
+               "spec.loader.exec_module(module)\n"
+               "keyboard = module.Keyboard()\n"
                "try:\n"
                "    for _ in range(2): print(repr(keyboard.read_line('User: ')), flush=True)\n"
                "except KeyboardInterrupt:\n"
                "    print('KeyboardInterrupt', flush=True)\n"
                "finally:\n"
                "    keyboard.close()\n")
-    term = Terminal([sys.executable, "-c", program], {**os.environ, "PYTHONPATH": str(REPO)})
+    term = Terminal([sys.executable, "-c", program, str(REPO / "llama" / "cli" / "keyboard.py")],
+                    {**os.environ, "PYTHONPATH": str(REPO)})
     term.expect("User: ")
     os.write(term.master, "上下五千年，英雄万万千。你好吗\x7f\x7f\n".encode())
     term.expect("'上下五千年，英雄万万千。你'")

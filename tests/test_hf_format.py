@@ -16,7 +16,7 @@ from llama.checkpoints.meta import CheckpointError
 from llama.engine.validation import ArgumentFileNotFoundError
 from llama.hf.config import UnsupportedConfigError, ffn_params
 from llama.hf.format import rotary_rows_to_hf, rotary_rows_to_meta
-from tests.conftest import REPO, run_script
+from tests.conftest import run_workers
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
 transformers = pytest.importorskip("transformers")
@@ -100,22 +100,29 @@ def test_tied_embeddings(kind, hub):
     _same_model(got, _build(hub.meta(kind, tied=True)))
 
 
-def _mp_run(directory, tokenizer, out, nproc):
-    result = run_script([str(REPO / "tests" / "mp_worker.py"), str(directory), str(tokenizer),
-                         str(out)], nproc=nproc)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+TWO_PROCESS_DIRS = [("gqa", "40KB", False), ("code", "1GB", True)]
 
 
-@pytest.mark.parametrize("kind, shard_size, tied", [("gqa", "40KB", False),
-                                                     ("code", "1GB", True)])
-def test_two_processes_equal_one_process_on_meta_layout(kind, shard_size, tied, hub, tmp_path):
+@pytest.fixture(scope="module")
+def two_process_runs(hub, tmp_path_factory):
+    """mp_worker's outputs on 2 processes for each Hub directory, from one torchrun launch."""
+    jobs = []
+    for kind, shard_size, tied in TWO_PROCESS_DIRS:
+        directory = hub(kind, max_shard_size=shard_size, tied=tied)
+        jobs.append(dict(ckpt_dir=str(directory),
+                         tokenizer_path=str(directory / "tokenizer.model")))
+    return dict(zip(TWO_PROCESS_DIRS, run_workers(jobs, 2, tmp_path_factory.mktemp("two"))))
+
+
+@pytest.mark.parametrize("kind, shard_size, tied", TWO_PROCESS_DIRS)
+def test_two_processes_equal_one_process_on_meta_layout(kind, shard_size, tied, hub,
+                                                        two_process_runs, tmp_path):
     """Each rank reads only its slices: rows of q/k (whole heads, reordered on their own),
     columns of the embedding and rows of the tied output layer."""
-    directory = hub(kind, max_shard_size=shard_size, tied=tied)
-    tokenizer = directory / "tokenizer.model"
-    got = _mp_run(directory, tokenizer, tmp_path / "two.json", 2)
-    want = _mp_run(hub.meta(kind, tied=tied), tokenizer, tmp_path / "one.json", None)
+    tokenizer = hub(kind, max_shard_size=shard_size, tied=tied) / "tokenizer.model"
+    got = two_process_runs[kind, shard_size, tied]
+    (want,) = run_workers([dict(ckpt_dir=str(hub.meta(kind, tied=tied)),
+                                tokenizer_path=str(tokenizer))], None, tmp_path)
     assert got["world"] == 2 and got["shapes_ok"]
     for g, w in zip(got["completions"], want["completions"]):
         assert g["tokens"] == w["tokens"]

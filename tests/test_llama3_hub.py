@@ -15,7 +15,7 @@ from llama.args import ModelArgs
 from llama.checkpoints.meta import CheckpointError
 from llama.hf.bridge import hf_model
 from llama.hf.convert import hf_to_meta, meta_to_hf
-from tests.conftest import model_args
+from tests.conftest import model_args, run_workers
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
 PROMPT = torch.randint(3, 1000, (1, 200), generator=torch.Generator().manual_seed(5))
@@ -202,11 +202,10 @@ def test_a_tied_hub_model_quantized_to_metas_layout_loads_as_quantizing_at_load(
 
 def test_a_tied_hub_model_on_two_processes_is_metas_layout_on_one(hub, tokenizer_path,
                                                                   tmp_path):
-    from tests.test_llama3_model import _worker
-
-    split = _worker(str(hub("llama3", tied=True)), tokenizer_path, tmp_path / "split.json", 2)
-    one = _worker(str(hub.meta("llama3", tied=True)), tokenizer_path, tmp_path / "one.json",
-                  None)
+    (split,) = run_workers([dict(ckpt_dir=str(hub("llama3", tied=True)),
+                                 tokenizer_path=tokenizer_path)], 2, tmp_path)
+    (one,) = run_workers([dict(ckpt_dir=str(hub.meta("llama3", tied=True)),
+                               tokenizer_path=tokenizer_path)], None, tmp_path)
     assert split["world"] == 2 and split["shapes_ok"]
     for got, want in zip(split["completions"], one["completions"]):
         assert got["tokens"] == want["tokens"]

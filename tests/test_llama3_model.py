@@ -19,7 +19,7 @@ from llama.layers.linear import PackedInt8
 from llama.layers.rope_scaling import RopeScaling, RopeScalingError
 from llama.layers.rotary import precompute_freqs_cis
 from llama.quantize.formats import is_quantized, quantize
-from tests.conftest import REPO, model_args, run_script
+from tests.conftest import model_args, run_workers
 
 # Meta's params.json of Llama 3.1 8B and 3.2 1B (llama-models' sku_list), as downloaded.
 LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
@@ -196,20 +196,22 @@ def test_shards_without_rope_freqs_load_alike(build, checkpoints, tokenizer_path
                        build("llama3", max_batch_size=1).model.forward(tokens, 0))
 
 
-def _worker(ckpt_dir, tokenizer_path, out, nproc, quantize=""):
-    args = [str(REPO / "tests" / "mp_worker.py"), ckpt_dir, tokenizer_path, str(out)]
-    result = run_script(args + (["", "", quantize] if quantize else []), nproc=nproc)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def split_runs(checkpoints, tokenizer_path, tmp_path_factory):
+    """mp_worker's outputs for the one-shard checkpoint on 2 processes, float and int8 (at
+    load), from one torchrun launch."""
+    jobs = [dict(ckpt_dir=checkpoints("llama3", 1), tokenizer_path=tokenizer_path,
+                 quantize=quantize) for quantize in ("", "int8")]
+    return dict(zip(("", "int8"), run_workers(jobs, 2, tmp_path_factory.mktemp("split"))))
 
 
 @pytest.mark.parametrize("quantize", ["", "int8"])
-def test_one_shard_on_two_processes_is_two_shards_on_one(quantize, checkpoints, tokenizer_path,
-                                                         tmp_path):
-    split = _worker(checkpoints("llama3", 1), tokenizer_path, tmp_path / "split.json", 2,
-                    quantize)
-    merged = _worker(checkpoints("llama3", 2), tokenizer_path, tmp_path / "merged.json", None,
-                     quantize)
+def test_one_shard_on_two_processes_is_two_shards_on_one(quantize, split_runs, checkpoints,
+                                                         tokenizer_path, tmp_path):
+    split = split_runs[quantize]
+    (merged,) = run_workers([dict(ckpt_dir=checkpoints("llama3", 2),
+                                  tokenizer_path=tokenizer_path, quantize=quantize)], None,
+                            tmp_path)
     assert split["world"] == 2 and merged["world"] == 1
     assert split["shapes_ok"] and merged["shapes_ok"]
     # quantized: each rank's row-parallel partial sums come from bfloat16 prefill products, so

@@ -5,15 +5,14 @@ import math
 
 import pytest
 
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_workers
 
-
-def _run(checkpoints, tokenizer_path, tmp_path, kind, n_shards, nproc, name):
-    out = tmp_path / f"{name}.json"
-    result = run_script([str(REPO / "tests" / "mp_worker.py"), checkpoints(kind, n_shards),
-                         tokenizer_path, str(out)], nproc=nproc)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+# (kind, shard count, processes): the runs compared with one process on one shard; under
+# torchrun they share one launch per process count (module fixture `runs`)
+RUNS = [("gqa", 2, 2),  # two shards on two processes
+        ("mha", 2, None),  # merge: 2 shards on 1 process
+        ("mha", 4, 2),  # merge: 4 shards on 2 processes
+        ("gqa", 1, 2)]  # split: 1 shard on 2 processes
 
 
 def _assert_same(got, want):
@@ -30,27 +29,32 @@ def _assert_same(got, want):
 
 @pytest.fixture(scope="module")
 def one_process(checkpoints, tokenizer_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one")
-    return {kind: _run(checkpoints, tokenizer_path, tmp, kind, 1, None, kind)
-            for kind in ("gqa", "mha")}
+    outputs = run_workers([dict(ckpt_dir=checkpoints(kind, 1), tokenizer_path=tokenizer_path)
+                           for kind in ("gqa", "mha")], None, tmp_path_factory.mktemp("one"))
+    return dict(zip(("gqa", "mha"), outputs))
 
 
-def test_two_processes_on_two_shards_equal_one_process_on_merged_weights(
-        checkpoints, tokenizer_path, tmp_path, one_process):
-    got = _run(checkpoints, tokenizer_path, tmp_path, "gqa", 2, 2, "gqa-2-on-2")
+@pytest.fixture(scope="module")
+def runs(checkpoints, tokenizer_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    outputs = {}
+    for nproc in (None, 2):
+        mine = [run for run in RUNS if run[2] == nproc]
+        jobs = [dict(ckpt_dir=checkpoints(kind, n_shards), tokenizer_path=tokenizer_path)
+                for kind, n_shards, _ in mine]
+        outputs.update(zip(mine, run_workers(jobs, nproc, tmp)))
+    return outputs
+
+
+def test_two_processes_on_two_shards_equal_one_process_on_merged_weights(runs, one_process):
+    got = runs["gqa", 2, 2]
     assert got["world"] == 2
     _assert_same(got, one_process["gqa"])
 
 
-@pytest.mark.parametrize("kind, n_shards, nproc", [
-    ("mha", 2, None),  # merge: 2 shards on 1 process
-    ("mha", 4, 2),  # merge: 4 shards on 2 processes
-    ("gqa", 1, 2),  # split: 1 shard on 2 processes
-])
-def test_any_shard_count_on_any_valid_process_count(kind, n_shards, nproc, checkpoints,
-                                                     tokenizer_path, tmp_path, one_process):
-    got = _run(checkpoints, tokenizer_path, tmp_path, kind, n_shards, nproc,
-               f"{kind}-{n_shards}-on-{nproc}")
+@pytest.mark.parametrize("kind, n_shards, nproc", RUNS[1:])
+def test_any_shard_count_on_any_valid_process_count(kind, n_shards, nproc, runs, one_process):
+    got = runs[kind, n_shards, nproc]
     assert got["world"] == (nproc or 1)
     _assert_same(got, one_process[kind])
 

@@ -10,7 +10,7 @@ import pytest
 
 from llama.cli.flags import check_flags, parse_flags, resolve_model_paths
 from llama.engine.validation import ArgumentFileNotFoundError, ArgumentValueError
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_entry_points, run_script
 
 
 def _text_main():
@@ -39,11 +39,14 @@ def test_quantize_none_as_the_help_says():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_stray_word_is_refused_by_the_scripts():
-    result = run_script(["example_text_completion.py", "llama-2-7b/"], timeout=120)
-    assert result.returncode == 2
-    assert "unexpected argument 'llama-2-7b/'" in result.stderr
-    assert "--ckpt_dir llama-2-7b/" in result.stderr
+STRAY_WORD = ["example_text_completion.py", "llama-2-7b/"]
+
+
+def test_a_stray_word_is_refused_by_the_scripts(mistakes):
+    status, _, stderr = mistakes[tuple(STRAY_WORD)]
+    assert status == 2
+    assert "unexpected argument 'llama-2-7b/'" in stderr
+    assert "--ckpt_dir llama-2-7b/" in stderr
 
 
 def test_text_that_is_not_utf8_is_an_argument_error(library):
@@ -90,7 +93,7 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
         (src / "tokenizer.model").read_bytes()
 
 
-@pytest.mark.parametrize("args, says", [
+TOOL_MISTAKES = [
     (["-m", "llama.server", "--max_bach_size", "2"],
      "error: unknown flag --max_bach_size (did you mean --max_batch_size?); "
      "`python -m llama.server --help` lists the flags"),
@@ -106,8 +109,20 @@ def test_reshard_copies_the_tokenizer(checkpoints, tokenizer_path, tmp_path):
     (["-m", "llama.checklist", "checklist.chk", "--lst"],
      "error: unknown flag --lst (did you mean --list?); `python -m llama.checklist --help` "
      "lists the flags"),
-])
-def test_the_tools_say_mistakes_as_the_scripts_do(args, says):
-    result = run_script(args, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith(says), result.stderr
-    assert "usage:" not in result.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """(status, stdout, stderr) by command line, of the mistaken command lines of this module:
+    each run as `python` runs it, all in one process (refused before anything loads)."""
+    commands = [STRAY_WORD] + [args for args, _ in TOOL_MISTAKES]
+    results = run_entry_points(commands, tmp_path_factory.mktemp("mistakes"))
+    return dict(zip(map(tuple, commands), results))
+
+
+@pytest.mark.parametrize("args, says", TOOL_MISTAKES)
+def test_the_tools_say_mistakes_as_the_scripts_do(args, says, mistakes):
+    status, _, stderr = mistakes[tuple(args)]
+    assert status == 2 and stderr.startswith(says), stderr
+    assert "usage:" not in stderr

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from llama import Llama  # noqa: E402
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from tests.server_fixtures import running_server  # noqa: E402
+from tests.server_fixtures import refused_by_the_parser, running_server  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Answer briefly, in plain words, as a patient teacher."}
 CONVERSATIONS = [["What is a list?", "And a tuple?", "Which is faster?"],
@@ -72,12 +72,10 @@ def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
         assert stats["hits"] >= 1
 
 
-def test_a_negative_budget_is_refused_before_loading():
-    from tests.conftest import run_script
-
-    result = run_script(["-m", "llama.server", "--prefix_cache", "-1"], timeout=60)
-    assert result.returncode == 2
-    assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in result.stderr
+def test_a_negative_budget_is_refused_before_loading(capsys):
+    status, stderr = refused_by_the_parser(["--prefix_cache", "-1"], capsys)
+    assert status == 2
+    assert "--prefix_cache must be 0 (off) or more MiB, got -1.0" in stderr
 
 
 def test_the_chat_turns_benchmark_runs_and_prefills_only_new_turns(tmp_path):

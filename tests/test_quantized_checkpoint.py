@@ -19,7 +19,7 @@ from llama.engine.validation import ArgumentError
 from llama.quantize.cli import main as quantize_main
 from llama.quantize.cli import quantize_checkpoint
 from llama.quantize.formats import Quantization
-from tests.conftest import REPO, model_args, run_script
+from tests.conftest import REPO, model_args, run_script, run_workers
 from tests.hf_fixtures import code_tokenizer_path, hub  # noqa: F401 (fixtures)
 
 MODES = [("int8", None), ("int4", 32)]
@@ -135,21 +135,26 @@ def test_from_a_hugging_face_directory(mode, hub, build, tmp_path):
     assert torch.equal(_logits(generator), _logits(build("gqa", quantize=mode)))
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(quantized, checkpoints, tokenizer_path, tmp_path_factory):
+    """mp_worker's outputs on 2 processes, by (mode, label), from one torchrun launch: the
+    float checkpoint quantized at load, the saved checkpoint of 1 shard and of 2 shards."""
+    runs = {}
+    for mode in ("int8", "int4"):
+        runs[mode, "at load"] = dict(ckpt_dir=checkpoints("gqa", 2), quantize=mode)
+        runs[mode, "1 shard"] = dict(ckpt_dir=str(quantized("gqa", 1, mode)))
+        runs[mode, "2 shards"] = dict(ckpt_dir=str(quantized("gqa", 1, mode, 2)))
+    jobs = [{**job, "tokenizer_path": tokenizer_path, "device": "cpu"} for job in runs.values()]
+    return dict(zip(runs, run_workers(jobs, 2, tmp_path_factory.mktemp("two"))))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_two_processes_load_saved_checkpoints_as_they_quantize_at_load(
-        mode, quantized, checkpoints, tokenizer_path, tmp_path):
+def test_two_processes_load_saved_checkpoints_as_they_quantize_at_load(mode, two_process_runs):
     """On 2 processes: the float checkpoint quantized at load (whole-row int8 scales through
     the all-reduce), and the saved checkpoint of 1 shard (split at load) and of 2 shards, give
     the same tokens and logprobs, exactly."""
-    runs = {"at load": (checkpoints("gqa", 2), mode), "1 shard": (quantized("gqa", 1, mode), ""),
-            "2 shards": (quantized("gqa", 1, mode, 2), "")}
-    outputs = {}
-    for label, (ckpt, quantize) in runs.items():
-        out = tmp_path / f"{label}.json"
-        result = run_script([str(REPO / "tests" / "mp_worker.py"), str(ckpt), tokenizer_path,
-                             str(out), "cpu", "", quantize], nproc=2)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs[label] = json.loads(out.read_text())
+    outputs = {label: two_process_runs[mode, label]
+               for label in ("at load", "1 shard", "2 shards")}
     assert outputs["1 shard"]["completions"] == outputs["at load"]["completions"]
     assert outputs["2 shards"] == outputs["1 shard"]
 

@@ -2,8 +2,6 @@
 dequantized weights computes, split over processes like any model, and refuse what they
 cannot do with errors that say so."""
 
-import json
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from llama.kernels import cpu_kernels
 from llama.layers.linear import NATIVE_INT4_ROWS, PackedInt4, PackedInt8
 from llama.model import Transformer
 from llama.quantize.formats import QuantizationError, is_quantized, quantize
-from tests.conftest import REPO, model_args, run_script
+from tests.conftest import REPO, model_args, run_script, run_workers
 from tests.test_generation import PROMPTS
 
 
@@ -80,8 +78,18 @@ def test_quantized_weights_take_less_memory(build):
     assert projection_bytes(build("mha", quantize="int4").model) < 0.4 * full
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(checkpoints, tokenizer_path, tmp_path_factory):
+    """mp_worker's outputs for the 2-shard checkpoint quantized at load on 2 processes, by
+    mode: one torchrun launch for both modes."""
+    jobs = [dict(ckpt_dir=checkpoints("gqa", 2), tokenizer_path=tokenizer_path, device="cpu",
+                 quantize=mode) for mode in ("int8", "int4")]
+    return dict(zip(("int8", "int4"), run_workers(jobs, 2, tmp_path_factory.mktemp("two"))))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_two_processes_hold_the_scales_of_one(mode, checkpoints, tokenizer_path, tmp_path):
+def test_two_processes_hold_the_scales_of_one(mode, two_process_runs, checkpoints,
+                                              tokenizer_path, tmp_path):
     """Each rank quantizes its own slices; row-parallel weights keep whole-row scales (int8)
     or whole groups (int4), so two processes hold what one process does, and decode alike.
     Their sums are not bit-identical: a row-parallel product's partial sums come out of a
@@ -89,14 +97,9 @@ def test_two_processes_hold_the_scales_of_one(mode, checkpoints, tokenizer_path,
     kernels are unavailable), so greedy paths may part where two candidates are within
     bfloat16's rounding (README). The first tokens agree, and their logprobs as
     closely as the float model's in bfloat16 on 1 and 2 processes (up to 0.06 apart here)."""
-    outputs = []
-    for n_shards, nproc in ((1, None), (2, 2)):
-        out = tmp_path / f"{mode}-{n_shards}.json"
-        result = run_script([str(REPO / "tests" / "mp_worker.py"), checkpoints("gqa", n_shards),
-                             tokenizer_path, str(out), "cpu", "", mode], nproc=nproc)
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs.append(json.loads(out.read_text()))
-    one, two = outputs
+    one = run_workers([dict(ckpt_dir=checkpoints("gqa", 1), tokenizer_path=tokenizer_path,
+                            quantize=mode)], None, tmp_path)[0]
+    two = two_process_runs[mode]
     for a, b in zip(one["completions"], two["completions"]):
         assert a["tokens"][:8] == b["tokens"][:8]
         assert a["logprobs"][:8] == pytest.approx(b["logprobs"][:8], abs=0.1)

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from llama import Llama  # noqa: E402
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH  # noqa: E402
-from tests.server_fixtures import running_server  # noqa: E402
+from tests.server_fixtures import refused_by_the_parser, running_server  # noqa: E402
 
 QUESTIONS = ["What is a list?", "How do I open a file?", "Explain decorators.",
              "What does yield do?", "上下五千年，英雄万万千。", "What is a class?",
@@ -354,6 +354,15 @@ def test_two_processes_under_torchrun_answer_as_one_and_stop_cleanly(client):
     assert log.count("Traceback") == log.count("SignalException: Process"), log[-3000:]
 
 
+DRAIN_S = 1  # the server's grace period (llama.server.app.DRAIN_S, 5 s) in the test below
+_SHORT_DRAIN = f"""
+import sys
+from llama.server import app
+app.DRAIN_S = {DRAIN_S}
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
     """The first SIGINT stops taking requests (503) and gives running answers DRAIN_S
     seconds; an answer still running then ends with an error event, not a cut connection;
@@ -362,10 +371,10 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
     import signal
     import time
 
-    from llama.server.app import DRAIN_S
     from tests.server_fixtures import read_log
 
-    with running_server("--max_batch_size", "2", "--max_seq_len", "4096") as url:
+    with running_server("--max_batch_size", "2", "--max_seq_len", "4096",
+                        code=_SHORT_DRAIN) as url:
         body = {"prompt": PROMPTS[1], "max_tokens": 4000, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as long:
             lines = long.iter_lines()
@@ -393,11 +402,10 @@ def test_ctrl_c_lets_running_answers_end_cleanly_and_refuses_new_ones():
         assert "rank 0 stopped" in read_log(url.process)
 
 
-def test_a_negative_prefill_chunk_is_refused_before_loading():
-    from tests.conftest import run_script
-    result = run_script(["-m", "llama.server", "--prefill_chunk", "-1"], timeout=60)
-    assert result.returncode == 2
-    assert "--prefill_chunk must be 0 or more, got -1" in result.stderr
+def test_a_negative_prefill_chunk_is_refused_before_loading(capsys):
+    status, stderr = refused_by_the_parser(["--prefill_chunk", "-1"], capsys)
+    assert status == 2
+    assert "--prefill_chunk must be 0 or more, got -1" in stderr
 
 
 def test_prompts_prefilled_in_chunks_riding_with_the_batch_answer_alike(library):

@@ -5,8 +5,6 @@ through real HTTP."""
 import json
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -15,8 +13,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from llama.server.http_guard import default_allowed_hosts, host_name  # noqa: E402
-from tests.conftest import REPO, run_script  # noqa: E402
-from tests.server_fixtures import read_log, running_server  # noqa: E402
+from tests.conftest import run_entry_points  # noqa: E402
+from tests.server_fixtures import read_log, refused_by_the_parser, running_server  # noqa: E402
 
 PROMPT = "A list is"
 
@@ -110,9 +108,10 @@ def test_api_keys_compare_exactly_with_any_bearer_case():
         assert httpx.get(url + "/metrics").status_code == 200  # no secrets there
 
 
-def test_an_empty_api_key_is_refused_at_start():
-    result = run_script(["-m", "llama.server"], env={"LLAMA_API_KEY": ""}, timeout=60)
-    assert result.returncode == 2 and "LLAMA_API_KEY is empty" in result.stderr
+def test_an_empty_api_key_is_refused_at_start(monkeypatch, capsys):
+    monkeypatch.setenv("LLAMA_API_KEY", "")
+    status, stderr = refused_by_the_parser([], capsys)
+    assert status == 2 and "LLAMA_API_KEY is empty" in stderr
 
 
 def test_completions_keep_the_space_their_text_starts_with(server):
@@ -132,27 +131,40 @@ def test_completions_keep_the_space_their_text_starts_with(server):
     assert echoed["choices"][0]["text"] == PROMPT + choice0["text"]
 
 
-@pytest.mark.parametrize("args, status, says", [
+MISTAKES = [
     (["--ckpt_dir", "nope"], 1, "--ckpt_dir 'nope' does not exist"),
     (["--port", "99999"], 2, "--port must be between 0 and 65535"),
     (["--dtype", "float64"], 1, "--dtype 'float64' is not supported"),
     (["--max_seq_len", "0"], 2, "--max_seq_len must be at least 2"),
-])
-def test_command_line_mistakes_are_one_line(args, status, says):
-    result = run_script(["-m", "llama.server"] + args, timeout=120)
-    assert result.returncode == status and says in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+]
 
 
-def test_a_taken_port_is_said_before_loading():
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """(status, stdout, stderr) of `python -m llama.server` on each mistaken command line, all
+    run in one process (tests/entry_points.py); under "taken port", on a port this process
+    listens on meanwhile."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "llama.server", "--port", str(port)],
-                                capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 1 and "Address already in use" in result.stderr
-    assert "Serving" not in result.stderr and "Loaded" not in result.stderr
+        cases = [args for args, _, _ in MISTAKES] + [["--port", str(taken.getsockname()[1])]]
+        results = run_entry_points([["-m", "llama.server"] + args for args in cases],
+                                   tmp_path_factory.mktemp("mistakes"))
+    named = {tuple(args): result for (args, _, _), result in zip(MISTAKES, results)}
+    return {**named, "taken port": results[-1]}
+
+
+@pytest.mark.parametrize("args, status, says", MISTAKES)
+def test_command_line_mistakes_are_one_line(args, status, says, mistakes):
+    got, _, stderr = mistakes[tuple(args)]
+    assert got == status and says in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_taken_port_is_said_before_loading(mistakes):
+    status, _, stderr = mistakes["taken port"]
+    assert status == 1 and "Address already in use" in stderr
+    assert "Serving" not in stderr and "Loaded" not in stderr
 
 
 def _metric(text, name):

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from llama.engine.text import stop_prefix_at_end  # noqa: E402
-from tests.server_fixtures import read_log, running_server  # noqa: E402
+from tests.server_fixtures import read_log, refused_by_the_parser, running_server  # noqa: E402
 
 
 def _port(url) -> int:
@@ -190,10 +190,9 @@ def test_the_queue_counts_free_slots():
         assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
 
 
-def test_a_negative_queue_is_refused_before_loading():
-    from tests.conftest import run_script
-    result = run_script(["-m", "llama.server", "--max_queue", "-1"], timeout=60)
-    assert result.returncode == 2 and "--max_queue must be at least 0" in result.stderr
+def test_a_negative_queue_is_refused_before_loading(capsys):
+    status, stderr = refused_by_the_parser(["--max_queue", "-1"], capsys)
+    assert status == 2 and "--max_queue must be at least 0" in stderr
 
 
 # The scheduler's loop fails (a bug) when it admits a request of 13 tokens at most.
