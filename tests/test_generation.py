@@ -265,6 +265,24 @@ def test_bad_build_arguments(checkpoints, tokenizer_path):
         Llama.build(checkpoints("gqa"), tokenizer_path, 8, 1, dtype="float33")
 
 
+def test_the_compiled_decode_step_is_one_graph(build):
+    """A break in the graph (such as the thread count that one-row products split by, which
+    torch.compile cannot trace unless told it is a constant) would leave the layer loop running
+    eagerly between compiled pieces."""
+    import torch._dynamo.utils
+
+    generator = build("gqa", dtype="float32")  # float32 weights: one-row products split
+    generator.compile_decode(cuda_graphs=False)
+    torch._dynamo.utils.counters.clear()
+    try:  # one row: the products that split by the thread count
+        generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=4)
+    finally:
+        generator._compiled_step = None  # the generator is shared
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1 and not breaks, \
+        dict(breaks)
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])  # on the CPU, True only sets the mode
 def test_compiled_decode_step_equals_eager(build, cuda_graphs):
     generator = build("gqa")

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from llama.layers import linear
+
 TRIALS = 3
 
 
@@ -39,6 +41,7 @@ class CompiledDecode:
         # traced inside it. The step runs under no_grad instead (__call__), on ordinary
         # (non-inference) tensors: hence the clone there and those of Llama._generate.
         step = functools.partial(type(model).forward.__wrapped__, model)
+        torch.compiler.assume_constant_result(linear._threads)
         self.function = torch.compile(step, **compile_options)
         self.choices: Dict[tuple, CompiledOrEager] = {}  # per (cache rows, length)
 

@@ -127,11 +127,12 @@ def _row_blocks(n_out: int) -> int:
     return 1
 
 
-@torch.compiler.assume_constant_result
 def _threads() -> int:
-    # A constant to torch.compile: torch.get_num_threads() returns no tensor, so tracing it
-    # broke the compiled decode step's graph at every product, and the layer loop's frame
-    # then ran eagerly. A compiled step keeps the thread count it was traced with.
+    # A constant to torch.compile (engine/compiled.py marks it so before compiling; marking
+    # it here imported torch._dynamo, ~1.2 s, into every `import llama`):
+    # torch.get_num_threads() returns no tensor, so tracing it broke the compiled decode
+    # step's graph at every product, and the layer loop's frame then ran eagerly. A compiled
+    # step keeps the thread count it was traced with.
     return torch.get_num_threads()
 
 
