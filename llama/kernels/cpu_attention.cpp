@@ -15,7 +15,8 @@
 // this at the machine's bandwidth (docs/QUANTIZATION.md). Only rows' own ranges are read, so
 // rows of different lengths (a server's batch) cost their own lengths, not the longest's.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

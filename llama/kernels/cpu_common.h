@@ -3,7 +3,8 @@
 // tiles per parallel chunk, and activations rounded to int16 per row.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
