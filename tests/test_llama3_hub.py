@@ -236,14 +236,64 @@ def test_conversion_with_metas_llama3_tokenizer_and_vocabulary(tmp_path):
         config = json.loads((tmp_path / "hf" / name).read_text())
         assert (config["bos_token_id"], config["eos_token_id"]) == (128000,
                                                                     [128001, 128008, 128009])
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == meta_tokenizer.read_bytes()
-    assert not (tmp_path / "hf" / "tokenizer_config.json").exists()
+    # where the Hub keeps it: llama.cpp's converter takes a top-level one for SentencePiece's
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    assert (tmp_path / "hf" / "original" / "tokenizer.model").read_bytes() == \
+        meta_tokenizer.read_bytes()
+    _check_transformers_tokenizer(tmp_path / "hf", meta_tokenizer)
 
-    (tmp_path / "hf" / "original").mkdir()
-    (tmp_path / "hf" / "tokenizer.model").rename(tmp_path / "hf" / "original" / "tokenizer.model")
     hf_to_meta(tmp_path / "hf", tmp_path / "back", say=lambda line: None)
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == meta_tokenizer.read_bytes()
     assert json.loads((tmp_path / "back" / "params.json").read_text())["vocab_size"] == 128256
     before = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     after = torch.load(tmp_path / "back" / "consolidated.00.pth", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+TEXTS = ["Hello world", "  leading spaces\n\n\nand newlines\t\ttabs  ", "中文的提示词，你好！",
+         "emoji 🦙🦙 and 12345678 digits", "it's they'LL I'd", "x" * 3000 + " " * 50 + "end"]
+
+
+def _check_transformers_tokenizer(hf_dir, meta_tokenizer):
+    """The tokenizer.json and chat template written beside the weights, read by transformers,
+    give Meta's tokens (Llama3Tokenizer's, checked against Meta's code in test_tokenizer3)."""
+    from transformers import AutoTokenizer
+
+    from llama.chat_format3 import dialog_to_tokens
+    from llama.tokenizer3 import Llama3Tokenizer
+
+    ours = Llama3Tokenizer(str(meta_tokenizer))
+    theirs = AutoTokenizer.from_pretrained(str(hf_dir))
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (128000, 128009)
+    for text in TEXTS:
+        ids = ours.encode(text, bos=True, eos=False)
+        assert theirs(text)["input_ids"] == ids, text[:40]
+        assert theirs.decode(ids, skip_special_tokens=True) == text
+    dialog = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "What is 2+2?"},
+              {"role": "assistant", "content": " Four. "},
+              {"role": "user", "content": "Et en 中文 ?"}]
+    rendered = theirs.apply_chat_template(dialog, tokenize=True, add_generation_prompt=True)
+    assert list(rendered["input_ids"]) == dialog_to_tokens(dialog, ours)
+
+
+def test_without_transformers_llama3s_tokenizer_is_copied_and_the_user_told(tmp_path,
+                                                                           monkeypatch):
+    import llama_models
+
+    from llama.checkpoints.fixtures import LLAMA3_SHAPE, write_random_checkpoint
+    from llama.hf import llama3_tokenizer
+
+    def missing(*args):
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(llama3_tokenizer, "write_tokenizer_files", missing)
+    write_random_checkpoint(tmp_path / "meta", ModelArgs(**LLAMA3_SHAPE, vocab_size=128256),
+                            seed=4)
+    shutil.copyfile(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model",
+                    tmp_path / "meta" / "tokenizer.model")
+    said = []
+    meta_to_hf(tmp_path / "meta", tmp_path / "hf", say=said.append)
+    assert (tmp_path / "hf" / "original" / "tokenizer.model").exists()
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert any('pip install -e ".[hf]"' in line for line in said), said

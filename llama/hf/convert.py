@@ -6,7 +6,9 @@
 --to hf writes what transformers' from_pretrained loads: config.json, generation_config.json,
 model-0000N-of-0000M.safetensors files of at most --max_shard_size bytes with
 model.safetensors.index.json (a single model.safetensors when the weights fit in one), and
-tokenizer.model with tokenizer_config.json and special_tokens_map.json. --to meta writes
+tokenizer.model with tokenizer_config.json and special_tokens_map.json (Llama 3's tiktoken
+tokenizer.model goes to original/ as on the Hub, with tokenizer.json, tokenizer_config.json and
+its chat template where transformers is installed). --to meta writes
 consolidated.NN.pth shards, params.json and checklist.chk as Meta's download has them, and
 tokenizer.model. Tensors keep their dtype and bits: a round trip gives identical tensors.
 
@@ -35,6 +37,7 @@ from llama.checkpoints.saving import params_json
 from llama.cli.flags import ArgumentParser
 from llama.engine.validation import ArgumentError
 from llama.hf import config as hf_config
+from llama.hf import llama3_tokenizer
 from llama.hf.format import (
     SAFETENSORS_INDEX,
     HFCheckpoint,
@@ -244,9 +247,18 @@ def meta_to_hf(src: Path, dst: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                 hf_config.generation_config(max_position_embeddings, **ids,
                                             **({"pad_token_id": None} if ids else {})))
     if tokenizer_path is not None and sp is None:  # Llama 3's: this library reads it as it is
-        shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
-        say(f"note: copied Llama 3's tokenizer.model (tiktoken) to {dst}; transformers reads "
-            f"tokenizer.json, which this converter does not write")
+        # where the Hub's Llama 3 repositories keep it (Llama.build looks there too): at the
+        # top, llama.cpp's convert_hf_to_gguf.py takes it for SentencePiece's and fails
+        (dst / "original").mkdir(exist_ok=True)
+        shutil.copyfile(tokenizer_path, dst / "original" / "tokenizer.model")
+        try:  # and transformers reads tokenizer.json
+            llama3_tokenizer.write_tokenizer_files(Path(tokenizer_path), dst,
+                                                   max_position_embeddings)
+            say(f"wrote {dst / 'tokenizer.json'} (Llama 3's tokenizer for transformers)")
+        except ImportError:
+            say(f"note: copied Llama 3's tokenizer.model (tiktoken) to {dst / 'original'}; "
+                f"transformers reads tokenizer.json, written only where transformers is "
+                f"installed (pip install -e \".[hf]\", then convert again)")
     elif sp is not None:
         shutil.copyfile(tokenizer_path, dst / "tokenizer.model")
         piece = sp.sp_model.id_to_piece
