@@ -144,6 +144,16 @@ def test_int4_dequantize_gives_the_saved_formats_values(group_size):
                                                    torch.bfloat16), full[3:69].bfloat16())
 
 
+@pytest.mark.parametrize("out_f, group_size", [(70, 32), (16, 64), (5, 128), (33, 32)])
+def test_int4_packed_natively_is_pack_int4s_layout(out_f, group_size):
+    """The load-time repacking in one pass (int4_pack) against pack_int4's torch operations,
+    the layout's definition; rows past a multiple of 16 padded with zeros alike."""
+    q = quantize_int4(weights(out_f, 256), group_size)
+    ours = cpu_kernels.int4_pack(q.weight, q.scales, q.zeros)
+    reference = cpu_kernels.pack_int4(q.values(), q.scales, q.zeros)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+
 @pytest.mark.parametrize("out_f, in_f", [(64, 768), (67, 100), (5, 16), (130, 33), (3, 1),
                                          (9, 4100)])
 def test_float_kernel(out_f, in_f):
@@ -275,9 +285,21 @@ BUILD_CHECK = textwrap.dedent('''
     w, xs4, ys4 = torch.load(sys.argv[2])
     q4 = quantize_int4(w, 64)
     packed = cpu_kernels.pack_int4(q4.values(), q4.scales, q4.zeros)
+    assert all(torch.equal(a, b) for a, b in zip(
+        cpu_kernels.int4_pack(q4.weight, q4.scales, q4.zeros), packed))
     for x, y in zip(xs4, ys4):
         assert torch.equal(cpu_kernels.int4_mm(x, *packed, 64, 67), y), x.shape
         assert torch.equal(cpu_kernels.int4_mm(x[-1:].contiguous(), *packed, 64, 67), y[-1:])
+    # int4 quantization: the torch quantizer's bits (this build's own code path)
+    from llama.quantize import formats
+    from tests.test_quantize import awkward_weights
+    for dtype in (torch.float32, torch.bfloat16):
+        wa = awkward_weights(dtype)
+        ours = cpu_kernels.int4_quantize(wa, 32)
+        formats._native_int4 = lambda weight: False
+        ref = quantize_int4(wa, 32)
+        formats._native_int4 = lambda weight: True
+        assert all(torch.equal(a, b) for a, b in zip(ours, (ref.weight, ref.scales, ref.zeros)))
     q8 = quantize_int8(w)
     for rows in (1, 3, 7):
         x = torch.randn(rows, 192)

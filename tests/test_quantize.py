@@ -100,6 +100,40 @@ def test_quantizing_in_chunks_gives_the_same_values(monkeypatch):
             assert torch.equal(tensor, b.tensors()[name]), name
 
 
+def awkward_weights(dtype):
+    """Groups a quantizer can get wrong: llama-like rows, scales from tiny (subnormal) to huge,
+    constant groups, zeros, exact ties between grid points, negative ramps."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(48, 256, generator=g) * 0.02
+    w[1] *= 1e-39 / 0.02  # subnormal floats
+    w[2] *= 1e30
+    w[3, :64] = 0.5  # constant groups
+    w[4] = 0.0
+    w[5] = torch.arange(256) * 0.25 - 32  # ramps land on halves between grid points
+    w[6] = -torch.arange(256, dtype=torch.float32) * 3
+    w[7, ::5] = 7.0  # outliers
+    return w.to(dtype)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="our CPU kernels did not build here")
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_quantized_natively_is_the_torch_quantizers_bits(group_size, dtype, monkeypatch):
+    w = awkward_weights(dtype)
+    native = quantize_int4(w, group_size)
+    monkeypatch.setattr(qz, "_native_int4", lambda weight: False)
+    reference = quantize_int4(w, group_size)
+    for name, tensor in reference.tensors().items():
+        assert torch.equal(native.tensors()[name], tensor), name
+    # one group's inf or NaN: refused as the torch version refuses it
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = w.clone()
+        bad[9, 37] = value
+        monkeypatch.setattr(qz, "_native_int4", lambda weight: True)
+        with pytest.raises(ValueError, match="wo.weight: holds inf or NaN"):
+            quantize_int4(bad, group_size, name="wo.weight")
+
+
 def test_tensors_round_trip():
     for q in (quantize_int8(llama_like(16, 64)), quantize_int4(llama_like(16, 64), 64)):
         back = from_tensors(q.tensors())

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp")]
+           for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp",
+                        "cpu_quantize.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_common.h")]  # in the fingerprint, not compiled alone
 INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
@@ -89,6 +90,19 @@ def int4_dequantize(packed: torch.Tensor, sz: torch.Tensor, group_size: int, sta
     """Rows start..end of a pack_int4 weight as (end - start, K) floats of `dtype` (float32 or
     bfloat16), computed as Int4Weight.dequantize does."""
     return _ops().int4_dequantize(packed, sz, group_size, start, end, dtype == torch.bfloat16)
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int):
+    """quantize_int4's saved format of a (N, K) float32 or bfloat16 CPU weight, computed in one
+    pass (llama/kernels/cpu_quantize.cpp): (values (N, K / 2) uint8, scales, zeros (N, K / G)
+    bfloat16), the same bits as the torch version; a group with inf or NaN gets a NaN scale."""
+    return _ops().int4_quantize(weight, group_size)
+
+
+def int4_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """pack_int4 of a saved-format int4 weight (Int4Weight's (N, K / 2) uint8 values, scales,
+    zeros), computed in one pass natively: the same tensors as pack_int4(values(), ...)."""
+    return _ops().int4_pack(weight, scales, zeros)
 
 
 def float_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -249,8 +249,8 @@ class PackedInt4:
         self.our_kernels = (self.device.type == "cpu" and our_kernels is not False
                             and cpu_kernels.available())
         if self.our_kernels:  # (rows rounded up to 16, in / 2) uint8, (rows, in / G, 2) bf16
-            self.weight, self.scales_and_zeros = cpu_kernels.pack_int4(q.values(), q.scales,
-                                                                       q.zeros)
+            self.weight, self.scales_and_zeros = cpu_kernels.int4_pack(
+                q.weight.contiguous(), q.scales.contiguous(), q.zeros.contiguous())
             return
         tile = _CPU_BLOCK if self.device.type == "cpu" else _CUDA_TILE
         pad = -self.out_features % tile  # padding rows: zero scales and zeros, outputs dropped

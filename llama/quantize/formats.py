@@ -25,6 +25,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from llama.kernels import cpu_kernels
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # 32: 22% less output error than 128 for 5-15% slower products (docs/QUANTIZATION.md)
@@ -327,6 +329,13 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     groups = n_in // group_size
     out = _outputs(out, Int4Weight, Quantization("int4", group_size).saved_shapes(weight.shape),
                    weight.device)
+    if _native_int4(weight):
+        for start, end in _row_chunks(n_out, n_in):
+            values, scales, zeros = cpu_kernels.int4_quantize(weight[start:end], group_size)
+            _check_finite(scales, name)  # NaN where a group holds inf or NaN
+            out.weight[start:end], out.scales[start:end] = values, scales
+            out.zeros[start:end] = zeros
+        return out
     for start, end, rows in _float_rows(weight):
         g = rows.view(end - start, groups, group_size)
         lo, hi = g.amin(dim=2), g.amax(dim=2)
@@ -340,6 +349,13 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
         out.scales[start:end] = scale
         out.zeros[start:end] = zero
     return out
+
+
+def _native_int4(weight: torch.Tensor) -> bool:
+    """Whether our CPU kernels quantize this weight to int4 (the same bits as the torch
+    operations below, in one pass: tests/test_quantize.py)."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.is_contiguous() and cpu_kernels.available())
 
 
 def quantize(weight: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
