@@ -53,7 +53,7 @@ static constexpr int OUTS = 4;  // weight rows per tile
 // Prefetch distance (bytes) along each weight row: for float32 weights 16 KB, measured best of
 // 1, 4, 8, 16, 24 and 32 KB on the AVX-512 machine (S's matrices at 1-16 rows; 4 and 8 KB lost
 // ~20% at 4-8 rows); for bfloat16 weights 8 KB, the same elements ahead
-// (docs/MEMORY_AND_BF16.md). A tile widened for a prefill keeps its bfloat16 distance.
+// (docs/MEMORY_AND_BF16.md).
 #ifndef PREFETCH_F32
 #define PREFETCH_F32 16384
 #endif
@@ -179,27 +179,6 @@ static void all_rows_of(const float* x, int64_t R, int64_t K, const W* w, float*
   }
 }
 
-static inline float widen_one(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// `wide`: room for NO widened weight rows when R > ROWS. The tile's weights are then used by
-// every group of ROWS activation rows (a prefill: R / ROWS times), so they are widened once
-// into it rather than once per group.
-template <int NO>
-static void all_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, float* y,
-                     int64_t N, float* wide) {
-  if (R > ROWS) {
-    for (int64_t i = 0; i < NO * K; ++i) wide[i] = widen_one(w[i]);
-    all_rows_of<NO, PREFETCH_BF16>(x, R, K, static_cast<const float*>(wide), y, N);
-  } else {
-    all_rows_of<NO, PREFETCH_BF16>(x, R, K, w, y, N);
-  }
-}
-
 at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "float_mm: x must be a contiguous (rows, K) float32 tensor");
@@ -247,10 +226,12 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 2, 1));
   // Long products (prefills) go a block of activation rows at a time, ~512 KB of them, so the
   // block stays in the core's L2 while every weight tile of the thread's slab passes by; the
-  // slab is then read once per block. No output's operations change.
+  // slab is then read once per block. No output's operations change. Each group of ROWS rows
+  // widens the tile's weights again as it loads them (a shift beside the FMAs): widening a
+  // tile once into a float32 buffer for all groups was 1.6-2x slower at 16-128 rows
+  // (docs/MEMORY_AND_BF16.md).
   const int64_t block = std::max<int64_t>(ROWS, (512 << 10) / (K * 4) / ROWS * ROWS);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> wide(R > ROWS ? OUTS * K : 0);
     for (int64_t r0 = 0; r0 < R; r0 += block) {
       const int64_t rows = std::min(block, R - r0);
       const float* xr = xp + r0 * K;
@@ -258,10 +239,10 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t o = t * OUTS;
         if (o + OUTS <= N) {
-          all_rows<OUTS>(xr, rows, K, wp + o * K, yr + o, N, wide.data());
+          all_rows_of<OUTS, PREFETCH_BF16>(xr, rows, K, wp + o * K, yr + o, N);
         } else {
           for (int64_t i = o; i < N; ++i)
-            all_rows<1>(xr, rows, K, wp + i * K, yr + i, N, wide.data());
+            all_rows_of<1, PREFETCH_BF16>(xr, rows, K, wp + i * K, yr + i, N);
         }
       }
     }
