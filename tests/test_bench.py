@@ -170,3 +170,18 @@ def test_kernel_compute_prints_a_figure_per_kernel_and_row_count(capsys):
     rows = {line.split(" (")[0]: line.split()[-2:] for line in lines[2:]}
     assert set(rows) == {"int8", "int4 g32", "int4 g128", "bf16", "float32"}
     assert all(float(cell) > 0 for cells in rows.values() for cell in cells)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable")
+def test_quantize_speed_prints_each_step(capsys):
+    from benchmarks import quantize_speed
+    from llama.quantize import formats
+
+    native = formats._native_int4
+    quantize_speed.main(["--out", "256", "--in", "1024", "--repeats", "1"])
+    assert formats._native_int4 is native  # the torch timing puts the native route back
+    lines = capsys.readouterr().out.splitlines()
+    figures = {line[:24].strip(): float(line.split()[-1]) for line in lines[1:]}  # ms
+    assert set(figures) == {"int4 quantize, native", "int4 quantize, torch",
+                            "int4 repack, native", "int4 repack, torch", "int8 quantize"}
+    assert all(ms > 0 for ms in figures.values())
