@@ -1,5 +1,6 @@
 """The benchmark program runs end to end and computes its ratios as it says."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -185,3 +186,15 @@ def test_quantize_speed_prints_each_step(capsys):
     assert set(figures) == {"int4 quantize, native", "int4 quantize, torch",
                             "int4 repack, native", "int4 repack, torch", "int8 quantize"}
     assert all(ms > 0 for ms in figures.values())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or "avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="needs g++ and an AVX-512 CPU")
+def test_cpu_peak_prints_the_ceilings(capsys):
+    from benchmarks import cpu_peak
+
+    cpu_peak.main(["--iters", "20000", "--cores", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("one core: ") and "float32 multiply-adds/s" in lines[0]
+    assert float(lines[0].split()[2]) > 0  # zmm FMAs per ns
+    assert lines[-1].startswith("7B prefill ceiling on 2 cores: float32 FMAs ")
