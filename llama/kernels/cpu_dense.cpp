@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -129,7 +128,7 @@ static inline float total(fvec v) { return v; }
 #endif
 
 // Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row, in
-// bfloat16 (uint16_t) or already widened (float: the same values, the same operations).
+// bfloat16 (uint16_t, widened as it is loaded) or float32.
 template <int NO, int NR, int PREFETCH, typename W>
 static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
   fvec acc[NO][NR];

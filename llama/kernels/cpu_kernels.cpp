@@ -182,6 +182,7 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group_size, int n_out) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor sz, int group_size, int start, int end, "
         "bool bf16) -> Tensor");
+  m.def("int4_pack(Tensor saved, Tensor scales, Tensor zeros) -> (Tensor, Tensor)");
   m.def("isa() -> str", &isa);
 }
 

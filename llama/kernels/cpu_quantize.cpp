@@ -149,61 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
   return {out, scales, zeros};
 }
 
-// The saved format's int4 weight in the int4 kernel's layout (cpu_kernels.pack_int4, whose
-// torch operations are the reference): outputs in blocks of BLOCK, per block and 8 columns 64
-// bytes, 16-bit word j holding output j / 2's columns 2p + (j & 1) in its nibbles p = 0..3;
-// sz per block and group the BLOCK outputs' (scale, zero). Rows past N are zeros.
-std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& saved, const at::Tensor& scales,
-                                             const at::Tensor& zeros) {
-  constexpr int64_t BLOCK = 16;
-  TORCH_CHECK(saved.dim() == 2 && saved.scalar_type() == at::kByte && saved.is_contiguous() &&
-              saved.size(1) % 4 == 0, "int4_pack: the values must be (N, K / 2) uint8, K a "
-              "multiple of 8");
-  const int64_t N = saved.size(0), half = saved.size(1), groups = scales.size(1);
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16 &&
-              scales.is_contiguous() && zeros.is_contiguous() && scales.size(0) == N &&
-              zeros.sizes() == scales.sizes(), "int4_pack: scales and zeros must be (N, "
-              "groups) bfloat16");
-  const int64_t N16 = (N + BLOCK - 1) / BLOCK * BLOCK, steps = half / 4;
-  at::Tensor packed = at::empty({N16, half}, saved.options());
-  at::Tensor sz = at::empty({N16, groups, 2}, scales.options());
-  const uint8_t* in = saved.data_ptr<uint8_t>();
-  const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  const auto* ze = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
-  uint8_t* out = packed.data_ptr<uint8_t>();
-  auto* szp = reinterpret_cast<uint16_t*>(sz.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N16 / BLOCK, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      uint16_t* words = reinterpret_cast<uint16_t*>(out + b * BLOCK * half);
-      for (int64_t s = 0; s < steps; ++s)
-        for (int64_t i = 0; i < BLOCK; ++i) {
-          const int64_t o = b * BLOCK + i;
-          uint32_t x = 0;  // columns 8s .. 8s + 7 of output o, two to a byte, low first
-          if (o < N) std::memcpy(&x, in + o * half + 4 * s, 4);
-          for (int parity = 0; parity < 2; ++parity) {
-            const uint32_t t = (x >> (4 * parity)) & 0x0F0F0F0Fu;  // nibble p in byte p
-            const uint32_t v = (t | (t >> 4)) & 0x00FF00FFu;
-            words[32 * s + 2 * i + parity] = static_cast<uint16_t>((v & 0xFFu) | ((v >> 8) & 0xFF00u));
-          }
-        }
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t i = 0; i < BLOCK; ++i) {
-          const int64_t o = b * BLOCK + i;
-          uint16_t* pair = szp + 2 * ((b * groups + g) * BLOCK + i);
-          pair[0] = o < N ? sc[o * groups + g] : 0;
-          pair[1] = o < N ? ze[o * groups + g] : 0;
-        }
-    }
-  });
-  return {packed, sz};
-}
-
 TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
   m.def("int4_quantize(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
-  m.def("int4_pack(Tensor saved, Tensor scales, Tensor zeros) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
   m.impl("int4_quantize", &int4_quantize);
-  m.impl("int4_pack", &int4_pack);
 }
