@@ -37,10 +37,11 @@ def activations(rows, in_f, seed=1):
 @pytest.mark.parametrize("out_f, in_f", [(64, 768), (67, 100), (5, 16), (130, 33), (3, 1),
                                          (9, 4100), (4, 15)])
 def test_kernel_against_float64_and_each_row_alone(out_f, in_f):
-    """Widths off every vector length, output rows past the last tile of 4. The function is
-    the float32 product of the widened weight: the same bits as the float32 kernel's."""
+    """Widths off every vector length, output rows past the last tile (of 4 weight rows, of 3
+    in a long product). The function is the float32 product of the widened weight: the same
+    bits as the float32 kernel's."""
     w = weights(out_f, in_f)
-    x = activations(37, in_f)  # past 16 rows: each tile of weight rows widened once
+    x = activations(37, in_f)  # a long product: 4 groups of 8 rows, then the 5 left
     y = cpu_kernels.bf16_mm(x, w)
     assert y.shape == (37, out_f) and y.dtype == torch.float32
     reference = x.double() @ w.double().t()

@@ -8,7 +8,8 @@
 //
 // A decode step reads every weight once; the work per weight is one multiply-add per row. So
 // the weight is streamed once for all R rows: a tile of OUTS weight rows is loaded a vector at
-// a time and used for ROWS activation rows, then again (from cache) for the next ROWS rows.
+// a time and used for ROWS activation rows, then again (from cache) for the next ROWS rows
+// (a long product: tiles of LONG_OUTS x LONG_ROWS).
 // Threads split the output rows (at::parallel_for), so each core streams its own slab.
 //
 // Meta ships its checkpoints in bfloat16, and float32 represents every bfloat16 value exactly:
@@ -38,14 +39,23 @@
 #define LB_AVX512 1
 static constexpr int V = 16;
 static constexpr int ROWS = 4;  // 4 x 4 accumulators of 32 registers
+// A long product's tile: 3 weight rows x 8 activation rows, 24 accumulators. Each widened
+// weight vector serves 8 FMAs instead of 4: 1.15-1.3x the 4 x 4 tile's speed at 16-128 rows
+// (docs/MEMORY_AND_BF16.md).
+static constexpr int LONG_OUTS = 3;
+static constexpr int LONG_ROWS = 8;
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LB_AVX2 1
 static constexpr int V = 8;
 static constexpr int ROWS = 2;  // 4 x 2 accumulators of 16 registers
+static constexpr int LONG_OUTS = 4;
+static constexpr int LONG_ROWS = 2;
 #else
 static constexpr int V = 1;
 static constexpr int ROWS = 4;
+static constexpr int LONG_OUTS = 4;
+static constexpr int LONG_ROWS = 4;
 #endif
 
 static constexpr int OUTS = 4;  // weight rows per tile
@@ -67,8 +77,14 @@ static inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
 static inline fvec load_part(const float* p, int n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
 }
-static inline fvec widen(__m256i h) {  // 16 bfloat16 -> 16 float32: the bits shifted up
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// 16 bfloat16 -> 16 float32: bfloat16 i becomes the upper half of 32-bit lane i, the lower
+// half zero. One permutation (vpermw, zero-masked) rather than a widening move and a shift:
+// a prefill's FMAs share their ports with it.
+static inline fvec widen(__m256i h) {
+  const __m512i upper = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+      0xAAAAAAAAu, upper, _mm512_castsi256_si512(h)));
 }
 static inline fvec load_w(const uint16_t* p) {
   return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -161,21 +177,38 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     for (int r = 0; r < NR; ++r) y[r * N + o] = total(acc[o][r]);
 }
 
-// Every group of ROWS activation rows against the same few weight rows: read from memory once.
-template <int NO, int PREFETCH, typename W>
-static void all_rows_of(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N) {
-  for (int64_t r = 0; r < R; r += ROWS) {
-    const float* xr = x + r * K;
-    float* yr = y + r * N;
-    switch (R - r < ROWS ? R - r : ROWS) {
-      case 1: tile<NO, 1, PREFETCH>(xr, K, w, yr, N); break;
-      case 2: tile<NO, 2, PREFETCH>(xr, K, w, yr, N); break;
-#if !defined(LB_AVX2)
-      case 3: tile<NO, 3, PREFETCH>(xr, K, w, yr, N); break;
-      case 4: tile<NO, 4, PREFETCH>(xr, K, w, yr, N); break;
-#endif
+// Rows in groups of NR (then one group of the NR - 1 or fewer left), each against the same NO
+// weight rows: read from memory once.
+template <int NO, int NR, int PREFETCH, typename W>
+static void rows_in_groups(const float* x, int64_t R, int64_t K, const W* w, float* y,
+                           int64_t N) {
+  int64_t r = 0;
+  for (; r + NR <= R; r += NR) tile<NO, NR, PREFETCH>(x + r * K, K, w, y + r * N, N);
+  if constexpr (NR > 1)
+    if (r < R) rows_in_groups<NO, NR - 1, PREFETCH>(x + r * K, R - r, K, w, y + r * N, N);
+}
+
+// y = x w^T in tiles of NO weight rows (the last N % NO rows one at a time), the threads
+// splitting the tiles, each thread taking `block` activation rows at a time past its slab.
+template <int NO, int NR, int PREFETCH, typename W>
+static void products(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N,
+                     int64_t block) {
+  const int64_t tiles = N / NO, rest = N % NO;
+  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
+  const int64_t grain =
+      std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(NO * K * sizeof(W), 1));
+  at::parallel_for(0, tiles + (rest > 0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t rows = std::min(block, R - r0);
+      const float* xr = x + r0 * K;
+      float* yr = y + r0 * N;
+      for (int64_t t = begin; t < std::min(end, tiles); ++t)
+        rows_in_groups<NO, NR, PREFETCH>(xr, rows, K, w + t * NO * K, yr + t * NO, N);
+      if (end > tiles)
+        for (int64_t o = tiles * NO; o < N; ++o)
+          rows_in_groups<1, NR, PREFETCH>(xr, rows, K, w + o * K, yr + o, N);
     }
-  }
+  });
 }
 
 at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
@@ -187,23 +220,8 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0 || N == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (N + OUTS - 1) / OUTS;
-  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 4, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t o = t * OUTS;
-      if (o + OUTS <= N) {
-        all_rows_of<OUTS, PREFETCH_F32>(xp, R, K, wp + o * K, yp + o, N);
-      } else {
-        for (int64_t i = o; i < N; ++i)
-          all_rows_of<1, PREFETCH_F32>(xp, R, K, wp + i * K, yp + i, N);
-      }
-    }
-  });
+  products<OUTS, ROWS, PREFETCH_F32>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(),
+                                     y.data_ptr<float>(), N, R);
   return y;
 }
 
@@ -220,32 +238,19 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   const float* xp = x.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const int64_t tiles = (N + OUTS - 1) / OUTS;
-  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(OUTS * K * 2, 1));
   // Long products (prefills) go a block of activation rows at a time, ~512 KB of them, so the
   // block stays in the core's L2 while every weight tile of the thread's slab passes by; the
-  // slab is then read once per block. No output's operations change. Each group of ROWS rows
-  // widens the tile's weights again as it loads them (a shift beside the FMAs): widening a
-  // tile once into a float32 buffer for all groups was 1.6-2x slower at 16-128 rows
+  // slab is then read once per block. No output's operations change. Each group of rows
+  // widens the tile's weights again as it loads them (beside the FMAs): widening a tile once
+  // into a float32 buffer for all groups was 1.6-2x slower at 16-128 rows
   // (docs/MEMORY_AND_BF16.md).
-  const int64_t block = std::max<int64_t>(ROWS, (512 << 10) / (K * 4) / ROWS * ROWS);
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < R; r0 += block) {
-      const int64_t rows = std::min(block, R - r0);
-      const float* xr = xp + r0 * K;
-      float* yr = yp + r0 * N;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t o = t * OUTS;
-        if (o + OUTS <= N) {
-          all_rows_of<OUTS, PREFETCH_BF16>(xr, rows, K, wp + o * K, yr + o, N);
-        } else {
-          for (int64_t i = o; i < N; ++i)
-            all_rows_of<1, PREFETCH_BF16>(xr, rows, K, wp + i * K, yr + i, N);
-        }
-      }
-    }
-  });
+  const int64_t budget = (512 << 10) / (K * 4);
+  if (R >= LONG_ROWS)
+    products<LONG_OUTS, LONG_ROWS, PREFETCH_BF16>(
+        xp, R, K, wp, yp, N, std::max<int64_t>(LONG_ROWS, budget / LONG_ROWS * LONG_ROWS));
+  else
+    products<OUTS, ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N,
+                                        std::max<int64_t>(ROWS, budget / ROWS * ROWS));
   return y;
 }
 
