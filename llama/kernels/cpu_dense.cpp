@@ -40,7 +40,7 @@
 static constexpr int V = 16;
 static constexpr int ROWS = 4;  // 4 x 4 accumulators of 32 registers
 // A long product's tile: 3 weight rows x 8 activation rows, 24 accumulators. Each widened
-// weight vector serves 8 FMAs instead of 4: 1.15-1.3x the 4 x 4 tile's speed at 16-128 rows
+// weight vector serves 8 FMAs instead of 4: 1.15-1.2x the 4 x 4 tile's speed at 16-128 rows
 // (docs/MEMORY_AND_BF16.md).
 static constexpr int LONG_OUTS = 3;
 static constexpr int LONG_ROWS = 8;
