@@ -287,7 +287,8 @@ def measure(out_f, in_f, rows_list, reps, only, with_lib, n_float):
         xb = x.to(torch.bfloat16)
         live = [name for name in table if table[name][2](rows)]
         if not live:
-            print(f"  rows {rows}: none of the chosen candidates runs at this row count", flush=True)
+            print(f"  rows {rows}: none of the chosen candidates runs at this row count",
+                  flush=True)
             continue
         reps_here = reps if rows <= 16 else max(5, reps // 3)
         waited, slower = wait_for_quiet()

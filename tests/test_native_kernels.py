@@ -54,12 +54,13 @@ def int8_reference(x, q):
     return (sums.float() * xs[:, None]) * q.scales.float()[None, :]
 
 
-@pytest.mark.parametrize("rows", ROWS + [130])
+@pytest.mark.parametrize("rows", ROWS + [13, 130])
 @pytest.mark.parametrize("out_f, in_f", [(64, 768), (67, 100), (5, 16), (130, 33), (3, 1),
                                          (9, 4100)])
 def test_int8_kernel(rows, out_f, in_f):
-    """(67, 100): 3 output rows past the last tile of 4, 100 columns padded to 128; 4100: two
-    chunks of integer sums, and 130 rows of it three blocks of activation rows (a prefill).
+    """(67, 100): 3 output rows past the last tile of 4 (1 past the last of 3 in a long
+    product: 8 rows or more), 100 columns padded to 128; 13 rows: a group of 8, then 5; 4100:
+    two chunks of integer sums, and 130 rows of it three blocks of activation rows (a prefill).
     Equal bit for bit to the restated product; against the float product of the dequantized
     weight, closer than bfloat16 activations get (the outlier channel is 60x the others)."""
     q = quantize_int8(weights(out_f, in_f))

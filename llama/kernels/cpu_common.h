@@ -19,18 +19,24 @@
 #include <immintrin.h>
 #define LK_AVX512 1
 static constexpr int ROWS = 4;  // activation rows per tile: 4 x 4 accumulators
+// An int32 accumulator: 16 lanes, typed as the instruction's own operand (__v16si), not as
+// __m512i. GCC (12) keeps an array of __m512i accumulators that are converted to __v16si for
+// each vpdpwssd on the stack, or copies each into a fresh register before the instruction;
+// typed so, the array lives in registers (docs/QUANTIZATION.md, "Larger int8 tiles").
+using i32acc = __v16si;
 // acc + pairwise products of 32 int16 lanes, in 16 int32 lanes (one instruction with VNNI)
-static inline __m512i dot_i16x32(__m512i acc, __m512i a, __m512i b) {
+static inline i32acc dot_i16x32(i32acc acc, __m512i a, __m512i b) {
 #if defined(__AVX512VNNI__)
-  return _mm512_dpwssd_epi32(acc, a, b);
+  return (i32acc)_mm512_dpwssd_epi32((__m512i)acc, a, b);
 #else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+  return (i32acc)_mm512_add_epi32((__m512i)acc, _mm512_madd_epi16(a, b));
 #endif
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LK_AVX2 1
 static constexpr int ROWS = 2;  // 16 vector registers: 4 x 2 accumulators
+using i32acc = __v8si;  // 8 int32 lanes, typed as above
 #else
 static constexpr int ROWS = 4;
 #endif

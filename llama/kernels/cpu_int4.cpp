@@ -42,15 +42,15 @@ static inline ivec pair_of(const int16_t* x) {
   std::memcpy(&two, x, 4);
   return _mm512_set1_epi32(two);
 }
-static inline ivec dot(ivec acc, ivec w, ivec x) { return dot_i16x32(acc, w, x); }
-static inline ivec izero() { return _mm512_setzero_si512(); }
+static inline i32acc dot(i32acc acc, ivec w, ivec x) { return dot_i16x32(acc, w, x); }
+static inline i32acc izero() { return (i32acc)_mm512_setzero_si512(); }
 static inline fvec fzero() { return _mm512_setzero_ps(); }
 static inline ivec load_pairs(const uint16_t* p) { return _mm512_loadu_si512(p); }
 static inline fvec high_half(ivec v) {
   return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 static inline fvec low_half(ivec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
-static inline fvec to_float(ivec v) { return _mm512_cvtepi32_ps(v); }
+static inline fvec to_float(i32acc v) { return _mm512_cvtepi32_ps((__m512i)v); }
 static inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline fvec fnma(fvec a, fvec b, fvec c) { return _mm512_fnmadd_ps(a, b, c); }
 static inline fvec splat(float f) { return _mm512_set1_ps(f); }
@@ -73,10 +73,10 @@ static inline ivec pair_of(const int16_t* x) {
   std::memcpy(&two, x, 4);
   return _mm256_set1_epi32(two);
 }
-static inline ivec dot(ivec acc, ivec w, ivec x) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+static inline i32acc dot(i32acc acc, ivec w, ivec x) {
+  return (i32acc)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(w, x));
 }
-static inline ivec izero() { return _mm256_setzero_si256(); }
+static inline i32acc izero() { return (i32acc)_mm256_setzero_si256(); }
 static inline fvec fzero() { return _mm256_setzero_ps(); }
 static inline ivec load_pairs(const uint16_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -85,7 +85,7 @@ static inline fvec high_half(ivec v) {
   return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 static inline fvec low_half(ivec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
-static inline fvec to_float(ivec v) { return _mm256_cvtepi32_ps(v); }
+static inline fvec to_float(i32acc v) { return _mm256_cvtepi32_ps((__m256i)v); }
 static inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline fvec fnma(fvec a, fvec b, fvec c) { return _mm256_fnmadd_ps(a, b, c); }
 static inline fvec splat(float f) { return _mm256_set1_ps(f); }
@@ -116,7 +116,7 @@ static void int4_tile(const int16_t* q, const float* sums, const float* t, int64
   for (int h = 0; h < HALVES; ++h)
     for (int r = 0; r < NR; ++r) acc[h][r] = fzero();
   for (int64_t g = 0; g < groups; ++g) {
-    ivec isum[HALVES][NR];
+    i32acc isum[HALVES][NR];
     for (int h = 0; h < HALVES; ++h)
       for (int r = 0; r < NR; ++r) isum[h][r] = izero();
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {

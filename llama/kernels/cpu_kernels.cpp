@@ -27,6 +27,10 @@
 // of each weight and an FMA per 16: ~2x the speed for 1-16 rows (docs/QUANTIZATION.md).
 
 #if defined(LK_AVX512)
+// A long product's tile: 3 weight rows x 8 activation rows, 24 accumulators, each widened
+// weight vector serving 8 dot products instead of 4 (docs/QUANTIZATION.md).
+static constexpr int LONG_OUTS = 3;
+static constexpr int LONG_ROWS = 8;
 static constexpr int64_t STEP8 = 32;  // columns per step: 32 int16 lanes
 // Columns summed in int32 before the sum moves to int64: each int32 lane adds two products
 // of at most 128 * 32767 per step, and 4096 columns are 128 steps: < 2^30.
@@ -36,14 +40,17 @@ static inline i16vec load_w(const int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 static inline i16vec load_x(const int16_t* p) { return _mm512_loadu_si512(p); }
-static inline i16vec dot_i16(i16vec acc, i16vec w, i16vec x) { return dot_i16x32(acc, w, x); }
-static inline i16vec zero_i32() { return _mm512_setzero_si512(); }
-static inline int64_t sum_i32(i16vec v) {
+static inline i32acc dot_i16(i32acc acc, i16vec w, i16vec x) { return dot_i16x32(acc, w, x); }
+static inline i32acc zero_i32() { return (i32acc)_mm512_setzero_si512(); }
+static inline int64_t sum_i32(i32acc acc) {
+  const __m512i v = (__m512i)acc;
   return _mm512_reduce_add_epi64(_mm512_add_epi64(
       _mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
 }
 #elif defined(LK_AVX2)
+static constexpr int LONG_OUTS = OUTS;
+static constexpr int LONG_ROWS = ROWS;
 static constexpr int64_t STEP8 = 16;
 static constexpr int64_t CHUNK8 = 2048;  // 128 steps of 16 columns, as above
 using i16vec = __m256i;
@@ -53,17 +60,21 @@ static inline i16vec load_w(const int8_t* p) {
 static inline i16vec load_x(const int16_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
-static inline i16vec dot_i16(i16vec acc, i16vec w, i16vec x) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+static inline i32acc dot_i16(i32acc acc, i16vec w, i16vec x) {
+  return (i32acc)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(w, x));
 }
-static inline i16vec zero_i32() { return _mm256_setzero_si256(); }
-static inline int64_t sum_i32(i16vec v) {
+static inline i32acc zero_i32() { return (i32acc)_mm256_setzero_si256(); }
+static inline int64_t sum_i32(i32acc acc) {
+  const __m256i v = (__m256i)acc;
   const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
                                         _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
   const __m128i half = _mm_add_epi64(_mm256_castsi256_si128(wide),
                                      _mm256_extracti128_si256(wide, 1));
   return _mm_cvtsi128_si64(half) + _mm_extract_epi64(half, 1);
 }
+#else
+static constexpr int LONG_OUTS = OUTS;
+static constexpr int LONG_ROWS = ROWS;
 #endif
 
 // Outputs o0..o0+NO of rows r0..r0+NR: q (rows, W) int16, W a multiple of 32.
@@ -74,7 +85,7 @@ static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t
 #if defined(LK_AVX512) || defined(LK_AVX2)
   for (int64_t c = 0; c < W; c += CHUNK8) {
     const int64_t end = std::min(c + CHUNK8, W);
-    i16vec acc[NO][NR];
+    i32acc acc[NO][NR];
     for (int o = 0; o < NO; ++o)
       for (int r = 0; r < NR; ++r) acc[o][r] = zero_i32();
     for (int64_t k = c; k < end; k += STEP8) {
@@ -103,22 +114,37 @@ static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t
       y[r * N + o] = static_cast<float>(total[o][r]) * xs[r] * bf16_to_float(scales[o]);
 }
 
-template <int NO>
+// Rows in groups of NR (then one group of the NR - 1 or fewer left), each against the same NO
+// weight rows: read from memory once.
+template <int NO, int NR>
 static void int8_rows(const int16_t* q, const float* xs, int64_t R, int64_t W, const int8_t* w,
                       const uint16_t* scales, float* y, int64_t N) {
-  // the same few weight rows for every tile of activation rows: read from memory once
-  for (int64_t r = 0; r < R; r += ROWS) {
-    const int16_t* qr = q + r * W;
-    float* yr = y + r * N;
-    switch (R - r < ROWS ? R - r : ROWS) {
-      case 1: int8_tile<NO, 1>(qr, xs + r, W, w, scales, yr, N); break;
-      case 2: int8_tile<NO, 2>(qr, xs + r, W, w, scales, yr, N); break;
-#if !defined(LK_AVX2)
-      case 3: int8_tile<NO, 3>(qr, xs + r, W, w, scales, yr, N); break;
-      case 4: int8_tile<NO, 4>(qr, xs + r, W, w, scales, yr, N); break;
-#endif
+  int64_t r = 0;
+  for (; r + NR <= R; r += NR) int8_tile<NO, NR>(q + r * W, xs + r, W, w, scales, y + r * N, N);
+  if constexpr (NR > 1)
+    if (r < R) int8_rows<NO, NR - 1>(q + r * W, xs + r, R - r, W, w, scales, y + r * N, N);
+}
+
+// y in tiles of NO weight rows (the last N % NO one at a time), the threads splitting the
+// tiles, each thread taking `block` activation rows at a time past its slab.
+template <int NO, int NR>
+static void int8_products(const int16_t* q, const float* xs, int64_t R, int64_t W,
+                          const int8_t* w, const uint16_t* scales, float* y, int64_t N,
+                          int64_t block) {
+  const int64_t tiles = N / NO, rest = N % NO;
+  at::parallel_for(0, tiles + (rest > 0), grain(NO * W), [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < R; r0 += block) {
+      const int64_t rows = std::min(block, R - r0);
+      const int16_t* qr = q + r0 * W;
+      float* yr = y + r0 * N;
+      for (int64_t t = begin; t < std::min(end, tiles); ++t)
+        int8_rows<NO, NR>(qr, xs + r0, rows, W, w + t * NO * W, scales + t * NO, yr + t * NO,
+                          N);
+      if (end > tiles)
+        for (int64_t o = tiles * NO; o < N; ++o)
+          int8_rows<1, NR>(qr, xs + r0, rows, W, w + o * W, scales + o, yr + o, N);
     }
-  }
+  });
 }
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
@@ -140,27 +166,17 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   const int8_t* wp = weight.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const int64_t tiles = (N + OUTS - 1) / OUTS;
   // Long products (prefills) go a block of activation rows at a time, ~512 KB of int16, so the
   // block stays in the core's L2 while the thread's slab of weight tiles passes by (then once
-  // more per block). The sums are exact integers: blocking changes no result.
-  const int64_t block = std::max<int64_t>(ROWS, (512 << 10) / (W * 2) / ROWS * ROWS);
-  at::parallel_for(0, tiles, grain(OUTS * W), [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < R; r0 += block) {
-      const int64_t rows = std::min(block, R - r0);
-      const int16_t* qr = qp + r0 * W;
-      float* yr = yp + r0 * N;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t o = t * OUTS;
-        if (o + OUTS <= N) {
-          int8_rows<OUTS>(qr, sx + r0, rows, W, wp + o * W, sp + o, yr + o, N);
-        } else {
-          for (int64_t i = o; i < N; ++i)
-            int8_rows<1>(qr, sx + r0, rows, W, wp + i * W, sp + i, yr + i, N);
-        }
-      }
-    }
-  });
+  // more per block), in tiles of LONG_OUTS x LONG_ROWS. The sums are exact integers: blocking
+  // and tiling change no result.
+  const int64_t budget = (512 << 10) / (W * 2);
+  if (R >= LONG_ROWS)
+    int8_products<LONG_OUTS, LONG_ROWS>(
+        qp, sx, R, W, wp, sp, yp, N, std::max<int64_t>(LONG_ROWS, budget / LONG_ROWS * LONG_ROWS));
+  else
+    int8_products<OUTS, ROWS>(qp, sx, R, W, wp, sp, yp, N,
+                              std::max<int64_t>(ROWS, budget / ROWS * ROWS));
   return y;
 }
 
