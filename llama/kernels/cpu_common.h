@@ -37,6 +37,10 @@ static inline i32acc dot_i16x32(i32acc acc, __m512i a, __m512i b) {
 #define LK_AVX2 1
 static constexpr int ROWS = 2;  // 16 vector registers: 4 x 2 accumulators
 using i32acc = __v8si;  // 8 int32 lanes, typed as above
+// acc + pairwise products of 16 int16 lanes, in 8 int32 lanes
+static inline i32acc dot_i16x16(i32acc acc, __m256i a, __m256i b) {
+  return (i32acc)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(a, b));
+}
 #else
 static constexpr int ROWS = 4;
 #endif

@@ -189,11 +189,13 @@ static void rows_in_groups(const float* x, int64_t R, int64_t K, const W* w, flo
 }
 
 // y = x w^T in tiles of NO weight rows (the last N % NO rows one at a time), the threads
-// splitting the tiles, each thread taking `block` activation rows at a time past its slab.
+// splitting the tiles, each thread taking about `budget` activation rows at a time past its
+// slab (a multiple of NR, at least NR).
 template <int NO, int NR, int PREFETCH, typename W>
 static void products(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N,
-                     int64_t block) {
+                     int64_t budget) {
   const int64_t tiles = N / NO, rest = N % NO;
+  const int64_t block = std::max<int64_t>(NR, budget / NR * NR);
   // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
   const int64_t grain =
       std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(NO * K * sizeof(W), 1));
@@ -220,8 +222,9 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0 || N == 0) return y;
+  // every row in one pass: each weight tile read once whatever R
   products<OUTS, ROWS, PREFETCH_F32>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(),
-                                     y.data_ptr<float>(), N, R);
+                                     y.data_ptr<float>(), N, R + ROWS);
   return y;
 }
 
@@ -246,11 +249,9 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   // (docs/MEMORY_AND_BF16.md).
   const int64_t budget = (512 << 10) / (K * 4);
   if (R >= LONG_ROWS)
-    products<LONG_OUTS, LONG_ROWS, PREFETCH_BF16>(
-        xp, R, K, wp, yp, N, std::max<int64_t>(LONG_ROWS, budget / LONG_ROWS * LONG_ROWS));
+    products<LONG_OUTS, LONG_ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N, budget);
   else
-    products<OUTS, ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N,
-                                        std::max<int64_t>(ROWS, budget / ROWS * ROWS));
+    products<OUTS, ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N, budget);
   return y;
 }
 

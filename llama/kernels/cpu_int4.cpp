@@ -73,9 +73,7 @@ static inline ivec pair_of(const int16_t* x) {
   std::memcpy(&two, x, 4);
   return _mm256_set1_epi32(two);
 }
-static inline i32acc dot(i32acc acc, ivec w, ivec x) {
-  return (i32acc)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(w, x));
-}
+static inline i32acc dot(i32acc acc, ivec w, ivec x) { return dot_i16x16(acc, w, x); }
 static inline i32acc izero() { return (i32acc)_mm256_setzero_si256(); }
 static inline fvec fzero() { return _mm256_setzero_ps(); }
 static inline ivec load_pairs(const uint16_t* p) {

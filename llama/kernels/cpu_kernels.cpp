@@ -60,9 +60,7 @@ static inline i16vec load_w(const int8_t* p) {
 static inline i16vec load_x(const int16_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
-static inline i32acc dot_i16(i32acc acc, i16vec w, i16vec x) {
-  return (i32acc)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(w, x));
-}
+static inline i32acc dot_i16(i32acc acc, i16vec w, i16vec x) { return dot_i16x16(acc, w, x); }
 static inline i32acc zero_i32() { return (i32acc)_mm256_setzero_si256(); }
 static inline int64_t sum_i32(i32acc acc) {
   const __m256i v = (__m256i)acc;
@@ -126,12 +124,14 @@ static void int8_rows(const int16_t* q, const float* xs, int64_t R, int64_t W, c
 }
 
 // y in tiles of NO weight rows (the last N % NO one at a time), the threads splitting the
-// tiles, each thread taking `block` activation rows at a time past its slab.
+// tiles, each thread taking about `budget` activation rows at a time past its slab (a multiple
+// of NR, at least NR).
 template <int NO, int NR>
 static void int8_products(const int16_t* q, const float* xs, int64_t R, int64_t W,
                           const int8_t* w, const uint16_t* scales, float* y, int64_t N,
-                          int64_t block) {
+                          int64_t budget) {
   const int64_t tiles = N / NO, rest = N % NO;
+  const int64_t block = std::max<int64_t>(NR, budget / NR * NR);
   at::parallel_for(0, tiles + (rest > 0), grain(NO * W), [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < R; r0 += block) {
       const int64_t rows = std::min(block, R - r0);
@@ -172,11 +172,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
   // and tiling change no result.
   const int64_t budget = (512 << 10) / (W * 2);
   if (R >= LONG_ROWS)
-    int8_products<LONG_OUTS, LONG_ROWS>(
-        qp, sx, R, W, wp, sp, yp, N, std::max<int64_t>(LONG_ROWS, budget / LONG_ROWS * LONG_ROWS));
+    int8_products<LONG_OUTS, LONG_ROWS>(qp, sx, R, W, wp, sp, yp, N, budget);
   else
-    int8_products<OUTS, ROWS>(qp, sx, R, W, wp, sp, yp, N,
-                              std::max<int64_t>(ROWS, budget / ROWS * ROWS));
+    int8_products<OUTS, ROWS>(qp, sx, R, W, wp, sp, yp, N, budget);
   return y;
 }
 
