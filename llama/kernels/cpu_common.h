@@ -1,6 +1,6 @@
-// What the int8 and int4 kernels (cpu_kernels.cpp, cpu_int4.cpp) share: the instruction set
-// chosen at compile time, tile sizes, prefetch distances, bfloat16 conversions, the output
-// tiles per parallel chunk, and activations rounded to int16 per row.
+// What the CPU kernels (cpu_kernels.cpp, cpu_int4.cpp, cpu_dense.cpp, cpu_quantize.cpp)
+// share: the instruction set chosen at compile time, tile sizes, prefetch distances, bfloat16
+// conversions, how a product is split (cpu_tiles.h), and activations rounded to int16 per row.
 #pragma once
 
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
@@ -15,10 +15,20 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_tiles.h"
+
+static constexpr int OUTS = 4;  // weight rows per tile (int4 weights are padded to it)
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LK_AVX512 1
 static constexpr int ROWS = 4;  // activation rows per tile: 4 x 4 accumulators
+// A long product's tile (8 rows or more): 3 weight rows x 8 activation rows, 24 accumulators,
+// each weight vector loaded serving 8 rows instead of 4: 1.15-1.2x the 4 x 4 tile's speed
+// (bf16) and 1.1-1.3x (int8) on the Intel kind, 1.01-1.06x on the AMD one
+// (docs/MEMORY_AND_BF16.md, docs/QUANTIZATION.md).
+static constexpr int LONG_OUTS = 3;
+static constexpr int LONG_ROWS = 8;
 // An int32 accumulator: 16 lanes, typed as the instruction's own operand (__v16si), not as
 // __m512i. GCC (12) keeps an array of __m512i accumulators that are converted to __v16si for
 // each vpdpwssd on the stack, or copies each into a fresh register before the instruction;
@@ -36,6 +46,8 @@ static inline i32acc dot_i16x32(i32acc acc, __m512i a, __m512i b) {
 #include <immintrin.h>
 #define LK_AVX2 1
 static constexpr int ROWS = 2;  // 16 vector registers: 4 x 2 accumulators
+static constexpr int LONG_OUTS = OUTS;
+static constexpr int LONG_ROWS = ROWS;
 using i32acc = __v8si;  // 8 int32 lanes, typed as above
 // acc + pairwise products of 16 int16 lanes, in 8 int32 lanes
 static inline i32acc dot_i16x16(i32acc acc, __m256i a, __m256i b) {
@@ -43,9 +55,9 @@ static inline i32acc dot_i16x16(i32acc acc, __m256i a, __m256i b) {
 }
 #else
 static constexpr int ROWS = 4;
+static constexpr int LONG_OUTS = OUTS;
+static constexpr int LONG_ROWS = ROWS;
 #endif
-
-static constexpr int OUTS = 4;  // output rows per tile (int4 weights are padded to it)
 // How far ahead (bytes) each weight stream is prefetched: the hardware prefetcher alone left
 // one core at ~6.5 GB/s of int8 reads, against ~13 GB/s for MKL's float32 matrix-vector
 // product; with these ~9.5 (int8) and ~11 GB/s (int4), measured on the AVX-512 machine
@@ -67,17 +79,27 @@ static inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
+#if defined(LK_AVX512)
+// 16 bfloat16 -> 16 float32: bfloat16 i becomes the upper half of 32-bit lane i, the lower
+// half zero. One permutation (vpermw, zero-masked) rather than a widening move and a shift:
+// a prefill's FMAs share their ports with it.
+static inline __m512 widen_bf16(__m256i h) {
+  const __m512i upper = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
+                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
+      0xAAAAAAAAu, upper, _mm512_castsi256_si512(h)));
+}
+#elif defined(LK_AVX2)
+static inline __m256 widen_bf16(__m128i h) {  // 8 bfloat16 -> 8 float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
 static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch's .to()
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
   return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// Output-row tiles per parallel chunk: at least ~64 KB of weights, so tiny products stay on
-// one thread.
-static int64_t grain(int64_t bytes_per_tile) {
-  return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(bytes_per_tile, 1));
 }
 
 static constexpr int64_t I16_MAX = 32767;

@@ -25,40 +25,16 @@
 // server's request gives the same logits alone or joining others), and bf16_mm's equals
 // float_mm's on the widened weight.
 
-#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
-#include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "cpu_common.h"
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define LB_AVX512 1
-static constexpr int V = 16;
-static constexpr int ROWS = 4;  // 4 x 4 accumulators of 32 registers
-// A long product's tile: 3 weight rows x 8 activation rows, 24 accumulators. Each widened
-// weight vector serves 8 FMAs instead of 4: 1.15-1.2x the 4 x 4 tile's speed at 16-128 rows
-// (docs/MEMORY_AND_BF16.md).
-static constexpr int LONG_OUTS = 3;
-static constexpr int LONG_ROWS = 8;
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LB_AVX2 1
-static constexpr int V = 8;
-static constexpr int ROWS = 2;  // 4 x 2 accumulators of 16 registers
-static constexpr int LONG_OUTS = 4;
-static constexpr int LONG_ROWS = 2;
+#if defined(LK_AVX512)
+static constexpr int V = 16;  // float32 lanes: tiles of 4 x 4 or 3 x 8 accumulators of 32
+#elif defined(LK_AVX2)
+static constexpr int V = 8;   // 4 x 2 accumulators of 16 registers
 #else
 static constexpr int V = 1;
-static constexpr int ROWS = 4;
-static constexpr int LONG_OUTS = 4;
-static constexpr int LONG_ROWS = 4;
 #endif
 
-static constexpr int OUTS = 4;  // weight rows per tile
 // Prefetch distance (bytes) along each weight row: for float32 weights 16 KB, measured best of
 // 1, 4, 8, 16, 24 and 32 KB on the AVX-512 machine (S's matrices at 1-16 rows; 4 and 8 KB lost
 // ~20% at 4-8 rows); for bfloat16 weights 8 KB, the same elements ahead
@@ -70,33 +46,24 @@ static constexpr int OUTS = 4;  // weight rows per tile
 #define PREFETCH_BF16 8192
 #endif
 
-#if defined(LB_AVX512)
+#if defined(LK_AVX512)
 using fvec = __m512;
 static inline fvec zero() { return _mm512_setzero_ps(); }
 static inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
 static inline fvec load_part(const float* p, int n) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
 }
-// 16 bfloat16 -> 16 float32: bfloat16 i becomes the upper half of 32-bit lane i, the lower
-// half zero. One permutation (vpermw, zero-masked) rather than a widening move and a shift:
-// a prefill's FMAs share their ports with it.
-static inline fvec widen(__m256i h) {
-  const __m512i upper = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0,
-                                         7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
-  return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(
-      0xAAAAAAAAu, upper, _mm512_castsi256_si512(h)));
-}
 static inline fvec load_w(const uint16_t* p) {
-  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 static inline fvec load_w_part(const uint16_t* p, int n) {
-  return widen(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+  return widen_bf16(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
 }
 static inline fvec load_w(const float* p) { return load(p); }
 static inline fvec load_w_part(const float* p, int n) { return load_part(p, n); }
 static inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float total(fvec v) { return _mm512_reduce_add_ps(v); }
-#elif defined(LB_AVX2)
+#elif defined(LK_AVX2)
 using fvec = __m256;
 static inline fvec zero() { return _mm256_setzero_ps(); }
 static inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
@@ -106,11 +73,8 @@ static inline fvec load_part(const float* p, int n) {
   return _mm256_maskload_ps(p, _mm256_loadu_si256(
       reinterpret_cast<const __m256i*>(ones + 8 - n)));
 }
-static inline fvec widen(__m128i h) {  // 8 bfloat16 -> 8 float32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 static inline fvec load_w(const uint16_t* p) {
-  return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 static inline fvec load_w_part(const uint16_t* p, int n) {
   uint16_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // no read past the row's end
@@ -130,12 +94,7 @@ using fvec = float;
 static inline fvec zero() { return 0.f; }
 static inline fvec load(const float* p) { return *p; }
 static inline fvec load_part(const float* p, int) { return *p; }
-static inline fvec load_w(const uint16_t* p) {
-  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+static inline fvec load_w(const uint16_t* p) { return bf16_to_float(*p); }
 static inline fvec load_w_part(const uint16_t* p, int) { return load_w(p); }
 static inline fvec load_w(const float* p) { return *p; }
 static inline fvec load_w_part(const float* p, int) { return *p; }
@@ -154,7 +113,7 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
   for (int64_t k = 0; k < whole; k += V) {
     fvec wv[NO];
     for (int o = 0; o < NO; ++o) {
-#if defined(LB_AVX512) || defined(LB_AVX2)
+#if defined(LK_AVX512) || defined(LK_AVX2)
       if ((k * sizeof(W)) % 64 == 0)  // once per cache line
         _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH, _MM_HINT_T0);
 #endif
@@ -177,39 +136,15 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     for (int r = 0; r < NR; ++r) y[r * N + o] = total(acc[o][r]);
 }
 
-// Rows in groups of NR (then one group of the NR - 1 or fewer left), each against the same NO
-// weight rows: read from memory once.
-template <int NO, int NR, int PREFETCH, typename W>
-static void rows_in_groups(const float* x, int64_t R, int64_t K, const W* w, float* y,
-                           int64_t N) {
-  int64_t r = 0;
-  for (; r + NR <= R; r += NR) tile<NO, NR, PREFETCH>(x + r * K, K, w, y + r * N, N);
-  if constexpr (NR > 1)
-    if (r < R) rows_in_groups<NO, NR - 1, PREFETCH>(x + r * K, R - r, K, w, y + r * N, N);
-}
-
-// y = x w^T in tiles of NO weight rows (the last N % NO rows one at a time), the threads
-// splitting the tiles, each thread taking about `budget` activation rows at a time past its
-// slab (a multiple of NR, at least NR).
+// y = x w^T in tiles of NO weight rows x NR activation rows (cpu_tiles.h), about `budget`
+// rows at a time.
 template <int NO, int NR, int PREFETCH, typename W>
 static void products(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N,
                      int64_t budget) {
-  const int64_t tiles = N / NO, rest = N % NO;
-  const int64_t block = std::max<int64_t>(NR, budget / NR * NR);
-  // at least ~64 KB of weights per parallel chunk, so tiny products stay on one thread
-  const int64_t grain =
-      std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(NO * K * sizeof(W), 1));
-  at::parallel_for(0, tiles + (rest > 0), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < R; r0 += block) {
-      const int64_t rows = std::min(block, R - r0);
-      const float* xr = x + r0 * K;
-      float* yr = y + r0 * N;
-      for (int64_t t = begin; t < std::min(end, tiles); ++t)
-        rows_in_groups<NO, NR, PREFETCH>(xr, rows, K, w + t * NO * K, yr + t * NO, N);
-      if (end > tiles)
-        for (int64_t o = tiles * NO; o < N; ++o)
-          rows_in_groups<1, NR, PREFETCH>(xr, rows, K, w + o * K, yr + o, N);
-    }
+  tiled_product<NO, NR>(R, N, NO * K * sizeof(W), budget, [&](auto no, auto nr, int64_t r,
+                                                               int64_t o) {
+    tile<decltype(no)::value, decltype(nr)::value, PREFETCH>(x + r * K, K, w + o * K,
+                                                             y + r * N + o, N);
   });
 }
 

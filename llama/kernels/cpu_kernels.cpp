@@ -27,10 +27,6 @@
 // of each weight and an FMA per 16: ~2x the speed for 1-16 rows (docs/QUANTIZATION.md).
 
 #if defined(LK_AVX512)
-// A long product's tile: 3 weight rows x 8 activation rows, 24 accumulators, each widened
-// weight vector serving 8 dot products instead of 4 (docs/QUANTIZATION.md).
-static constexpr int LONG_OUTS = 3;
-static constexpr int LONG_ROWS = 8;
 static constexpr int64_t STEP8 = 32;  // columns per step: 32 int16 lanes
 // Columns summed in int32 before the sum moves to int64: each int32 lane adds two products
 // of at most 128 * 32767 per step, and 4096 columns are 128 steps: < 2^30.
@@ -49,8 +45,6 @@ static inline int64_t sum_i32(i32acc acc) {
       _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
 }
 #elif defined(LK_AVX2)
-static constexpr int LONG_OUTS = OUTS;
-static constexpr int LONG_ROWS = ROWS;
 static constexpr int64_t STEP8 = 16;
 static constexpr int64_t CHUNK8 = 2048;  // 128 steps of 16 columns, as above
 using i16vec = __m256i;
@@ -70,9 +64,6 @@ static inline int64_t sum_i32(i32acc acc) {
                                      _mm256_extracti128_si256(wide, 1));
   return _mm_cvtsi128_si64(half) + _mm_extract_epi64(half, 1);
 }
-#else
-static constexpr int LONG_OUTS = OUTS;
-static constexpr int LONG_ROWS = ROWS;
 #endif
 
 // Outputs o0..o0+NO of rows r0..r0+NR: q (rows, W) int16, W a multiple of 32.
@@ -112,38 +103,15 @@ static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t
       y[r * N + o] = static_cast<float>(total[o][r]) * xs[r] * bf16_to_float(scales[o]);
 }
 
-// Rows in groups of NR (then one group of the NR - 1 or fewer left), each against the same NO
-// weight rows: read from memory once.
-template <int NO, int NR>
-static void int8_rows(const int16_t* q, const float* xs, int64_t R, int64_t W, const int8_t* w,
-                      const uint16_t* scales, float* y, int64_t N) {
-  int64_t r = 0;
-  for (; r + NR <= R; r += NR) int8_tile<NO, NR>(q + r * W, xs + r, W, w, scales, y + r * N, N);
-  if constexpr (NR > 1)
-    if (r < R) int8_rows<NO, NR - 1>(q + r * W, xs + r, R - r, W, w, scales, y + r * N, N);
-}
-
-// y in tiles of NO weight rows (the last N % NO one at a time), the threads splitting the
-// tiles, each thread taking about `budget` activation rows at a time past its slab (a multiple
-// of NR, at least NR).
+// y in tiles of NO weight rows x NR activation rows (cpu_tiles.h), about `budget` rows at a
+// time.
 template <int NO, int NR>
 static void int8_products(const int16_t* q, const float* xs, int64_t R, int64_t W,
                           const int8_t* w, const uint16_t* scales, float* y, int64_t N,
                           int64_t budget) {
-  const int64_t tiles = N / NO, rest = N % NO;
-  const int64_t block = std::max<int64_t>(NR, budget / NR * NR);
-  at::parallel_for(0, tiles + (rest > 0), grain(NO * W), [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < R; r0 += block) {
-      const int64_t rows = std::min(block, R - r0);
-      const int16_t* qr = q + r0 * W;
-      float* yr = y + r0 * N;
-      for (int64_t t = begin; t < std::min(end, tiles); ++t)
-        int8_rows<NO, NR>(qr, xs + r0, rows, W, w + t * NO * W, scales + t * NO, yr + t * NO,
-                          N);
-      if (end > tiles)
-        for (int64_t o = tiles * NO; o < N; ++o)
-          int8_rows<1, NR>(qr, xs + r0, rows, W, w + o * W, scales + o, yr + o, N);
-    }
+  tiled_product<NO, NR>(R, N, NO * W, budget, [&](auto no, auto nr, int64_t r, int64_t o) {
+    int8_tile<decltype(no)::value, decltype(nr)::value>(q + r * W, xs + r, W, w + o * W,
+                                                        scales + o, y + r * N + o, N);
   });
 }
 

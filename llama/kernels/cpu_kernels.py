@@ -1,6 +1,6 @@
 """Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp and
-cpu_int4.cpp, sharing cpu_common.h), float32 and bfloat16-weight ones (cpu_dense.cpp) and a
-decode step's attention (cpu_attention.cpp).
+cpu_int4.cpp), float32 and bfloat16-weight ones (cpu_dense.cpp) and a
+decode step's attention (cpu_attention.cpp); cpu_common.h and cpu_tiles.h hold what they share.
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp",
                         "cpu_quantize.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_common.h")]  # in the fingerprint, not compiled alone
+# in the fingerprint, not compiled alone
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_tiles.h")]
 INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767

@@ -28,8 +28,7 @@ uint16_t bf16_at_least(float x) {
 #if defined(LK_AVX512)
 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 #endif
 
