@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from llama.checkpoints.fixtures import write_random_checkpoint
 from llama.kernels import cpu_kernels
 from llama.layers import bf16
+from llama.layers.fused import projections
 from llama.layers.linear import linear
 from tests.conftest import model_args
 
@@ -163,3 +164,63 @@ def test_explicit_dtypes_and_float32_checkpoints_keep_their_meaning(build, tmp_p
     model = Llama.build(str(tmp_path / "f32"), tokenizer_path, max_seq_len=32,
                         max_batch_size=2, verbose=False, device="cpu").model
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+def test_bf16_activations_take_the_kernel_for_few_rows(rows, monkeypatch):
+    """dtype=bfloat16 (bfloat16 weights and activations): up to NATIVE_BF16_ROWS rows our
+    kernel on the activations widened (exact), its float32 sums rounded to bfloat16 once; more
+    rows oneDNN's bfloat16 GEMM (F.linear). Either is the bfloat16 product within one rounding
+    of the float64 one."""
+    from llama.layers.linear import NATIVE_BF16_ROWS, Bf16Kernel, native_route
+
+    calls = []
+    original = cpu_kernels.bf16_mm
+    monkeypatch.setattr(cpu_kernels, "bf16_mm", lambda *a: calls.append(a[0].shape[0]) or
+                        original(*a))
+    w = weights(130, 100)
+    x = activations(rows, 100).to(torch.bfloat16).view(rows, 1, 100)
+    routed = native_route(w, activations=torch.bfloat16)
+    assert isinstance(routed, Bf16Kernel)
+    y = linear(x, routed)
+    assert y.shape == (rows, 1, 130) and y.dtype == torch.bfloat16
+    exact = x.double() @ w.double().t()
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-3)
+    if rows <= NATIVE_BF16_ROWS:
+        assert calls == [rows]
+        want = original(x.view(rows, 100).float(), w).to(torch.bfloat16).view(rows, 1, 130)
+        assert torch.equal(y, want)
+        assert torch.equal(linear(x[-1], routed), y[-1])  # the last row alone: the same bits
+    else:
+        assert calls == [] and torch.equal(y, F.linear(x, w))
+    # under float32 activations a bfloat16 weight keeps linear()'s mixed route
+    assert native_route(w) is w and native_route(w, activations=torch.float32) is w
+
+
+@needs_kernels
+def test_a_bf16_cpu_model_decodes_through_the_kernel(build):
+    """dtype=bfloat16 on the CPU: the projections take Bf16Kernel (decode steps through our
+    kernel, prefills through oneDNN), and the logits of a prefill and of decode steps stay
+    within bfloat16 rounding of the same model on torch's routes."""
+    from llama.layers.linear import Bf16Kernel
+
+    generator = build("gqa", dtype=torch.bfloat16)
+    model = generator.model
+    tokens = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    def logits_of_steps():
+        out = [model.forward(tokens[:, :8], 0)[:, -1]]
+        out += [model.forward(tokens[:, i:i + 1], i)[:, -1] for i in range(8, 12)]
+        return torch.stack(out)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        routed = logits_of_steps()
+    assert "llama_kernels::bf16_mm" in {e.key for e in prof.key_averages()}
+    attention = model.layers[0].attention
+    assert isinstance(attention._qkv.product_weight(attention), Bf16Kernel)
+    for _, _, projection in projections(model):
+        projection.set_route(None)
+    plain = logits_of_steps()
+    assert routed.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(routed, plain, rtol=0, atol=0.03 * float(plain.abs().max()))

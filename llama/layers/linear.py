@@ -59,11 +59,17 @@ def float_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
-def native_route(weight: torch.Tensor):
-    """What Transformer.use_native_kernels makes of a float matrix for its products: a float32
-    CPU matrix takes our kernel (FloatKernel); any other keeps its own route."""
-    if weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous():
+def native_route(weight: torch.Tensor, activations: torch.dtype = torch.float32):
+    """What Transformer.use_native_kernels makes of a float matrix for its products under
+    `activations` of that dtype: a float32 CPU matrix takes our kernel (FloatKernel), a
+    bfloat16 one under bfloat16 activations too (Bf16Kernel); any other keeps its own route
+    (a bfloat16 matrix under float32 activations: bf16.product, in linear())."""
+    if weight.device.type != "cpu" or not weight.is_contiguous():
+        return weight
+    if weight.dtype == torch.float32:
         return FloatKernel(weight)
+    if weight.dtype == torch.bfloat16 and activations == torch.bfloat16:
+        return Bf16Kernel(weight)
     return weight
 
 
@@ -86,6 +92,30 @@ class FloatKernel:
         return float_product(x, self.weight)
 
 
+class Bf16Kernel:
+    """A bfloat16 CPU weight under bfloat16 activations (dtype=bfloat16: Meta's GPU arithmetic)
+    whose products of 1 to NATIVE_BF16_ROWS rows take our bfloat16-weight kernel
+    (llama/kernels/cpu_dense.cpp) on the activations widened to float32: every product of two
+    bfloat16 values is exact in float32, summed in float32 and rounded to bfloat16 once, as
+    oneDNN's bfloat16 GEMM does, in another order. At 7B a decode step runs ~2x torch's
+    speed; longer products (prefills) take oneDNN's GEMM (F.linear), ~2.3x the speed of our
+    kernel on float32 activations (docs/MEMORY_AND_BF16.md). Chosen by
+    Transformer.use_native_kernels."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (out, in) bfloat16, contiguous
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        rows = row_count(x)
+        if 0 < rows <= NATIVE_BF16_ROWS and x.dtype == torch.bfloat16:
+            n_out, n_in = self.weight.shape
+            wide = x.reshape(rows, n_in).to(torch.float32)
+            out = cpu_kernels.bf16_mm(wide, self.weight).to(torch.bfloat16)
+            return out.view(*x.shape[:-1], n_out)
+        return F.linear(x, self.weight)
+
+
 def row_count(x: torch.Tensor) -> int:
     """The rows a product over x's last dimension has: its tokens, however batched."""
     return x.numel() // x.shape[-1]
@@ -97,6 +127,9 @@ FEW_ROWS = 256
 # Up to this many rows FloatKernel takes our float32 kernel (the crossover with oneDNN's:
 # docs/PERFORMANCE.md, benchmarks/quant_kernels.py "native f32").
 NATIVE_FLOAT_ROWS = 16
+# Up to this many rows Bf16Kernel takes our kernel (about the crossover with oneDNN's bfloat16
+# GEMM: docs/MEMORY_AND_BF16.md).
+NATIVE_BF16_ROWS = 8
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
