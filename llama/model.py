@@ -272,7 +272,8 @@ class Transformer(nn.Module):
             cpu_kernels.fast_attention()
         products = cpu and weight.dtype in (torch.float32, torch.bfloat16) and \
             cpu_kernels.fast_float()
-        route = functools.partial(native_route, activations=weight.dtype) if products else None
+        route = None if not products else native_route if weight.dtype == torch.float32 else \
+            functools.partial(native_route, activations=weight.dtype)
         for _, _, projection in projections(self):
             projection.set_route(route)
         return self.native_attention or products
