@@ -35,17 +35,6 @@ static constexpr int V = 8;   // 4 x 2 accumulators of 16 registers
 static constexpr int V = 1;
 #endif
 
-// Prefetch distance (bytes) along each weight row: for float32 weights 16 KB, measured best of
-// 1, 4, 8, 16, 24 and 32 KB on the AVX-512 machine (S's matrices at 1-16 rows; 4 and 8 KB lost
-// ~20% at 4-8 rows); for bfloat16 weights 8 KB, the same elements ahead
-// (docs/MEMORY_AND_BF16.md).
-#ifndef PREFETCH_F32
-#define PREFETCH_F32 16384
-#endif
-#ifndef PREFETCH_BF16
-#define PREFETCH_BF16 8192
-#endif
-
 #if defined(LK_AVX512)
 using fvec = __m512;
 static inline fvec zero() { return _mm512_setzero_ps(); }
@@ -104,7 +93,7 @@ static inline float total(fvec v) { return v; }
 
 // Outputs o0..o0+NO of rows r0..r0+NR: x the tile's first row, w its first weight row, in
 // bfloat16 (uint16_t, widened as it is loaded) or float32.
-template <int NO, int NR, int PREFETCH, typename W>
+template <int NO, int NR, typename W>
 static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
   fvec acc[NO][NR];
   for (int o = 0; o < NO; ++o)
@@ -114,8 +103,8 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     fvec wv[NO];
     for (int o = 0; o < NO; ++o) {
 #if defined(LK_AVX512) || defined(LK_AVX2)
-      if ((k * sizeof(W)) % 64 == 0)  // once per cache line
-        _mm_prefetch(reinterpret_cast<const char*>(w + o * K + k) + PREFETCH, _MM_HINT_T0);
+      if ((k * sizeof(W)) % 64 == 0)  // once per cache line, a tile ahead (cpu_common.h)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (o + NO) * K + k), PF_HINT);
 #endif
       wv[o] = load_w(w + o * K + k);
     }
@@ -138,12 +127,12 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
 
 // y = x w^T in tiles of NO weight rows x NR activation rows (cpu_tiles.h), about `budget`
 // rows at a time.
-template <int NO, int NR, int PREFETCH, typename W>
+template <int NO, int NR, typename W>
 static void products(const float* x, int64_t R, int64_t K, const W* w, float* y, int64_t N,
                      int64_t budget) {
   tiled_product<NO, NR>(R, N, NO * K * sizeof(W), budget, [&](auto no, auto nr, int64_t r,
                                                                int64_t o) {
-    tile<decltype(no)::value, decltype(nr)::value, PREFETCH>(x + r * K, K, w + o * K,
+    tile<decltype(no)::value, decltype(nr)::value>(x + r * K, K, w + o * K,
                                                              y + r * N + o, N);
   });
 }
@@ -158,7 +147,7 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0 || N == 0) return y;
   // every row in one pass: each weight tile read once whatever R
-  products<OUTS, ROWS, PREFETCH_F32>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(),
+  products<OUTS, ROWS>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(),
                                      y.data_ptr<float>(), N, R + ROWS);
   return y;
 }
@@ -184,9 +173,9 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   // (docs/MEMORY_AND_BF16.md).
   const int64_t budget = (512 << 10) / (K * 4);
   if (R >= LONG_ROWS)
-    products<LONG_OUTS, LONG_ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N, budget);
+    products<LONG_OUTS, LONG_ROWS>(xp, R, K, wp, yp, N, budget);
   else
-    products<OUTS, ROWS, PREFETCH_BF16>(xp, R, K, wp, yp, N, budget);
+    products<OUTS, ROWS>(xp, R, K, wp, yp, N, budget);
   return y;
 }
 
