@@ -58,15 +58,15 @@ static constexpr int ROWS = 4;
 static constexpr int LONG_OUTS = OUTS;
 static constexpr int LONG_ROWS = ROWS;
 #endif
-// Weight streams are prefetched in software: the hardware prefetcher alone left one core at
-// ~6.5 GB/s of int8 reads, against ~13 GB/s for MKL's float32 matrix-vector product
-// (docs/QUANTIZATION.md). The int8, bfloat16 and float32 kernels prefetch each weight row's
-// cache line a tile ahead: the same columns of the next tile's row (the rows of a thread's
-// slab follow each other), whatever the row's length. A fixed distance in bytes (16 KB for
-// int8 and float32, 8 KB for bfloat16) fell inside the current tile for long rows, and read
-// 1.1-1.3x slower at 1-4 rows (docs/MEMORY_AND_BF16.md). Into L2 (T1): T0 and NTA were
-// slower. The int4 layout is one stream per block of outputs: 8 KB ahead (PREFETCH4). A
-// prefetch past the end of a weight does not fault.
+// Weight streams are prefetched in software (the hardware prefetcher alone read int8 weights
+// at half MKL's float32 rate when the int8 kernel was written). The int8, bfloat16 and
+// float32 kernels prefetch each weight row's cache line a tile ahead: the same columns of the
+// next tile's row (the rows of a thread's slab follow each other), whatever the row's length.
+// A fixed distance in bytes (16 KB for int8 and float32, 8 KB for bfloat16) fell inside the
+// current tile for long rows, and read 1.1-1.3x slower at 1-4 rows; into L2 (T1), as T0 and
+// NTA were slower (docs/MEMORY_AND_BF16.md, "Prefetching a tile ahead"). The int4 layout is one
+// stream per block of outputs: 8 KB ahead (PREFETCH4). A prefetch past the end of a weight
+// does not fault.
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
