@@ -298,9 +298,12 @@ def _chat_on_a_pipe(checkpoints, tokenizer_path):
     command = [sys.executable, "example_chat_interactive.py", "--ckpt_dir", checkpoints("gqa"),
                "--tokenizer_path", tokenizer_path, "--temperature", "0", "--max_seq_len",
                "2048", "--max_gen_len", "1500"]
+    # SIGINT as a terminal's user has it: a CI job started in the background inherits it
+    # ignored (bash ignores SIGINT in asynchronous commands), and so would the chat
     process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env={**os.environ, "PYTHONPATH": str(REPO)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     screen = [b""]
 
     def read_until(done):
