@@ -255,7 +255,7 @@ class Transformer(nn.Module):
             # their products load the native kernels anyway; a bfloat16 one's decode steps
             # run ~2x faster through them (linear.Bf16Kernel)
             model.use_native_kernels()
-        model.freqs_cis = model.freqs_cis.to(state["norm.weight"].device)
+        model.freqs_cis = model.freqs_cis.to(weight.device)
         return model
 
     def use_native_kernels(self) -> bool:
@@ -272,8 +272,10 @@ class Transformer(nn.Module):
             cpu_kernels.fast_attention()
         products = cpu and weight.dtype in (torch.float32, torch.bfloat16) and \
             cpu_kernels.fast_float()
-        route = None if not products else native_route if weight.dtype == torch.float32 else \
-            functools.partial(native_route, activations=weight.dtype)
+        route = None
+        if products:  # (float32 activations: native_route itself, its default)
+            route = native_route if weight.dtype == torch.float32 else \
+                functools.partial(native_route, activations=torch.bfloat16)
         for _, _, projection in projections(self):
             projection.set_route(route)
         return self.native_attention or products

@@ -147,8 +147,8 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor y = at::empty({R, N}, x.options());
   if (R == 0 || N == 0) return y;
   // every row in one pass: each weight tile read once whatever R
-  products<OUTS, ROWS>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(),
-                                     y.data_ptr<float>(), N, R + ROWS);
+  products<OUTS, ROWS>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(), y.data_ptr<float>(),
+                       N, R + ROWS);
   return y;
 }
 
