@@ -66,10 +66,10 @@ static constexpr int LONG_ROWS = ROWS;
 // current tile for long rows, and read 1.1-1.3x slower at 1-4 rows; into L2 (T1), as T0 and
 // NTA were slower (docs/MEMORY_AND_BF16.md, "Prefetching a tile ahead"). The int4 layout is one
 // stream per block of outputs: 8 KB ahead (PREFETCH4). A prefetch past the end of a weight
-// does not fault.
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
-#endif
+// does not fault. GCC's builtin, not _mm_prefetch: with _mm_prefetch in the loop, GCC 12 kept
+// an array of int32 sums in memory, storing each after every instruction (the int4 kernel's
+// one-row tile, docs/QUANTIZATION.md).
+static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 #ifndef PREFETCH4
 #define PREFETCH4 8192
 #endif

@@ -104,7 +104,7 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
     for (int o = 0; o < NO; ++o) {
 #if defined(LK_AVX512) || defined(LK_AVX2)
       if ((k * sizeof(W)) % 64 == 0)  // once per cache line, a tile ahead (cpu_common.h)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (o + NO) * K + k), PF_HINT);
+        prefetch_l2(w + (o + NO) * K + k);
 #endif
       wv[o] = load_w(w + o * K + k);
     }

@@ -110,33 +110,43 @@ static void int4_tile(const int16_t* q, const float* sums, const float* t, int64
                       int valid) {
   const int64_t groups = K / G, steps = G / STEP;
   const fvec eight = splat(8.f);
+  // With one integer sum a row, the dot products of a one- or two-row tile waited on each
+  // other's latency (docs/QUANTIZATION.md): a step's planes then go to separate sums, added
+  // at the group's end (exact integers: the same result). (Four sums at two rows made GCC 12
+  // keep them in memory.)
+  constexpr int CHAINS = NR == 1 ? 4 : NR == 2 ? 2 : 1;
   fvec acc[HALVES][NR];
   for (int h = 0; h < HALVES; ++h)
     for (int r = 0; r < NR; ++r) acc[h][r] = fzero();
   for (int64_t g = 0; g < groups; ++g) {
-    i32acc isum[HALVES][NR];
-    for (int h = 0; h < HALVES; ++h)
-      for (int r = 0; r < NR; ++r) isum[h][r] = izero();
+    i32acc isum[CHAINS][HALVES][NR];
+    for (int c = 0; c < CHAINS; ++c)
+      for (int h = 0; h < HALVES; ++h)
+        for (int r = 0; r < NR; ++r) isum[c][h][r] = izero();
+    // The group's prefetches come first: inside the loop below they made GCC 12 store every
+    // sum to memory after each instruction (dead stores, 1.6x the time of a one-row tile).
+    for (int64_t s = g * steps; s < (g + 1) * steps; ++s) prefetch_l2(w + 64 * s + PREFETCH4);
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
-      const uint8_t* bytes = w + 64 * s;
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH4), PF_HINT);
       ivec raw[HALVES];
-      for (int h = 0; h < HALVES; ++h) raw[h] = load_raw(bytes + 64 / HALVES * h);
-      for (int p = 0; p < 4; ++p) {
-        ivec xs[NR];
-        for (int r = 0; r < NR; ++r) xs[r] = pair_of(q + r * K + STEP * s + 2 * p);
-        for (int h = 0; h < HALVES; ++h) {
-          const ivec wv = plane(raw[h], p);
-          for (int r = 0; r < NR; ++r) isum[h][r] = dot(isum[h][r], wv, xs[r]);
+      for (int h = 0; h < HALVES; ++h) raw[h] = load_raw(w + 64 * s + 64 / HALVES * h);
+      for (int c = 0; c < CHAINS; ++c)
+        for (int p = c; p < 4; p += CHAINS) {
+          ivec xs[NR];
+          for (int r = 0; r < NR; ++r) xs[r] = pair_of(q + r * K + STEP * s + 2 * p);
+          for (int h = 0; h < HALVES; ++h) {
+            const ivec wv = plane(raw[h], p);
+            for (int r = 0; r < NR; ++r) isum[c][h][r] = dot(isum[c][h][r], wv, xs[r]);
+          }
         }
-      }
     }
     for (int h = 0; h < HALVES; ++h) {
       const ivec pairs = load_pairs(sz + 2 * (BLOCK * g + LANES * h));
       const fvec scale = low_half(pairs);
       const fvec shift = fnma(eight, scale, high_half(pairs));  // z - 8 s
       for (int r = 0; r < NR; ++r) {
-        acc[h][r] = fma(to_float(isum[h][r]), scale, acc[h][r]);
+        i32acc total = isum[0][h][r];
+        for (int c = 1; c < CHAINS; ++c) total = total + isum[c][h][r];
+        acc[h][r] = fma(to_float(total), scale, acc[h][r]);
         acc[h][r] = fma(shift, splat(sums[r * groups + g]), acc[h][r]);
       }
     }
@@ -221,7 +231,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const int64_t blocks = packed.size(0) / BLOCK, block_bytes = BLOCK * K / 2;
+  const int64_t blocks = (n_out + BLOCK - 1) / BLOCK, block_bytes = BLOCK * K / 2;
   // As int8_mm: a prefill goes a block of rows at a time (~512 KB of int16, kept in L2) past
   // the thread's slab of weight blocks.
   const int64_t rows_per_pass = std::max<int64_t>(1, (512 << 10) / (K * 2));
@@ -230,7 +240,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       const int64_t rows = std::min(rows_per_pass, R - r0);
       for (int64_t b = begin; b < end; ++b) {
         const int valid = static_cast<int>(std::min<int64_t>(BLOCK, n_out - b * BLOCK));
-        if (valid <= 0) continue;
         const uint8_t* w = wp + b * block_bytes;
         const uint16_t* z = zp + b * BLOCK * groups * 2;
 #if defined(LK_AVX512) || defined(LK_AVX2)

@@ -81,7 +81,7 @@ static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t
       i16vec wv[NO];
       for (int o = 0; o < NO; ++o) {
         if ((k & 63) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (o + NO) * W + k), PF_HINT);
+          prefetch_l2(w + (o + NO) * W + k);
         wv[o] = load_w(w + o * W + k);
       }
       for (int r = 0; r < NR; ++r) {
