@@ -23,8 +23,8 @@ quantize=..., default: neither), each in a fresh process, and reports per format
 peak RSS (VmHWM) after loading and over the whole run, prefill tok/s of one --prompt-len
 prompt, decode tok/s (greedy, --gen-len tokens) at each --batch size, the bytes of weights one
 decode step reads and the GB/s that tok/s implies against this machine's read bandwidth
-(measured in the same run: the best of x.sum() and x.amax() over 1 GiB of float32, before and
-after the formats), and time to first token, turn by turn, of a --turns chat of
+(the best of x.sum() and x.amax() over 1 GiB of float32, measured just before and just after
+each format, as a shared machine's rate drifts), and time to first token, turn by turn, of a --turns chat of
 ~--turn-tokens user messages: chat_completion of the growing dialog (its answers replayed: the
 same fixed ~--answer-tokens texts for every format), and Llama.chat_session's turns (its own
 greedy answers) where the library has chat sessions. The native CPU kernels are built first
@@ -242,11 +242,12 @@ def run_format(ckpt: Path, fmt: str, options, limit_gib) -> dict:
 
 # ---------------------------------------------------------------------- the report
 def table(results, bandwidth: float, batches) -> str:
-    """One row per format."""
+    """One row per format; its read rates as a share of the read bandwidth measured around
+    it (`bandwidth` where a row has none)."""
     head = (["format", "weights", "load (s)", "peak RSS, loaded / run (GiB)", "prefill tok/s"]
             + [f"decode b{b} tok/s" for b in batches]
-            + ["weights read per step (GB)"]
-            + [f"b{b} reads GB/s (of {bandwidth / 1e9:.1f})" for b in batches]
+            + ["weights read per step (GB)", "read bandwidth around it (GB/s)"]
+            + [f"b{b} reads GB/s (share of it)" for b in batches]
             + ["TTFT turn 1 -> last (s): chat_completion", "chat_session"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -254,15 +255,15 @@ def table(results, bandwidth: float, batches) -> str:
             cells = [r["format"], "not run: " + r["not_run"]] + [""] * (len(head) - 2)
         else:
             rates = [r["decode_tok_s"][str(b)] for b in batches]
-            kind = r["weight_dtype"]
+            kind, around = r["weight_dtype"], r.get("read_bandwidth", bandwidth)
             if r["format"] in ("int8", "int4"):
                 kind = f"{r['format']}, {kind} embedding"
             cells = ([r["format"], kind, f"{r['load_s']:.1f}",
                       f"{r['peak_rss_load'] / GIB:.2f} / {r['peak_rss'] / GIB:.2f}",
                       f"{r['prefill_tok_s']:.1f}"]
                      + [f"{t:.2f}" if t else "n/a" for t in rates]
-                     + [f"{r['weights_per_step'] / 1e9:.3g}"]
-                     + [f"{g / 1e9:.3g} ({g / bandwidth:.0%})" if g else "n/a"
+                     + [f"{r['weights_per_step'] / 1e9:.3g}", f"{around / 1e9:.1f}"]
+                     + [f"{g / 1e9:.3g} ({g / around:.0%})" if g else "n/a"
                         for g in (read_rate(r, b, t) if t else None
                                   for b, t in zip(batches, rates))]
                      + [first_to_last(r.get("chat_completion")),
@@ -366,7 +367,7 @@ def measure(a, argv) -> None:
         options += ["--" + name.replace("_", "-"), str(getattr(a, name))]
     options += ["--native-kernels"] if a.native_kernels else []
     kernels = native_kernels()  # built now, if not yet, rather than in a format's load time
-    bandwidth = read_bandwidth(a.bandwidth_gib)
+    bandwidth = read_bandwidth(a.bandwidth_gib)  # the run's best, for the header
     # the generation cache grows to the largest batch's rows; then a chat's one row
     cache_tokens = max(max(a.batch) * (a.prompt_len + a.gen_len), a.max_seq_len)
     results = []
@@ -377,9 +378,14 @@ def measure(a, argv) -> None:
             results.append({"format": fmt, "not_run": f"needs {parts}; "
                             f"{available / GIB:.1f} GiB available ({source})"})
         else:
+            # The machine's read rate drifts over a long run (a shared host's memory): each
+            # format's rates are set against the best of a measure just before and just after it.
+            before = read_bandwidth(a.bandwidth_gib)
             results.append(run_format(a.run, fmt, options, a.memory_limit))
+            around = max(before, read_bandwidth(a.bandwidth_gib))
+            results[-1]["read_bandwidth"] = around
+            bandwidth = max(bandwidth, around)
         print(f"{fmt}: {'not run' if 'not_run' in results[-1] else 'done'}", file=sys.stderr)
-    bandwidth = max(bandwidth, read_bandwidth(a.bandwidth_gib))  # before and after
     size = count_parameters(args)
     params = json.loads((a.run / "params.json").read_text())
     print(f"{a.run}: {size / 1e9:.3g} B parameters, params.json {json.dumps(params)}, "
@@ -388,8 +394,8 @@ def measure(a, argv) -> None:
     print(f"prompt {a.prompt_len} tokens, {a.gen_len} greedy tokens per decode, batch "
           f"{' and '.join(map(str, a.batch))}; a chat of {a.turns} turns (~{a.turn_tokens}-token "
           f"messages, ~{a.answer_tokens}-token answers); max_seq_len {a.max_seq_len}; read "
-          f"bandwidth {bandwidth / 1e9:.1f} GB/s (best of x.sum(), x.amax() over "
-          f"{a.bandwidth_gib:g} GiB)\n")
+          f"bandwidth {bandwidth / 1e9:.1f} GB/s at best (x.sum(), x.amax() over "
+          f"{a.bandwidth_gib:g} GiB, before and after each format)\n")
     print(table(results, bandwidth, a.batch))
     print("\ntime to first token by turn:\n" + turn_lines(results))
     command = "python -m benchmarks.real_size " + " ".join(argv)
