@@ -24,8 +24,8 @@ peak RSS (VmHWM) after loading and over the whole run, prefill tok/s of one --pr
 prompt, decode tok/s (greedy, --gen-len tokens) at each --batch size, the bytes of weights one
 decode step reads and the GB/s that tok/s implies against this machine's read bandwidth
 (the best of x.sum() and x.amax() over 1 GiB of float32, measured just before and just after
-each format, as a shared machine's rate drifts), and time to first token, turn by turn, of a --turns chat of
-~--turn-tokens user messages: chat_completion of the growing dialog (its answers replayed: the
+each format, as a shared machine's rate drifts), and time to first token, turn by turn, of a
+--turns chat of ~--turn-tokens user messages: chat_completion of the growing dialog (its answers replayed: the
 same fixed ~--answer-tokens texts for every format), and Llama.chat_session's turns (its own
 greedy answers) where the library has chat sessions. The native CPU kernels are built first
 if they are not yet, so that no format's load time includes compiling them.
