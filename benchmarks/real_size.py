@@ -25,10 +25,11 @@ prompt, decode tok/s (greedy, --gen-len tokens) at each --batch size, the bytes 
 decode step reads and the GB/s that tok/s implies against this machine's read bandwidth
 (the best of x.sum() and x.amax() over 1 GiB of float32, measured just before and just after
 each format, as a shared machine's rate drifts), and time to first token, turn by turn, of a
---turns chat of ~--turn-tokens user messages: chat_completion of the growing dialog (its answers replayed: the
-same fixed ~--answer-tokens texts for every format), and Llama.chat_session's turns (its own
-greedy answers) where the library has chat sessions. The native CPU kernels are built first
-if they are not yet, so that no format's load time includes compiling them.
+--turns chat of ~--turn-tokens user messages: chat_completion of the growing dialog (its
+answers replayed: the same fixed ~--answer-tokens texts for every format), and
+Llama.chat_session's turns (its own greedy answers) where the library has chat sessions. The
+native CPU kernels are built first if they are not yet, so that no format's load time includes
+compiling them.
 
 A format whose estimated need (weights, KV cache, working memory) exceeds what a process may
 use (MemAvailable, the cgroup's limit, --memory-limit) is not run, and its row says why; a
