@@ -247,8 +247,8 @@ def table(results, bandwidth: float, batches) -> str:
     it (`bandwidth` where a row has none)."""
     head = (["format", "weights", "load (s)", "peak RSS, loaded / run (GiB)", "prefill tok/s"]
             + [f"decode b{b} tok/s" for b in batches]
-            + ["weights read per step (GB)", "read bandwidth around it (GB/s)"]
-            + [f"b{b} reads GB/s (share of it)" for b in batches]
+            + ["weights read per step (GB)", "read bandwidth before / after it (GB/s)"]
+            + [f"b{b} reads GB/s (share of the higher)" for b in batches]
             + ["TTFT turn 1 -> last (s): chat_completion", "chat_session"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -257,13 +257,15 @@ def table(results, bandwidth: float, batches) -> str:
         else:
             rates = [r["decode_tok_s"][str(b)] for b in batches]
             kind, around = r["weight_dtype"], r.get("read_bandwidth", bandwidth)
+            measured = " / ".join(f"{b / 1e9:.1f}" for b in r.get("read_bandwidth_before_after",
+                                                                   [around]))
             if r["format"] in ("int8", "int4"):
                 kind = f"{r['format']}, {kind} embedding"
             cells = ([r["format"], kind, f"{r['load_s']:.1f}",
                       f"{r['peak_rss_load'] / GIB:.2f} / {r['peak_rss'] / GIB:.2f}",
                       f"{r['prefill_tok_s']:.1f}"]
                      + [f"{t:.2f}" if t else "n/a" for t in rates]
-                     + [f"{r['weights_per_step'] / 1e9:.3g}", f"{around / 1e9:.1f}"]
+                     + [f"{r['weights_per_step'] / 1e9:.3g}", measured]
                      + [f"{g / 1e9:.3g} ({g / around:.0%})" if g else "n/a"
                         for g in (read_rate(r, b, t) if t else None
                                   for b, t in zip(batches, rates))]
@@ -383,9 +385,10 @@ def measure(a, argv) -> None:
             # format's rates are set against the best of a measure just before and just after it.
             before = read_bandwidth(a.bandwidth_gib)
             results.append(run_format(a.run, fmt, options, a.memory_limit))
-            around = max(before, read_bandwidth(a.bandwidth_gib))
-            results[-1]["read_bandwidth"] = around
-            bandwidth = max(bandwidth, around)
+            after = read_bandwidth(a.bandwidth_gib)
+            results[-1].update(read_bandwidth=max(before, after),
+                               read_bandwidth_before_after=[before, after])
+            bandwidth = max(bandwidth, before, after)
         print(f"{fmt}: {'not run' if 'not_run' in results[-1] else 'done'}", file=sys.stderr)
     size = count_parameters(args)
     params = json.loads((a.run / "params.json").read_text())

@@ -106,9 +106,10 @@ def test_each_row_is_set_against_the_bandwidth_around_it():
     row = {"format": "int8", "weight_dtype": "bfloat16", "load_s": 1.0, "peak_rss_load": 2**30,
            "peak_rss": 2**31, "prefill_tok_s": 10.0, "decode_tok_s": {"1": 2.0},
            "weights_per_step": 10e9, "kv_per_token": 0, "prompt_len": 8, "gen_len": 8}
-    slow = {**row, "format": "int4", "read_bandwidth": 25e9}
+    slow = {**row, "format": "int4", "read_bandwidth": 25e9,
+            "read_bandwidth_before_after": [25e9, 21e9]}
     lines = real_size.table([row, slow], 40e9, [1]).splitlines()
     # 2 tok/s x 10 GB = 20 GB/s: half of the run's 40 where a row has no figure of its own,
-    # 80% of the 25 measured around the other
-    assert "| 40.0 | 20 (50%) |" in lines[2] and "| 25.0 | 20 (80%) |" in lines[3]
+    # 80% of the higher of the 25 and 21 measured before and after the other
+    assert "| 40.0 | 20 (50%) |" in lines[2] and "| 25.0 / 21.0 | 20 (80%) |" in lines[3]
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
