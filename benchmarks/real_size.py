@@ -256,16 +256,17 @@ def table(results, bandwidth: float, batches) -> str:
             cells = [r["format"], "not run: " + r["not_run"]] + [""] * (len(head) - 2)
         else:
             rates = [r["decode_tok_s"][str(b)] for b in batches]
-            kind, around = r["weight_dtype"], r.get("read_bandwidth", bandwidth)
-            measured = " / ".join(f"{b / 1e9:.1f}" for b in r.get("read_bandwidth_before_after",
-                                                                   [around]))
+            kind = r["weight_dtype"]
+            measured = r.get("read_bandwidth_before_after", [bandwidth])
+            around = max(measured)
             if r["format"] in ("int8", "int4"):
                 kind = f"{r['format']}, {kind} embedding"
             cells = ([r["format"], kind, f"{r['load_s']:.1f}",
                       f"{r['peak_rss_load'] / GIB:.2f} / {r['peak_rss'] / GIB:.2f}",
                       f"{r['prefill_tok_s']:.1f}"]
                      + [f"{t:.2f}" if t else "n/a" for t in rates]
-                     + [f"{r['weights_per_step'] / 1e9:.3g}", measured]
+                     + [f"{r['weights_per_step'] / 1e9:.3g}",
+                        " / ".join(f"{b / 1e9:.1f}" for b in measured)]
                      + [f"{g / 1e9:.3g} ({g / around:.0%})" if g else "n/a"
                         for g in (read_rate(r, b, t) if t else None
                                   for b, t in zip(batches, rates))]
