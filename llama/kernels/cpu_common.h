@@ -74,6 +74,23 @@ static inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 #define PREFETCH4 8192
 #endif
 
+#if defined(LK_AVX512) || defined(LK_AVX2)
+// A loaded vector held in a register. An activation vector is used by each of a tile's NO
+// products (a float32 weight vector by each of its NR); GCC otherwise folds its load into
+// every one of them as a memory operand, loading it that many times. The AMD kind loads one
+// 64-byte vector a cycle, as many as it issues vpdpwssd or FMAs, so those loads held the
+// int8 and bfloat16 kernels at 73-81% of their instructions' rate (docs/PERFORMANCE.md, "Loads
+// folded into the products"). The empty asm changes no value: the same bits.
+template <typename V>
+static inline V in_register(V v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+#else
+template <typename V>
+static inline V in_register(V v) { return v; }
+#endif
+
 static inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;

@@ -106,10 +106,10 @@ static void tile(const float* x, int64_t K, const W* w, float* y, int64_t N) {
       if ((k * sizeof(W)) % 64 == 0)  // once per cache line, a tile ahead (cpu_common.h)
         prefetch_l2(w + (o + NO) * K + k);
 #endif
-      wv[o] = load_w(w + o * K + k);
+      wv[o] = in_register(load_w(w + o * K + k));
     }
     for (int r = 0; r < NR; ++r) {
-      const fvec xv = load(x + r * K + k);
+      const fvec xv = in_register(load(x + r * K + k));
       for (int o = 0; o < NO; ++o) acc[o][r] = fma(wv[o], xv, acc[o][r]);
     }
   }

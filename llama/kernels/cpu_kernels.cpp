@@ -85,7 +85,7 @@ static void int8_tile(const int16_t* q, const float* xs, int64_t W, const int8_t
         wv[o] = load_w(w + o * W + k);
       }
       for (int r = 0; r < NR; ++r) {
-        const i16vec xv = load_x(q + r * W + k);
+        const i16vec xv = in_register(load_x(q + r * W + k));
         for (int o = 0; o < NO; ++o) acc[o][r] = dot_i16(acc[o][r], wv[o], xv);
       }
     }
