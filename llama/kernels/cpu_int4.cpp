@@ -128,7 +128,8 @@ static void int4_tile(const int16_t* q, const float* sums, const float* t, int64
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) prefetch_l2(w + 64 * s + PREFETCH4);
     for (int64_t s = g * steps; s < (g + 1) * steps; ++s) {
       ivec raw[HALVES];
-      for (int h = 0; h < HALVES; ++h) raw[h] = load_raw(w + 64 * s + 64 / HALVES * h);
+      for (int h = 0; h < HALVES; ++h)
+        raw[h] = in_register(load_raw(w + 64 * s + 64 / HALVES * h));  // not reloaded a plane
       for (int c = 0; c < CHAINS; ++c)
         for (int p = c; p < 4; p += CHAINS) {
           ivec xs[NR];
