@@ -12,7 +12,7 @@ enough distinct copies of its weight that they never sit in the L3 (3x 32 MB), a
 are interleaved call by call, so a slow spell of a shared machine hits them all alike.
 
 Candidates (x is float32, as in the model, unless the name says bf16):
-  f32 F.linear / f32 ours        torch's and our float32 route (llama/layers/linear.py)
+  f32 F.linear / f32 ours        torch's and our float32 route (llama/layers/float_linear.py)
   f32 native                     our float32 kernel (llama/kernels/cpu_dense.cpp), the route of
   models
                                  that took use_native_kernels (up to 64 rows, to place the

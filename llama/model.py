@@ -25,8 +25,9 @@ from llama.args import ModelArgs, count_parameters, ffn_hidden_dim  # noqa: F401
 from llama.kernels import cpu_kernels
 from llama.layers import plan as plans
 from llama.layers.cache import KVCache, OwnCache, Segments, attention_mask
+from llama.layers.float_linear import FEW_ROWS, native_route, row_count
 from llama.layers.fused import Projection, hooked, pack_weights, projections, use_quantized
-from llama.layers.linear import FEW_ROWS, linear, native_route, row_count
+from llama.layers.linear import linear
 from llama.layers.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -253,14 +254,14 @@ class Transformer(nn.Module):
         weight = model.norm.weight
         if is_quantized or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16):
             # their products load the native kernels anyway; a bfloat16 one's decode steps
-            # run ~2x faster through them (linear.Bf16Kernel)
+            # run ~2x faster through them (float_linear.Bf16Kernel)
             model.use_native_kernels()
         model.freqs_cis = model.freqs_cis.to(weight.device)
         return model
 
     def use_native_kernels(self) -> bool:
         """Take our kernels where they pay, on the CPU: float weights' products of few rows
-        (linear.FloatKernel under float32 activations, linear.Bf16Kernel under bfloat16 ones;
+        (float_linear.FloatKernel under float32 activations, Bf16Kernel under bfloat16 ones;
         vector builds) and, in float32, decode steps' attention (AVX-512 builds). Builds them
         on first use (~30-60 s, once per machine). Returns whether the model takes either. The
         server, quantized CPU models and bfloat16 ones (dtype=bfloat16) call this; a float32

@@ -173,7 +173,7 @@ def test_bf16_activations_take_the_kernel_for_few_rows(rows, monkeypatch):
     kernel on the activations widened (exact), its float32 sums rounded to bfloat16 once; more
     rows oneDNN's bfloat16 GEMM (F.linear). Either is the bfloat16 product within one rounding
     of the float64 one."""
-    from llama.layers.linear import NATIVE_BF16_ROWS, Bf16Kernel, native_route
+    from llama.layers.float_linear import NATIVE_BF16_ROWS, Bf16Kernel, native_route
 
     calls = []
     original = cpu_kernels.bf16_mm
@@ -203,7 +203,7 @@ def test_a_bf16_cpu_model_decodes_through_the_kernel(build):
     """dtype=bfloat16 on the CPU: the projections take Bf16Kernel (decode steps through our
     kernel, prefills through oneDNN), and the logits of a prefill and of decode steps stay
     within bfloat16 rounding of the same model on torch's routes."""
-    from llama.layers.linear import Bf16Kernel
+    from llama.layers.float_linear import Bf16Kernel
 
     generator = build("gqa", dtype=torch.bfloat16)
     model = generator.model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import llama.layers.linear
+import llama.layers.float_linear
 from llama.checkpoints.meta import IGNORED_KEYS, full_shapes, shard_shape, split_dim
 from llama.layers.linear import linear
 from llama.model import ModelArgs, Transformer, attention_mask, count_parameters
@@ -153,13 +153,13 @@ def test_linear_fast_paths_equal_f_linear(rows, n_out):
     torch.testing.assert_close(linear(x, weight[::2]), x @ weight[::2].t(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not llama.layers.linear._ONEDNN, reason="torch built without oneDNN")
+@pytest.mark.skipif(not llama.layers.float_linear._ONEDNN, reason="torch built without oneDNN")
 def test_a_compiled_product_of_few_rows_keeps_onednn(monkeypatch):
     """Under torch.compile the 2-256-row route stays oneDNN's product (an operator of ours
     around it), not MKL's F.linear, 2-3x slower there: same result, and oneDNN is called."""
     calls = []
-    onednn = llama.layers.linear._onednn
-    monkeypatch.setattr(llama.layers.linear, "_onednn",
+    onednn = llama.layers.float_linear._onednn
+    monkeypatch.setattr(llama.layers.float_linear, "_onednn",
                         lambda x, w: calls.append(1) or onednn(x, w))
     weight = torch.randn(256, 192)
     x = torch.randn(4, 192)

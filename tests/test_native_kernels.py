@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from llama.kernels import cpu_kernels
-from llama.layers.linear import FloatKernel, linear, native_route, pack
+from llama.layers.float_linear import FloatKernel, native_route
+from llama.layers.linear import linear, pack
 from llama.quantize.formats import quantize_int4, quantize_int8
 from tests.conftest import run_script
 
@@ -221,7 +222,7 @@ def test_the_library_routes_decode_steps_to_the_kernels(monkeypatch):
 @pytest.mark.skipif(not cpu_kernels.fast_float(), reason="the float32 kernel is vectorised for "
                     "AVX2 and AVX-512 only; elsewhere models keep torch's products")
 def test_float_products_take_the_kernel_when_wrapped_and_few_rows(monkeypatch):
-    from llama.layers.linear import NATIVE_FLOAT_ROWS
+    from llama.layers.float_linear import NATIVE_FLOAT_ROWS
     calls = []
     original = cpu_kernels.float_mm
     monkeypatch.setattr(cpu_kernels, "float_mm", lambda *a: calls.append(a[0].shape) or

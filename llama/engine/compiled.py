@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from llama.layers import linear
+from llama.layers import float_linear
 
 TRIALS = 3
 
@@ -41,7 +41,7 @@ class CompiledDecode:
         # traced inside it. The step runs under no_grad instead (__call__), on ordinary
         # (non-inference) tensors: hence the clone there and those of Llama._generate.
         step = functools.partial(type(model).forward.__wrapped__, model)
-        torch.compiler.assume_constant_result(linear._threads)
+        torch.compiler.assume_constant_result(float_linear._threads)
         self.function = torch.compile(step, **compile_options)
         self.choices: Dict[tuple, CompiledOrEager] = {}  # per (cache rows, length)
 

@@ -8,10 +8,10 @@ Products take the native kernel where it is vectorised (AVX-512, AVX2): it strea
 once for all the rows of a decode step, and widens each tile of weight rows once for all the
 rows of a prefill; a row's result is the same bit for bit whatever the other rows. Elsewhere
 (no compiler, a plain C++ build) the weight is widened a block of rows at a time into float32
-for the float32 routes of llama/layers/linear.py: the same function, slower. (oneDNN's bfloat16
-GEMM, 2-3x faster for prefills, rounds the activations to bfloat16, so it is not used:
-docs/MEMORY_AND_BF16.md.) An explicit float32 or bfloat16 dtype keeps its old
-meaning: float32 weights, or bfloat16 weights and activations alike.
+for torch's float32 product: the same function, slower. (oneDNN's bfloat16 GEMM, 2-3x faster
+for prefills, rounds the activations to bfloat16, so it is not used: docs/MEMORY_AND_BF16.md.)
+An explicit float32 or bfloat16 dtype keeps its old meaning: float32 weights, or bfloat16
+weights and activations alike.
 """
 
 import contextlib

@@ -48,7 +48,7 @@ class Projection:
     is laid out again from what the layers then hold.
 
     The product's route belongs to the weight: the float matrix itself (torch's routes), the
-    matrix wrapped by `route` (e.g. linear.FloatKernel), or a quantized weight packed for its
+    matrix wrapped by `route` (e.g. float_linear.FloatKernel), or a quantized weight packed for its
     device (`packed`, linear.pack)."""
 
     def __init__(self, *names: str, reduce: Optional[Callable] = None):
