@@ -9,7 +9,10 @@ unused. CPU time (time.thread_time) of a single thread is used rather than wall 
 figures hold on a shared, busy machine, where wall-clock timings of whole matrices do not.
 Prints ns per weight (the best of --repeats runs of --calls calls) for each kernel and row
 count, and the compiled instruction set (LLAMA_KERNEL_ARCH=x86-64-v3 measures the AVX2 build
-on an AVX-512 machine).
+on an AVX-512 machine). --peak also measures the core's rate of the instruction each kernel
+multiplies with (benchmarks/cpu_peak.py: zmm vpdpwssd for int8 and int4, 32 multiply-adds;
+zmm FMAs for bf16 and float32, 16) and prints each figure as a share of it: at many rows, how
+close a kernel's tiles come to the arithmetic they cannot pass.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import time
 
 import torch
 
+from benchmarks import cpu_peak
 from llama.kernels import cpu_kernels
 from llama.quantize.formats import quantize_int4, quantize_int8
 
@@ -35,6 +39,11 @@ def kernels(out_f: int, in_f: int):
     table["bf16"] = (2.0, lambda x: cpu_kernels.bf16_mm(x, wb))
     table["float32"] = (4.0, lambda x: cpu_kernels.float_mm(x, w))
     return table
+
+
+def multiply_adds_per_ns(name: str, fma: float, dot: float) -> float:
+    """One core's ceiling for `name`'s products: multiply-adds a ns of its instruction."""
+    return dot * 32 if name.startswith("int") else fma * 16
 
 
 def per_weight_ns(f, x, weights: int, calls: int, repeats: int) -> float:
@@ -57,6 +66,9 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="kernels whose name contains one of these")
+    parser.add_argument("--peak", action="store_true",
+                        help="also each figure as a share of the core's instruction rate "
+                             "(AVX-512 with VNNI, g++)")
     args = parser.parse_args(argv)
     if not cpu_kernels.available():
         raise SystemExit(f"native kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -66,14 +78,27 @@ def main(argv=None):
         table = {k: v for k, v in table.items() if any(o in k for o in args.only)}
     print(f"{cpu_kernels.isa()} build, 1 thread, a {args.out} x {args.in_f} weight (in L2): "
           f"ns of CPU time per weight")
-    print("kernel (bytes/weight)   " + "".join(f"{f'rows {r}':>10}" for r in args.rows))
+    header = "".join(f"{f'rows {r}':>10}" for r in args.rows)
+    print("kernel (bytes/weight)   " + header)
+    figures = {}
     for name, (nbytes, f) in table.items():
         cells = []
         for rows in args.rows:
             x = torch.randn(rows, args.in_f, generator=torch.Generator().manual_seed(rows))
             calls = max(4, args.calls // max(1, rows // 4))
             cells.append(per_weight_ns(f, x, args.out * args.in_f, calls, args.repeats))
+        figures[name] = cells
         print(f"{f'{name} ({nbytes:g})':<24}" + "".join(f"{c:>10.3f}" for c in cells))
+    if args.peak:
+        fma, dot = cpu_peak.measure(2_000_000)
+        print(f"share of one core's rate (zmm FMAs {fma:.2f}/ns, vpdpwssd {dot:.2f}/ns; "
+              "benchmarks.cpu_peak)")
+        print("kernel                  " + header)
+        for name, cells in figures.items():
+            ceiling = multiply_adds_per_ns(name, fma, dot)
+            shares = [rows / ns / ceiling if ceiling else float("nan")
+                      for rows, ns in zip(args.rows, cells)]  # multiply-adds a ns / ceiling
+            print(f"{name:<24}" + "".join(f"{share:>10.0%}" for share in shares))
 
 
 if __name__ == "__main__":

@@ -173,6 +173,29 @@ def test_kernel_compute_prints_a_figure_per_kernel_and_row_count(capsys):
     assert all(float(cell) > 0 for cells in rows.values() for cell in cells)
 
 
+@pytest.mark.skipif(not cpu_kernels.available() or shutil.which("g++") is None
+                    or "avx512_vnni" not in open("/proc/cpuinfo").read(),
+                    reason="needs the native kernels, g++ and AVX-512 VNNI")
+def test_kernel_compute_sets_each_figure_against_the_cores_rate(capsys):
+    from benchmarks import kernel_compute
+
+    kernel_compute.main(["--rows", "2", "16", "--out", "32", "--in", "256", "--calls", "2",
+                         "--repeats", "1", "--only", "int8", "bf16", "--peak"])
+    lines = capsys.readouterr().out.splitlines()
+    ns = {line.split(" (")[0]: [float(c) for c in line.split()[-2:]] for line in lines[2:4]}
+    assert lines[4].startswith("share of one core's rate (zmm FMAs ")
+    shares = {line.split()[0]: [float(c.rstrip("%")) / 100 for c in line.split()[1:]]
+              for line in lines[6:8]}
+    fma, dot = (float(lines[4].split()[7].split("/")[0]),
+                float(lines[4].split()[9].split("/")[0]))
+    for name, per_instruction, rate in (("int8", 32, dot), ("bf16", 16, fma)):
+        for rows, ns_per_weight, share in zip((2, 16), ns[name], shares[name]):
+            # multiply-adds a ns over the instruction's, to the printed whole percent
+            assert share == pytest.approx(rows / ns_per_weight / (rate * per_instruction),
+                                          abs=0.01)
+            assert 0 < share
+
+
 @pytest.mark.skipif(not cpu_kernels.available(), reason="native CPU kernels unavailable")
 def test_quantize_speed_prints_each_step(capsys):
     from benchmarks import quantize_speed
