@@ -10,8 +10,8 @@ Matrices: one (out, in) product (default 5632 x 2048, M's w1), cycling over 8 di
 candidate so no weight sits in the L3, candidates interleaved call by call; the median ms of a
 product, and GB/s of the weight's own bytes. Candidates (x float32 unless named bf16):
   f32 ours         llama.layers.linear.linear on a float32 weight (torch's routes)
-  f32 kernel       our float32 kernel (cpu_kernels.float_mm), up to 16 rows
-  bf16 kernel      our bfloat16-weight kernel (cpu_kernels.bf16_mm), up to 16 rows
+  f32 kernel       our float32 kernel (cpu_kernels.float_mm), up to 64 rows
+  bf16 kernel      our bfloat16-weight kernel (cpu_kernels.bf16_mm), up to 64 rows
   bf16 lib         llama.layers.linear.linear on a bfloat16 weight (the kernel where it is
   vectorised)
   bf16 widen/N     blocks of N weight rows widened for the float32 GEMM (the route without
@@ -56,9 +56,9 @@ def matrix_times(out_f, in_f, rows_list, repeats, blocks):
         xb = x.to(torch.bfloat16)
         candidates = {
             "f32 ours": (lambda w, i: linear(x, f32[i]), 4),
-            "f32 kernel": (lambda w, i: cpu_kernels.float_mm(x, f32[i]), 4) if rows <= 16
+            "f32 kernel": (lambda w, i: cpu_kernels.float_mm(x, f32[i]), 4) if rows <= 64
             else None,
-            "bf16 kernel": (lambda w, i: cpu_kernels.bf16_mm(x, b16[i]), 2) if rows <= 16
+            "bf16 kernel": (lambda w, i: cpu_kernels.bf16_mm(x, b16[i]), 2) if rows <= 64
             else None,
             "bf16 lib": (lambda w, i: linear(x, b16[i]), 2),
             "F.linear bf16": (lambda w, i: F.linear(xb, b16[i]), 2),

@@ -105,12 +105,12 @@ def row_count(x: torch.Tensor) -> int:
 # Up to this many rows a product is "small" (a decode step, a short prefill): oneDNN, and
 # fused q/k/v and w1/w3 products. Above it MKL, and separate w1 and w3 products (FeedForward).
 FEW_ROWS = 256
-# Up to this many rows FloatKernel takes our float32 kernel (the crossover with oneDNN's:
-# docs/PERFORMANCE.md, benchmarks/quant_kernels.py "native f32").
-NATIVE_FLOAT_ROWS = 16
-# Up to this many rows Bf16Kernel takes our kernel (about the crossover with oneDNN's bfloat16
-# GEMM: docs/MEMORY_AND_BF16.md).
-NATIVE_BF16_ROWS = 8
+# Up to this many rows FloatKernel takes our float32 kernel, and Bf16Kernel our bfloat16 one:
+# about their crossovers with oneDNN's float32 and bfloat16 GEMMs since the kernels hold
+# their activation vectors in registers (docs/PERFORMANCE.md, "Loads folded into the
+# products"; benchmarks/bf16_products.py).
+NATIVE_FLOAT_ROWS = 24
+NATIVE_BF16_ROWS = 12
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
