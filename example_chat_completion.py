@@ -27,6 +27,7 @@ def main(
     verify: bool = False,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    kv_cache_dtype: Optional[str] = None,
 ):
     """Answer four dialogs: prints every message as `Role: content`, then `> Assistant: ...`.
 
@@ -46,13 +47,16 @@ def main(
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
         group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
+        kv_cache_dtype: bfloat16 keeps the KV cache in bfloat16: half its memory, and
+            long conversations decode faster on the CPU (default: the activations' dtype)
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, verify=verify, quantize=quantize,
-                            group_size=group_size)
+                            group_size=group_size,
+                            kv_cache_dtype=kv_cache_dtype)
 
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "what is the recipe of mayonnaise?"}],

@@ -81,6 +81,7 @@ def main(
     show_speed: bool = False,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    kv_cache_dtype: Optional[str] = None,
     json: bool = False,
     schema: Optional[str] = None,
 ):
@@ -108,6 +109,8 @@ def main(
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
         group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
+        kv_cache_dtype: bfloat16 keeps the KV cache in bfloat16: half its memory, and
+            long conversations decode faster on the CPU (default: the activations' dtype)
         json: every answer is a JSON object (constrained decoding; say in the system prompt
             what it should hold)
         schema: a JSON schema file every answer must match (constrained decoding)
@@ -127,7 +130,8 @@ def main(
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
                             max_seq_len=max_seq_len, max_batch_size=1, device=device,
                             dtype=dtype, seed=seed, quantize=quantize,
-                            group_size=group_size)
+                            group_size=group_size,
+                            kv_cache_dtype=kv_cache_dtype)
     response_format = {"type": "json_object"} if json else None
     if schema:
         with open(schema) as file:

@@ -48,6 +48,7 @@ from llama.engine.validation import (
     ArgumentTypeError,
     check_dialog,
     check_generation_arguments,
+    check_kv_cache_dtype,
     check_text,
 )
 from llama.model import KVCache, Transformer
@@ -93,6 +94,7 @@ class Llama:
         quantize: Optional[str] = None,
         group_size: Optional[int] = None,
         reserve_memory: int = 0,
+        kv_cache_dtype=None,
     ) -> "Llama":
         """Load a checkpoint directory (params.json + consolidated.NN.pth, or Hugging Face's
         config.json + *.safetensors) and a tokenizer (by default the directory's
@@ -119,11 +121,18 @@ class Llama:
         many bits per weight, quantized tensor by tensor while loading: less memory, faster
         decoding where reading weights is the cost, outputs close to but not equal to the
         float model's (README, "Quantized weights").
+
+        `kv_cache_dtype="bfloat16"` keeps the KV cache's keys and values in bfloat16 under a
+        CPU model's float32 activations: half the cache's memory, and decode steps that read
+        half the bytes, at the cost of rounding each key and value once as it is written
+        (every query attends to the rounded values, in float32). None (the default) keeps
+        them in the activations' dtype, as the reference does (docs/MEMORY_AND_BF16.md).
         """
         tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
                                                max_batch_size, model_parallel_size, seed,
                                                device, dtype, verify, verbose)
         check_quantize_arguments(quantize, group_size)
+        kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         try:
             tokenizer = load_tokenizer(tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it
@@ -131,7 +140,8 @@ class Llama:
             raise type(error)("tokenizer_path", message) from None
         model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
                            LoadOptions(model_parallel_size, seed, device, dtype, verify,
-                                       verbose, quantize, group_size, reserve_memory))
+                                       verbose, quantize, group_size, reserve_memory,
+                                       kv_cache_dtype))
         if quiet_other_ranks and not is_main_process():
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)

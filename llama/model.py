@@ -91,6 +91,8 @@ class Attention(nn.Module):
         self._wo = Projection("wo", reduce=sum_over_ranks)  # RowParallelLinear's sum
         # The reference's cache, for forward(tokens, start_pos): allocated on first use.
         self.own_cache = OwnCache(args.max_batch_size, args.max_seq_len)
+        # the dtype keys and values are kept in (None: the activations'): set_kv_cache_dtype
+        self.cache_dtype: Optional[torch.dtype] = None
 
     @property
     def wqkv(self) -> torch.Tensor:
@@ -120,9 +122,9 @@ class Attention(nn.Module):
         weight = self.wqkv  # a tensor, or a quantized weight (its device, activations' dtype)
         if dtype is None:  # cache_k / cache_v: as the last forward left it, else as it will
             own = self.own_cache.tensors  # (a CPU model's bfloat16 weights: float32 activations)
-            dtype = (own[0].dtype if own is not None else torch.float32
-                     if weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-                     else weight.dtype)
+            dtype = (own[0].dtype if own is not None else self.cache_dtype or (
+                torch.float32 if weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                else weight.dtype))
         return self.own_cache.get(bsz, end_pos, self.n_local_kv_heads, self.head_dim,
                                   weight.device, dtype)
 
@@ -144,7 +146,7 @@ class Attention(nn.Module):
         xq, xk = xqk[:, :, :n_heads], xqk[:, :, n_heads:]  # (bsz, seqlen, heads, hd)
         xv = xqkv[..., (n_heads + n_kv) * hd:].view(bsz, seqlen, n_kv, hd)
         keys, values = (cache if cache is not None
-                        else self._own_cache(bsz, plan.end, x.dtype))
+                        else self._own_cache(bsz, plan.end, self.cache_dtype or x.dtype))
         out = plan.attend(xq, xk, xv, keys, values, 1.0 / math.sqrt(hd), n_rep)
         return self._wo(self, out)
 
@@ -285,7 +287,23 @@ class Transformer(nn.Module):
         attention = self.layers[0].attention
         weight = self.norm.weight  # the activations' dtype (matrices may be bfloat16: bf16.py)
         return KVCache(self.n_layers, bsz, attention.n_local_kv_heads, length,
-                       attention.head_dim, weight.device, weight.dtype)
+                       attention.head_dim, weight.device, self.kv_cache_dtype or weight.dtype)
+
+    @property
+    def kv_cache_dtype(self) -> Optional[torch.dtype]:
+        """The dtype keys and values are kept in; None: the activations' (see
+        set_kv_cache_dtype)."""
+        return self.layers[0].attention.cache_dtype
+
+    def set_kv_cache_dtype(self, dtype: Optional[torch.dtype]) -> None:
+        """Keep keys and values in `dtype` (None: the activations' dtype, as the reference
+        does): bfloat16 under a CPU model's float32 activations halves the cache, and the
+        decode steps that read it, at the cost of rounding each key and value once, as it is
+        written. Every query then attends to the rounded values, in float32, so a prefill and
+        decode steps, with or without a prefix cache, still agree. For caches made from now
+        on (new_cache, and the module's own at its next call)."""
+        for layer in self.layers:
+            layer.attention.cache_dtype = dtype
 
     def free_cache(self) -> None:
         """Release the cache forward(tokens, start_pos) keeps (allocated again when needed)."""

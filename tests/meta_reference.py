@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 class ReferenceModel:
     def __init__(self, state: Dict[str, torch.Tensor], params: dict, max_batch_size: int,
-                 max_seq_len: int):
+                 max_seq_len: int, cache_dtype: torch.dtype = torch.float32):
+        """`cache_dtype`: what the cache keeps keys and values in (Meta's GPU runs keep them
+        in the model's bfloat16); they are read back as float32."""
         self.w = {k: v.float() for k, v in state.items()}
         self.n_layers = params["n_layers"]
         self.n_heads = params["n_heads"]
@@ -32,8 +34,8 @@ class ReferenceModel:
         freqs = torch.outer(t, freqs).float()
         self.freqs_cis = torch.polar(torch.ones_like(freqs), freqs)
         shape = (max_batch_size, max_seq_len, self.n_kv_heads, self.head_dim)
-        self.cache_k = [torch.zeros(shape) for _ in range(self.n_layers)]
-        self.cache_v = [torch.zeros(shape) for _ in range(self.n_layers)]
+        self.cache_k = [torch.zeros(shape, dtype=cache_dtype) for _ in range(self.n_layers)]
+        self.cache_v = [torch.zeros(shape, dtype=cache_dtype) for _ in range(self.n_layers)]
 
     def _norm(self, x, weight):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * weight
@@ -52,8 +54,8 @@ class ReferenceModel:
         xq, xk = self._rotary(xq, freqs_cis), self._rotary(xk, freqs_cis)
         self.cache_k[i][:bsz, start_pos: start_pos + seqlen] = xk
         self.cache_v[i][:bsz, start_pos: start_pos + seqlen] = xv
-        keys = self.cache_k[i][:bsz, : start_pos + seqlen]
-        values = self.cache_v[i][:bsz, : start_pos + seqlen]
+        keys = self.cache_k[i][:bsz, : start_pos + seqlen].float()
+        values = self.cache_v[i][:bsz, : start_pos + seqlen].float()
         n_rep = self.n_heads // self.n_kv_heads
         keys = keys.repeat_interleave(n_rep, dim=2)
         values = values.repeat_interleave(n_rep, dim=2)

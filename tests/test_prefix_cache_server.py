@@ -29,6 +29,12 @@ def library():
     return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu", verbose=False)
 
 
+@pytest.fixture(scope="module")
+def library_bf16_cache():
+    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu", verbose=False,
+                       kv_cache_dtype="bfloat16")
+
+
 def _chat(url, questions, said):
     """One client's conversation, turn by turn, each request the whole dialog so far."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -41,11 +47,15 @@ def _chat(url, questions, said):
         dialog.append({"role": "assistant", "content": answer.choices[0].message.content})
 
 
-@pytest.mark.parametrize("budget, nproc", [pytest.param("4", None, id="4MiB"),
-                                           pytest.param("0.25", None, id="4-blocks"),
-                                           pytest.param("4", 2, id="4MiB-torchrun")])
-def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
-    with running_server("--max_batch_size", "2", "--prefix_cache", budget,
+@pytest.mark.parametrize("budget, nproc, kv", [
+    pytest.param("4", None, None, id="4MiB"), pytest.param("0.25", None, None, id="4-blocks"),
+    pytest.param("4", 2, None, id="4MiB-torchrun"),
+    pytest.param("4", None, "bfloat16", id="4MiB-bfloat16-kv-cache")])
+def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, kv, request):
+    """--kv_cache_dtype bfloat16: as the library with the same cache (half the bytes)."""
+    library = request.getfixturevalue("library_bf16_cache" if kv else "library")
+    flags = ("--kv_cache_dtype", kv) if kv else ()
+    with running_server("--max_batch_size", "2", "--prefix_cache", budget, *flags,
                         nproc=nproc) as url:
         said = []
         threads = [threading.Thread(target=_chat, args=(url, questions, said))
@@ -59,6 +69,9 @@ def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, library):
     for dialog, answer in said:
         want = library.chat_completion([dialog], temperature=0, max_gen_len=16)[0]
         assert answer == want["generation"]["content"], dialog
+    # the server's cache, --max_batch_size 2 x 512 tokens, per process (two split the heads)
+    cache = library.model.new_cache(2, 512)
+    assert health["kv_cache"] == {"dtype": kv or "float32", "bytes": cache.nbytes // (nproc or 1)}
     stats = health["prefix_cache"]
     assert stats["block_size"] == 16
     assert stats["hits"] + stats["misses"] == 9

@@ -21,19 +21,23 @@ def _turn_tokens(encode, content):
     return encode(f"[INST] {content} [/INST]", bos=True, eos=False)
 
 
-@pytest.mark.parametrize("kind,quantize", [
-    ("gqa", None), ("mha", None), ("gqa", "int8"),
-    pytest.param("gqa", "int4", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("kind,quantize,kv_cache_dtype", [
+    ("gqa", None, None), ("mha", None, None), ("gqa", "int8", None),
+    pytest.param("gqa", "int4", None, marks=pytest.mark.skipif(
         not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
-        "the dequantised bfloat16 product"))])
-def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind, quantize):
+        "the dequantised bfloat16 product")),
+    ("gqa", None, "bfloat16"), ("gqa", "int8", "bfloat16")])
+def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind, quantize,
+                                                                      kv_cache_dtype):
     """Default: the model's answers stay as generated. Each answer equals greedy generation
     over the whole conversation's tokens, prefilled at once in a fresh cache; each turn
     prefills only EOS and the new user turn (and the last answer token, never run). int8:
     its kernel's sums are exact, so a token prefilled (in a product of many rows) and the
     same token decoded (one row) give the same keys and values; int4: its group sums are, and
-    its float sum over the groups is the same sequence for any number of rows."""
-    generator = build(kind, max_seq_len=384, max_batch_size=2, quantize=quantize)
+    its float sum over the groups is the same sequence for any number of rows. A bfloat16
+    cache: the prefill attends to the rounded keys and values the decode steps read."""
+    generator = build(kind, max_seq_len=384, max_batch_size=2, quantize=quantize,
+                      kv_cache_dtype=kv_cache_dtype)
     session = generator.chat_session(system="Answer briefly.", reply_room=16)
     encode, eos = generator.tokenizer.encode, generator.tokenizer.eos_id
     conversation = []

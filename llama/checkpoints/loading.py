@@ -29,6 +29,7 @@ from llama.engine.validation import (
     check_ckpt_dir,
     check_group_size,
     check_int,
+    check_kv_cache_dtype,
     check_path,
     check_quantize,
     context_warning,
@@ -155,6 +156,7 @@ class LoadOptions:
     quantize: Optional[str] = None
     group_size: Optional[int] = None
     reserve_memory: int = 0
+    kv_cache_dtype: Optional[torch.dtype] = None  # None: the activations' dtype
 
 
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
@@ -163,13 +165,16 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     (config.json), for this process's model-parallel rank (see Llama.build, which adds the
     tokenizer). `vocab_size` is the tokenizer's. With `options.quantize` ("int8" or "int4",
     int4 in groups of `group_size` columns), the projections and the output matrix are
-    quantized tensor by tensor as they are read."""
+    quantized tensor by tensor as they are read. `options.kv_cache_dtype` is the dtype the
+    model's caches keep keys and values in (Transformer.set_kv_cache_dtype; None: the
+    activations'), counted in the memory check."""
     model_parallel_size, seed, verify = options.model_parallel_size, options.seed, options.verify
     device, dtype, verbose = options.device, options.dtype, options.verbose
     quantize, group_size = options.quantize, options.group_size
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
     check_int("reserve_memory", options.reserve_memory, 0)
+    kv_cache_dtype = check_kv_cache_dtype(options.kv_cache_dtype)
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
@@ -205,7 +210,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     memory_fit.check_fits(args, world_size, quantize, group_size,
                           torch.bfloat16 if keep_bf16 else dtype, dtype, device,
                           saved=saved is not None, bf16_checkpoint=stored == torch.bfloat16,
-                          reserved=options.reserve_memory)
+                          reserved=options.reserve_memory, cache_dtype=kv_cache_dtype)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)
@@ -225,7 +230,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
                                             dtype, device, convert, saved)
         del shards
     weight_bytes = sum(_nbytes(t) for t in state.values())
-    _report_memory(args, weight_bytes, device, dtype, world_size, say, quantize)
+    _report_memory(args, weight_bytes, device, kv_cache_dtype or dtype, world_size, say,
+                   quantize, dtype)
 
     def after_copy(tensor):
         # the original of a weight that fusing or packing copied: its file pages are not
@@ -236,12 +242,14 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
 
     model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state
+    model.set_kv_cache_dtype(kv_cache_dtype)
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
         f"{str(dtype).replace('torch.', '')}"
         f"{'' if quantize is None else ', ' + quantize + ' weights'}"
         f"{', bfloat16 ' + ('embedding' if quantize else 'weights') if keep_bf16 else ''}"
-        f"{'' if saved is None else ' as saved'})")
+        f"{'' if saved is None else ' as saved'}"
+        f"{'' if kv_cache_dtype is None else ', ' + _name(kv_cache_dtype) + ' KV cache'})")
     return model
 
 
@@ -288,6 +296,10 @@ def quantizer(mode: str, group_size: int, world_size: int, device, args):
     return convert
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _nbytes(weight) -> int:
     return (weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor)
             else weight.nbytes)
@@ -325,14 +337,15 @@ def _meta_rank_state(shards, n_shards: int, args, rank: int, world_size: int, dt
     return state, lambda tensor: tensor.untyped_storage().data_ptr() in mapped
 
 
-def _report_memory(args, weight_bytes: int, device: torch.device, dtype, world_size: int, say,
-                   quantize: Optional[str] = None):
-    cache_bytes = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
+def _report_memory(args, weight_bytes: int, device: torch.device, cache_dtype, world_size: int,
+                   say, quantize: Optional[str] = None, dtype=None):
+    cache_bytes = (KVCache.bytes_per_token(args, cache_dtype, world_size) * args.max_batch_size
                    * args.max_seq_len)
     gib = 1024 ** 3
     kinds = "" if quantize is None else (
         f" ({quantize} projections and output, {str(dtype).replace('torch.', '')} embedding "
         f"and norms)")
     say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB{kinds}; KV cache at most "
-        f"{cache_bytes / gib:.2f} GiB (max_batch_size {args.max_batch_size} x max_seq_len "
+        f"{cache_bytes / gib:.2f} GiB {str(cache_dtype).replace('torch.', '')} "
+        f"(max_batch_size {args.max_batch_size} x max_seq_len "
         f"{args.max_seq_len}), allocated per call for the tokens it needs")

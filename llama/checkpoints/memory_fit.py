@@ -46,6 +46,7 @@ class Need:
     cache: int
     working: int
     weight_kind: str  # e.g. "bfloat16", "int8 (bfloat16 embedding and norms)"
+    cache_kind: str = ""  # the cache's dtype, e.g. "float32"
 
     @property
     def total(self) -> int:
@@ -64,28 +65,34 @@ def parse_size(text: str) -> int:
 
 
 def estimate(args: ModelArgs, world_size: int, mode: Optional[str], group_size: Optional[int],
-             weight_dtype: torch.dtype, dtype: torch.dtype) -> Need:
+             weight_dtype: torch.dtype, dtype: torch.dtype,
+             cache_dtype: Optional[torch.dtype] = None) -> Need:
     """What one rank of `world_size` holds: the projections and output in `mode` ("int8",
     "int4" or None for `weight_dtype`), the embedding and norms in `weight_dtype`; the KV cache
-    in the activations' `dtype` at max_batch_size x max_seq_len; working memory for the
-    largest prefill (every row's tokens at once) and the base."""
+    in `cache_dtype` (None: the activations' `dtype`) at max_batch_size x max_seq_len; working
+    memory for the largest prefill (every row's tokens at once) and the base."""
     weights = memory.weight_bytes(args, mode, group_size or DEFAULT_GROUP_SIZE, world_size,
                                   weight_dtype)
-    cache = (KVCache.bytes_per_token(args, dtype, world_size) * args.max_batch_size
-             * args.max_seq_len)
+    cache = (KVCache.bytes_per_token(args, cache_dtype or dtype, world_size)
+             * args.max_batch_size * args.max_seq_len)
     name = str(weight_dtype).replace("torch.", "")
     kind = name if mode is None else f"{mode} ({name} embedding and norms)"
-    return Need(weights, cache, working_bytes(args, world_size, dtype), kind)
+    return Need(weights, cache, working_bytes(args, world_size, dtype, cache_dtype), kind,
+                str(cache_dtype or dtype).replace("torch.", ""))
 
 
-def working_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
+def working_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype,
+                  cache_dtype: Optional[torch.dtype] = None) -> int:
     """Activations of a prefill of max_batch_size x max_seq_len tokens: a few residual-width
     tensors, the fused q/k/v and w1/w3 outputs, and one vocabulary row of logits per batch row,
-    in `dtype`, plus BASE_WORKING."""
+    in `dtype`, plus BASE_WORKING; with a cache in another `cache_dtype`, a layer's keys and
+    values widened for torch's attention too."""
     hidden = ffn_hidden_dim(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
     kv_heads = args.n_kv_heads or args.n_heads
     per_token = (4 * args.dim + (args.n_heads + 2 * kv_heads) * args.head_dim // world_size
                  + 3 * hidden // world_size)
+    if cache_dtype is not None and cache_dtype != dtype:
+        per_token += 2 * kv_heads * args.head_dim // world_size
     element = torch.empty((), dtype=dtype).element_size()
     tokens = args.max_batch_size * args.max_seq_len
     logits = 2 * args.max_batch_size * args.vocab_size * 4
@@ -177,14 +184,16 @@ def _levels(root: Path, path: str, limit_file: str, usage_file: str, cache_key: 
 def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
                group_size: Optional[int], weight_dtype: torch.dtype, dtype: torch.dtype,
                device: torch.device, saved: bool = False,
-               bf16_checkpoint: bool = False, reserved: int = 0) -> Need:
+               bf16_checkpoint: bool = False, reserved: int = 0,
+               cache_dtype: Optional[torch.dtype] = None) -> Need:
     """The rank's Need, or NotEnoughMemoryError (one line) if it exceeds available(device):
     the need, what is available, and the settings that would fit with their sizes (int8 or
     int4 weights unless the checkpoint is `saved` quantized; bfloat16 weights when float32
-    was asked for a `bf16_checkpoint` on the CPU; a smaller max_seq_len or max_batch_size;
-    more GPUs). `reserved` bytes, which the caller will allocate beside the model (a server's
-    prefix cache), are taken from what is available."""
-    need = estimate(args, world_size, mode, group_size, weight_dtype, dtype)
+    was asked for a `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32
+    one; a smaller max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the
+    caller will allocate beside the model (a server's prefix cache), are taken from what is
+    available."""
+    need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype)
     free, source = available(device)
     if free < 0:  # not known: nothing to decide
         return need
@@ -204,7 +213,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     def fitting(label: str, **change) -> bool:
         other = estimate(**{**dict(args=args, world_size=world_size, mode=mode,
                                    group_size=group_size, weight_dtype=weight_dtype,
-                                   dtype=dtype), **change})
+                                   dtype=dtype, cache_dtype=cache_dtype), **change})
         if other.total <= free:
             options.append(f"{label}: {_gib(other.total)}")
         return other.total <= free
@@ -216,7 +225,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
                                              weight_dtype=embedding):
                 continue
             seq = _largest_fitting(args, "max_seq_len", free, world_size, other_mode,
-                                   group_size, embedding, dtype)
+                                   group_size, embedding, dtype, cache_dtype)
             if seq is not None:  # quantized and a shorter context
                 fitting(f"--quantize {other_mode} --max_seq_len {seq}", mode=other_mode,
                         weight_dtype=embedding, args=_replace(args, max_seq_len=seq))
@@ -224,24 +233,27 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
             and weight_dtype != torch.bfloat16 and mode is None):
         fitting("no --dtype (bfloat16 weights, float32 activations)",
                 weight_dtype=torch.bfloat16, dtype=torch.float32)
+    if (cache_dtype or dtype) == torch.float32:
+        fitting("--kv_cache_dtype bfloat16", cache_dtype=torch.bfloat16)
     for field in ("max_seq_len", "max_batch_size"):
         value = _largest_fitting(args, field, free, world_size, mode, group_size,
-                                 weight_dtype, dtype)
+                                 weight_dtype, dtype, cache_dtype)
         if value is not None:
             fitting(f"--{field} {value}", args=_replace(args, **{field: value}))
     if torch.device(device).type == "cuda":
         for world in (2, 4, 8):
             if world > world_size and args.n_heads % world == 0 and (
                     (args.n_kv_heads or args.n_heads) % world == 0):
-                per_gpu = estimate(args, world, mode, group_size, weight_dtype, dtype).total
+                per_gpu = estimate(args, world, mode, group_size, weight_dtype, dtype,
+                                   cache_dtype).total
                 if per_gpu <= free:
                     options.append(f"torchrun --nproc_per_node {world} (one GPU each): "
                                    f"{_gib(per_gpu)} per GPU")
                     break
     raise NotEnoughMemoryError(
         f"this model needs about {_gib(need.total)} on {_where(device, world_size)} (weights "
-        f"{_gib(need.weights)} {need.weight_kind}, KV cache {_gib(need.cache)} for "
-        f"max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}, working "
+        f"{_gib(need.weights)} {need.weight_kind}, KV cache {_gib(need.cache)} {need.cache_kind} "
+        f"for max_batch_size {args.max_batch_size} x max_seq_len {args.max_seq_len}, working "
         f"memory {_gib(need.working)}) but {_gib(free)} is available ({source}); "
         + ("settings that fit: " + "; ".join(options) if options else
            "no setting of this build fits: use a machine with more memory or a smaller model")

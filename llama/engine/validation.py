@@ -118,6 +118,27 @@ def check_dtype(value: Any) -> Optional[torch.dtype]:
                                       f"supported; use one of {', '.join(DTYPES)}")
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_kv_cache_dtype(value: Any) -> Optional[torch.dtype]:
+    """None (the activations' dtype), "bfloat16" or "float32", or those torch dtypes: what the
+    KV cache keeps keys and values in (Transformer.set_kv_cache_dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in KV_CACHE_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[value]
+    if not isinstance(value, (str, torch.dtype)):
+        raise ArgumentTypeError("kv_cache_dtype", f"kv_cache_dtype must be a str such as "
+                                                  f"'bfloat16', got {_got(value)}")
+    raise ArgumentValueError("kv_cache_dtype", f"kv_cache_dtype "
+                                               f"{str(value).replace('torch.', '')!r} is not "
+                                               f"supported; use bfloat16 or float32 (or leave "
+                                               f"it out: the activations' dtype)")
+
+
 def check_device(value: Any) -> Optional[torch.device]:
     """None (a GPU when there is one, else the CPU), or 'cpu', 'cuda', 'cuda:N'. Whether CUDA
     is available is for the caller to check (llama.engine.distributed.choose_device)."""
@@ -214,6 +235,7 @@ CHECKS: Dict[str, Callable[[Any], Any]] = {
     "seed": partial(check_int, "seed"),
     "device": check_device,
     "dtype": check_dtype,
+    "kv_cache_dtype": check_kv_cache_dtype,
     "stop": check_stop,
     "quantize": check_quantize,
     "group_size": check_group_size,

@@ -4,8 +4,10 @@
 //   decode_attention(q, k, v, starts, ends, scale) -> out
 //
 // q: (B, G, R, D) float32, contiguous: R query heads share each of the G key/value heads
-// (grouped-query attention; R = 1 without). k, v: (B, G, L, D) float32 views of the cache, the
-// last dimension contiguous. starts, ends: (B,) int64; row b attends keys starts[b] .. ends[b]
+// (grouped-query attention; R = 1 without). k, v: (B, G, L, D) float32 or bfloat16 (both the
+// same) views of the cache, the last dimension contiguous; bfloat16 keys and values are
+// widened to float32 as they are read (exactly), so the result is the float32 kernel's on the
+// widened cache, bit for bit, from half the bytes (a cache kept in bfloat16, kv_cache_dtype). starts, ends: (B,) int64; row b attends keys starts[b] .. ends[b]
 // - 1, which must lie in 0 .. L - 1 with starts[b] < ends[b]. out: (B, G, R, D) =
 // softmax(scale * q k^T) v over those keys.
 //
@@ -22,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -50,17 +53,34 @@ static inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
-static inline float dot(const float* a, const float* b, int64_t d) {
+// A cached key's or value's element as float32: bfloat16 is float32's high half (exact).
+static inline float widen(float x) { return x; }
+static inline float widen(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#if defined(LA_AVX512)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename T>
+static inline float dot(const float* a, const T* b, int64_t d) {
 #if defined(LA_AVX512)
   if (d % 16 == 0) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
     return _mm512_reduce_add_ps(acc);
   }
 #endif
   float sum = 0.f;
-  for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
+  for (int64_t i = 0; i < d; ++i) sum += a[i] * widen(b[i]);
   return sum;
 }
 
@@ -96,49 +116,34 @@ static float softmax_numerators(float* scores, int64_t n) {
 }
 
 // out[0..d) += p * v[0..d)
-static inline void axpy(float* out, float p, const float* v, int64_t d) {
+template <typename T>
+static inline void axpy(float* out, float p, const T* v, int64_t d) {
   int64_t i = 0;
 #if defined(LA_AVX512)
   const __m512 vp = _mm512_set1_ps(p);
   for (; i + 16 <= d; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vp, _mm512_loadu_ps(v + i),
-                                              _mm512_loadu_ps(out + i)));
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vp, load16(v + i), _mm512_loadu_ps(out + i)));
 #endif
-  for (; i < d; ++i) out[i] += p * v[i];
+  for (; i < d; ++i) out[i] += p * widen(v[i]);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& starts, const at::Tensor& ends, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
-              "decode_attention: q must be a contiguous (B, G, R, D) float32 tensor");
-  const int64_t B = q.size(0), G = q.size(1), R = q.size(2), D = q.size(3);
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B &&
-              k.size(1) == G && k.size(3) == D && k.scalar_type() == at::kFloat &&
-              v.scalar_type() == at::kFloat && k.stride(3) == 1 && v.stride(3) == 1,
-              "decode_attention: k and v must be (B, G, L, D) float32 with contiguous rows");
-  TORCH_CHECK(starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong &&
-              starts.numel() == B && ends.numel() == B && starts.is_contiguous() &&
-              ends.is_contiguous(), "decode_attention: starts and ends must be (B,) int64");
-  const int64_t L = k.size(2);
-  const int64_t* sp = starts.data_ptr<int64_t>();
-  const int64_t* ep = ends.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(0 <= sp[b] && sp[b] < ep[b] && ep[b] <= L, "decode_attention: row ", b,
-                " attends keys ", sp[b], "..", ep[b], " of ", L);
-  at::Tensor out = at::empty_like(q);
+// Row b's attention over its keys for every kv head (see the top), K/V elements of type T.
+template <typename T>
+static void attend_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const int64_t* sp, const int64_t* ep, float s, at::Tensor& out) {
+  const int64_t G = q.size(1), R = q.size(2), D = q.size(3);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const T* kp = static_cast<const T*>(k.data_ptr());
+  const T* vp = static_cast<const T*>(v.data_ptr());
   float* op = out.data_ptr<float>();
   const int64_t kb = k.stride(0), kg = k.stride(1), kl = k.stride(2);
   const int64_t vb = v.stride(0), vg = v.stride(1), vl = v.stride(2);
-  const float s = static_cast<float>(scale);
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q.size(0) * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, inv(R);  // one thread's buffers, reused item after item
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / G, g = item % G, first = sp[b], n = ep[b] - sp[b];
-      const float* keys = kp + b * kb + g * kg + first * kl;
-      const float* values = vp + b * vb + g * vg + first * vl;
+      const T* keys = kp + b * kb + g * kg + first * kl;
+      const T* values = vp + b * vb + g * vg + first * vl;
       const float* queries = qp + item * R * D;
       float* outs = op + item * R * D;
       scores.resize(R * n);
@@ -153,6 +158,34 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         for (int64_t i = 0; i < D; ++i) outs[r * D + i] *= inv[r];
     }
   });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& starts, const at::Tensor& ends, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "decode_attention: q must be a contiguous (B, G, R, D) float32 tensor");
+  const int64_t B = q.size(0), G = q.size(1), D = q.size(3);
+  const bool bf16 = k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B &&
+              k.size(1) == G && k.size(3) == D && (bf16 || k.scalar_type() == at::kFloat) &&
+              v.scalar_type() == k.scalar_type() && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: k and v must be (B, G, L, D), both float32 or both bfloat16, "
+              "with contiguous rows");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && ends.scalar_type() == at::kLong &&
+              starts.numel() == B && ends.numel() == B && starts.is_contiguous() &&
+              ends.is_contiguous(), "decode_attention: starts and ends must be (B,) int64");
+  const int64_t L = k.size(2);
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* ep = ends.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= sp[b] && sp[b] < ep[b] && ep[b] <= L, "decode_attention: row ", b,
+                " attends keys ", sp[b], "..", ep[b], " of ", L);
+  at::Tensor out = at::empty_like(q);
+  const float s = static_cast<float>(scale);
+  if (bf16)
+    attend_rows<uint16_t>(q, k, v, sp, ep, s, out);
+  else
+    attend_rows<float>(q, k, v, sp, ep, s, out);
   return out;
 }
 

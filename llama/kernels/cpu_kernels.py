@@ -123,8 +123,9 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                      ends: torch.Tensor, scale: float) -> torch.Tensor:
     """A decode step's attention (llama/kernels/cpu_attention.cpp): q (B, G, R, D) float32, R query
-    heads per key/value head; k, v (B, G, L, D) float32 views of the cache; row b attends keys
-    starts[b] .. ends[b] - 1 (int64 (B,) tensors). Returns (B, G, R, D)."""
+    heads per key/value head; k, v (B, G, L, D) views of the cache, both float32 or both
+    bfloat16 (widened exactly as they are read); row b attends keys starts[b] .. ends[b] - 1
+    (int64 (B,) tensors). Returns (B, G, R, D) float32."""
     return _ops().decode_attention(q, k, v, starts, ends, scale)
 
 

@@ -6,6 +6,9 @@ these.
 
 Shapes: xq (bsz, seqlen, n_heads, hd); keys and values (bsz, n_kv, cache slots, hd). Query
 head h uses kv head h // n_rep, as the reference's repeat_kv does, without repeating keys.
+Keys and values are read as the cache holds them: a cache kept in bfloat16 under float32
+activations (kv_cache_dtype) is widened for torch's attention (exactly) and read as it is by
+our CPU kernel, so every route attends to the same values.
 """
 
 from typing import List, Optional
@@ -32,7 +35,8 @@ def masked(xq, keys, values, mask, scale: float, n_rep: int, last_only: bool = F
     xq = xq.reshape(bsz, n_kv, n_rep * q_len, hd)  # (bsz, n_kv, n_rep * q_len, hd)
     if mask is not None and n_rep > 1:
         mask = mask.repeat(1, 1, n_rep, 1)  # (bsz, 1, n_rep * q_len, keys)
-    out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(xq, _like(keys, xq), _like(values, xq), attn_mask=mask,
+                                         scale=scale)
     out = out.view(bsz, n_kv, n_rep, q_len, hd).permute(0, 3, 1, 2, 4)
     return out.reshape(bsz, q_len, n_heads * hd)
 
@@ -60,8 +64,9 @@ def causal_prefill(xq, keys, values, pads: Optional[List[int]], last_only: bool,
         q = xq[rows, -1:] if last_only else xq[rows, pad:]
         # is_causal sets the first query against the first key: right here, where the queries
         # sit in the keys' own slots. A lone last query sees every key.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[rows, :, pad:],
-                                             values[rows, :, pad:], is_causal=q.shape[1] > 1,
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), _like(keys[rows, :, pad:], q),
+                                             _like(values[rows, :, pad:], q),
+                                             is_causal=q.shape[1] > 1,
                                              enable_gqa=n_rep > 1, scale=scale)
         outs.append(out.transpose(1, 2).flatten(2))  # (rows, queries, heads * hd)
     if pads is None or last_only:
@@ -77,10 +82,10 @@ def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, ranges: Optional[RowRa
     and the chunks' after, then attends: the decode rows through our kernel (`ranges`) or
     under `mask`. Returns (tokens, n_heads * hd)."""
     rows, n_heads, hd = seg.rows, xq.shape[1], xq.shape[2]
-    if rows:
+    if rows:  # (indexed writes do not convert to the cache's dtype)
         at = torch.arange(rows, device=xq.device)
-        cache_k[at, :, seg.positions] = xk[:rows]
-        cache_v[at, :, seg.positions] = xv[:rows]
+        cache_k[at, :, seg.positions] = xk[:rows].to(cache_k.dtype)
+        cache_v[at, :, seg.positions] = xv[:rows].to(cache_v.dtype)
     for (row, start, count), offset in zip(seg.chunks, seg.offsets):
         cache_k[row, :, start: start + count] = xk[offset: offset + count].transpose(0, 1)
         cache_v[row, :, start: start + count] = xv[offset: offset + count].transpose(0, 1)
@@ -100,9 +105,16 @@ def segments(xq, xk, xv, cache_k, cache_v, seg: Segments, ranges: Optional[RowRa
         else:  # queries at slots start.. see every key up to their own
             mask = attention_mask(torch.arange(start, end, device=xq.device), end, None)
             causal = False
-        out = F.scaled_dot_product_attention(q, cache_k[row: row + 1, :, :end],
-                                             cache_v[row: row + 1, :, :end], attn_mask=mask,
+        out = F.scaled_dot_product_attention(q, _like(cache_k[row: row + 1, :, :end], q),
+                                             _like(cache_v[row: row + 1, :, :end], q),
+                                             attn_mask=mask,
                                              is_causal=causal, enable_gqa=n_rep > 1,
                                              scale=scale)
         outs.append(out[0].transpose(0, 1).reshape(count, n_heads * hd))
     return torch.cat(outs)
+
+
+def _like(cached: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Cached keys or values in the queries' dtype for torch's attention (a copy only when the
+    cache is kept in another dtype)."""
+    return cached if cached.dtype == xq.dtype else cached.to(xq.dtype)

@@ -14,7 +14,9 @@ types. The kinds:
 - Mixed: a server's decode rows and prompt chunks in one flat batch (cache.Segments).
 
 Shapes: x (bsz, seqlen, dim); xq (bsz, seqlen, n_heads, hd); xk, xv (bsz, seqlen, n_kv, hd);
-a layer's cache keys and values (rows, n_kv, slots, hd).
+a layer's cache keys and values (rows, n_kv, slots, hd), in the activations' dtype or the one
+the model keeps its cache in (Transformer.set_kv_cache_dtype): keys and values are rounded to
+it as they are written, and every query, prefilled or decoded, attends to what the cache holds.
 """
 
 from dataclasses import dataclass, replace
@@ -115,6 +117,8 @@ class Decode(StepPlan):
     def attend(self, xq, xk, xv, cache_k, cache_v, scale, n_rep):
         bsz = xq.shape[0]
         cache_k, cache_v = cache_k[:bsz], cache_v[:bsz]
+        # (indexed writes do not convert: a cache may be kept in another dtype, kv_cache_dtype)
+        xk, xv = xk.to(cache_k.dtype), xv.to(cache_v.dtype)
         if self.slots.numel() == 1:  # the same slot in every row: compiled as an in-place write
             cache_k[:, :, self.slots] = xk.transpose(1, 2)
             cache_v[:, :, self.slots] = xv.transpose(1, 2)

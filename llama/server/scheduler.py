@@ -170,10 +170,12 @@ class Scheduler:
 
     @property
     def load(self) -> Dict[str, int]:
-        prefixes = self.engine.prefix_cache
+        prefixes, cache = self.engine.prefix_cache, self.engine.cache
         with self.lock:
             return {"running": len(self.running), "waiting": len(self.waiting),
                     "slots": len(self.engine.slots), **self.counts,
+                    "kv_cache": {"dtype": str(cache.k[0].dtype).replace("torch.", ""),
+                                 "bytes": cache.nbytes},  # per process
                     "prefix_cache": prefixes.stats() if prefixes is not None else None}
 
     def start(self) -> None:
