@@ -221,3 +221,22 @@ def test_cpu_peak_prints_the_ceilings(capsys):
     assert lines[0].startswith("one core: ") and "float32 multiply-adds/s" in lines[0]
     assert float(lines[0].split()[2]) > 0  # zmm FMAs per ns
     assert lines[-1].startswith("7B prefill ceiling on 2 cores: float32 FMAs ")
+
+
+def test_kv_cache_decode_times_both_caches_for_every_cell(checkpoints, tokenizer_path, capsys):
+    """Every (batch, position) cell in both tables, bfloat16's bytes half float32's."""
+    from benchmarks import kv_cache_decode
+
+    kv_cache_decode.main(["--ckpt", checkpoints("gqa", 1), "--tokenizer", tokenizer_path,
+                          "--positions", "8", "40", "--batch", "1", "2", "--steps", "1",
+                          "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line.split() for line in lines[2:6]]
+    assert [(int(cells[0]), int(cells[1])) for cells in steps] == [(1, 8), (1, 40), (2, 8),
+                                                                    (2, 40)]
+    for cells in steps:
+        float32_mb, bfloat16_mb = float(cells[-5]), float(cells[-2])
+        assert bfloat16_mb == pytest.approx(float32_mb / 2, abs=0.001) and bfloat16_mb > 0.001
+        assert cells[-7].endswith("x") and float(cells[-7][:-1]) > 0
+    if cpu_kernels.fast_attention():
+        assert lines[6].startswith("decode attention alone") and len(lines) == 11
