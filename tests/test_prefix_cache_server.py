@@ -50,7 +50,7 @@ def _chat(url, questions, said):
 @pytest.mark.parametrize("budget, nproc, kv", [
     pytest.param("4", None, None, id="4MiB"), pytest.param("0.25", None, None, id="4-blocks"),
     pytest.param("4", 2, None, id="4MiB-torchrun"),
-    pytest.param("4", None, "bfloat16", id="4MiB-bfloat16-kv-cache")])
+    pytest.param("4", 2, "bfloat16", id="4MiB-torchrun-bfloat16-kv-cache")])
 def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, kv, request):
     """--kv_cache_dtype bfloat16: as the library with the same cache (half the bytes)."""
     library = request.getfixturevalue("library_bf16_cache" if kv else "library")
