@@ -124,6 +124,25 @@ def test_the_memory_check_counts_a_bfloat16_cache_and_offers_it(monkeypatch):
                bf16_checkpoint=True, cache_dtype=torch.bfloat16)
 
 
+def test_a_16_gib_laptop_is_offered_the_whole_context_quantized_with_a_bfloat16_cache(
+        monkeypatch):
+    """The server's defaults (4 x 2048) for 7B where 14 GiB is free: int8 or int4 weights with
+    a bfloat16 cache keep the whole context, offered before a shorter one."""
+    monkeypatch.setattr(memory_fit, "mem_available", lambda: 64 * GIB)
+    monkeypatch.setattr(memory_fit, "cgroup_available", lambda: None)
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", "14GiB")
+    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=2048, max_batch_size=4)
+    with pytest.raises(NotEnoughMemoryError) as caught:
+        check_fits(args, 1, None, None, torch.bfloat16, torch.float32, torch.device("cpu"),
+                   bf16_checkpoint=True)
+    message = str(caught.value)
+    int8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32, torch.bfloat16)
+    assert f"settings that fit: --quantize int8 --kv_cache_dtype bfloat16: " \
+           f"{int8.total / GIB:.1f} GiB; --quantize int4 --kv_cache_dtype bfloat16: " in message
+    assert "--quantize int8 --max_seq_len" not in message
+    assert estimate(args, 1, "int8", None, torch.bfloat16, torch.float32).total > 14 * GIB
+
+
 def test_bad_values_are_refused_before_loading(build):
     with pytest.raises(ArgumentValueError, match="kv_cache_dtype 'float16' is not supported; "
                                                  "use bfloat16 or float32"):

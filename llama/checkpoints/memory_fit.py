@@ -188,9 +188,10 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
                cache_dtype: Optional[torch.dtype] = None) -> Need:
     """The rank's Need, or NotEnoughMemoryError (one line) if it exceeds available(device):
     the need, what is available, and the settings that would fit with their sizes (int8 or
-    int4 weights unless the checkpoint is `saved` quantized; bfloat16 weights when float32
-    was asked for a `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32
-    one; a smaller max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the
+    int4 weights unless the checkpoint is `saved` quantized, with a bfloat16 KV cache or a
+    smaller max_seq_len if they need it; bfloat16 weights when float32 was asked for a
+    `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32 one; a smaller
+    max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the
     caller will allocate beside the model (a server's prefix cache), are taken from what is
     available."""
     need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype)
@@ -218,11 +219,16 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
             options.append(f"{label}: {_gib(other.total)}")
         return other.total <= free
 
+    float32_cache = (cache_dtype or dtype) == torch.float32
     if not saved:
         for other_mode in ("int8", "int4"):
             embedding = torch.bfloat16 if bf16_checkpoint else weight_dtype
             if other_mode == mode or fitting(f"--quantize {other_mode}", mode=other_mode,
                                              weight_dtype=embedding):
+                continue
+            if float32_cache and fitting(  # quantized, the whole context in half the cache
+                    f"--quantize {other_mode} --kv_cache_dtype bfloat16", mode=other_mode,
+                    weight_dtype=embedding, cache_dtype=torch.bfloat16):
                 continue
             seq = _largest_fitting(args, "max_seq_len", free, world_size, other_mode,
                                    group_size, embedding, dtype, cache_dtype)
@@ -233,7 +239,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
             and weight_dtype != torch.bfloat16 and mode is None):
         fitting("no --dtype (bfloat16 weights, float32 activations)",
                 weight_dtype=torch.bfloat16, dtype=torch.float32)
-    if (cache_dtype or dtype) == torch.float32:
+    if float32_cache:
         fitting("--kv_cache_dtype bfloat16", cache_dtype=torch.bfloat16)
     for field in ("max_seq_len", "max_batch_size"):
         value = _largest_fitting(args, field, free, world_size, mode, group_size,
