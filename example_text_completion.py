@@ -49,8 +49,8 @@ def main(
         quantize: int8 or int4: store the weights in 8 or 4 bits, quantized while loading
             (less memory, faster decoding); none keeps the checkpoint's precision
         group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
-        kv_cache_dtype: bfloat16 keeps the KV cache in bfloat16: half its memory, and
-            long conversations decode faster on the CPU (default: the activations' dtype)
+        kv_cache_dtype: bfloat16 halves the KV cache (default: the activations' dtype);
+            long conversations then decode faster on the CPU
     """
     quiet_other_ranks()
     ckpt_dir, tokenizer_path = resolve_model_paths(ckpt_dir, tokenizer_path)
