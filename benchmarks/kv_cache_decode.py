@@ -12,10 +12,17 @@ over the rounds) for each dtype, bfloat16's speed-up (the median of the rounds' 
 the bytes of keys and values a step reads. Then the decode-attention kernel alone at the
 model's layer shape (eight layers' caches in turn, so none is read from cache memory): ms a
 layer and GB/s of keys and values for each dtype (the best of the rounds).
+
+With `--gguf FILE --llama-cpp DIR` (llama.cpp built outside the repository, see
+benchmarks/vs_llamacpp.py), each round's one-row cells also run llama-bench at that depth
+(`-d POSITION -p 0 -n STEPS`: it prefills the depth untimed, then times the decode steps; its
+cache is float16, its default), in turn with ours.
 """
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -56,6 +63,15 @@ def attention_seconds(model, batch: int, position: int, dtype: torch.dtype, roun
     return min(times[1:])  # the first round untimed: it touched the caches' pages first
 
 
+def llama_cpp_tok_s(llama_cpp: Path, gguf: Path, position: int, steps: int, threads: int
+                    ) -> float:
+    """llama-bench's decode rate at one sequence, `steps` tokens after `position` of context."""
+    bench = subprocess.run([str(llama_cpp / "llama-bench"), "-m", str(gguf), "-t", str(threads),
+                            "-p", "0", "-n", str(steps), "-d", str(position), "-r", "1", "-o",
+                            "json"], capture_output=True, text=True, check=True)
+    return next(t["avg_ts"] for t in json.loads(bench.stdout) if t["n_gen"])
+
+
 def cache_bytes(model, batch: int, position: int, dtype: torch.dtype) -> int:
     """Keys and values one step reads: every layer's, for each row's position + 1 slots."""
     attention = model.layers[0].attention
@@ -74,7 +90,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gguf", type=Path, help="llama.cpp's file of the same checkpoint")
+    parser.add_argument("--llama-cpp", type=Path, help="the folder of llama-bench")
     args = parser.parse_args(argv)
+    if (args.gguf is None) != (args.llama_cpp is None):
+        parser.error("--gguf and --llama-cpp go together")
 
     from llama import Llama
 
@@ -86,15 +106,20 @@ def main(argv=None) -> int:
     print(f"{args.ckpt.name}, {args.quantize} weights, {torch.get_num_threads()} threads, "
           f"{args.steps} steps a sample, {args.rounds} rounds")
     print("batch  position  ms a step (tok/s): float32 cache | bfloat16 cache | bfloat16's "
-          "speed-up | cache read a step, float32 | bfloat16")
+          "speed-up | cache read a step, float32 | bfloat16"
+          + (f" | llama.cpp {args.gguf.name} tok/s (one row)" if args.gguf else ""))
     with torch.inference_mode():
         for batch in args.batch:
             for position in args.positions:
                 times = {name: [] for name in DTYPES}
+                theirs = []  # llama.cpp's tok/s, one row
                 for _ in range(args.rounds):
                     for name, dtype in DTYPES.items():
                         times[name].append(step_seconds(model, batch, position, args.steps,
                                                         dtype))
+                    if args.gguf and batch == 1:
+                        theirs.append(llama_cpp_tok_s(args.llama_cpp, args.gguf, position,
+                                                      args.steps, torch.get_num_threads()))
                 ratio = statistics.median(f / b for f, b in zip(times["float32"],
                                                                  times["bfloat16"]))
                 cells = []
@@ -103,8 +128,9 @@ def main(argv=None) -> int:
                     cells.append(f"{seconds * 1e3:8.1f} ({batch / seconds:6.2f})")
                 read = [cache_bytes(model, batch, position, dtype) / 1e6
                         for dtype in DTYPES.values()]
+                extra = (" | " + " / ".join(f"{t:.2f}" for t in theirs)) if theirs else ""
                 print(f"{batch:5d}  {position:8d}  {cells[0]} | {cells[1]} | {ratio:5.2f}x | "
-                      f"{read[0]:.3f} MB | {read[1]:.3f} MB", flush=True)
+                      f"{read[0]:.3f} MB | {read[1]:.3f} MB{extra}", flush=True)
     model.set_kv_cache_dtype(None)
     from llama.kernels import cpu_kernels
 
