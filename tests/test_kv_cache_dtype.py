@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from llama.checkpoints import memory_fit
 from llama.checkpoints.memory import LLAMA2
-from llama.checkpoints.memory_fit import GIB, NotEnoughMemoryError, check_fits, estimate
+from llama.checkpoints.memory_fit import GIB, check_fits, estimate
 from llama.engine.validation import ArgumentTypeError, ArgumentValueError
 from llama.kernels import cpu_kernels
 from tests.meta_reference import ReferenceModel, reference_generate
 from tests.test_generation import PROMPTS
+from tests.test_memory_fit import only_the_limit, refusal
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler here")
 
@@ -111,13 +111,8 @@ def test_the_memory_check_counts_a_bfloat16_cache_and_offers_it(monkeypatch):
     half = estimate(args, 1, "int4", 32, torch.bfloat16, torch.float32, torch.bfloat16)
     assert full.cache == 4 * 4096 * 32 * 2 * 4096 * 4 == 2 * half.cache
     assert half.weights == full.weights and half.working > full.working
-    monkeypatch.setattr(memory_fit, "mem_available", lambda: 64 * GIB)
-    monkeypatch.setattr(memory_fit, "cgroup_available", lambda: None)
-    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str((half.total + full.total) // 2))
-    with pytest.raises(NotEnoughMemoryError) as caught:
-        check_fits(args, 1, "int4", 32, torch.bfloat16, torch.float32, torch.device("cpu"),
-                   bf16_checkpoint=True)
-    message = str(caught.value)
+    only_the_limit(monkeypatch, str((half.total + full.total) // 2))
+    message = refusal(args, "int4", 32)
     assert f"KV cache {full.cache / GIB:.1f} GiB float32 for max_batch_size 4" in message
     assert f"--kv_cache_dtype bfloat16: {half.total / GIB:.1f} GiB" in message
     check_fits(args, 1, "int4", 32, torch.bfloat16, torch.float32, torch.device("cpu"),
@@ -128,14 +123,9 @@ def test_a_16_gib_laptop_is_offered_the_whole_context_quantized_with_a_bfloat16_
         monkeypatch):
     """The server's defaults (4 x 2048) for 7B where 14 GiB is free: int8 or int4 weights with
     a bfloat16 cache keep the whole context, offered before a shorter one."""
-    monkeypatch.setattr(memory_fit, "mem_available", lambda: 64 * GIB)
-    monkeypatch.setattr(memory_fit, "cgroup_available", lambda: None)
-    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", "14GiB")
+    only_the_limit(monkeypatch, "14GiB")
     args = dataclasses.replace(LLAMA2["7B"], max_seq_len=2048, max_batch_size=4)
-    with pytest.raises(NotEnoughMemoryError) as caught:
-        check_fits(args, 1, None, None, torch.bfloat16, torch.float32, torch.device("cpu"),
-                   bf16_checkpoint=True)
-    message = str(caught.value)
+    message = refusal(args)
     int8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32, torch.bfloat16)
     assert f"settings that fit: --quantize int8 --kv_cache_dtype bfloat16: " \
            f"{int8.total / GIB:.1f} GiB; --quantize int4 --kv_cache_dtype bfloat16: " in message

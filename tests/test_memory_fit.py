@@ -67,17 +67,26 @@ def test_cgroup_v2_and_v1_limits(tmp_path):
     assert memory_fit.cgroup_available(unlimited / "fs", unlimited / "proc") is None
 
 
-def test_the_7b_refusal_at_8_gib_names_quantization(monkeypatch):
-    # the limit decides, not what this shared machine has free at the moment (a 7B benchmark
-    # beside the suite once left less than the 20 GiB case below needs)
+def only_the_limit(monkeypatch, limit: str) -> None:
+    """LLAMA_MEMORY_LIMIT=`limit` decides, not what this shared machine has free at the moment
+    (a 7B benchmark beside the suite once left less than a 20 GiB case needs)."""
     monkeypatch.setattr(memory_fit, "mem_available", lambda: 64 * GIB)
     monkeypatch.setattr(memory_fit, "cgroup_available", lambda: None)
-    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", "8GiB")
-    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", limit)
+
+
+def refusal(args, mode=None, group_size=None, cache_dtype=None) -> str:
+    """check_fits's one line for a bfloat16 checkpoint on the CPU (float32 activations)."""
     with pytest.raises(NotEnoughMemoryError) as caught:
-        check_fits(args, 1, None, None, torch.bfloat16, torch.float32, torch.device("cpu"),
-                   bf16_checkpoint=True)
-    message = str(caught.value)
+        check_fits(args, 1, mode, group_size, torch.bfloat16, torch.float32,
+                   torch.device("cpu"), bf16_checkpoint=True, cache_dtype=cache_dtype)
+    return str(caught.value)
+
+
+def test_the_7b_refusal_at_8_gib_names_quantization(monkeypatch):
+    only_the_limit(monkeypatch, "8GiB")
+    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
+    message = refusal(args)
     assert "\n" not in message and "8.0 GiB is available (LLAMA_MEMORY_LIMIT)" in message
     assert "weights 12.6 GiB bfloat16" in message
     assert "--quantize int4: " in message and "--quantize int8 --max_seq_len 256: " in message

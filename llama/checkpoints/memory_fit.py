@@ -191,9 +191,8 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     int4 weights unless the checkpoint is `saved` quantized, with a bfloat16 KV cache or a
     smaller max_seq_len if they need it; bfloat16 weights when float32 was asked for a
     `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32 one; a smaller
-    max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the
-    caller will allocate beside the model (a server's prefix cache), are taken from what is
-    available."""
+    max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the caller will
+    allocate beside the model (a server's prefix cache), are taken from what is available."""
     need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype)
     free, source = available(device)
     if free < 0:  # not known: nothing to decide

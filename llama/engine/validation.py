@@ -105,17 +105,7 @@ def check_dtype(value: Any) -> Optional[torch.dtype]:
     """None (the device's default), a name in DTYPES, or one of those torch dtypes. float64
     is refused: it would double float32's memory and time, yet be no more exact, as norms,
     rotary embedding and logits are computed in float32 whatever the dtype (as Meta's are)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype) and value in DTYPES.values():
-        return value
-    if isinstance(value, str) and value in DTYPES:
-        return DTYPES[value]
-    if not isinstance(value, (str, torch.dtype)):
-        raise ArgumentTypeError("dtype", f"dtype must be a str such as 'bfloat16', got "
-                                         f"{_got(value)}")
-    raise ArgumentValueError("dtype", f"dtype {str(value).replace('torch.', '')!r} is not "
-                                      f"supported; use one of {', '.join(DTYPES)}")
+    return _named_dtype("dtype", value, DTYPES, f"use one of {', '.join(DTYPES)}")
 
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -124,19 +114,24 @@ KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def check_kv_cache_dtype(value: Any) -> Optional[torch.dtype]:
     """None (the activations' dtype), "bfloat16" or "float32", or those torch dtypes: what the
     KV cache keeps keys and values in (Transformer.set_kv_cache_dtype)."""
+    return _named_dtype("kv_cache_dtype", value, KV_CACHE_DTYPES,
+                        "use bfloat16 or float32 (or leave it out: the activations' dtype)")
+
+
+def _named_dtype(param: str, value: Any, names: Dict[str, torch.dtype], advice: str
+                 ) -> Optional[torch.dtype]:
+    """None, a name in `names` or one of its dtypes; else ArgumentError ending in `advice`."""
     if value is None:
         return None
-    if isinstance(value, torch.dtype) and value in KV_CACHE_DTYPES.values():
+    if isinstance(value, torch.dtype) and value in names.values():
         return value
-    if isinstance(value, str) and value in KV_CACHE_DTYPES:
-        return KV_CACHE_DTYPES[value]
+    if isinstance(value, str) and value in names:
+        return names[value]
     if not isinstance(value, (str, torch.dtype)):
-        raise ArgumentTypeError("kv_cache_dtype", f"kv_cache_dtype must be a str such as "
-                                                  f"'bfloat16', got {_got(value)}")
-    raise ArgumentValueError("kv_cache_dtype", f"kv_cache_dtype "
-                                               f"{str(value).replace('torch.', '')!r} is not "
-                                               f"supported; use bfloat16 or float32 (or leave "
-                                               f"it out: the activations' dtype)")
+        raise ArgumentTypeError(param, f"{param} must be a str such as 'bfloat16', got "
+                                       f"{_got(value)}")
+    raise ArgumentValueError(param, f"{param} {str(value).replace('torch.', '')!r} is not "
+                                    f"supported; {advice}")
 
 
 def check_device(value: Any) -> Optional[torch.device]:

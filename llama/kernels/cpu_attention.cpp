@@ -7,9 +7,10 @@
 // (grouped-query attention; R = 1 without). k, v: (B, G, L, D) float32 or bfloat16 (both the
 // same) views of the cache, the last dimension contiguous; bfloat16 keys and values are
 // widened to float32 as they are read (exactly), so the result is the float32 kernel's on the
-// widened cache, bit for bit, from half the bytes (a cache kept in bfloat16, kv_cache_dtype). starts, ends: (B,) int64; row b attends keys starts[b] .. ends[b]
-// - 1, which must lie in 0 .. L - 1 with starts[b] < ends[b]. out: (B, G, R, D) =
-// softmax(scale * q k^T) v over those keys.
+// widened cache, bit for bit, from half the bytes (a cache kept in bfloat16, kv_cache_dtype).
+// starts, ends: (B,) int64; row b attends keys starts[b] .. ends[b] - 1, which must lie in
+// 0 .. L - 1 with starts[b] < ends[b]. out: (B, G, R, D) = softmax(scale * q k^T) v over
+// those keys.
 //
 // Each (row, kv head) is one thread's: its keys are read once for all R queries (scores kept
 // in a buffer), the softmax is exact (max subtracted, float32 exp), then its values are read
