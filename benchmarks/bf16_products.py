@@ -18,7 +18,7 @@ product, and GB/s of the weight's own bytes. Candidates (x float32 unless named 
                    a vectorised kernel), from 17 rows
   F.linear bf16    torch with bfloat16 weights AND activations (oneDNN's bf16 GEMM: the
                    activations rounded to bfloat16, a different function)
-Model: a random checkpoint of the shape (benchmarks/bench.py's), loaded by default (bfloat16
+Model: a random checkpoint of the shape (benchmarks/shapes.py's), loaded by default (bfloat16
 weights) and with dtype=float32, one at a time (both at once would double the memory), taking
 turns run by run; prefill tok/s, and decode tok/s from the median one-token step, at each batch
 size, with the GB/s of weights a step reads.
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import bench
+from benchmarks.shapes import SHAPES, VOCAB, prompts
 from llama.kernels import cpu_kernels
 from llama.layers import bf16
 from llama.layers.linear import linear
@@ -102,14 +103,14 @@ def model_runs(shape, batches, prompt_len, steps, runs, root):
     step_bytes = {}
     for run in range(runs):
         for kind, dtype in kinds.items():
-            model = load_model(str(ckpt), bench.VOCAB, prompt_len + steps + 1, max(batches),
+            model = load_model(str(ckpt), VOCAB, prompt_len + steps + 1, max(batches),
                                LoadOptions(device="cpu", dtype=dtype, verbose=False))
             weights = [model.output.weight] + [w for layer in model.layers for w in (
                 layer.attention.wqkv, layer.attention.wo.weight, layer.feed_forward.w13,
                 layer.feed_forward.w2.weight)]
             step_bytes[kind] = sum(w.numel() * w.element_size() for w in weights)
             for bsz in batches:
-                tokens = torch.tensor(bench.prompts([prompt_len] * bsz, seed=run))
+                tokens = torch.tensor(prompts([prompt_len] * bsz, seed=run))
                 cache = model.new_cache(bsz, prompt_len + steps + 1)
                 start = time.perf_counter()
                 logits = model.forward(tokens, 0, cache, last_logits_only=True)
@@ -151,7 +152,7 @@ def main():
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 128])
     parser.add_argument("--blocks", type=int, nargs="*", default=[1024])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--shape", default="M", choices=sorted(bench.SHAPES))
+    parser.add_argument("--shape", default="M", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")

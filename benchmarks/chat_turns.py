@@ -4,7 +4,7 @@
     python -m benchmarks.chat_turns --shape M --turns 5 --turn-tokens 150 --no-server
 
 A 5-turn chat of ~150-token user turns and ~150-token answers on a random model of the shape
-(benchmarks/bench.py's shapes; a 32000-piece tokenizer), greedy. Each turn is timed twice,
+(benchmarks/shapes.py's shapes; a 32000-piece tokenizer), greedy. Each turn is timed twice,
 in alternation, so a slow spell of a shared machine hits both alike:
 
 - library: a chat session (Llama.chat_session: the conversation stays in its cache, only the

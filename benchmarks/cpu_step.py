@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from benchmarks.shapes import SHAPES, VOCAB, NoEosTokenizer
 from llama.checkpoints.fixtures import random_weights
 from llama.checkpoints.meta import IGNORED_KEYS
 from llama.engine.distributed import init_process_groups

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from benchmarks.shapes import SHAPES, VOCAB, NoEosTokenizer
 from llama.checkpoints.fixtures import random_weights
 from llama.checkpoints.meta import IGNORED_KEYS
 from llama.engine.distributed import choose_device, choose_dtype, init_process_groups

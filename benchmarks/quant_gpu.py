@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import SHAPES, VOCAB, NoEosTokenizer
+from benchmarks.shapes import SHAPES, VOCAB, NoEosTokenizer
 from llama.args import ModelArgs
 from llama.checkpoints.meta import full_shapes
 from llama.engine.distributed import init_process_groups

@@ -12,7 +12,7 @@ pieces). The weights are drawn in bfloat16 tensor by tensor (no float32 copy, th
 held once: 7B peaks near 13 GiB) and scaled as llama/checkpoints/fixtures.py's random_weights
 scales them
 (norms near 1, products by 1/sqrt(fan-in), the output layer so logits spread over several
-units), so activations stay within a trained model's range. Shapes: benchmarks/bench.py's
+units), so activations stay within a trained model's range. Shapes: benchmarks/shapes.py's
 (tiny, S, M, 7B, 13B, 70B) and 1B, Llama 3.2 1B's params.json (its output matrix apart from
 the embedding, as Meta's layout holds it; its 128256 pieces through a SentencePiece tokenizer,
 so Llama 2's chat format).
@@ -55,9 +55,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench import SHAPES as BENCH_SHAPES
 from benchmarks.bench import cpu_description
 from benchmarks.real_size_measure import chat_length, measure_format, peak_rss
+from benchmarks.shapes import SHAPES as BENCH_SHAPES
 from llama.args import ModelArgs, count_parameters
 from llama.checkpoints.fixtures import train_tokenizer
 from llama.checkpoints.memory import weight_bytes

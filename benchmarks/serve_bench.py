@@ -31,7 +31,6 @@ from typing import List, Tuple
 
 import torch
 
-from benchmarks.bench import SHAPES, VOCAB
 from benchmarks.serve_clients import (
     ANSWER_LENS,
     PROMPT_LENS,
@@ -47,6 +46,7 @@ from benchmarks.serve_clients import (
     start_run,
     stream_completion,
 )
+from benchmarks.shapes import SHAPES, VOCAB
 
 
 # ---------------------------------------------------------------------- the library alone

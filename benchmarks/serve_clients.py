@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks.bench import VOCAB, checkpoint_dir
+from benchmarks.bench import checkpoint_dir
+from benchmarks.shapes import VOCAB
 from llama.checkpoints.fixtures import python_docs_text, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from benchmarks import bench
+from benchmarks import bench, compared
 from llama.kernels import cpu_kernels
 from tests.conftest import REPO
 
@@ -122,7 +122,7 @@ def test_load_figures_for_both_layouts(tmp_path):
 
 def test_meta_path_without_model_file_is_explained(tmp_path):
     with pytest.raises(SystemExit, match="no llama/model.py there"):
-        bench.MetaOriginal(tmp_path, tmp_path, 16, 1)
+        compared.MetaOriginal(tmp_path, tmp_path, 16, 1)
 
 
 def test_agreement_names_the_first_difference():
