@@ -1,289 +1,30 @@
-"""Tests for download.sh and llama/checkpoints/checklist.py.
+"""download.sh against the fake Meta bucket of tests/download_fixtures.py: subsets, prompts,
+flags and environment, resuming, retries, corrupted and refused files, with curl and wget."""
 
-download.sh runs against a fake Meta bucket served from 127.0.0.1: a threaded
-HTTP server that checks the presigned query string (403 otherwise), honours
-Range requests (206/416) and can be told to cut a transfer off halfway, serve
-a corrupted file, serve a web page instead of a file, fail once with 503 or
-ignore Range headers. No torch is needed.
-"""
-
-import hashlib
-import importlib.util
 import os
-import random
-import shutil
 import socket
 import subprocess
-import sys
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DOWNLOAD_SH = ROOT / "download.sh"
-CHECKLIST_PY = ROOT / "llama" / "checkpoints" / "checklist.py"
-
-# Load llama/checkpoints/checklist.py by path so that these tests never import the llama
-# package (whose __init__ may need torch).
-_spec = importlib.util.spec_from_file_location("_checklist_under_test", CHECKLIST_PY)
-checklist = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(checklist)
-
-# ---------------------------------------------------------------- fake bucket
-
-POLICY = "eyJTdGF0ZW1lbnQiOlt7InVuaXF1ZV9oYXNoIjoiZmFrZSJ9XX0_"
-SIGNATURE = "Zm9v~YmFy-YmF6_cXV4"
-KEY_PAIR_ID = "K15QRJLYKIFSLZ"
-
-MODELS = {  # folder: number of shards
-    "llama-2-7b": 1,
-    "llama-2-7b-chat": 1,
-    "llama-2-13b": 2,
-    "llama-2-13b-chat": 2,
-    "llama-2-70b": 8,
-    "llama-2-70b-chat": 8,
-}
-SHARD_SIZE = 4096
-HTML_PAGE = (
-    b"<!DOCTYPE html>\n<html><head><title>Sign in to continue</title></head>"
-    b"<body><p>Please log in.</p></body></html>\n"
+from tests.download_fixtures import (  # noqa: F401 (fixtures)
+    DOWNLOAD_SH,
+    KEY_PAIR_ID,
+    MODELS,
+    POLICY,
+    SHARD_SIZE,
+    SIGNATURE,
+    assert_model,
+    assert_tokenizer,
+    bucket,
+    describe,
+    downloader,
+    md5_hex,
+    no_part_files,
+    presigned_url,
+    run_download,
+    server,
 )
-
-
-def _md5(data):
-    return hashlib.md5(data).hexdigest()
-
-
-def make_bucket_files():
-    rng = random.Random(1234)
-    files = {
-        "LICENSE": b"LLAMA 2 COMMUNITY LICENSE AGREEMENT (fake, for tests)\n",
-        "USE_POLICY.md": b"# Llama 2 Acceptable Use Policy (fake, for tests)\n",
-        "tokenizer.model": bytes(rng.getrandbits(8) for _ in range(3000)),
-    }
-    files["tokenizer_checklist.chk"] = (
-        "%s  tokenizer.model\n" % _md5(files["tokenizer.model"])
-    ).encode()
-    for folder, shards in MODELS.items():
-        lines = []
-        for i in range(shards):
-            name = "consolidated.%02d.pth" % i
-            data = bytes(rng.getrandbits(8) for _ in range(SHARD_SIZE + i))
-            files["%s/%s" % (folder, name)] = data
-            lines.append("%s  %s\n" % (_md5(data), name))
-        params = b'{"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1}'
-        files["%s/params.json" % folder] = params
-        lines.append("%s  params.json\n" % _md5(params))
-        files["%s/checklist.chk" % folder] = "".join(lines).encode()
-    return files
-
-
-class Bucket:
-    def __init__(self, files):
-        self.files = files
-        self.lock = threading.Lock()
-        self.reset()
-
-    def reset(self):
-        self.requests = []  # (file path, Range header or None)
-        self.expired = False
-        self.cut_once = set()  # paths whose next transfer stops halfway
-        self.corrupt = set()  # paths served with flipped bytes
-        self.html = {}  # path -> Content-Type of a web page served instead
-        self.fail_once = {}  # path -> status answered once (e.g. 503)
-        self.no_range = False  # ignore Range headers (always 200)
-
-    def ranges_for(self, path):
-        return [r for p, r in self.requests if p == path and r]
-
-    def paths(self):
-        return [p for p, _ in self.requests]
-
-
-class BucketHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _send(self, status, body, content_type, extra=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in extra:
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _xml_error(self, status, code):
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?><Error><Code>%s</Code>'
-            "<Message>%s</Message></Error>" % (code, code)
-        ).encode()
-        self._send(status, body, "text/xml")
-
-    def do_GET(self):
-        bucket = self.server.bucket
-        url = urllib.parse.urlsplit(self.path)
-        path = urllib.parse.unquote(url.path).lstrip("/")
-        query = urllib.parse.parse_qs(url.query)
-        range_header = self.headers.get("Range")
-        with bucket.lock:
-            bucket.requests.append((path, range_header))
-            signed = (
-                query.get("Policy") == [POLICY]
-                and query.get("Signature") == [SIGNATURE]
-                and query.get("Key-Pair-Id") == [KEY_PAIR_ID]
-            )
-            if bucket.expired or not signed:
-                return self._xml_error(403, "AccessDenied")
-            if path in bucket.fail_once:
-                status = bucket.fail_once.pop(path)
-                return self._xml_error(status, "ServiceUnavailable")
-            if path in bucket.html:
-                return self._send(200, HTML_PAGE, bucket.html[path])
-            if path not in bucket.files:
-                return self._xml_error(404, "NoSuchKey")
-            data = bucket.files[path]
-            if path in bucket.corrupt:
-                data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
-            cut = path in bucket.cut_once
-            bucket.cut_once.discard(path)
-
-        start, end, status, extra = 0, len(data) - 1, 200, []
-        if range_header and not bucket.no_range:
-            spec = range_header.split("=", 1)[1].split(",")[0].strip()
-            first, _, last = spec.partition("-")
-            start = int(first)
-            if last:
-                end = min(int(last), end)
-            if start >= len(data):
-                return self._send(
-                    416, b"", "text/xml", [("Content-Range", "bytes */%d" % len(data))]
-                )
-            status = 206
-            extra.append(("Content-Range", "bytes %d-%d/%d" % (start, end, len(data))))
-        body = data[start : end + 1]
-        content_type = "text/plain" if path.endswith(("LICENSE", ".md")) else "binary/octet-stream"
-        if not cut:
-            return self._send(status, body, content_type, extra)
-        # Promise the whole body, deliver half of it, hang up.
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in extra:
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2])
-        self.wfile.flush()
-        self.close_connection = True
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), BucketHandler)
-    httpd.daemon_threads = True
-    httpd.bucket = Bucket(make_bucket_files())
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
-
-
-@pytest.fixture
-def bucket(server):
-    server.bucket.reset()
-    return server.bucket
-
-
-def presigned_url(server, signature=SIGNATURE):
-    host, port = server.server_address[:2]
-    return "http://%s:%d/*?Policy=%s&Signature=%s&Key-Pair-Id=%s" % (
-        host,
-        port,
-        POLICY,
-        signature,
-        KEY_PAIR_ID,
-    )
-
-
-DOWNLOADERS = [
-    pytest.param(
-        name,
-        marks=pytest.mark.skipif(shutil.which(name) is None, reason="%s is not installed" % name),
-    )
-    for name in ("curl", "wget")
-]
-
-
-@pytest.fixture(params=DOWNLOADERS)
-def downloader(request):
-    return request.param
-
-
-def run_download(cwd, env=None, args=(), stdin_text=None, downloader=None, timeout=60):
-    full_env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER", "DOWNLOADER")
-        and not k.startswith("DOWNLOAD_")
-        and not k.lower().endswith("_proxy")
-    }
-    full_env.update(DOWNLOAD_RETRIES="1", DOWNLOAD_RETRY_DELAY="0", DOWNLOAD_TIMEOUT="10")
-    full_env["PYTHON"] = sys.executable  # skip wrappers such as pyenv shims: faster
-    if downloader:
-        full_env["DOWNLOADER"] = downloader
-    full_env.update(env or {})
-    return subprocess.run(
-        ["bash", str(DOWNLOAD_SH)] + list(args),
-        cwd=str(cwd),
-        env=full_env,
-        input=stdin_text,
-        stdin=subprocess.DEVNULL if stdin_text is None else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_model(target, bucket, folder):
-    for i in range(MODELS[folder]):
-        rel = "%s/consolidated.%02d.pth" % (folder, i)
-        assert (target / rel).read_bytes() == bucket.files[rel], rel
-    for name in ("params.json", "checklist.chk"):
-        rel = "%s/%s" % (folder, name)
-        assert (target / rel).read_bytes() == bucket.files[rel], rel
-    # Everything in the folder verifies with the checklist, and nothing is left over.
-    assert checklist.verify_checklist(target / folder / "checklist.chk")
-    assert sorted(p.name for p in (target / folder).iterdir()) == sorted(
-        ["checklist.chk", "params.json"]
-        + ["consolidated.%02d.pth" % i for i in range(MODELS[folder])]
-    )
-
-
-def assert_tokenizer(target, bucket):
-    for rel in ("LICENSE", "USE_POLICY.md", "tokenizer.model", "tokenizer_checklist.chk"):
-        assert (target / rel).read_bytes() == bucket.files[rel], rel
-
-
-def no_part_files(target):
-    return not list(Path(target).rglob("*.part"))
-
-
-def describe(result):
-    return "exit %s\n--- stdout\n%s\n--- stderr\n%s" % (
-        result.returncode,
-        result.stdout,
-        result.stderr,
-    )
-
-
-# ---------------------------------------------------------------- download.sh
 
 
 def test_help_and_bash32_hygiene():
@@ -294,7 +35,8 @@ def test_help_and_bash32_hygiene():
     code = "\n".join(
         line for line in DOWNLOAD_SH.read_text().splitlines() if not line.lstrip().startswith("#")
     )
-    for construct in ("declare -A", "local -A", ",,}", "^^}", "mapfile", "readarray", "seq -f", "md5sum"):
+    for construct in ("declare -A", "local -A", ",,}", "^^}", "mapfile", "readarray", "seq -f",
+                      "md5sum"):
         assert construct not in code, construct
 
 
@@ -473,7 +215,7 @@ def test_corrupted_file_detected(server, bucket, tmp_path, downloader):
     result = run_download(tmp_path, env, downloader=downloader)
     assert result.returncode == 5, describe(result)
     assert "checksum mismatch for %s" % shard in result.stderr
-    assert "expected md5 %s" % _md5(bucket.files[shard]) in result.stderr
+    assert "expected md5 %s" % md5_hex(bucket.files[shard]) in result.stderr
     assert not (tmp_path / shard).exists()
     assert not (tmp_path / (shard + ".part")).exists()
     # The other files were still fetched and verified.
@@ -571,7 +313,7 @@ def test_extra_files_in_checklist_are_fetched_too(server, bucket, tmp_path):
     saved = bucket.files[chk_path]
     extra = b"an extra file Meta might add one day"
     bucket.files["llama-2-7b/extra.bin"] = extra
-    bucket.files[chk_path] = saved + ("%s  extra.bin\n%s  ../escape.bin\n%s  two words.bin\n" % (_md5(extra), _md5(extra), _md5(extra))).encode()
+    bucket.files[chk_path] = saved + ("%s  extra.bin\n%s  ../escape.bin\n%s  two words.bin\n" % (md5_hex(extra), md5_hex(extra), md5_hex(extra))).encode()
     try:
         result = run_download(tmp_path, {"PRESIGNED_URL": presigned_url(server), "MODEL_SIZE": "7B"})
     finally:
@@ -592,149 +334,3 @@ def test_unknown_downloader_rejected(bucket, tmp_path, server):
     assert result.returncode == 2, describe(result)
     assert "DOWNLOADER must be 'curl' or 'wget'" in result.stderr
     assert bucket.requests == []
-
-
-# ---------------------------------------------------------------- llama/checkpoints/checklist.py
-
-
-def write(path, data):
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
-    return path
-
-
-@pytest.fixture
-def folder(tmp_path):
-    write(tmp_path / "a.bin", b"alpha")
-    write(tmp_path / "b.json", b"{}")
-    return tmp_path
-
-
-def test_md5_file_streams_in_chunks(tmp_path):
-    data = os.urandom(100_000)
-    path = write(tmp_path / "blob", data)
-    assert checklist.md5_file(path) == _md5(data)
-    assert checklist.md5_file(str(path), chunk_size=7) == _md5(data)
-
-
-def test_parse_crlf_binary_marker_blank_lines_and_bom(tmp_path):
-    md5_a, md5_b = _md5(b"alpha"), _md5(b"{}").upper()
-    path = write(
-        tmp_path / "c.chk",
-        "\ufeff%s  a.bin\r\n\r\n%s *b.json\r\n   \nMD5 (c d.txt) = %s\n" % (md5_a, md5_b, md5_a),
-    )
-    assert checklist.parse_checklist(path) == [
-        (md5_a, "a.bin"),
-        (md5_b.lower(), "b.json"),
-        (md5_a, "c d.txt"),
-    ]
-
-
-@pytest.mark.parametrize(
-    "text, line",
-    [
-        ("nonsense\n", 1),
-        ("%s  a.bin\n\n<html>\n" % ("0" * 32), 3),
-        ("%s\n" % ("0" * 32), 1),
-        ("%s  a.bin\n" % ("0" * 31), 1),
-    ],
-)
-def test_parse_malformed_line_names_line_number(tmp_path, text, line):
-    path = write(tmp_path / "bad.chk", text)
-    with pytest.raises(checklist.ChecklistError, match=r"line %d\b" % line):
-        checklist.parse_checklist(path)
-
-
-def test_parse_empty_or_missing_checklist(tmp_path):
-    with pytest.raises(checklist.ChecklistError, match="lists no files"):
-        checklist.parse_checklist(write(tmp_path / "empty.chk", "\r\n\n"))
-    with pytest.raises(checklist.ChecklistError, match="not found"):
-        checklist.parse_checklist(tmp_path / "nope.chk")
-
-
-def test_verify_ok_and_only(folder):
-    chk = write(folder / "checklist.chk", "%s  a.bin\n%s  b.json\n" % (_md5(b"alpha"), _md5(b"{}")))
-    assert checklist.verify_checklist(chk) == ["a.bin", "b.json"]
-    assert checklist.verify_checklist(str(chk), only={"b.json"}) == ["b.json"]
-    # Names resolve against `directory` when given.
-    other = folder / "elsewhere"
-    other.mkdir()
-    chk2 = write(other / "list.chk", "%s  a.bin\n" % _md5(b"alpha"))
-    assert checklist.verify_checklist(chk2, directory=folder) == ["a.bin"]
-    with pytest.raises(checklist.ChecklistError, match="a.bin: missing"):
-        checklist.verify_checklist(chk2)
-
-
-def test_verify_lists_all_problems_at_once(folder):
-    chk = write(
-        folder / "checklist.chk",
-        "%s  a.bin\n%s  b.json\n%s  consolidated.00.pth\n%s  consolidated.01.pth\n"
-        % (_md5(b"alpha"), "f" * 32, "0" * 32, "1" * 32),
-    )
-    with pytest.raises(checklist.ChecklistError) as info:
-        checklist.verify_checklist(chk)
-    err = info.value
-    message = str(err)
-    assert isinstance(err, ValueError)
-    assert "3 files failed verification" in message
-    assert "b.json: checksum mismatch (expected md5 %s, got %s)" % ("f" * 32, _md5(b"{}")) in message
-    assert "consolidated.00.pth: missing" in message
-    assert "consolidated.01.pth: missing" in message
-    assert "Re-download the file(s) named above" in message and "request a new link" in message
-    assert err.missing == ["consolidated.00.pth", "consolidated.01.pth"]
-    assert err.mismatched == ["b.json"]
-    assert err.verified == ["a.bin"]
-
-
-def test_verify_only_name_not_listed(folder):
-    chk = write(folder / "checklist.chk", "%s  a.bin\n" % _md5(b"alpha"))
-    with pytest.raises(checklist.ChecklistError, match="params.json: not listed"):
-        checklist.verify_checklist(chk, only=["params.json"])
-
-
-def test_verify_file_checks_a_part_download(folder):
-    chk = write(folder / "checklist.chk", "%s  a.bin\n" % _md5(b"alpha"))
-    part = write(folder / "a.bin.part", b"alpha")
-    assert checklist.verify_file(chk, "a.bin", part) == "a.bin"
-    write(part, b"alpha!")
-    with pytest.raises(checklist.ChecklistError, match="a.bin: checksum mismatch"):
-        checklist.verify_file(chk, "a.bin", part)
-
-
-def run_cli(*args):
-    command = [sys.executable, str(CHECKLIST_PY)]
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, cwd=str(ROOT))
-
-
-def test_cli(folder):
-    chk = write(folder / "checklist.chk", "%s  a.bin\r\n%s *b.json\r\n" % (_md5(b"alpha"), _md5(b"{}")))
-    result = run_cli(chk)
-    assert (result.returncode, result.stdout, result.stderr) == (0, "a.bin: OK\nb.json: OK\n", "")
-    result = run_cli(chk, "--only", "b.json")
-    assert (result.returncode, result.stdout) == (0, "b.json: OK\n")
-    assert run_cli(chk, "--list").stdout == "a.bin\nb.json\n"
-
-    write(folder / "b.json", b"[]")
-    (folder / "a.bin").rename(folder / "a.bin.old")
-    result = run_cli(chk, "--dir", folder)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert "a.bin: missing" in result.stderr and "b.json: checksum mismatch" in result.stderr
-
-    result = run_cli(chk, "--only", "a.bin", "--file", folder / "a.bin.old")
-    assert (result.returncode, result.stdout) == (0, "a.bin: OK\n")
-
-
-def test_cli_as_module(folder, tmp_path):
-    # `python -m llama.checklist` must work without importing anything else of
-    # the package: run it from a copy holding only llama/checkpoints/checklist.py.
-    package = tmp_path / "pkg" / "llama"
-    package.mkdir(parents=True)
-    shutil.copy(CHECKLIST_PY, package / "checklist.py")
-    chk = write(folder / "checklist.chk", "%s  a.bin\n" % _md5(b"alpha"))
-    result = subprocess.run(
-        [sys.executable, "-m", "llama.checklist", str(chk)],
-        capture_output=True,
-        text=True,
-        cwd=str(package.parent),
-    )
-    assert (result.returncode, result.stdout) == (0, "a.bin: OK\n")
