@@ -9,9 +9,11 @@ turns, `--rounds` times: a cache of that many slots per row (zeros: a step's tim
 depend on the values) and `--steps` one-token steps at that position, every row attending
 all the slots before it, timed after one untimed step. Per cell: ms a step and tok/s (median
 over the rounds) for each dtype, bfloat16's speed-up (the median of the rounds' ratios), and
-the bytes of keys and values a step reads. Then the decode-attention kernel alone at the
-model's layer shape (eight layers' caches in turn, so none is read from cache memory): ms a
-layer and GB/s of keys and values for each dtype (the best of the rounds).
+the bytes of keys and values a step reads. Then one layer's decode-step attention alone at the
+model's layer shape (eight layers' caches in turn, so none is read from cache memory), our
+kernel and torch's attention under a mask (what a plain C++ build's model takes, a bfloat16
+cache widened first), for each dtype: ms and GB/s of keys and values (the best of the rounds).
+`LLAMA_KERNEL_ARCH=x86-64-v3` times an AVX2-only build's kernel.
 
 With `--gguf FILE --llama-cpp DIR` (llama.cpp built outside the repository, see
 benchmarks/vs_llamacpp.py), each round's one-row cells also run llama-bench at that depth
@@ -43,22 +45,31 @@ def step_seconds(model, batch: int, position: int, steps: int, dtype: torch.dtyp
     return (time.perf_counter() - start) / steps
 
 
-def attention_seconds(model, batch: int, position: int, dtype: torch.dtype, rounds: int
-                      ) -> float:
-    """Seconds of our decode-attention kernel for one layer's step at `position`."""
+def attention_seconds(model, batch: int, position: int, dtype: torch.dtype, rounds: int,
+                      ours: bool) -> float:
+    """Seconds of one layer's decode-step attention at `position`: our kernel, or torch's
+    attention under a mask (what plain builds and compiled steps take, a bfloat16 cache
+    widened for it first)."""
     from llama.kernels import cpu_kernels
+    from llama.layers import attend
+    from llama.layers.cache import decode_mask
 
     attention = model.layers[0].attention
     n_kv, n_rep, hd = attention.n_local_kv_heads, attention.n_rep, attention.head_dim
     q = torch.randn(batch, n_kv, n_rep, hd)
+    xq = q.view(batch, 1, n_kv * n_rep, hd)  # the model's form for torch's route
     caches = [(torch.randn(batch, n_kv, position + 1, hd).to(dtype),
                torch.randn(batch, n_kv, position + 1, hd).to(dtype)) for _ in range(8)]
     starts, ends = torch.zeros(batch, dtype=torch.long), torch.full((batch,), position + 1)
+    mask = decode_mask(torch.tensor([position]), position + 1, None)
     times = []
     for _ in range(rounds + 1):
         start = time.perf_counter()
         for k, v in caches:
-            cpu_kernels.decode_attention(q, k, v, starts, ends, hd ** -0.5)
+            if ours:
+                cpu_kernels.decode_attention(q, k, v, starts, ends, hd ** -0.5)
+            else:
+                attend.masked(xq, k, v, mask, hd ** -0.5, n_rep)
         times.append((time.perf_counter() - start) / len(caches))
     return min(times[1:])  # the first round untimed: it touched the caches' pages first
 
@@ -134,20 +145,21 @@ def main(argv=None) -> int:
     model.set_kv_cache_dtype(None)
     from llama.kernels import cpu_kernels
 
-    if not cpu_kernels.fast_attention():
-        print("(no vectorised attention kernel here: the model widens the cache for torch's)")
-        return 0
-    print("decode attention alone, one layer: ms (GB/s of keys and values), float32 | "
-          "bfloat16 | bfloat16's speed-up")
+    print(f"decode attention alone, one layer ({cpu_kernels.isa() or 'no'} build): ms (GB/s of "
+          f"keys and values), float32 cache: ours | torch's; bfloat16 cache: ours | torch's; "
+          f"ours over torch's, float32 | bfloat16; ours, bfloat16's speed-up")
     for batch in args.batch:
         for position in args.positions:
             cells, seconds = [], []
             for dtype in DTYPES.values():
-                seconds.append(attention_seconds(model, batch, position, dtype, args.rounds))
                 read = cache_bytes(model, batch, position, dtype) / model.n_layers
-                cells.append(f"{seconds[-1] * 1e3:7.3f} ({read / seconds[-1] / 1e9:5.1f})")
-            print(f"{batch:5d}  {position:8d}  {cells[0]} | {cells[1]} | "
-                  f"{seconds[0] / seconds[1]:5.2f}x", flush=True)
+                for ours in (True, False):
+                    seconds.append(attention_seconds(model, batch, position, dtype,
+                                                     args.rounds, ours))
+                    cells.append(f"{seconds[-1] * 1e3:7.3f} ({read / seconds[-1] / 1e9:5.1f})")
+            print(f"{batch:5d}  {position:8d}  {cells[0]} | {cells[1]} ; {cells[2]} | "
+                  f"{cells[3]} ; {seconds[1] / seconds[0]:5.2f}x | "
+                  f"{seconds[3] / seconds[2]:5.2f}x ; {seconds[0] / seconds[2]:5.2f}x", flush=True)
     return 0
 
 

@@ -47,7 +47,7 @@ def _run(engine, arrivals):
 # it our float32 products (use_native_kernels), whose rows do not depend on each other
 KERNELS = [pytest.param("torch"),
            pytest.param("attention", marks=pytest.mark.skipif(
-               not cpu_kernels.fast_attention(), reason="no AVX-512")),
+               not cpu_kernels.fast_attention(), reason="no AVX-512 or AVX2")),
            pytest.param("all", marks=pytest.mark.skipif(
                not cpu_kernels.fast_float(), reason="no vectorised build"))]
 

@@ -73,6 +73,21 @@ def _largest_difference(got, want) -> float:
     return max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w))
 
 
+@needs_kernels
+def test_a_bfloat16_cache_takes_our_kernel_even_where_float32_keeps_torchs(build, monkeypatch):
+    """Where our kernel is not the faster for a float32 cache (a plain C++ build: faked here),
+    a bfloat16 one still takes it: torch's attention would need the cache widened each step."""
+    monkeypatch.setattr(cpu_kernels, "fast_attention", lambda: False)
+    for kv_cache_dtype, kernel in ((None, False), ("bfloat16", True)):
+        generator = build("gqa", kv_cache_dtype=kv_cache_dtype)
+        assert not generator.model.native_attention
+        prompt = [generator.tokenizer.encode("The meaning of life", bos=True, eos=False)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            generator.generate(prompt, 4, temperature=0)
+        ran = {event.key for event in prof.key_averages()}
+        assert ("llama_kernels::decode_attention" in ran) == kernel, kv_cache_dtype
+
+
 def test_the_cache_is_half_the_bytes_and_meta_calls_use_it(build):
     """new_cache (generation, sessions, the server) and the modules' own cache (Meta's
     forward(tokens, start_pos)) keep bfloat16; None keeps the activations' float32."""

@@ -317,6 +317,26 @@ BUILD_CHECK = textwrap.dedent('''
         yb = cpu_kernels.bf16_mm(x, wb)
         assert torch.equal(yb, cpu_kernels.float_mm(x, wb.float())), rows
         assert torch.equal(cpu_kernels.bf16_mm(x[-1:], wb), yb[-1:]), rows
+    # decode attention (vectorised on AVX2 too): softmax attention in float64 over each row's
+    # range; a bfloat16 cache gives the float32 result on the widened values, bit for bit
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(5)
+    for bsz, kv, rep, hd, length in ((2, 3, 4, 128, 77), (1, 2, 1, 24, 19), (3, 1, 8, 64, 9)):
+        k, v = (torch.randn(bsz, kv, length + 3, hd, generator=g)[:, :, :length] * 3
+                for _ in range(2))
+        q = torch.randn(bsz, kv, rep, hd, generator=g)
+        starts = torch.randint(0, length // 2, (bsz,), generator=g)
+        ends = torch.randint(length // 2 + 1, length + 1, (bsz,), generator=g)
+        out = cpu_kernels.decode_attention(q, k, v, starts, ends, hd ** -0.5)
+        keys = torch.arange(length)
+        attend = (keys >= starts[:, None]) & (keys < ends[:, None])
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                             attn_mask=attend[:, None, None], scale=hd ** -0.5)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        kb, vb = k.to(torch.bfloat16), v.to(torch.bfloat16)
+        assert torch.equal(cpu_kernels.decode_attention(q, kb, vb, starts, ends, hd ** -0.5),
+                           cpu_kernels.decode_attention(q, kb.float(), vb.float(), starts,
+                                                        ends, hd ** -0.5))
 ''')
 
 
@@ -325,8 +345,9 @@ BUILD_CHECK = textwrap.dedent('''
 def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     """What an AVX2-only CPU (x86-64-v3: AVX2, FMA) or any x86-64 compiles, run here: a build
     of their own (the flags are part of its name), with int8 products equal bit for bit to
-    torch's restatement and int4 products to this machine's build, in a cache where a build
-    was killed midway: it neither waits for that build's lock nor keeps its leftovers."""
+    torch's restatement and int4 products to this machine's build, decode attention against
+    float64, in a cache where a build was killed midway: it neither waits for that build's
+    lock nor keeps its leftovers."""
     if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")
     script = tmp_path / "check.py"
@@ -388,7 +409,7 @@ def _opt_in(model, kernels):
 
 KERNELS = [pytest.param("attention", marks=pytest.mark.skipif(
                not cpu_kernels.fast_attention(), reason="the attention kernel is vectorised for "
-               "AVX-512 only; elsewhere models keep torch's")),
+               "AVX-512 and AVX2 only; elsewhere models keep torch's")),
            pytest.param("all", marks=pytest.mark.skipif(
                not cpu_kernels.fast_float(), reason="no vectorised build here"))]
 

@@ -17,6 +17,9 @@
 // once. torch's scaled_dot_product_attention reads a decode step's cache at ~17 GB/s here;
 // this at the machine's bandwidth (docs/QUANTIZATION.md). Only rows' own ranges are read, so
 // rows of different lengths (a server's batch) cost their own lengths, not the longest's.
+// Vectorised for AVX-512 (16 lanes) and AVX2 with FMA (8 lanes: most laptops' CPUs); a plain
+// C++ build is slower than torch's attention, which the model then keeps
+// (cpu_kernels.fast_attention).
 
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
 #include <ATen/ops/empty_like.h>
@@ -52,6 +55,38 @@ static inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LA_AVX2 1
+
+// The AVX-512 exp_nonpositive's steps on 8 lanes; 2^n is made from its exponent bits (n is
+// -126..0 here, so 2^n is a normal float) and multiplied in, which is exact as scalef is.
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 tiny = _mm256_set1_ps(-87.3f);
+  const __m256 kept = _mm256_cmp_ps(x, tiny, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, tiny);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(kept, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+static inline float sum8(__m256 v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
 #endif
 
 // A cached key's or value's element as float32: bfloat16 is float32's high half (exact).
@@ -69,6 +104,13 @@ static inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 #endif
+#if defined(LA_AVX2)
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
 
 template <typename T>
 static inline float dot(const float* a, const T* b, int64_t d) {
@@ -78,6 +120,13 @@ static inline float dot(const float* a, const T* b, int64_t d) {
     for (int64_t i = 0; i < d; i += 16)
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
     return _mm512_reduce_add_ps(acc);
+  }
+#elif defined(LA_AVX2)
+  if (d % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
+    return sum8(acc);
   }
 #endif
   float sum = 0.f;
@@ -108,6 +157,15 @@ static float softmax_numerators(float* scores, int64_t n) {
     j = n;
   }
   sum = _mm512_reduce_add_ps(vsum);
+#elif defined(LA_AVX2)
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));
+    _mm256_storeu_ps(scores + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  sum = sum8(vsum);
 #endif
   for (; j < n; ++j) {
     scores[j] = std::exp(scores[j] - m);
@@ -124,6 +182,10 @@ static inline void axpy(float* out, float p, const T* v, int64_t d) {
   const __m512 vp = _mm512_set1_ps(p);
   for (; i + 16 <= d; i += 16)
     _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vp, load16(v + i), _mm512_loadu_ps(out + i)));
+#elif defined(LA_AVX2)
+  const __m256 vp = _mm256_set1_ps(p);
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, load8(v + i), _mm256_loadu_ps(out + i)));
 #endif
   for (; i < d; ++i) out[i] += p * widen(v[i]);
 }

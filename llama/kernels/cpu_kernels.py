@@ -130,9 +130,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
 
 
 def fast_attention() -> bool:
-    """Whether decode_attention runs vectorised here (AVX-512 builds; elsewhere it is plain
-    C++, slower than torch's attention, so the model keeps torch's)."""
-    return isa() == "avx512"
+    """Whether decode_attention runs vectorised here (AVX-512 and AVX2 builds; a plain C++
+    build's is slower than torch's attention, so there the model keeps torch's)."""
+    return isa() in ("avx512", "avx2")
 
 
 def int4_every_product() -> bool:
