@@ -31,61 +31,71 @@
 #include <cstring>
 #include <vector>
 
+// The vector operations the loops below are written in, for one instruction set: fvec holds
+// LANES float32 lanes; load() widens bfloat16 lanes as it loads them.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define LA_VECTOR 1
 #define LA_AVX512 1
-
-// exp(x) for x <= 0 to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to
-// r^7 (error < 2e-8), times 2^n. Below -87.3 the result is 0 (as float32's exp underflows).
-static inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 tiny = _mm512_set1_ps(-87.3f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, tiny, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, tiny);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);  // and the rest
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+using fvec = __m512;
+static constexpr int64_t LANES = 16;
+static inline fvec splat(float f) { return _mm512_set1_ps(f); }
+static inline fvec zero() { return _mm512_setzero_ps(); }
+static inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
+static inline fvec load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline void store(float* p, fvec v) { _mm512_storeu_ps(p, v); }
+static inline fvec add(fvec a, fvec b) { return _mm512_add_ps(a, b); }
+static inline fvec sub(fvec a, fvec b) { return _mm512_sub_ps(a, b); }
+static inline fvec mul(fvec a, fvec b) { return _mm512_mul_ps(a, b); }
+static inline fvec max(fvec a, fvec b) { return _mm512_max_ps(a, b); }
+static inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline fvec fnma(fvec a, fvec b, fvec c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline fvec nearest(fvec x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline float total(fvec v) { return _mm512_reduce_add_ps(v); }
+// p * 2^n (n an integer in -126..0), and 0 where x < least
+static inline fvec times_pow2_above(fvec p, fvec n, fvec x, fvec least) {
+  const __mmask16 below = _mm512_cmp_ps_mask(x, least, _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_scalef_ps(p, n));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define LA_AVX2 1
-
-// The AVX-512 exp_nonpositive's steps on 8 lanes; 2^n is made from its exponent bits (n is
-// -126..0 here, so 2^n is a normal float) and multiplied in, which is exact as scalef is.
-static inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 tiny = _mm256_set1_ps(-87.3f);
-  const __m256 kept = _mm256_cmp_ps(x, tiny, _CMP_GE_OQ);
-  x = _mm256_max_ps(x, tiny);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(kept, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+#define LA_VECTOR 1
+using fvec = __m256;
+static constexpr int64_t LANES = 8;
+static inline fvec splat(float f) { return _mm256_set1_ps(f); }
+static inline fvec zero() { return _mm256_setzero_ps(); }
+static inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
+static inline fvec load(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-
-static inline float sum8(__m256 v) {
+static inline void store(float* p, fvec v) { _mm256_storeu_ps(p, v); }
+static inline fvec add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
+static inline fvec sub(fvec a, fvec b) { return _mm256_sub_ps(a, b); }
+static inline fvec mul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
+static inline fvec max(fvec a, fvec b) { return _mm256_max_ps(a, b); }
+static inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline fvec fnma(fvec a, fvec b, fvec c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline fvec nearest(fvec x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline float total(fvec v) {
   const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
   return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+// p * 2^n (n an integer in -126..0), and 0 where x < least: 2^n from its exponent bits, a
+// normal float, so the product is exact as AVX-512's scalef is
+static inline fvec times_pow2_above(fvec p, fvec n, fvec x, fvec least) {
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const fvec kept = _mm256_cmp_ps(x, least, _CMP_NLT_UQ);
+  return _mm256_and_ps(kept, mul(p, _mm256_castsi256_ps(bits)));
 }
 #endif
 
@@ -97,36 +107,35 @@ static inline float widen(uint16_t h) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
-#if defined(LA_AVX512)
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
-#if defined(LA_AVX2)
-static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load8(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+
+#if defined(LA_VECTOR)
+// exp(x) for x <= 0 to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to
+// r^7 (error < 2e-8), times 2^n. Below -87.3 the result is 0 (as float32's exp underflows).
+static inline fvec exp_nonpositive(fvec x) {
+  const fvec least = splat(-87.3f);
+  const fvec clamped = max(x, least);
+  const fvec n = nearest(mul(clamped, splat(1.44269504088896341f)));
+  fvec r = fnma(n, splat(0.693145751953125f), clamped);  // ln2, high bits
+  r = fnma(n, splat(1.428606765330187045e-06f), r);      // and the rest
+  fvec p = splat(1.f / 5040);
+  p = fma(p, r, splat(1.f / 720));
+  p = fma(p, r, splat(1.f / 120));
+  p = fma(p, r, splat(1.f / 24));
+  p = fma(p, r, splat(1.f / 6));
+  p = fma(p, r, splat(0.5f));
+  p = fma(p, r, splat(1.f));
+  p = fma(p, r, splat(1.f));
+  return times_pow2_above(p, n, x, least);
 }
 #endif
 
 template <typename T>
 static inline float dot(const float* a, const T* b, int64_t d) {
-#if defined(LA_AVX512)
-  if (d % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-    return _mm512_reduce_add_ps(acc);
-  }
-#elif defined(LA_AVX2)
-  if (d % 8 == 0) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d; i += 8)
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-    return sum8(acc);
+#if defined(LA_VECTOR)
+  if (d % LANES == 0) {
+    fvec acc = zero();
+    for (int64_t i = 0; i < d; i += LANES) acc = fma(load(a + i), load(b + i), acc);
+    return total(acc);
   }
 #endif
   float sum = 0.f;
@@ -140,32 +149,25 @@ static float softmax_numerators(float* scores, int64_t n) {
   for (int64_t j = 0; j < n; ++j) m = std::max(m, scores[j]);
   float sum = 0.f;
   int64_t j = 0;
-#if defined(LA_AVX512)
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 vsum = _mm512_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vm));
-    _mm512_storeu_ps(scores + j, e);
-    vsum = _mm512_add_ps(vsum, e);
+#if defined(LA_VECTOR)
+  const fvec vm = splat(m);
+  fvec vsum = zero();
+  for (; j + LANES <= n; j += LANES) {
+    const fvec e = exp_nonpositive(sub(load(scores + j), vm));
+    store(scores + j, e);
+    vsum = add(vsum, e);
   }
-  if (j < n) {
+#if defined(LA_AVX512)
+  if (j < n) {  // the last few lanes masked (elsewhere: std::exp, below)
     const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(
-        mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + j), vm)));
+    const fvec e = _mm512_maskz_mov_ps(
+        mask, exp_nonpositive(sub(_mm512_maskz_loadu_ps(mask, scores + j), vm)));
     _mm512_mask_storeu_ps(scores + j, mask, e);
-    vsum = _mm512_add_ps(vsum, e);
+    vsum = add(vsum, e);
     j = n;
   }
-  sum = _mm512_reduce_add_ps(vsum);
-#elif defined(LA_AVX2)
-  const __m256 vm = _mm256_set1_ps(m);
-  __m256 vsum = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vm));
-    _mm256_storeu_ps(scores + j, e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  sum = sum8(vsum);
+#endif
+  sum = total(vsum);
 #endif
   for (; j < n; ++j) {
     scores[j] = std::exp(scores[j] - m);
@@ -178,14 +180,9 @@ static float softmax_numerators(float* scores, int64_t n) {
 template <typename T>
 static inline void axpy(float* out, float p, const T* v, int64_t d) {
   int64_t i = 0;
-#if defined(LA_AVX512)
-  const __m512 vp = _mm512_set1_ps(p);
-  for (; i + 16 <= d; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vp, load16(v + i), _mm512_loadu_ps(out + i)));
-#elif defined(LA_AVX2)
-  const __m256 vp = _mm256_set1_ps(p);
-  for (; i + 8 <= d; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, load8(v + i), _mm256_loadu_ps(out + i)));
+#if defined(LA_VECTOR)
+  const fvec vp = splat(p);
+  for (; i + LANES <= d; i += LANES) store(out + i, fma(vp, load(v + i), load(out + i)));
 #endif
   for (; i < d; ++i) out[i] += p * widen(v[i]);
 }
