@@ -106,14 +106,15 @@ class BucketHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
-    def _send(self, status, body, content_type, extra=()):
+    def _send(self, status, body, content_type, extra=(), delivered=None):
+        """Headers for `body`, then `delivered` bytes of it (all unless given)."""
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for key, value in extra:
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body if delivered is None else body[:delivered])
 
     def _xml_error(self, status, code):
         body = (
@@ -168,13 +169,7 @@ class BucketHandler(BaseHTTPRequestHandler):
         if not cut:
             return self._send(status, body, content_type, extra)
         # Promise the whole body, deliver half of it, hang up.
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in extra:
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2])
+        self._send(status, body, content_type, extra, delivered=len(body) // 2)
         self.wfile.flush()
         self.close_connection = True
 
