@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from llama.layers.cache import KVCache
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -84,11 +86,9 @@ def llama_cpp_tok_s(llama_cpp: Path, gguf: Path, position: int, steps: int, thre
 
 
 def cache_bytes(model, batch: int, position: int, dtype: torch.dtype) -> int:
-    """Keys and values one step reads: every layer's, for each row's position + 1 slots."""
-    attention = model.layers[0].attention
-    element = torch.empty((), dtype=dtype).element_size()
-    return (2 * model.n_layers * batch * (position + 1) * attention.n_local_kv_heads
-            * attention.head_dim * element)
+    """Keys and values one step reads: every layer's, for each row's position + 1 slots (one
+    process)."""
+    return KVCache.bytes_per_token(model.params, dtype) * batch * (position + 1)
 
 
 def main(argv=None) -> int:

@@ -245,7 +245,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     model.set_kv_cache_dtype(kv_cache_dtype)
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
-        f"{str(dtype).replace('torch.', '')}"
+        f"{_name(dtype)}"
         f"{'' if quantize is None else ', ' + quantize + ' weights'}"
         f"{', bfloat16 ' + ('embedding' if quantize else 'weights') if keep_bf16 else ''}"
         f"{'' if saved is None else ' as saved'}"
@@ -343,9 +343,9 @@ def _report_memory(args, weight_bytes: int, device: torch.device, cache_dtype, w
                    * args.max_seq_len)
     gib = 1024 ** 3
     kinds = "" if quantize is None else (
-        f" ({quantize} projections and output, {str(dtype).replace('torch.', '')} embedding "
+        f" ({quantize} projections and output, {_name(dtype)} embedding "
         f"and norms)")
     say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB{kinds}; KV cache at most "
-        f"{cache_bytes / gib:.2f} GiB {str(cache_dtype).replace('torch.', '')} "
+        f"{cache_bytes / gib:.2f} GiB {_name(cache_dtype)} "
         f"(max_batch_size {args.max_batch_size} x max_seq_len "
         f"{args.max_seq_len}), allocated per call for the tokens it needs")

@@ -73,12 +73,13 @@ def estimate(args: ModelArgs, world_size: int, mode: Optional[str], group_size: 
     memory for the largest prefill (every row's tokens at once) and the base."""
     weights = memory.weight_bytes(args, mode, group_size or DEFAULT_GROUP_SIZE, world_size,
                                   weight_dtype)
-    cache = (KVCache.bytes_per_token(args, cache_dtype or dtype, world_size)
+    cache_dtype = cache_dtype or dtype
+    cache = (KVCache.bytes_per_token(args, cache_dtype, world_size)
              * args.max_batch_size * args.max_seq_len)
     name = str(weight_dtype).replace("torch.", "")
     kind = name if mode is None else f"{mode} ({name} embedding and norms)"
     return Need(weights, cache, working_bytes(args, world_size, dtype, cache_dtype), kind,
-                str(cache_dtype or dtype).replace("torch.", ""))
+                str(cache_dtype).replace("torch.", ""))
 
 
 def working_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype,
@@ -91,7 +92,7 @@ def working_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype,
     kv_heads = args.n_kv_heads or args.n_heads
     per_token = (4 * args.dim + (args.n_heads + 2 * kv_heads) * args.head_dim // world_size
                  + 3 * hidden // world_size)
-    if cache_dtype is not None and cache_dtype != dtype:
+    if cache_dtype not in (None, dtype):
         per_token += 2 * kv_heads * args.head_dim // world_size
     element = torch.empty((), dtype=dtype).element_size()
     tokens = args.max_batch_size * args.max_seq_len
