@@ -337,6 +337,11 @@ BUILD_CHECK = textwrap.dedent('''
         assert torch.equal(cpu_kernels.decode_attention(q, kb, vb, starts, ends, hd ** -0.5),
                            cpu_kernels.decode_attention(q, kb.float(), vb.float(), starts,
                                                         ends, hd ** -0.5))
+    # int8 activations: exact block sums, then the same float operations in the same order
+    w8, scales8, xs8, ys8 = torch.load(sys.argv[3])
+    packed8 = cpu_kernels.w8a8_layout(w8)
+    for x, y in zip(xs8, ys8):
+        assert torch.equal(cpu_kernels.w8a8_mm(x, packed8, scales8), y), x.shape
 ''')
 
 
@@ -345,7 +350,8 @@ BUILD_CHECK = textwrap.dedent('''
 def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     """What an AVX2-only CPU (x86-64-v3: AVX2, FMA) or any x86-64 compiles, run here: a build
     of their own (the flags are part of its name), with int8 products equal bit for bit to
-    torch's restatement and int4 products to this machine's build, decode attention against
+    torch's restatement, int4 and int8-activation products to this machine's build (plain C++
+    loops there, vpdpbusd here), decode attention against
     float64, in a cache where a build was killed midway: it neither waits for that build's
     lock nor keeps its leftovers."""
     if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
@@ -359,7 +365,14 @@ def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     xs = [activations(rows, 192, seed=rows) for rows in (1, 3, 7, 20)]
     torch.save((w, xs, [cpu_kernels.int4_mm(x, *packed, 64, 67) for x in xs]),
                tmp_path / "int4.pt")
-    result = run_script([str(script), str(cache), str(tmp_path / "int4.pt")], timeout=600,
+    w8 = torch.randint(-127, 128, (37, 1100), dtype=torch.int8,
+                       generator=torch.Generator().manual_seed(4))
+    scales8 = torch.full((37,), 0.01, dtype=torch.bfloat16)
+    xs8 = [activations(rows, 1100, seed=rows) for rows in (1, 5, 9)]
+    torch.save((w8, scales8, xs8, [cpu_kernels.w8a8_mm(x, cpu_kernels.w8a8_layout(w8), scales8)
+                                   for x in xs8]), tmp_path / "w8a8.pt")
+    result = run_script([str(script), str(cache), str(tmp_path / "int4.pt"),
+                         str(tmp_path / "w8a8.pt")], timeout=600,
                         env={"LLAMA_KERNEL_ARCH": arch, "LLAMA_KERNEL_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [isa]

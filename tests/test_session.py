@@ -21,23 +21,30 @@ def _turn_tokens(encode, content):
     return encode(f"[INST] {content} [/INST]", bos=True, eos=False)
 
 
-@pytest.mark.parametrize("kind,quantize,kv_cache_dtype", [
-    ("gqa", None, None), ("mha", None, None), ("gqa", "int8", None),
-    pytest.param("gqa", "int4", None, marks=pytest.mark.skipif(
+NATIVE = pytest.mark.skipif(not cpu_kernels.available(), reason="int8 activations take the "
+                            "native kernels")
+
+
+@pytest.mark.parametrize("kind,quantize,kv_cache_dtype,activations", [
+    ("gqa", None, None, None), ("mha", None, None, None), ("gqa", "int8", None, None),
+    pytest.param("gqa", "int4", None, None, marks=pytest.mark.skipif(
         not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
         "the dequantised bfloat16 product")),
-    ("gqa", None, "bfloat16"), ("gqa", "int8", "bfloat16")])
+    ("gqa", None, "bfloat16", None), ("gqa", "int8", "bfloat16", None),
+    pytest.param("gqa", "int8", None, "int8", marks=NATIVE)])
 def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind, quantize,
-                                                                      kv_cache_dtype):
+                                                                      kv_cache_dtype,
+                                                                      activations):
     """Default: the model's answers stay as generated. Each answer equals greedy generation
     over the whole conversation's tokens, prefilled at once in a fresh cache; each turn
     prefills only EOS and the new user turn (and the last answer token, never run). int8:
     its kernel's sums are exact, so a token prefilled (in a product of many rows) and the
     same token decoded (one row) give the same keys and values; int4: its group sums are, and
-    its float sum over the groups is the same sequence for any number of rows. A bfloat16
-    cache: the prefill attends to the rounded keys and values the decode steps read."""
+    its float sum over the groups is the same sequence for any number of rows; int8
+    activations: each block's sum is exact and the float sum over blocks a fixed sequence. A
+    bfloat16 cache: the prefill attends to the rounded keys and values the decode steps read."""
     generator = build(kind, max_seq_len=384, max_batch_size=2, quantize=quantize,
-                      kv_cache_dtype=kv_cache_dtype)
+                      kv_cache_dtype=kv_cache_dtype, activations=activations)
     session = generator.chat_session(system="Answer briefly.", reply_room=16)
     encode, eos = generator.tokenizer.encode, generator.tokenizer.eos_id
     conversation = []
@@ -180,11 +187,11 @@ def test_session_rejects_bad_arguments(build):
     assert session.messages == []
 
 
-@pytest.mark.parametrize("quantize", [
-    None, "int8", pytest.param("int4", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("quantize,activations", [
+    (None, None), ("int8", None), pytest.param("int4", None, marks=pytest.mark.skipif(
         not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
-        "the dequantised bfloat16 product"))])
-def test_a_tokens_products_are_the_same_bits_prefilled_or_decoded(build, quantize):
+        "the dequantised bfloat16 product")), pytest.param("int8", "int8", marks=NATIVE)])
+def test_a_tokens_products_are_the_same_bits_prefilled_or_decoded(build, quantize, activations):
     """What chat sessions and the prefix cache rely on: a text prefilled at once, or its first
     half prefilled and the rest decoded a token at a time, gives the first layer the same
     bits of keys and values (its inputs are the same, so the products must be: each row's
@@ -192,7 +199,8 @@ def test_a_tokens_products_are_the_same_bits_prefilled_or_decoded(build, quantiz
     additions alone (a prefill's and a decode step's attention are different computations),
     and, with int8 or int4 weights, the int16 roundings those move: well below a bfloat16
     rounding of the activations."""
-    generator = build("gqa", max_seq_len=64, max_batch_size=1, quantize=quantize)
+    generator = build("gqa", max_seq_len=64, max_batch_size=1, quantize=quantize,
+                      activations=activations)
     model = generator.model
     tokens = torch.tensor([generator.tokenizer.encode(" ".join(USER_TURNS), bos=True,
                                                       eos=False)[:40]])

@@ -25,6 +25,7 @@ from llama.engine.validation import (
     ArgumentFileNotFoundError,
     ArgumentValueError,
     LlamaWarning,
+    check_activations,
     check_arguments,
     check_ckpt_dir,
     check_group_size,
@@ -36,6 +37,7 @@ from llama.engine.validation import (
 )
 from llama.hf import format as hf_format
 from llama.layers import bf16
+from llama.layers.w8a8 import check_activations_route
 from llama.model import KVCache, Transformer
 from llama.quantize.formats import DEFAULT_GROUP_SIZE
 
@@ -157,6 +159,7 @@ class LoadOptions:
     group_size: Optional[int] = None
     reserve_memory: int = 0
     kv_cache_dtype: Optional[torch.dtype] = None  # None: the activations' dtype
+    activations: Optional[str] = None  # "int8": int8 weights' products round them to int8
 
 
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
@@ -196,6 +199,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     if saved is not None:
         check_saved_quantization(saved, quantize, group_size, ckpt_dir)
         quantize, group_size = saved.mode, saved.group_size
+    if check_activations(options.activations) is not None:
+        check_activations_route(quantize, device)
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
     group_size = group_size or DEFAULT_GROUP_SIZE
@@ -243,10 +248,13 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     model = Transformer.from_state_dict(args, state, after_copy=after_copy)
     del state
     model.set_kv_cache_dtype(kv_cache_dtype)
+    if options.activations is not None:
+        model.use_int8_activations()
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
         f"{_name(dtype)}"
         f"{'' if quantize is None else ', ' + quantize + ' weights'}"
+        f"{'' if options.activations is None else ', int8 activations (blocks of 32)'}"
         f"{', bfloat16 ' + ('embedding' if quantize else 'weights') if keep_bf16 else ''}"
         f"{'' if saved is None else ' as saved'}"
         f"{'' if kv_cache_dtype is None else ', ' + _name(kv_cache_dtype) + ' KV cache'})")

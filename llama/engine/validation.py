@@ -208,6 +208,15 @@ def check_quantize(value: Any) -> Optional[str]:
     return value
 
 
+def check_activations(value: Any) -> Optional[str]:
+    """None (float activations; int8 and int4 kernels round them to int16 per row) or "int8":
+    int8 weights times activations rounded to int8 in blocks of 32 (llama/layers/w8a8.py)."""
+    if value is not None and value != "int8":
+        raise ArgumentValueError("activations", f"activations must be 'int8' (with "
+                                                f"quantize='int8') or None, got {_got(value)}")
+    return value
+
+
 def check_group_size(value: Any) -> Optional[int]:
     """None (the default, 32) or an int4 group size: 32, 64 or 128."""
     from llama.quantize.formats import GROUP_SIZES
@@ -234,6 +243,7 @@ CHECKS: Dict[str, Callable[[Any], Any]] = {
     "stop": check_stop,
     "quantize": check_quantize,
     "group_size": check_group_size,
+    "activations": check_activations,
     **{name: partial(check_bool, name)
        for name in ("verify", "verbose", "logprobs", "echo", "stream", "show_speed")},
 }

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp",
-                        "cpu_quantize.cpp")]
+                        "cpu_quantize.cpp", "cpu_w8a8.cpp")]
 # in the fingerprint, not compiled alone
 HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_tiles.h")]
 INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
+W8A8_GROUP = 512  # columns of w8a8_mm's groups (16 blocks of 32): its weights are padded to it
 
 _lock = threading.Lock()
 _state = {"tried": False, "ops": None, "isa": None, "error": None}
@@ -75,6 +76,46 @@ def int16_rows(x: torch.Tensor):
     q = (x * inv[:, None]).round().to(torch.int16)
     bad = ~torch.isfinite(x).all(1)
     return q.masked_fill_(bad[:, None], 0), scales.masked_fill_(bad, float("nan"))
+
+
+def w8a8_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(rows, N) float32 = x (rows, K) float32 @ (weight * scales (N,) bf16).T, with x's rows
+    rounded to int8 in blocks of 32 columns (one scale per block, max|x| / 127; int8_blocks
+    gives them) and each block's products summed in integers (llama/kernels/cpu_w8a8.cpp).
+    `packed`: w8a8_layout of the int8 weight."""
+    return _ops().w8a8_mm(x, packed, scales, x.shape[1])
+
+
+def w8a8_layout(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight (N, K) (zero columns past its inputs allowed) in w8a8_mm's layout:
+    (N, P) uint8, P = K rounded up to W8A8_GROUP with zeros, each value + 128, and per group
+    of 16 blocks of 32 columns, 8 steps of 64 bytes: byte 4j + t of step s is column
+    32j + 4s + t (so int32 lane j of the kernel's vectors sums block j)."""
+    n, k = weight.shape
+    w = F.pad(weight, (0, -k % W8A8_GROUP)).view(torch.uint8) ^ 128
+    # (N, group, block j, step s, byte t) -> (N, group, s, j, t)
+    return w.view(n, -1, 16, W8A8_GROUP // 64, 4).permute(0, 1, 3, 2, 4).contiguous().view(n, -1)
+
+
+def w8a8_values(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 weight (N, P) that w8a8_layout packed (columns past its own zero)."""
+    n = packed.shape[0]
+    w = packed.view(n, -1, W8A8_GROUP // 64, 16, 4).permute(0, 1, 3, 2, 4)
+    return (w.contiguous().view(n, -1) ^ 128).view(torch.int8)
+
+
+def int8_blocks(x: torch.Tensor):
+    """What w8a8_mm multiplies: x (rows, K) float32 as int8 values (rows, K) and one float32
+    scale per row and block of 32 columns (rows, K / 32 rounded up), max|x| / 127 (NaN for a
+    block with an inf or NaN). Computed in torch, the same operations as the kernel's."""
+    rows, k = x.shape
+    blocks = F.pad(x, (0, -k % 32)).view(rows, -1, 32)
+    amax = blocks.abs().amax(2)
+    bad = ~torch.isfinite(blocks).all(2)
+    inv = torch.where((amax > 0) & ~bad, torch.full_like(amax, 127.0) / amax,
+                      torch.zeros_like(amax))
+    q = (blocks.nan_to_num(0.0, 0.0, 0.0) * inv[..., None]).round().to(torch.int8)
+    return q.view(rows, -1)[:, :k], (amax / 127).masked_fill_(bad, float("nan"))
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
@@ -263,6 +304,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("llama_kernels::int8_mm")
     def _(x, weight, scales):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("llama_kernels::w8a8_mm")
+    def _(x, packed, scales, K):
+        return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("llama_kernels::int4_mm")
     def _(x, packed, sz, group_size, n_out):

@@ -182,6 +182,22 @@ def use_quantized(model: nn.Module, quantized: dict, like: torch.Tensor,
         raise QuantizationError(f"weights {sorted(quantized)[:4]} cannot be quantized")
 
 
+def repack(model: nn.Module, convert: Callable) -> int:
+    """Replace every packed quantized weight p of the model by convert(p) (None: keep p), in
+    its projection and, for a projection of one layer, in that layer. Returns how many were
+    replaced."""
+    replaced = 0
+    for _, owner, projection in projections(model):
+        new = None if projection.packed is None else convert(projection.packed)
+        if new is None:
+            continue
+        projection.set_packed(new)
+        if len(projection.names) == 1:
+            owner._modules[projection.names[0]].weight = new
+        replaced += 1
+    return replaced
+
+
 def projections(model: nn.Module) -> Iterator[Tuple[str, nn.Module, Projection]]:
     """Every Projection of the model: (its owner's name prefix, e.g. "layers.0.attention.",
     the owner, the projection)."""

@@ -1,0 +1,78 @@
+"""int8 weights times int8 activations (W8A8): the opt-in product route of
+`Llama.build(..., quantize="int8", activations="int8")` on the CPU.
+
+The default int8 route (linear.PackedInt8) rounds each activation row to int16, finer than
+bfloat16, and multiplies in integers 32 pairs an instruction. This one rounds activations to
+int8 in blocks of 32 columns, one float scale per block, as llama.cpp's q8_0 dot product does,
+and multiplies 64 pairs an instruction (vpdpbusd, AVX-512 VNNI): prefills run ~1.5x faster, at
+the cost of a coarser rounding of the activations (docs/QUANTIZATION.md, "int8 activations":
+both measured). Decode steps take the same route, so a token prefilled and the same token
+decoded still get the same keys and values (chat sessions, the prefix cache).
+
+The integer sums are exact and the float sums over blocks go in a fixed order: the same bits
+on every instruction set, thread count and batch (llama/kernels/cpu_w8a8.cpp). Builds without
+AVX-512 VNNI compute the same function with plain C++ loops, slower than the default route.
+"""
+
+from typing import Optional
+
+import torch
+
+from llama.engine.validation import ArgumentValueError
+from llama.kernels import cpu_kernels
+from llama.quantize.formats import QuantizationError
+
+ACTIVATIONS = ("int8",)
+
+
+def check_activations_route(quantize: Optional[str], device) -> None:
+    """ArgumentValueError unless int8 activations can be had here: int8 weights, on the CPU,
+    with the native kernels built."""
+    if quantize != "int8":
+        weights = "full precision" if quantize is None else quantize
+        raise ArgumentValueError("activations", f"activations='int8' multiplies int8 weights: "
+                                                f"pass quantize='int8' too (or load an int8 "
+                                                f"checkpoint); the weights here are {weights}")
+    if torch.device(device).type != "cpu":
+        raise ArgumentValueError("activations", f"activations='int8' is a CPU route (device "
+                                                f"{device}); on a GPU, leave it out")
+    if not cpu_kernels.available():
+        raise ArgumentValueError("activations", f"activations='int8' needs the native CPU "
+                                                f"kernels, which are unavailable here "
+                                                f"({cpu_kernels.unavailable_reason()})")
+
+
+class PackedW8A8:
+    """An int8 weight with one scale per output row, in w8a8_mm's layout (its columns grouped
+    so that one vector instruction sums 16 blocks of 32 at once, each value + 128). Made from
+    the default route's weight (linear.PackedInt8, CPU): the same int8 values and scales."""
+
+    def __init__(self, int8):
+        if int8.device.type != "cpu":
+            raise QuantizationError("PackedW8A8: int8 activations run on the CPU only")
+        self.device, self.dtype = int8.device, int8.dtype  # dtype: the activations'
+        self.shape = int8.shape
+        self.out_features, self.in_features = int8.out_features, int8.in_features
+        self.weight = cpu_kernels.w8a8_layout(int8.weight)  # (out, P) uint8
+        self.scales = int8.scales  # (out,) bfloat16
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.scales.numel() * self.scales.element_size()
+
+    def int8_values(self) -> torch.Tensor:
+        """The int8 values, (out, in), in their own order."""
+        return cpu_kernels.w8a8_values(self.weight)[:, : self.in_features]
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        q = self.int8_values().to(torch.float32)
+        return (q * self.scales.to(torch.float32)[:, None]).to(dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32, memory_format=torch.contiguous_format)
+        out = cpu_kernels.w8a8_mm(x2, self.weight, self.scales)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
