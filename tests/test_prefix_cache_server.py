@@ -26,13 +26,17 @@ CONVERSATIONS = [["What is a list?", "And a tuple?", "Which is faster?"],
 
 @pytest.fixture(scope="module")
 def library():
-    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu", verbose=False)
+    """The library built as a server with these options is (memoised per options)."""
+    built = {}
 
+    def build(**options):
+        key = tuple(sorted(options.items()))
+        if key not in built:
+            built[key] = Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu",
+                                     verbose=False, **options)
+        return built[key]
 
-@pytest.fixture(scope="module")
-def library_bf16_cache():
-    return Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, 512, 4, device="cpu", verbose=False,
-                       kv_cache_dtype="bfloat16")
+    return build
 
 
 def _chat(url, questions, said):
@@ -47,14 +51,18 @@ def _chat(url, questions, said):
         dialog.append({"role": "assistant", "content": answer.choices[0].message.content})
 
 
-@pytest.mark.parametrize("budget, nproc, kv", [
-    pytest.param("4", None, None, id="4MiB"), pytest.param("0.25", None, None, id="4-blocks"),
-    pytest.param("4", 2, None, id="4MiB-torchrun"),
-    pytest.param("4", 2, "bfloat16", id="4MiB-torchrun-bfloat16-kv-cache")])
-def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, kv, request):
-    """--kv_cache_dtype bfloat16: as the library with the same cache (half the bytes)."""
-    library = request.getfixturevalue("library_bf16_cache" if kv else "library")
-    flags = ("--kv_cache_dtype", kv) if kv else ()
+@pytest.mark.parametrize("budget, nproc, options", [
+    pytest.param("4", None, {}, id="4MiB"), pytest.param("0.25", None, {}, id="4-blocks"),
+    pytest.param("4", 2, {}, id="4MiB-torchrun"),
+    pytest.param("4", 2, {"kv_cache_dtype": "bfloat16"}, id="4MiB-torchrun-bfloat16-kv-cache"),
+    pytest.param("4", None, {"quantize": "int8", "activations": "int8"},
+                 id="4MiB-int8-activations")])
+def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, options, library):
+    """--kv_cache_dtype bfloat16: as the library with the same cache (half the bytes);
+    --quantize int8 --activations int8: as the library with that route (prefills and decode
+    steps round alike, so the blocks found give the answers computed without them)."""
+    library = library(**options)
+    flags = [f"--{name}={value}" for name, value in options.items()]
     with running_server("--max_batch_size", "2", "--prefix_cache", budget, *flags,
                         nproc=nproc) as url:
         said = []
@@ -71,7 +79,8 @@ def test_concurrent_chats_answer_as_without_a_cache(budget, nproc, kv, request):
         assert answer == want["generation"]["content"], dialog
     # the server's cache, --max_batch_size 2 x 512 tokens, per process (two split the heads)
     cache = library.model.new_cache(2, 512)
-    assert health["kv_cache"] == {"dtype": kv or "float32", "bytes": cache.nbytes // (nproc or 1)}
+    assert health["kv_cache"] == {"dtype": options.get("kv_cache_dtype", "float32"),
+                                  "bytes": cache.nbytes // (nproc or 1)}
     stats = health["prefix_cache"]
     assert stats["block_size"] == 16
     assert stats["hits"] + stats["misses"] == 9

@@ -6,6 +6,7 @@ fails here. Issue #14's targets: int8 perplexity within 0.5% of float32, int4 wi
 import pytest
 import torch
 
+from benchmarks import quant_outliers as qo
 from benchmarks import quant_quality as qq
 
 WINDOWS = 8  # the first 8 of the benchmark's 33 held-out windows (BOS + 256 tokens)
@@ -47,25 +48,25 @@ def test_weight_only_keeps_top1_where_a_per_tensor_activation_scale_loses_it():
     choices, and so does our int8 kernel with its int16 activations; int8 activations with
     one scale per tensor keep almost none (measured: 0.72 and 0.0; other seeds: 0.61-0.72 and
     0-0.008; without the outliers both keep 0.86-0.95), with one per 32 values (llama.cpp's
-    q8_0) fewer than float activations."""
+    q8_0, and our opt-in int8 activations, which round so) fewer than float activations."""
     torch.manual_seed(0)
-    qq.init_process_groups(torch.device("cpu"), 1, announce=False)
-    args = qq.ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=2048, max_seq_len=64,
+    qo.init_process_groups(torch.device("cpu"), 1, announce=False)
+    args = qo.ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=2048, max_seq_len=64,
                         max_batch_size=2)
-    base = {k: v.float() for k, v in qq.random_weights(args, seed=0).items()
+    base = {k: v.float() for k, v in qo.random_weights(args, seed=0).items()
             if k != "rope.freqs"}
     dims = torch.randperm(args.dim, generator=torch.Generator().manual_seed(1))[:4]
-    state = qq.plant_outliers(base, dims, torch.tensor(qq.OUTLIER_SCALES))
+    state = qo.plant_outliers(base, dims, torch.tensor(qo.OUTLIER_SCALES))
     tokens = torch.randint(3, args.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        ref = qq.s_logits(qq.s_model(args, state), tokens, 2)
-        assert torch.allclose(ref, qq.s_logits(qq.s_model(args, base), tokens, 2), rtol=0,
+        ref = qo.s_logits(qo.s_model(args, state), tokens, 2)
+        assert torch.allclose(ref, qo.s_logits(qo.s_model(args, base), tokens, 2), rtol=0,
                               atol=1e-3)  # planting kept the float function
-        int8 = qq.quantized_state(state, "int8", None)
-        top1 = {per: qq.distributions(ref, qq.s_logits(qq.s_model(args, int8, per), tokens,
+        int8 = qo.quantized_state(state, "int8", None)
+        top1 = {per: qq.distributions(ref, qo.s_logits(qo.s_model(args, int8, per), tokens,
                                                        2))["top1"]
                 for per in (None, "tensor", "float32", "block32")
-                + (("kernel",) if qq.cpu_kernels.available() else ())}
+                + (("kernel", "w8a8") if qo.cpu_kernels.available() else ())}
     print("top-1 agreement: " + ", ".join(f"{per}: {v:.3f}" for per, v in top1.items()))
     assert top1[None] > 0.5
     assert top1["tensor"] < 0.1
@@ -74,3 +75,6 @@ def test_weight_only_keeps_top1_where_a_per_tensor_activation_scale_loses_it():
         # (measured 0.719 and 0.711), where llama.cpp's int8 blocks of 32 lose (0.492)
         assert abs(top1["kernel"] - top1["float32"]) < 0.02
         assert top1["block32"] < top1["kernel"] - 0.05
+        # our int8 activations (activations="int8") round as the block32 foil does: they keep
+        # what it keeps
+        assert abs(top1["w8a8"] - top1["block32"]) < 0.02

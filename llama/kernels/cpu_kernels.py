@@ -92,9 +92,12 @@ def w8a8_layout(weight: torch.Tensor) -> torch.Tensor:
     of 16 blocks of 32 columns, 8 steps of 64 bytes: byte 4j + t of step s is column
     32j + 4s + t (so int32 lane j of the kernel's vectors sums block j)."""
     n, k = weight.shape
-    w = F.pad(weight, (0, -k % W8A8_GROUP)).view(torch.uint8) ^ 128
+    w = weight if k % W8A8_GROUP == 0 else F.pad(weight, (0, -k % W8A8_GROUP))
+    out = torch.empty(w.shape, dtype=torch.uint8)  # one copy, then + 128 in place
     # (N, group, block j, step s, byte t) -> (N, group, s, j, t)
-    return w.view(n, -1, 16, W8A8_GROUP // 64, 4).permute(0, 1, 3, 2, 4).contiguous().view(n, -1)
+    out.view(n, -1, W8A8_GROUP // 64, 16, 4).copy_(
+        w.view(torch.uint8).view(n, -1, 16, W8A8_GROUP // 64, 4).permute(0, 1, 3, 2, 4))
+    return out.bitwise_xor_(128)
 
 
 def w8a8_values(packed: torch.Tensor) -> torch.Tensor:
