@@ -33,8 +33,9 @@ def linear(x: torch.Tensor, weight: Union[torch.Tensor, FloatKernel, Bf16Kernel,
 
 
 # ----------------------------------------------------------------------- quantized weights
-# Activations are never rounded to int8 (Llama's activations have outlier channels; per-token
-# int8 activations multiplied the output error of int8 weights alone, docs/QUANTIZATION.md).
+# These routes never round activations to int8 (Llama's activations have outlier channels;
+# per-token int8 activations multiplied the output error of int8 weights alone,
+# docs/QUANTIZATION.md); llama/layers/w8a8.py's opt-in route rounds them in blocks of 32.
 #
 # CPU: our native kernels (llama/kernels/cpu_kernels.cpp), which take float32 activations and
 # return float32. The int8 one rounds each row to int16 (one scale per token: finer than
