@@ -131,7 +131,7 @@ class Llama:
         them in the activations' dtype, as the reference does (docs/MEMORY_AND_BF16.md).
 
         `activations="int8"` (CPU, with int8 weights) rounds every product's activations to
-        int8 in blocks of 32, as llama.cpp's q8_0 does: ~1.5x faster prefills on AVX-512 VNNI
+        int8 in blocks of 32, as llama.cpp's q8_0 does: 1.25-1.4x faster prefills on AVX-512 VNNI
         CPUs, a coarser rounding than the default's (docs/QUANTIZATION.md).
         """
         tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
