@@ -26,7 +26,7 @@ from llama.chat_formats import dialog_tokens, has_special_tags
 from llama.checkpoints.loading import (
     LoadOptions,
     check_build_arguments,
-    check_quantize_arguments,
+    check_options,
     load_model,
 )
 from llama.constrained.calling import library_answer, library_prompts, uses_tools
@@ -46,10 +46,8 @@ from llama.engine.text import TextTracker
 from llama.engine.validation import (
     ArgumentError,
     ArgumentTypeError,
-    check_activations,
     check_dialog,
     check_generation_arguments,
-    check_kv_cache_dtype,
     check_text,
 )
 from llama.model import KVCache, Transformer
@@ -130,25 +128,22 @@ class Llama:
         (every query attends to the rounded values, in float32). None (the default) keeps
         them in the activations' dtype, as the reference does (docs/MEMORY_AND_BF16.md).
 
-        `activations="int8"` (CPU, with int8 weights) rounds every product's activations to
-        int8 in blocks of 32, as llama.cpp's q8_0 does: 1.25-1.4x faster prefills on AVX-512 VNNI
-        CPUs, a coarser rounding than the default's (docs/QUANTIZATION.md).
+        `activations="int8"` (CPU, int8 weights) rounds the activations to int8 in blocks of
+        32, as llama.cpp's q8_0 does: 1.25-1.4x faster prefills on AVX-512 VNNI CPUs, a
+        coarser rounding than the default's (docs/QUANTIZATION.md).
         """
         tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
                                                max_batch_size, model_parallel_size, seed,
                                                device, dtype, verify, verbose)
-        check_quantize_arguments(quantize, group_size)
-        kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
-        check_activations(activations)
+        options = check_options(LoadOptions(model_parallel_size, seed, device, dtype, verify,
+                                            verbose, quantize, group_size, reserve_memory,
+                                            kv_cache_dtype, activations))
         try:
             tokenizer = load_tokenizer(tokenizer_path)
         except ArgumentError as error:  # named as this caller knows it
             message = "tokenizer_path" + str(error)[len(error.param):]
             raise type(error)("tokenizer_path", message) from None
-        model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size,
-                           LoadOptions(model_parallel_size, seed, device, dtype, verify,
-                                       verbose, quantize, group_size, reserve_memory,
-                                       kv_cache_dtype, activations))
+        model = load_model(ckpt_dir, tokenizer.n_words, max_seq_len, max_batch_size, options)
         if quiet_other_ranks and not is_main_process():
             sys.stdout = open(os.devnull, "w")
         return Llama(model, tokenizer)

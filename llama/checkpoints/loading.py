@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -162,6 +162,15 @@ class LoadOptions:
     activations: Optional[str] = None  # "int8": int8 weights' products round them to int8
 
 
+def check_options(options: LoadOptions) -> LoadOptions:
+    """`options` checked (ArgumentError for the first bad value), kv_cache_dtype as a torch
+    dtype: Llama.build checks them before it reads the tokenizer, load_model for its callers."""
+    check_quantize_arguments(options.quantize, options.group_size)
+    check_int("reserve_memory", options.reserve_memory, 0)
+    check_activations(options.activations)
+    return replace(options, kv_cache_dtype=check_kv_cache_dtype(options.kv_cache_dtype))
+
+
 def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size: int,
                options: LoadOptions = LoadOptions()) -> Transformer:
     """The Transformer of a checkpoint directory, in Meta's layout or Hugging Face's
@@ -171,13 +180,13 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     quantized tensor by tensor as they are read. `options.kv_cache_dtype` is the dtype the
     model's caches keep keys and values in (Transformer.set_kv_cache_dtype; None: the
     activations'), counted in the memory check."""
+    options = check_options(options)
     model_parallel_size, seed, verify = options.model_parallel_size, options.seed, options.verify
     device, dtype, verbose = options.device, options.dtype, options.verbose
     quantize, group_size = options.quantize, options.group_size
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch_size", max_batch_size, 1)
-    check_int("reserve_memory", options.reserve_memory, 0)
-    kv_cache_dtype = check_kv_cache_dtype(options.kv_cache_dtype)
+    kv_cache_dtype = options.kv_cache_dtype
     start_time = time.time()
     say = log if verbose else (lambda message: None)
     device = choose_device(device)
@@ -194,12 +203,11 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         shard_paths = checkpoint.find_shards(ckpt_dir)
         args = checkpoint.model_args(ckpt_dir, max_seq_len, max_batch_size, vocab_size)
         files = f"{len(shard_paths)} shard{'s' if len(shard_paths) > 1 else ''}"
-    check_quantize_arguments(quantize, group_size)
     saved = None if hub else checkpoint.read_quantization(ckpt_dir)
     if saved is not None:
         check_saved_quantization(saved, quantize, group_size, ckpt_dir)
         quantize, group_size = saved.mode, saved.group_size
-    if check_activations(options.activations) is not None:
+    if options.activations is not None:
         check_activations_route(quantize, device)
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
