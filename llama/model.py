@@ -27,7 +27,7 @@ from llama.layers import plan as plans
 from llama.layers.cache import KVCache, OwnCache, Segments, attention_mask
 from llama.layers.float_linear import FEW_ROWS, native_route, row_count
 from llama.layers.fused import Projection, hooked, pack_weights, projections, repack, use_quantized
-from llama.layers.linear import linear
+from llama.layers.linear import PackedInt4, PackedInt8, linear
 from llama.layers.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -41,6 +41,7 @@ from llama.layers.rotary import (  # noqa: F401  (Meta's names, importable from 
     precompute_freqs_cis,
     reshape_for_broadcast,
 )
+from llama.layers.w8a8 import PackedW8A8, check_activations_route
 
 
 class RMSNorm(nn.Module):
@@ -288,9 +289,6 @@ class Transformer(nn.Module):
         (llama/layers/w8a8.py: faster prefills on AVX-512 VNNI CPUs, a coarser rounding than
         the default's int16 rows). CPU models with int8 weights only (QuantizationError
         otherwise); every product from now on, prefills and decode steps alike."""
-        from llama.layers.linear import PackedInt4, PackedInt8
-        from llama.layers.w8a8 import PackedW8A8, check_activations_route
-
         kinds = {type(p.packed) for _, _, p in projections(self)}
         quantize = "int8" if PackedInt8 in kinds else "int4" if PackedInt4 in kinds else None
         check_activations_route(quantize, self.norm.weight.device)

@@ -107,7 +107,7 @@ class PackedInt8:
         if self.device.type != "cpu":
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         elif self.our_kernels:
-            out = cpu_kernels.int8_mm(_float32(x2), self.weight, self.scales)
+            out = cpu_kernels.int8_mm(as_float32(x2), self.weight, self.scales)
         elif not self.our_kernels and x2.shape[0] <= CPU_INT8_KERNEL_ROWS:
             xb = _bfloat16(x2)
             if self.width != self.in_features:
@@ -208,7 +208,7 @@ class PackedInt4:
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         if self.our_kernels and (x2.shape[0] <= NATIVE_INT4_ROWS
                                  or cpu_kernels.int4_every_product()):
-            out = cpu_kernels.int4_mm(_float32(x2), self.weight, self.scales_and_zeros,
+            out = cpu_kernels.int4_mm(as_float32(x2), self.weight, self.scales_and_zeros,
                                       self.group_size, self.out_features)
             return (out if out.dtype == x.dtype else out.to(x.dtype)).view(
                 *x.shape[:-1], self.out_features)
@@ -247,7 +247,7 @@ def _cpu_int4_layout(q: Int4Weight, rows: int) -> torch.Tensor:
     return out
 
 
-def _float32(x: torch.Tensor) -> torch.Tensor:
+def as_float32(x: torch.Tensor) -> torch.Tensor:
     """x as a contiguous float32 tensor, copied only when it is not one already."""
     if x.dtype != torch.float32:
         return x.to(torch.float32, memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ import torch
 
 from llama.engine.validation import ArgumentValueError
 from llama.kernels import cpu_kernels
+from llama.layers.linear import as_float32
 from llama.quantize.formats import QuantizationError
 
 ACTIVATIONS = ("int8",)
@@ -69,10 +70,8 @@ class PackedW8A8:
         return (q * self.scales.to(torch.float32)[:, None]).to(dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32, memory_format=torch.contiguous_format)
-        out = cpu_kernels.w8a8_mm(x2, self.weight, self.scales)
+        out = cpu_kernels.w8a8_mm(as_float32(x.reshape(-1, self.in_features)), self.weight,
+                                  self.scales)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
