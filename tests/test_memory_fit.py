@@ -13,6 +13,7 @@ from llama.checkpoints import meta as checkpoint
 from llama.checkpoints.memory import LLAMA2
 from llama.checkpoints.memory_fit import GIB, NotEnoughMemoryError, check_fits, estimate, parse_size
 from llama.engine.validation import ArgumentValueError
+from llama.layers import fused
 from tests.conftest import model_args
 
 
@@ -128,6 +129,37 @@ def test_build_is_refused_before_reading_weights_and_loads_when_it_fits(
     assert read == [1, 1]
     with pytest.raises(ArgumentValueError, match="reserve_memory"):
         build("gqa", reserve_memory=-1)
+
+
+def test_int8_activations_are_counted(build, monkeypatch):
+    """int8 activations lay the int8 weights out with their columns padded to 512: 7B's w2
+    (11008 columns -> 11264) adds 32 layers x 4096 rows x 256 bytes, and the largest product
+    (the output, 32000 x 4096) is copied once at load. On the small model, the estimate adds
+    what the loaded model's weights gain, and a limit that fits int8 weights without the
+    padding refuses the build before loading, offering int4 without --activations."""
+    args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
+    int8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32)
+    w8a8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32,
+                    activations="int8")
+    assert w8a8.weights - int8.weights == 32 * 4096 * 256
+    assert w8a8.working == max(int8.working, 32000 * 4096 + memory_fit.BASE_WORKING)
+    assert w8a8.cache == int8.cache
+    two = estimate(args, 2, "int8", None, torch.bfloat16, torch.float32, activations="int8")
+    assert two.weights - estimate(args, 2, "int8", None, torch.bfloat16,
+                                  torch.float32).weights == 32 * 4096 * 256 // 2
+
+    small = dataclasses.replace(model_args("gqa"), max_seq_len=64, max_batch_size=4)
+    held = {}
+    for activations in (None, "int8"):
+        model = build("gqa", quantize="int8", activations=activations).model
+        held[activations] = sum(p.packed.nbytes for _, _, p in fused.projections(model))
+    need = {activations: estimate(small, 1, "int8", None, torch.bfloat16, torch.float32,
+                                  activations=activations) for activations in (None, "int8")}
+    assert held["int8"] - held[None] == need["int8"].weights - need[None].weights > 0
+    need8 = need[None].total
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(need8))
+    with pytest.raises(NotEnoughMemoryError, match=r"--quantize int4 \(and no --activations\)"):
+        build("gqa", quantize="int8", activations="int8")
 
 
 def test_scripts_end_in_one_line(checkpoints, tokenizer_path):

@@ -223,7 +223,8 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     memory_fit.check_fits(args, world_size, quantize, group_size,
                           torch.bfloat16 if keep_bf16 else dtype, dtype, device,
                           saved=saved is not None, bf16_checkpoint=stored == torch.bfloat16,
-                          reserved=options.reserve_memory, cache_dtype=kv_cache_dtype)
+                          reserved=options.reserve_memory, cache_dtype=kv_cache_dtype,
+                          activations=options.activations)
     if verify:
         say(f"Verifying {ckpt_dir} against checklist.chk ...")
         checkpoint.verify_files(ckpt_dir)

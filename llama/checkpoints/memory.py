@@ -12,12 +12,13 @@ counted: activations, the rotary table, CUDA's and torch's own memory.
 """
 
 from math import prod
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from llama.args import ModelArgs
 from llama.checkpoints import meta as checkpoint
+from llama.kernels.cpu_kernels import W8A8_GROUP
 from llama.layers.cache import KVCache
 from llama.quantize.formats import (
     DEFAULT_GROUP_SIZE,
@@ -69,6 +70,35 @@ def weight_bytes(args: ModelArgs, mode: Optional[str] = None,
             element = dtype.itemsize
         total += prod(checkpoint.shard_shape(name, shape, world_size, mode)) * element
     return total
+
+
+def w8a8_extra(args: ModelArgs, world_size: int = 1) -> Tuple[int, int]:
+    """What int8 activations (`activations="int8"`) add to one rank's int8 weights: (the
+    padding of every weight's columns to W8A8_GROUP, kept; the largest product's weight laid
+    out anew at load, beside the old one until it is dropped: wq|wk|wv and w1|w3 are one
+    product each, and a weight with padding is first copied padded, so it counts twice)."""
+    padding, products = 0, {}
+    shapes = checkpoint.full_shapes(args, Quantization("int8", None))
+    for name, shape in shapes.items():
+        weight, field = split_field(name)
+        if field != "weight" or not is_quantized(weight):
+            continue
+        rows, columns = checkpoint.shard_shape(name, shape, world_size, "int8")
+        width = -(-columns // W8A8_GROUP) * W8A8_GROUP
+        padding += rows * (width - columns)
+        product = _product_of(weight)
+        copies = 1 if width == columns else 2
+        products[product] = products.get(product, 0) + rows * width * copies
+    return padding, max(products.values(), default=0)
+
+
+def _product_of(weight: str) -> str:
+    """The product a weight's rows belong to: its layer's fused q/k/v or w1/w3, or its own."""
+    for fused in (("wq", "wk", "wv"), ("w1", "w3")):
+        for part in fused:
+            if f".{part}." in weight:
+                return weight.replace(f".{part}.", "." + "|".join(fused) + ".")
+    return weight
 
 
 def markdown_table(tokens: int = 4096, models=None) -> str:

@@ -66,20 +66,26 @@ def parse_size(text: str) -> int:
 
 def estimate(args: ModelArgs, world_size: int, mode: Optional[str], group_size: Optional[int],
              weight_dtype: torch.dtype, dtype: torch.dtype,
-             cache_dtype: Optional[torch.dtype] = None) -> Need:
+             cache_dtype: Optional[torch.dtype] = None,
+             activations: Optional[str] = None) -> Need:
     """What one rank of `world_size` holds: the projections and output in `mode` ("int8",
     "int4" or None for `weight_dtype`), the embedding and norms in `weight_dtype`; the KV cache
     in `cache_dtype` (None: the activations' `dtype`) at max_batch_size x max_seq_len; working
-    memory for the largest prefill (every row's tokens at once) and the base."""
+    memory for the largest prefill (every row's tokens at once) and the base. `activations=
+    "int8"` (int8 weights): their layout's column padding, and the largest weight laid out
+    anew at load beside its old layout (memory.w8a8_extra)."""
     weights = memory.weight_bytes(args, mode, group_size or DEFAULT_GROUP_SIZE, world_size,
                                   weight_dtype)
+    working = working_bytes(args, world_size, dtype, cache_dtype)
+    if activations == "int8" and mode == "int8":
+        padding, relaid = memory.w8a8_extra(args, world_size)
+        weights, working = weights + padding, max(working, relaid + BASE_WORKING)
     cache_dtype = cache_dtype or dtype
     cache = (KVCache.bytes_per_token(args, cache_dtype, world_size)
              * args.max_batch_size * args.max_seq_len)
     name = str(weight_dtype).replace("torch.", "")
     kind = name if mode is None else f"{mode} ({name} embedding and norms)"
-    return Need(weights, cache, working_bytes(args, world_size, dtype, cache_dtype), kind,
-                str(cache_dtype).replace("torch.", ""))
+    return Need(weights, cache, working, kind, str(cache_dtype).replace("torch.", ""))
 
 
 def working_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype,
@@ -186,15 +192,18 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
                group_size: Optional[int], weight_dtype: torch.dtype, dtype: torch.dtype,
                device: torch.device, saved: bool = False,
                bf16_checkpoint: bool = False, reserved: int = 0,
-               cache_dtype: Optional[torch.dtype] = None) -> Need:
+               cache_dtype: Optional[torch.dtype] = None,
+               activations: Optional[str] = None) -> Need:
     """The rank's Need, or NotEnoughMemoryError (one line) if it exceeds available(device):
     the need, what is available, and the settings that would fit with their sizes (int8 or
     int4 weights unless the checkpoint is `saved` quantized, with a bfloat16 KV cache or a
     smaller max_seq_len if they need it; bfloat16 weights when float32 was asked for a
     `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32 one; a smaller
     max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the caller will
-    allocate beside the model (a server's prefix cache), are taken from what is available."""
-    need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype)
+    allocate beside the model (a server's prefix cache), are taken from what is available.
+    `activations`: see estimate (int4 is offered without it)."""
+    need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype,
+                    activations)
     free, source = available(device)
     if free < 0:  # not known: nothing to decide
         return need
@@ -214,7 +223,8 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     def fitting(label: str, **change) -> bool:
         other = estimate(**{**dict(args=args, world_size=world_size, mode=mode,
                                    group_size=group_size, weight_dtype=weight_dtype,
-                                   dtype=dtype, cache_dtype=cache_dtype), **change})
+                                   dtype=dtype, cache_dtype=cache_dtype,
+                                   activations=activations), **change})
         if other.total <= free:
             options.append(f"{label}: {_gib(other.total)}")
         return other.total <= free
@@ -223,18 +233,20 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     if not saved:
         for other_mode in ("int8", "int4"):
             embedding = torch.bfloat16 if bf16_checkpoint else weight_dtype
-            if other_mode == mode or fitting(f"--quantize {other_mode}", mode=other_mode,
-                                             weight_dtype=embedding):
+            other = dict(mode=other_mode, weight_dtype=embedding, activations=None)
+            # int8 activations multiply int8 weights only
+            unless = " (and no --activations)" if activations is not None else ""
+            if other_mode == mode or fitting(f"--quantize {other_mode}{unless}", **other):
                 continue
             if float32_cache and fitting(  # quantized, the whole context in half the cache
-                    f"--quantize {other_mode} --kv_cache_dtype bfloat16", mode=other_mode,
-                    weight_dtype=embedding, cache_dtype=torch.bfloat16):
+                    f"--quantize {other_mode} --kv_cache_dtype bfloat16{unless}",
+                    cache_dtype=torch.bfloat16, **other):
                 continue
             seq = _largest_fitting(args, "max_seq_len", free, world_size, other_mode,
                                    group_size, embedding, dtype, cache_dtype)
             if seq is not None:  # quantized and a shorter context
-                fitting(f"--quantize {other_mode} --max_seq_len {seq}", mode=other_mode,
-                        weight_dtype=embedding, args=_replace(args, max_seq_len=seq))
+                fitting(f"--quantize {other_mode} --max_seq_len {seq}{unless}",
+                        args=_replace(args, max_seq_len=seq), **other)
     if (bf16_checkpoint and torch.device(device).type == "cpu"
             and weight_dtype != torch.bfloat16 and mode is None):
         fitting("no --dtype (bfloat16 weights, float32 activations)",
@@ -243,7 +255,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
         fitting("--kv_cache_dtype bfloat16", cache_dtype=torch.bfloat16)
     for field in ("max_seq_len", "max_batch_size"):
         value = _largest_fitting(args, field, free, world_size, mode, group_size,
-                                 weight_dtype, dtype, cache_dtype)
+                                 weight_dtype, dtype, cache_dtype, activations)
         if value is not None:
             fitting(f"--{field} {value}", args=_replace(args, **{field: value}))
     if torch.device(device).type == "cuda":
@@ -251,7 +263,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
             if world > world_size and args.n_heads % world == 0 and (
                     (args.n_kv_heads or args.n_heads) % world == 0):
                 per_gpu = estimate(args, world, mode, group_size, weight_dtype, dtype,
-                                   cache_dtype).total
+                                   cache_dtype, activations).total
                 if per_gpu <= free:
                     options.append(f"torchrun --nproc_per_node {world} (one GPU each): "
                                    f"{_gib(per_gpu)} per GPU")
