@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         """Take our kernels where they pay, on the CPU: float weights' products of few rows
         (float_linear.FloatKernel under float32 activations, Bf16Kernel under bfloat16 ones;
         vector builds) and, in float32, decode steps' attention (AVX-512 and AVX2 builds).
-        Builds them on first use (~30-60 s, once per machine). Returns whether the model takes
+        Builds them on first use (~15-60 s, once per machine). Returns whether the model takes
         either. The server, quantized CPU models and bfloat16 ones (dtype=bfloat16) call this;
         a float32 model built otherwise keeps torch's routes, so a first run never waits for a
         compiler."""

@@ -21,10 +21,7 @@
 // C++ build is slower than torch's attention, which the model then keeps
 // (cpu_kernels.fast_attention).
 
-#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
-#include <ATen/ops/empty_like.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "cpu_tensor.h"
 
 #include <cmath>
 #include <cstdint>
@@ -240,7 +237,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(0 <= sp[b] && sp[b] < ep[b] && ep[b] <= L, "decode_attention: row ", b,
                 " attends keys ", sp[b], "..", ep[b], " of ", L);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = new_tensor(q.sizes(), at::kFloat);  // q: contiguous float32
   const float s = static_cast<float>(scale);
   if (bf16)
     attend_rows<uint16_t>(q, k, v, sp, ep, s, out);
@@ -248,10 +245,3 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     attend_rows<float>(q, k, v, sp, ep, s, out);
   return out;
 }
-
-TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor ends, "
-        "float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) { m.impl("decode_attention", &decode_attention); }

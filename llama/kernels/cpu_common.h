@@ -3,10 +3,7 @@
 // conversions, how a product is split (cpu_tiles.h), and activations rounded to int16 per row.
 #pragma once
 
-#include <ATen/core/Tensor.h>  // not ATen/ATen.h: a third less to parse per file
-#include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "cpu_tensor.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -144,7 +144,7 @@ at::Tensor float_mm(const at::Tensor& x, const at::Tensor& weight) {
               weight.is_contiguous() && weight.size(1) == x.size(1),
               "float_mm: weight must be a contiguous (N, K) float32 tensor, K as x's");
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor y = at::empty({R, N}, x.options());
+  at::Tensor y = new_tensor({R, N}, at::kFloat);
   if (R == 0 || N == 0) return y;
   // every row in one pass: each weight tile read once whatever R
   products<OUTS, ROWS>(x.data_ptr<float>(), R, K, weight.data_ptr<float>(), y.data_ptr<float>(),
@@ -159,7 +159,7 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
               weight.is_contiguous() && weight.size(1) == x.size(1),
               "bf16_mm: weight must be a contiguous (N, K) bfloat16 tensor, K as x's");
   const int64_t R = x.size(0), K = x.size(1), N = weight.size(0);
-  at::Tensor y = at::empty({R, N}, x.options());
+  at::Tensor y = new_tensor({R, N}, at::kFloat);
   if (R == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   const float* xp = x.data_ptr<float>();
@@ -177,14 +177,4 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& weight) {
   else
     products<OUTS, ROWS>(xp, R, K, wp, yp, N, budget);
   return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
-  m.def("float_mm(Tensor x, Tensor weight) -> Tensor");
-  m.def("bf16_mm(Tensor x, Tensor weight) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
-  m.impl("float_mm", &float_mm);
-  m.impl("bf16_mm", &bf16_mm);
 }

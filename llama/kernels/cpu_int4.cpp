@@ -220,12 +220,12 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
               sz.numel() == packed.size(0) * groups * 2, "int4_mm: sz must be (N16, K / G, 2) "
               "bfloat16 (pack_int4)");
-  at::Tensor q = at::empty({R, K}, x.options().dtype(at::kShort));
-  at::Tensor t = at::empty({R}, x.options());
-  at::Tensor sums = at::empty({R, groups}, x.options());
+  at::Tensor q = new_tensor({R, K}, at::kShort);
+  at::Tensor t = new_tensor({R}, at::kFloat);
+  at::Tensor sums = new_tensor({R, groups}, at::kFloat);
   int16_rows_and_sums(x.data_ptr<float>(), R, K, G, q.data_ptr<int16_t>(), t.data_ptr<float>(),
                       sums.data_ptr<float>());
-  at::Tensor y = at::empty({R, n_out}, x.options());
+  at::Tensor y = new_tensor({R, n_out}, at::kFloat);
   const int16_t* qp = q.data_ptr<int16_t>();
   const float* tp = t.data_ptr<float>();
   const float* sp = sums.data_ptr<float>();
@@ -266,8 +266,7 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& sz, int64
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && K % G == 0 &&
               G % 32 == 0 && packed.size(0) % BLOCK == 0 && 0 <= start && start <= end &&
               end <= packed.size(0), "int4_dequantize: bad arguments");
-  at::Tensor out = at::empty({end - start, K},
-                             packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  at::Tensor out = new_tensor({end - start, K}, bf16 ? at::kBFloat16 : at::kFloat);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   float* of = bf16 ? nullptr : out.data_ptr<float>();
@@ -316,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& saved, const at::
               zeros.sizes() == scales.sizes(), "int4_pack: scales and zeros must be (N, "
               "groups) bfloat16");
   const int64_t N16 = (N + BLOCK - 1) / BLOCK * BLOCK, steps = 2 * half / STEP;
-  at::Tensor packed = at::empty({N16, half}, saved.options());
-  at::Tensor sz = at::empty({N16, groups, 2}, scales.options());
+  at::Tensor packed = new_tensor({N16, half}, at::kByte);
+  at::Tensor sz = new_tensor({N16, groups, 2}, at::kBFloat16);
   const uint8_t* in = saved.data_ptr<uint8_t>();
   const auto* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   const auto* ze = reinterpret_cast<const uint16_t*>(zeros.data_ptr<at::BFloat16>());
@@ -348,10 +347,4 @@ std::tuple<at::Tensor, at::Tensor> int4_pack(const at::Tensor& saved, const at::
     }
   });
   return {packed, sz};
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
-  m.impl("int4_mm", &int4_mm);
-  m.impl("int4_dequantize", &int4_dequantize);
-  m.impl("int4_pack", &int4_pack);
 }

@@ -1,5 +1,5 @@
-// int8 weight matrix products on the CPU, in float32, and the operators' registration (the
-// int4 ones are in cpu_int4.cpp, the float32 and bfloat16 ones in cpu_dense.cpp).
+// int8 weight matrix products on the CPU, in float32, and the build's instruction set (the
+// operators are registered in cpu_ops.cpp).
 //
 //   int8_mm(x, weight, scales)          y[r, o] = scales[o] * s[r] * sum_k q[r, k] * weight[o, k],
 //                                       q, s: x's rows rounded to int16, one scale per row
@@ -125,10 +125,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tens
               "of 32 (zero-padded)");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N &&
               scales.is_contiguous(), "int8_mm: scales must be (N,) bfloat16");
-  at::Tensor q = at::empty({R, W}, x.options().dtype(at::kShort));
-  at::Tensor xs = at::empty({R}, x.options());
+  at::Tensor q = new_tensor({R, W}, at::kShort);
+  at::Tensor xs = new_tensor({R}, at::kFloat);
   quantize_rows_i16(x.data_ptr<float>(), R, K, W, q.data_ptr<int16_t>(), xs.data_ptr<float>());
-  at::Tensor y = at::empty({R, N}, x.options());
+  at::Tensor y = new_tensor({R, N}, at::kFloat);
   const int16_t* qp = q.data_ptr<int16_t>();
   const float* sx = xs.data_ptr<float>();
   const int8_t* wp = weight.data_ptr<int8_t>();
@@ -157,17 +157,4 @@ std::string isa() {
 #else
   return "generic";
 #endif
-}
-
-TORCH_LIBRARY(llama_kernels, m) {
-  m.def("int8_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group_size, int n_out) -> Tensor");
-  m.def("int4_dequantize(Tensor packed, Tensor sz, int group_size, int start, int end, "
-        "bool bf16) -> Tensor");
-  m.def("int4_pack(Tensor saved, Tensor scales, Tensor zeros) -> (Tensor, Tensor)");
-  m.def("isa() -> str", &isa);
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
-  m.impl("int8_mm", &int8_mm);
 }

@@ -1,6 +1,8 @@
 """Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp and
-cpu_int4.cpp), float32 and bfloat16-weight ones (cpu_dense.cpp) and a
-decode step's attention (cpu_attention.cpp); cpu_common.h and cpu_tiles.h hold what they share.
+cpu_int4.cpp), int8 weights by int8 activations (cpu_w8a8.cpp), int4 rounding
+(cpu_quantize.cpp), float32 and bfloat16-weight products (cpu_dense.cpp) and a decode step's
+attention (cpu_attention.cpp); cpu_tensor.h, cpu_common.h and cpu_tiles.h hold what they share,
+and cpu_ops.cpp registers the operators.
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -28,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp", "cpu_attention.cpp",
-                        "cpu_quantize.cpp", "cpu_w8a8.cpp")]
+           for name in ("cpu_ops.cpp", "cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp",
+                        "cpu_attention.cpp", "cpu_quantize.cpp", "cpu_w8a8.cpp")]
 # in the fingerprint, not compiled alone
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_common.h", "cpu_tiles.h")]
+HEADERS = [Path(__file__).with_name(name)
+           for name in ("cpu_tensor.h", "cpu_common.h", "cpu_tiles.h")]
 INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -282,7 +285,7 @@ def _build(cpp_extension, name: str, build_dir: Path) -> None:
     wins; the others' copies are dropped)."""
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(prefix=f"{name}.building-", dir=build_dir.parent))
-    print(f"llama: compiling the native CPU kernels for this machine (once, ~30-60 s) "
+    print(f"llama: compiling the native CPU kernels for this machine (once, ~15-60 s) "
           f"into {build_dir}", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name, [str(source) for source in SOURCES], extra_cflags=_flags(),

@@ -131,10 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
   const int64_t N = w.size(0), K = w.size(1), G = group_size;
   TORCH_CHECK(G >= 2 && G % 2 == 0 && K % G == 0, "int4_quantize: the group size must be even "
               "and divide K");
-  auto bytes = w.options().dtype(at::kByte);
-  at::Tensor out = at::empty({N, K / 2}, bytes);
-  at::Tensor scales = at::empty({N, K / G}, w.options().dtype(at::kBFloat16));
-  at::Tensor zeros = at::empty({N, K / G}, w.options().dtype(at::kBFloat16));
+  at::Tensor out = new_tensor({N, K / 2}, at::kByte);
+  at::Tensor scales = new_tensor({N, K / G}, at::kBFloat16);
+  at::Tensor zeros = new_tensor({N, K / G}, at::kBFloat16);
   uint8_t* op = out.data_ptr<uint8_t>();
   auto* sp = reinterpret_cast<uint16_t*>(scales.data_ptr<at::BFloat16>());
   auto* zp = reinterpret_cast<uint16_t*>(zeros.data_ptr<at::BFloat16>());
@@ -146,12 +145,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w
       quantize_rows(w.data_ptr<at::BFloat16>(), begin, end, K, G, op, sp, zp);
   });
   return {out, scales, zeros};
-}
-
-TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
-  m.def("int4_quantize(Tensor w, int group_size) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
-  m.impl("int4_quantize", &int4_quantize);
 }

@@ -175,9 +175,9 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N &&
               scales.is_contiguous(), "w8a8_mm: scales must be (N,) bfloat16");
   const int64_t nb = P / BLOCK;
-  at::Tensor q = at::empty({R, P}, x.options().dtype(at::kChar));
-  at::Tensor d = at::empty({R, nb}, x.options());
-  at::Tensor offset = at::empty({R, nb}, x.options().dtype(at::kInt));
+  at::Tensor q = new_tensor({R, P}, at::kChar);
+  at::Tensor d = new_tensor({R, nb}, at::kFloat);
+  at::Tensor offset = new_tensor({R, nb}, at::kInt);
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* dp = d.data_ptr<float>();
@@ -186,7 +186,7 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     for (int64_t r = begin; r < end; ++r)
       quantize_row_i8(xp + r * K, K, P, qp + r * P, dp + r * nb, op + r * nb);
   });
-  at::Tensor y = at::empty({R, N}, x.options());
+  at::Tensor y = new_tensor({R, N}, at::kFloat);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
@@ -198,9 +198,3 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       });
   return y;
 }
-
-TORCH_LIBRARY_FRAGMENT(llama_kernels, m) {
-  m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int K) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) { m.impl("w8a8_mm", &w8a8_mm); }
