@@ -50,7 +50,7 @@ def main(
         group_size: int4 only: input columns per scale, 32, 64 or 128 (default: 32)
         kv_cache_dtype: bfloat16 halves the KV cache (default: the activations' dtype);
             long conversations then decode faster on the CPU
-        activations: int8, with --quantize int8: round activations to int8 too (faster
+        activations: int8, with --quantize int8 or int4: round activations to int8 too (faster
             prompts on AVX-512 VNNI CPUs, a coarser rounding; default: int16 per token)
     """
     quiet_other_ranks()

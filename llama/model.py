@@ -41,7 +41,7 @@ from llama.layers.rotary import (  # noqa: F401  (Meta's names, importable from 
     precompute_freqs_cis,
     reshape_for_broadcast,
 )
-from llama.layers.w8a8 import PackedW8A8, check_activations_route
+from llama.layers.w8a8 import PackedW4A8, PackedW8A8, check_activations_route
 
 
 class RMSNorm(nn.Module):
@@ -285,14 +285,16 @@ class Transformer(nn.Module):
         return self.native_attention or products
 
     def use_int8_activations(self) -> None:
-        """Multiply the int8 weights with activations rounded to int8 in blocks of 32 columns
-        (llama/layers/w8a8.py: faster prefills on AVX-512 VNNI CPUs, a coarser rounding than
-        the default's int16 rows). CPU models with int8 weights only (QuantizationError
-        otherwise); every product from now on, prefills and decode steps alike."""
+        """Multiply the int8 or int4 weights with activations rounded to int8 in blocks of 32
+        columns (llama/layers/w8a8.py: faster prefills on AVX-512 VNNI CPUs, a coarser rounding
+        than the default's int16 rows). CPU models with quantized weights only
+        (ArgumentValueError otherwise); every product from now on, prefills and decode steps
+        alike."""
         kinds = {type(p.packed) for _, _, p in projections(self)}
         quantize = "int8" if PackedInt8 in kinds else "int4" if PackedInt4 in kinds else None
         check_activations_route(quantize, self.norm.weight.device)
-        repack(self, lambda p: PackedW8A8(p) if isinstance(p, PackedInt8) else None)
+        repack(self, lambda p: PackedW8A8(p) if isinstance(p, PackedInt8) else
+               PackedW4A8(p) if isinstance(p, PackedInt4) else None)
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention

@@ -132,21 +132,28 @@ def test_build_is_refused_before_reading_weights_and_loads_when_it_fits(
 
 
 def test_int8_activations_are_counted(build, monkeypatch):
-    """int8 activations lay the int8 weights out with their columns padded to 512: 7B's w2
-    (11008 columns -> 11264) adds 32 layers x 4096 rows x 256 bytes, and the largest product
-    (the output, 32000 x 4096) is copied once at load. On the small model, the estimate adds
-    what the loaded model's weights gain, and a limit that fits int8 weights without the
-    padding refuses the build before loading, offering int4 without --activations."""
+    """int8 activations lay the weights out with their columns padded to 512: 7B's w2 (11008
+    columns -> 11264) adds 32 layers x 4096 rows x 256 bytes with int8 weights, x (128 bytes
+    of values + 8 scales and zeros) with int4 ones (g32); with g128 every block of 32 columns
+    gets its own scale and zero. The largest product (the output, 32000 x 4096) is laid out
+    anew at load beside the old one. On the small model, the estimate adds what the loaded
+    model's weights gain, and a limit that fits int8 weights without the padding refuses the
+    build before loading, offering int4 (with int8 activations)."""
     args = dataclasses.replace(LLAMA2["7B"], max_seq_len=512, max_batch_size=4)
-    int8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32)
-    w8a8 = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32,
-                    activations="int8")
-    assert w8a8.weights - int8.weights == 32 * 4096 * 256
-    assert w8a8.working == max(int8.working, 32000 * 4096 + memory_fit.BASE_WORKING)
-    assert w8a8.cache == int8.cache
-    two = estimate(args, 2, "int8", None, torch.bfloat16, torch.float32, activations="int8")
-    assert two.weights - estimate(args, 2, "int8", None, torch.bfloat16,
-                                  torch.float32).weights == 32 * 4096 * 256 // 2
+
+    def added(mode, group_size=None, world_size=1):
+        need = [estimate(args, world_size, mode, group_size, torch.bfloat16, torch.float32,
+                         activations=a) for a in (None, "int8")]
+        assert need[1].cache == need[0].cache
+        return need[1].weights - need[0].weights, need[1].working - need[0].working
+
+    int8_working = estimate(args, 1, "int8", None, torch.bfloat16, torch.float32).working
+    assert added("int8") == (32 * 4096 * 256, max(0, 32000 * 4096 + memory_fit.BASE_WORKING
+                                                  - int8_working))
+    assert added("int8", world_size=2)[0] == 32 * 4096 * 256 // 2
+    assert added("int4", 32)[0] == 32 * 4096 * (128 + 8 * 4)
+    blocks = 32 * (3 * 11008 * 4096 + 4 * 4096 * 4096) // 32 + 32000 * 4096 // 32
+    assert added("int4", 128)[0] == 32 * 4096 * (128 + 8 * 4) + 4 * (blocks - blocks // 4)
 
     small = dataclasses.replace(model_args("gqa"), max_seq_len=64, max_batch_size=4)
     held = {}
@@ -156,9 +163,20 @@ def test_int8_activations_are_counted(build, monkeypatch):
     need = {activations: estimate(small, 1, "int8", None, torch.bfloat16, torch.float32,
                                   activations=activations) for activations in (None, "int8")}
     assert held["int8"] - held[None] == need["int8"].weights - need[None].weights > 0
-    need8 = need[None].total
-    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(need8))
-    with pytest.raises(NotEnoughMemoryError, match=r"--quantize int4 \(and no --activations\)"):
+    model = build("gqa", quantize="int4", group_size=64, activations="int8").model
+    saved = sum(n * (k // 2 + k // 64 * 4) for n, k in (
+        p.packed.shape for _, _, p in fused.projections(model)))
+    held4 = sum(p.packed.nbytes for _, _, p in fused.projections(model))
+    assert held4 - saved == (estimate(small, 1, "int4", 64, torch.bfloat16, torch.float32,
+                                      activations="int8").weights
+                             - estimate(small, 1, "int4", 64, torch.bfloat16,
+                                        torch.float32).weights) > 0
+    # fits int8 weights alone and int4 ones with int8 activations; not int8 ones with them
+    need4 = estimate(small, 1, "int4", None, torch.bfloat16, torch.float32,
+                     activations="int8").total
+    assert max(need[None].total, need4) < need["int8"].total
+    monkeypatch.setenv("LLAMA_MEMORY_LIMIT", str(max(need[None].total, need4)))
+    with pytest.raises(NotEnoughMemoryError, match=r"--quantize int4: "):
         build("gqa", quantize="int8", activations="int8")
 
 

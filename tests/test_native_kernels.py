@@ -338,10 +338,12 @@ BUILD_CHECK = textwrap.dedent('''
                            cpu_kernels.decode_attention(q, kb.float(), vb.float(), starts,
                                                         ends, hd ** -0.5))
     # int8 activations: exact block sums, then the same float operations in the same order
-    w8, scales8, xs8, ys8 = torch.load(sys.argv[3])
-    packed8 = cpu_kernels.w8a8_layout(w8)
+    (w8, scales8, xs8, ys8), (parts4, xs4, ys4) = torch.load(sys.argv[3])
+    packed8, packed4 = cpu_kernels.w8a8_layout(w8), cpu_kernels.w4a8_layout(*parts4)
     for x, y in zip(xs8, ys8):
         assert torch.equal(cpu_kernels.w8a8_mm(x, packed8, scales8), y), x.shape
+    for x, y in zip(xs4, ys4):  # int4 weights: the same, the scales' float work included
+        assert torch.equal(cpu_kernels.w4a8_mm(x, *packed4), y), x.shape
 ''')
 
 
@@ -350,10 +352,10 @@ BUILD_CHECK = textwrap.dedent('''
 def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
     """What an AVX2-only CPU (x86-64-v3: AVX2, FMA) or any x86-64 compiles, run here: a build
     of their own (the flags are part of its name), with int8 products equal bit for bit to
-    torch's restatement, int4 and int8-activation products to this machine's build (plain C++
-    loops there, vpdpbusd here), decode attention against
-    float64, in a cache where a build was killed midway: it neither waits for that build's
-    lock nor keeps its leftovers."""
+    torch's restatement, int4 and int8-activation products (int8 and int4 weights) to this
+    machine's build (plain C++ loops there, vpdpbusd here), decode attention against float64,
+    in a cache where a build was killed midway: it neither waits for that build's lock nor
+    keeps its leftovers."""
     if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
         pytest.skip("this CPU has no AVX2")
     script = tmp_path / "check.py"
@@ -369,8 +371,13 @@ def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
                        generator=torch.Generator().manual_seed(4))
     scales8 = torch.full((37,), 0.01, dtype=torch.bfloat16)
     xs8 = [activations(rows, 1100, seed=rows) for rows in (1, 5, 9)]
-    torch.save((w8, scales8, xs8, [cpu_kernels.w8a8_mm(x, cpu_kernels.w8a8_layout(w8), scales8)
-                                   for x in xs8]), tmp_path / "w8a8.pt")
+    q4 = quantize_int4(torch.randn(37, 1088, generator=torch.Generator().manual_seed(5)), 32)
+    parts4 = (q4.values(), q4.scales, q4.zeros)  # 2 groups of 512 and 2 blocks
+    xs4 = [activations(rows, 1088, seed=rows) for rows in (1, 5, 9)]
+    torch.save(((w8, scales8, xs8, [cpu_kernels.w8a8_mm(x, cpu_kernels.w8a8_layout(w8), scales8)
+                                    for x in xs8]),
+                (parts4, xs4, [cpu_kernels.w4a8_mm(x, *cpu_kernels.w4a8_layout(*parts4))
+                               for x in xs4])), tmp_path / "w8a8.pt")
     result = run_script([str(script), str(cache), str(tmp_path / "int4.pt"),
                          str(tmp_path / "w8a8.pt")], timeout=600,
                         env={"LLAMA_KERNEL_ARCH": arch, "LLAMA_KERNEL_CACHE": str(cache)})

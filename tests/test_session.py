@@ -31,7 +31,8 @@ NATIVE = pytest.mark.skipif(not cpu_kernels.available(), reason="int8 activation
         not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
         "the dequantised bfloat16 product")),
     ("gqa", None, "bfloat16", None), ("gqa", "int8", "bfloat16", None),
-    pytest.param("gqa", "int8", None, "int8", marks=NATIVE)])
+    pytest.param("gqa", "int8", None, "int8", marks=NATIVE),
+    pytest.param("gqa", "int4", None, "int8", marks=NATIVE)])
 def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kind, quantize,
                                                                       kv_cache_dtype,
                                                                       activations):
@@ -41,7 +42,8 @@ def test_session_answers_equal_the_whole_conversation_without_a_cache(build, kin
     its kernel's sums are exact, so a token prefilled (in a product of many rows) and the
     same token decoded (one row) give the same keys and values; int4: its group sums are, and
     its float sum over the groups is the same sequence for any number of rows; int8
-    activations: each block's sum is exact and the float sum over blocks a fixed sequence. A
+    activations (int8 or int4 weights): each block's sum is exact and the float sum over
+    blocks a fixed sequence. A
     bfloat16 cache: the prefill attends to the rounded keys and values the decode steps read."""
     generator = build(kind, max_seq_len=384, max_batch_size=2, quantize=quantize,
                       kv_cache_dtype=kv_cache_dtype, activations=activations)
@@ -190,7 +192,8 @@ def test_session_rejects_bad_arguments(build):
 @pytest.mark.parametrize("quantize,activations", [
     (None, None), ("int8", None), pytest.param("int4", None, marks=pytest.mark.skipif(
         not cpu_kernels.int4_every_product(), reason="a plain C++ build's int4 prefills take "
-        "the dequantised bfloat16 product")), pytest.param("int8", "int8", marks=NATIVE)])
+        "the dequantised bfloat16 product")), pytest.param("int8", "int8", marks=NATIVE),
+    pytest.param("int4", "int8", marks=NATIVE)])
 def test_a_tokens_products_are_the_same_bits_prefilled_or_decoded(build, quantize, activations):
     """What chat sessions and the prefix cache rely on: a text prefilled at once, or its first
     half prefilled and the rest decoded a token at a time, gives the first layer the same

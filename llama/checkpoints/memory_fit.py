@@ -72,14 +72,15 @@ def estimate(args: ModelArgs, world_size: int, mode: Optional[str], group_size: 
     "int4" or None for `weight_dtype`), the embedding and norms in `weight_dtype`; the KV cache
     in `cache_dtype` (None: the activations' `dtype`) at max_batch_size x max_seq_len; working
     memory for the largest prefill (every row's tokens at once) and the base. `activations=
-    "int8"` (int8 weights): their layout's column padding, and the largest weight laid out
-    anew at load beside its old layout (memory.w8a8_extra)."""
+    "int8"` (quantized weights): what their layout adds, and the largest weight laid out anew
+    at load beside its old layout (memory.int8_activations_extra)."""
     weights = memory.weight_bytes(args, mode, group_size or DEFAULT_GROUP_SIZE, world_size,
                                   weight_dtype)
     working = working_bytes(args, world_size, dtype, cache_dtype)
-    if activations == "int8" and mode == "int8":
-        padding, relaid = memory.w8a8_extra(args, world_size)
-        weights, working = weights + padding, max(working, relaid + BASE_WORKING)
+    if activations == "int8" and mode is not None:
+        added, relaid = memory.int8_activations_extra(args, world_size, mode,
+                                                      group_size or DEFAULT_GROUP_SIZE)
+        weights, working = weights + added, max(working, relaid + BASE_WORKING)
     cache_dtype = cache_dtype or dtype
     cache = (KVCache.bytes_per_token(args, cache_dtype, world_size)
              * args.max_batch_size * args.max_seq_len)
@@ -201,7 +202,7 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     `bf16_checkpoint` on the CPU; a bfloat16 KV cache in place of a float32 one; a smaller
     max_seq_len or max_batch_size; more GPUs). `reserved` bytes, which the caller will
     allocate beside the model (a server's prefix cache), are taken from what is available.
-    `activations`: see estimate (int4 is offered without it)."""
+    `activations`: see estimate."""
     need = estimate(args, world_size, mode, group_size, weight_dtype, dtype, cache_dtype,
                     activations)
     free, source = available(device)
@@ -233,19 +234,17 @@ def check_fits(args: ModelArgs, world_size: int, mode: Optional[str],
     if not saved:
         for other_mode in ("int8", "int4"):
             embedding = torch.bfloat16 if bf16_checkpoint else weight_dtype
-            other = dict(mode=other_mode, weight_dtype=embedding, activations=None)
-            # int8 activations multiply int8 weights only
-            unless = " (and no --activations)" if activations is not None else ""
-            if other_mode == mode or fitting(f"--quantize {other_mode}{unless}", **other):
+            other = dict(mode=other_mode, weight_dtype=embedding)
+            if other_mode == mode or fitting(f"--quantize {other_mode}", **other):
                 continue
             if float32_cache and fitting(  # quantized, the whole context in half the cache
-                    f"--quantize {other_mode} --kv_cache_dtype bfloat16{unless}",
+                    f"--quantize {other_mode} --kv_cache_dtype bfloat16",
                     cache_dtype=torch.bfloat16, **other):
                 continue
             seq = _largest_fitting(args, "max_seq_len", free, world_size, other_mode,
-                                   group_size, embedding, dtype, cache_dtype)
+                                   group_size, embedding, dtype, cache_dtype, activations)
             if seq is not None:  # quantized and a shorter context
-                fitting(f"--quantize {other_mode} --max_seq_len {seq}{unless}",
+                fitting(f"--quantize {other_mode} --max_seq_len {seq}",
                         args=_replace(args, max_seq_len=seq), **other)
     if (bf16_checkpoint and torch.device(device).type == "cpu"
             and weight_dtype != torch.bfloat16 and mode is None):

@@ -210,10 +210,12 @@ def check_quantize(value: Any) -> Optional[str]:
 
 def check_activations(value: Any) -> Optional[str]:
     """None (float activations; int8 and int4 kernels round them to int16 per row) or "int8":
-    int8 weights times activations rounded to int8 in blocks of 32 (llama/layers/w8a8.py)."""
+    int8 or int4 weights times activations rounded to int8 in blocks of 32
+    (llama/layers/w8a8.py)."""
     if value is not None and value != "int8":
         raise ArgumentValueError("activations", f"activations must be 'int8' (with "
-                                                f"quantize='int8') or None, got {_got(value)}")
+                                                f"quantize='int8' or 'int4') or None, got "
+                                                f"{_got(value)}")
     return value
 
 

@@ -1,8 +1,8 @@
 """Native CPU kernels: int8 and int4 weight products (llama/kernels/cpu_kernels.cpp and
-cpu_int4.cpp), int8 weights by int8 activations (cpu_w8a8.cpp), int4 rounding
-(cpu_quantize.cpp), float32 and bfloat16-weight products (cpu_dense.cpp) and a decode step's
-attention (cpu_attention.cpp); cpu_tensor.h, cpu_common.h and cpu_tiles.h hold what they share,
-and cpu_ops.cpp registers the operators.
+cpu_int4.cpp), int8 and int4 weights by int8 activations (cpu_w8a8.cpp, cpu_w4a8.cpp), int4
+rounding (cpu_quantize.cpp), float32 and bfloat16-weight products (cpu_dense.cpp) and a decode
+step's attention (cpu_attention.cpp); cpu_tensor.h, cpu_common.h, cpu_tiles.h and cpu_blocks.h
+hold what they share, and cpu_ops.cpp registers the operators.
 
 Compiled for this machine (-O3 -march=native) the first time a process needs them, with
 torch.utils.cpp_extension, and cached: in `LLAMA_KERNEL_CACHE` if set, else torch's extension
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("cpu_ops.cpp", "cpu_kernels.cpp", "cpu_int4.cpp", "cpu_dense.cpp",
-                        "cpu_attention.cpp", "cpu_quantize.cpp", "cpu_w8a8.cpp")]
+                        "cpu_attention.cpp", "cpu_quantize.cpp", "cpu_w8a8.cpp",
+                        "cpu_w4a8.cpp")]
 # in the fingerprint, not compiled alone
 HEADERS = [Path(__file__).with_name(name)
-           for name in ("cpu_tensor.h", "cpu_common.h", "cpu_tiles.h")]
+           for name in ("cpu_tensor.h", "cpu_common.h", "cpu_tiles.h", "cpu_blocks.h")]
 INT4_BLOCK = 16  # output rows of the int4 kernel's blocks: its weights are padded to a multiple
 INT8_WIDTH_ALIGN = 32  # int8 weights are zero-padded to a multiple of 32 columns
 I16_MAX = 32767
@@ -122,6 +123,58 @@ def int8_blocks(x: torch.Tensor):
                       torch.zeros_like(amax))
     q = (blocks.nan_to_num(0.0, 0.0, 0.0) * inv[..., None]).round().to(torch.int8)
     return q.view(rows, -1)[:, :k], (amax / 127).masked_fill_(bad, float("nan"))
+
+
+def w4a8_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """(rows, N) float32 products with an int4 weight in w4a8_layout, x's rows rounded to int8
+    in blocks of 32 columns as w8a8_mm's are (int8_blocks) and each block's products summed in
+    integers; per block, with scale s and m = zero - 8 * scale in float32, d * (s * sum(q * v)
+    + m * sum(q)) (llama/kernels/cpu_w4a8.cpp)."""
+    return _ops().w4a8_mm(x, packed, sz, x.shape[1])
+
+
+def w4a8_layout(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """An int4 weight, values (N, K) uint8 in 0..15 and scales, zeros (N, K / G) bfloat16 (G a
+    multiple of 32), in w4a8_mm's layout: (packed (N, P / 2) uint8, sz (N, P / 32 * 2)
+    bfloat16), P = K rounded up to W8A8_GROUP. The values in w8a8_layout's order (without its
+    + 128), steps 2p and 2p + 1 of each group in the low and high nibbles of 64 bytes; sz per
+    group: the 16 blocks' scales, then their zeros (zero past K). Temporaries: ~4 N x P bytes
+    (PackedW4A8 converts a weight a block of rows at a time)."""
+    n, k = values.shape
+    pad = -k % W8A8_GROUP
+    v = F.pad(values, (0, pad)).view(n, -1, 16, W8A8_GROUP // 64, 4)
+    steps = v.permute(0, 1, 3, 2, 4).reshape(n, -1, W8A8_GROUP // 128, 2, 64)
+    packed = (steps[..., 0, :] | (steps[..., 1, :] << 4)).reshape(n, -1)
+    per_block = (k // scales.shape[1]) // 32  # weight groups span this many blocks
+    sz = torch.stack([F.pad(t.to(torch.bfloat16).repeat_interleave(per_block, dim=1),
+                            (0, pad // 32)).view(n, -1, 16) for t in (scales, zeros)], dim=2)
+    return packed.contiguous(), sz.reshape(n, -1).contiguous()
+
+
+def w4a8_parts(packed: torch.Tensor, sz: torch.Tensor):
+    """What w4a8_layout laid out: values (N, P) uint8 and each column's scale and zero (N, P)
+    bfloat16 (zero past the weight's own columns)."""
+    n = packed.shape[0]
+    pairs = packed.view(n, -1, W8A8_GROUP // 128, 1, 64)
+    steps = torch.cat([pairs & 15, pairs >> 4], dim=3).view(n, -1, W8A8_GROUP // 64, 16, 4)
+    values = steps.permute(0, 1, 3, 2, 4).reshape(n, -1)
+    scales, zeros = sz.view(n, -1, 2, 16).unbind(2)
+    return values, scales.reshape(n, -1).repeat_interleave(32, 1), zeros.reshape(
+        n, -1).repeat_interleave(32, 1)
+
+
+def int4_parts(packed: torch.Tensor, sz: torch.Tensor, n: int):
+    """What pack_int4 laid out in `packed` (N16, K / 2) and `sz` (N16, K / G, 2): the first n
+    rows' values (n, K) uint8 in 0..15, scales and zeros (n, K / G) bfloat16."""
+    n16, half = packed.shape
+    k, blocks = 2 * half, n16 // INT4_BLOCK
+    words = packed.view(blocks, k // 8, INT4_BLOCK, 2, 2)  # (.., parity, byte)
+    nibbles = torch.stack([words & 15, words >> 4], dim=-1)  # nibble p = 2 * byte + high
+    # (block, step, output, parity, p) -> (block, output, step, p, parity)
+    v = nibbles.view(blocks, k // 8, INT4_BLOCK, 2, 4).permute(0, 2, 1, 4, 3)
+    # (block, group, output, 2) -> (block, output, group, 2)
+    pairs = sz.view(blocks, -1, INT4_BLOCK, 2).transpose(1, 2).reshape(n16, -1, 2)[:n]
+    return v.reshape(n16, k)[:n], pairs[..., 0], pairs[..., 1]
 
 
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
@@ -313,6 +366,10 @@ def _register_shapes() -> None:
 
     @torch.library.register_fake("llama_kernels::w8a8_mm")
     def _(x, packed, scales, K):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("llama_kernels::w4a8_mm")
+    def _(x, packed, sz, K):
         return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("llama_kernels::int4_mm")

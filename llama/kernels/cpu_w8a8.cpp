@@ -18,18 +18,12 @@
 // j takes blocks j, j + 16, ... in turn; then the 16 lanes in a fixed tree), so every
 // instruction set and thread count gives the same bits, and a row alone or in any batch too.
 
-#include "cpu_common.h"
+#include "cpu_blocks.h"
 
-static constexpr int64_t BLOCK = 32;  // columns per activation scale
-static constexpr int64_t LANES = 16;  // blocks per group
-static constexpr int64_t GROUP = BLOCK * LANES;
 static constexpr float I8_MAX = 127.f;
 
-// Row r of x (K columns) as int8 in the packed order, its blocks' scales (P / 32 floats) and
-// minus 128 times each block's sum of q (what the +128 of the weights adds). A block with an
-// inf or NaN gets a NaN scale (its row's outputs are NaN, as a float product's would be).
-static void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
-                            int32_t* offset) {
+void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
+                     int32_t* offset) {
   for (int64_t b = 0; b < P / BLOCK; ++b) {
     const int64_t g = b / LANES, j = b % LANES;
     int8_t* out = q + g * GROUP + 4 * j;  // column 4s + t of the block: out[64 s + t]
@@ -80,14 +74,6 @@ static void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, flo
   }
 }
 
-// The 16 lanes' partial sums, added in one fixed order on every instruction set.
-static inline float lanes_total(const float* lane) {
-  float half[8];
-  for (int i = 0; i < 8; ++i) half[i] = lane[i] + lane[i + 8];
-  for (int i = 0; i < 4; ++i) half[i] += half[i + 4];
-  return (half[0] + half[2]) + (half[1] + half[3]);
-}
-
 // Outputs o0..o0+NO of rows r0..r0+NR.
 template <int NO, int NR>
 static void w8a8_tile(const int8_t* q, const float* d, const int32_t* offset, int64_t P,
@@ -125,12 +111,7 @@ static void w8a8_tile(const int8_t* q, const float* d, const int32_t* offset, in
   }
   for (int o = 0; o < NO; ++o)
     for (int r = 0; r < NR; ++r) {  // lanes_total's order, in vectors
-      const __m512 v = _mm512_load_ps(facc[o][r]);
-      const __m256 v8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-      const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-      const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // (0 + 2, 1 + 3)
-      y[r * N + o] = _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2))) *
-                     bf16_to_float(scales[o]);
+      y[r * N + o] = lanes_total(_mm512_load_ps(facc[o][r])) * bf16_to_float(scales[o]);
     }
 #else
   float lane[NO][NR][LANES];

@@ -1,5 +1,5 @@
-"""int8 weights times int8 activations (W8A8): the opt-in product route of
-`Llama.build(..., quantize="int8", activations="int8")` on the CPU.
+"""int8 and int4 weights times int8 activations (W8A8, W4A8): the opt-in product route of
+`Llama.build(..., quantize="int8" or "int4", activations="int8")` on the CPU.
 
 The default int8 route (linear.PackedInt8) rounds each activation row to int16, finer than
 bfloat16, and multiplies in integers 32 pairs an instruction. This one rounds activations to
@@ -12,6 +12,11 @@ decoded still get the same keys and values (chat sessions, the prefix cache).
 The integer sums are exact and the float sums over blocks go in a fixed order: the same bits
 on every instruction set, thread count and batch (llama/kernels/cpu_w8a8.cpp). Builds without
 AVX-512 VNNI compute the same function with plain C++ loops, slower than the default route.
+
+int4 weights (PackedW4A8, llama/kernels/cpu_w4a8.cpp) take the same activations: their values,
+0..15, are the instruction's unsigned operand as they are, and each block of 32 adds
+d * (scale * sum(q * v) + (zero - 8 * scale) * sum(q)): the int4 format's (v - 8) * scale +
+zero. Prefills ~1.6x the int4 route's, decode steps level or faster (docs/QUANTIZATION.md).
 """
 
 from typing import Optional
@@ -24,16 +29,20 @@ from llama.layers.linear import as_float32
 from llama.quantize.formats import QuantizationError
 
 ACTIVATIONS = ("int8",)
+# Weight rows laid out at a time for int4's route (a multiple of pack_int4's blocks of 16):
+# 4096 columns' temporaries are then ~32 MB, not ~4 bytes for each of the weight's values.
+_ROWS_AT_ONCE = 2048
 
 
 def check_activations_route(quantize: Optional[str], device) -> None:
-    """ArgumentValueError unless int8 activations can be had here: int8 weights, on the CPU,
-    with the native kernels built."""
-    if quantize != "int8":
+    """ArgumentValueError unless int8 activations can be had here: int8 or int4 weights, on
+    the CPU, with the native kernels built."""
+    if quantize not in ("int8", "int4"):
         weights = "full precision" if quantize is None else quantize
-        raise ArgumentValueError("activations", f"activations='int8' multiplies int8 weights: "
-                                                f"pass quantize='int8' too (or load an int8 "
-                                                f"checkpoint); the weights here are {weights}")
+        raise ArgumentValueError("activations", f"activations='int8' multiplies quantized "
+                                                f"weights: pass quantize='int8' or 'int4' too "
+                                                f"(or load a quantized checkpoint); the weights "
+                                                f"here are {weights}")
     if torch.device(device).type != "cpu":
         raise ArgumentValueError("activations", f"activations='int8' is a CPU route (device "
                                                 f"{device}); on a GPU, leave it out")
@@ -75,3 +84,49 @@ class PackedW8A8:
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+class PackedW4A8:
+    """An int4 weight (scales and zeros per group of 32, 64 or 128 columns) in w4a8_mm's layout:
+    the values two to a byte in w8a8's column order, a scale and a zero per block of 32
+    (llama/kernels/cpu_w4a8.cpp). Made from the default route's weight (linear.PackedInt4 in
+    our kernels' layout): the same values, scales and zeros."""
+
+    def __init__(self, int4):
+        if int4.device.type != "cpu" or not int4.our_kernels:
+            raise QuantizationError("PackedW4A8: int8 activations run on the CPU's native "
+                                    "kernels only")
+        self.device, self.dtype = int4.device, int4.dtype  # dtype: the activations'
+        self.shape = int4.shape
+        self.out_features, self.in_features = int4.out_features, int4.in_features
+        self.group_size = int4.group_size
+        n, k = self.out_features, self.in_features
+        width = k + -k % cpu_kernels.W8A8_GROUP
+        self.weight = torch.empty(n, width // 2, dtype=torch.uint8)
+        self.scales_and_zeros = torch.empty(n, width // 16, dtype=torch.bfloat16)
+        for start in range(0, n, _ROWS_AT_ONCE):  # the layout's temporaries: ~4 bytes a value
+            end, rows = min(n, start + _ROWS_AT_ONCE), slice(start, start + _ROWS_AT_ONCE)
+            parts = cpu_kernels.int4_parts(int4.weight[rows], int4.scales_and_zeros[rows],
+                                           end - start)
+            self.weight[start:end], self.scales_and_zeros[start:end] = (
+                cpu_kernels.w4a8_layout(*parts))
+
+    @property
+    def nbytes(self) -> int:
+        return (self.weight.numel() + self.scales_and_zeros.numel()
+                * self.scales_and_zeros.element_size())
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight as floats, (v - 8) * scale + zero, as the int4 format computes it."""
+        values, scales, zeros = cpu_kernels.w4a8_parts(self.weight, self.scales_and_zeros)
+        k = self.in_features
+        w = (values[:, :k].float() - 8) * scales[:, :k].float() + zeros[:, :k].float()
+        return w.to(dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        out = cpu_kernels.w4a8_mm(as_float32(x.reshape(-1, self.in_features)), self.weight,
+                                  self.scales_and_zeros)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
+

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
                              "decodes on the CPU; each key and value rounded once) (default: "
                              "the activations' dtype)")
     parser.add_argument("--activations", choices=["int8"],
-                        help="with --quantize int8: round the activations to int8 too, in "
+                        help="with --quantize int8 or int4: round the activations to int8 too, in "
                              "blocks of 32 (faster prompts on AVX-512 VNNI CPUs, a coarser "
                              "rounding) (default: int16 per token)")
     parser.add_argument("--api_key", default=os.environ.get("LLAMA_API_KEY"),

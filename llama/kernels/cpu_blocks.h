@@ -1,0 +1,35 @@
+// What the int8-activation routes share (cpu_w8a8.cpp: int8 weights, cpu_w4a8.cpp: int4
+// weights): activations rounded to int8 in blocks of 32 columns, one float scale per block,
+// laid out so that int32 lane j of a 64-byte vector product sums block j of a group of 16
+// blocks; and the fixed order in which the 16 lanes' float sums are added.
+#pragma once
+
+#include "cpu_common.h"
+
+static constexpr int64_t BLOCK = 32;  // columns per activation scale
+static constexpr int64_t LANES = 16;  // blocks per group
+static constexpr int64_t GROUP = BLOCK * LANES;
+
+// Row r of x (K columns) as int8 in the packed order (per group, 8 steps of 64 bytes: byte
+// 4j + t of step s is column 32j + 4s + t), its blocks' scales (P / 32 floats, P = K rounded
+// up to GROUP) and minus 128 times each block's sum of q. A block with an inf or NaN gets a
+// NaN scale (its row's outputs are NaN, as a float product's would be). In cpu_w8a8.cpp.
+void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
+                     int32_t* offset);
+
+// The 16 lanes' partial sums, added in one fixed order on every instruction set.
+static inline float lanes_total(const float* lane) {
+  float half[8];
+  for (int i = 0; i < 8; ++i) half[i] = lane[i] + lane[i + 8];
+  for (int i = 0; i < 4; ++i) half[i] += half[i + 4];
+  return (half[0] + half[2]) + (half[1] + half[3]);
+}
+
+#if defined(LK_AVX512)
+static inline float lanes_total(__m512 v) {  // lanes_total's order, in vectors
+  const __m256 v8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));  // (0 + 2, 1 + 3)
+  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+}
+#endif

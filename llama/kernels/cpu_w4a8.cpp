@@ -1,0 +1,152 @@
+// int4 weights times int8 activations (W4A8), opt-in: the route of `activations="int8"` for
+// int4 weights (llama/layers/w8a8.py). The int4 kernel (cpu_int4.cpp) rounds activations to
+// int16, one scale per row, and multiplies with vpdpwssd, 32 multiply-adds an instruction, after
+// unpacking nibbles to int16 lanes. Here activations are rounded as for int8 weights
+// (cpu_w8a8.cpp: int8 in blocks of 32 columns, one float scale per block) and the weight's
+// values, 0..15, are vpdpbusd's unsigned operand as they are: 64 multiply-adds an instruction.
+//
+//   w4a8_mm(x, packed, sm, K)   y[r, o] = sum_b d[r, b] * (s[o, b] * S + m[o, b] * A)
+//                               S = sum_{k in b} q[r, k] * v[o, k],  A = sum_{k in b} q[r, k]
+//                               q, d: x's row r in blocks b of 32 (quantize_row_i8)
+//                               v in 0..15; s, m: the block's scale and zero - 8 * scale
+//
+// so that s * v + m is the int4 format's (v - 8) * scale + zero (m is computed in float32 as
+// the kernel goes: z - 8 s, one rounding). Each block's S and A are exact
+// integers; the float work per block is one fixed sequence (t = d * s; f = fma(t, S, f);
+// f = fma(d * A, m, f)), lane j taking blocks j, j + 16, ..., then lanes_total: the same bits on
+// every instruction set and thread count, and for a row alone or in any batch.
+//
+// Layout (w4a8_layout in cpu_kernels.py): packed (N, P / 2) uint8, P = K rounded up to GROUP:
+// per group, 4 vectors of 64 bytes, vector p holding step 2p's byte i in the low nibble of its
+// byte i and step 2p + 1's in the high one (steps as in quantize_row_i8: byte 4j + t of step s
+// is column 32j + 4s + t). sz (N, P / 32 * 2) bfloat16: per group, the 16 blocks' scales,
+// then their zeros (zero past K): the saved format's bytes, 20 a block of 32 with the values.
+
+#include "cpu_blocks.h"
+
+template <int NO, int NR>
+static void w4a8_tile(const int8_t* q, const float* d, const float* da, int64_t P,
+                      const uint8_t* w, const uint16_t* sz, float* y, int64_t N) {
+  const int64_t nb = P / BLOCK, half = P / 2;
+#if defined(LK_AVX512) && defined(__AVX512VNNI__)
+  alignas(64) float facc[NO][NR][LANES] = {};  // in memory between groups, as w8a8_tile's
+  const __m512i nibble = _mm512_set1_epi8(15);
+  for (int64_t g = 0; g < P; g += GROUP) {
+    __asm__ volatile("" : : : "memory");
+    i32acc acc[NO][NR];
+    for (int o = 0; o < NO; ++o)
+      for (int r = 0; r < NR; ++r) acc[o][r] = (i32acc)_mm512_setzero_si512();
+    for (int64_t s = g; s < g + GROUP; s += 128) {  // two steps of 64 columns
+      __m512i lo[NO], hi[NO];
+      for (int o = 0; o < NO; ++o) {
+        prefetch_l2(w + (o + NO) * half + s / 2);
+        const __m512i raw = _mm512_loadu_si512(w + o * half + s / 2);
+        lo[o] = in_register(_mm512_and_si512(raw, nibble));
+        hi[o] = in_register(_mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512i x0 = in_register(_mm512_loadu_si512(q + r * P + s));
+        const __m512i x1 = in_register(_mm512_loadu_si512(q + r * P + s + 64));
+        for (int o = 0; o < NO; ++o) {
+          acc[o][r] = (i32acc)_mm512_dpbusd_epi32((__m512i)acc[o][r], lo[o], x0);
+          acc[o][r] = (i32acc)_mm512_dpbusd_epi32((__m512i)acc[o][r], hi[o], x1);
+        }
+      }
+    }
+    const int64_t b = g / BLOCK;
+    __m512 sv[NO], mv[NO];
+    for (int o = 0; o < NO; ++o) {
+      prefetch_l2(sz + (o + NO) * 2 * nb + 2 * b);  // the next tile's, as its values
+      const __m512i both = _mm512_loadu_si512(sz + o * 2 * nb + 2 * b);  // 16 s, 16 z
+      sv[o] = widen_bf16(_mm512_castsi512_si256(both));
+      mv[o] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv[o],  // z - 8 s
+                               widen_bf16(_mm512_extracti64x4_epi64(both, 1)));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512 dv = _mm512_loadu_ps(d + r * nb + b);
+      const __m512 dav = _mm512_loadu_ps(da + r * nb + b);
+      for (int o = 0; o < NO; ++o) {
+        __m512 f = _mm512_load_ps(facc[o][r]);
+        f = _mm512_fmadd_ps(_mm512_mul_ps(dv, sv[o]), _mm512_cvtepi32_ps((__m512i)acc[o][r]), f);
+        f = _mm512_fmadd_ps(dav, mv[o], f);
+        _mm512_store_ps(facc[o][r], f);
+      }
+    }
+  }
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r) y[r * N + o] = lanes_total(_mm512_load_ps(facc[o][r]));
+#else
+  for (int o = 0; o < NO; ++o)
+    for (int r = 0; r < NR; ++r) {
+      float lane[LANES] = {};
+      const uint8_t* wo = w + o * half;
+      const int8_t* qr = q + r * P;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t g = b / LANES * GROUP, j = b % LANES;
+        int32_t sum = 0;
+        for (int64_t s = 0; s < GROUP; s += 64)
+          for (int t = 0; t < 4; ++t) {
+            const int64_t i = 4 * j + t;  // byte i of step s
+            const uint8_t byte = wo[(g + s / 128 * 128) / 2 + i];
+            const int32_t v = (s / 64) % 2 ? byte >> 4 : byte & 15;
+            sum += v * qr[g + s + i];
+          }
+        const uint16_t* so = sz + o * 2 * nb + 2 * (b - j) + j;
+        const float s = bf16_to_float(so[0]), m = std::fma(-8.f, s, bf16_to_float(so[LANES]));
+        lane[j] = std::fma(d[r * nb + b] * s, static_cast<float>(sum), lane[j]);
+        lane[j] = std::fma(da[r * nb + b], m, lane[j]);
+      }
+      y[r * N + o] = lanes_total(lane);
+    }
+#endif
+}
+
+#if defined(LK_AVX512) && defined(__AVX512VNNI__)
+// 16 int32 accumulators, 8 unpacked weight vectors, a row's two activation vectors and the
+// nibble mask: 27 of 32 registers.
+static constexpr int W4A8_OUTS = 4, W4A8_ROWS = 4;
+#else
+static constexpr int W4A8_OUTS = 2, W4A8_ROWS = 2;
+#endif
+
+at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
+                   int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+              x.size(1) == K, "w4a8_mm: x must be a contiguous (rows, K) float32 tensor");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "w4a8_mm: packed must be a contiguous (N, P / 2) uint8 tensor");
+  const int64_t R = x.size(0), N = packed.size(0), P = packed.size(1) * 2;
+  TORCH_CHECK(P % GROUP == 0 && P >= K && P - K < GROUP,
+              "w4a8_mm: the packed width must be K rounded up to a multiple of 512, halved");
+  const int64_t nb = P / BLOCK;
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+              sz.numel() == N * 2 * nb, "w4a8_mm: sz must be (N, P / 32 * 2) bfloat16");
+  at::Tensor q = new_tensor({R, P}, at::kChar);
+  at::Tensor d = new_tensor({R, nb}, at::kFloat);
+  at::Tensor da = new_tensor({R, nb}, at::kFloat);
+  at::Tensor offset = new_tensor({R, nb}, at::kInt);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  float* dap = da.data_ptr<float>();
+  int32_t* op = offset.data_ptr<int32_t>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      quantize_row_i8(xp + r * K, K, P, qp + r * P, dp + r * nb, op + r * nb);
+      for (int64_t b = 0; b < nb; ++b)  // A = offset / -128, exactly
+        dap[r * nb + b] = dp[r * nb + b] * static_cast<float>(op[r * nb + b] / -128);
+    }
+  });
+  at::Tensor y = new_tensor({R, N}, at::kFloat);
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t budget = (512 << 10) / P;  // ~512 KB of int8 rows a block, as w8a8_mm
+  tiled_product<W4A8_OUTS, W4A8_ROWS>(
+      R, N, W4A8_OUTS * P / 2, budget, [&](auto no, auto nr, int64_t r, int64_t o) {
+        w4a8_tile<decltype(no)::value, decltype(nr)::value>(
+            qp + r * P, dp + r * nb, dap + r * nb, P, wp + o * (P / 2), szp + o * 2 * nb,
+            yp + r * N + o, N);
+      });
+  return y;
+}

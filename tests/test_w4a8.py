@@ -1,0 +1,159 @@
+"""int4 weights times int8 activations (quantize="int4", activations="int8";
+llama/kernels/cpu_w4a8.cpp, llama/layers/w8a8.py's PackedW4A8): the kernel against float64
+products of the int4 format's values and the activations rounded in torch
+(cpu_kernels.int8_blocks), rows alone or in a batch, thread counts, inf and NaN, the layout and
+its inverse; the model with the route against int4 weights alone."""
+
+import pytest
+import torch
+
+from llama.kernels import cpu_kernels
+from llama.layers.linear import PackedInt4
+from llama.layers.w8a8 import PackedW4A8
+from llama.quantize.formats import quantize_int4
+from tests.conftest import run_script
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"native CPU kernels unavailable: "
+                                       f"{cpu_kernels.unavailable_reason()}")
+# (outputs, inputs, group size): one group of 512, a partial group, 7B's w2 width (11008:
+# 21.5 groups), groups of 64 and 128 (a scale and zero spanning several blocks), output counts
+# no tile divides
+SHAPES = [(16, 512, 32), (37, 992, 32), (5, 11008, 32), (67, 1536, 64), (20, 640, 128)]
+
+
+def int4_weight(n, k, group_size, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    return quantize_int4(w, group_size)
+
+
+def activations(rows, k, seed=1):
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    x[:, 5 % k] *= 60  # an outlier channel: its block gets a coarser scale than the others
+    return x
+
+
+def float64_products(x, q4):
+    """sum_b d * sum_{k in b} q * ((v - 8) * scale + zero): the int4 format's weight, in
+    float64, times x rounded in blocks of 32 by the torch restatement."""
+    q, d = cpu_kernels.int8_blocks(x)
+    values = q4.values().double()
+    group = q4.in_features // q4.scales.shape[1]
+    w = ((values - 8) * q4.scales.double().repeat_interleave(group, 1)
+         + q4.zeros.double().repeat_interleave(group, 1))
+    rows, k = x.shape
+    qb = q.double().view(rows, k // 32, 32)
+    wb = w.view(w.shape[0], k // 32, 32)
+    return (torch.einsum("rbk,obk->rob", qb, wb) * d.double()[:, None, :]).sum(-1)
+
+
+def packed(q4):
+    return cpu_kernels.w4a8_layout(q4.values(), q4.scales, q4.zeros)
+
+
+@pytest.mark.parametrize("n, k, group_size", SHAPES)
+@pytest.mark.parametrize("rows", [1, 4, 7, 20])
+def test_products_of_the_blockwise_rounded_activations(n, k, group_size, rows):
+    """Within float32 rounding of float64's sums; a row's outputs the same bits alone as in
+    the batch; and not the int16 route's function."""
+    q4, x = int4_weight(n, k, group_size), activations(rows, k, seed=rows)
+    weight, sz = packed(q4)
+    y = cpu_kernels.w4a8_mm(x, weight, sz)
+    ref = float64_products(x, q4)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
+    assert torch.equal(cpu_kernels.w4a8_mm(x[-1:].contiguous(), weight, sz), y[-1:])
+    y16 = PackedInt4(q4).product(x)
+    assert not torch.equal(y, y16)
+    assert float((y - y16).norm() / y16.norm()) < 0.05
+
+
+def test_the_layout_and_its_inverses():
+    """w4a8_parts gives back each column's value, scale and zero (zeros past the columns);
+    int4_parts undoes pack_int4 (the default route's layout, from which the model converts)."""
+    n, k = 21, 1100 // 32 * 32
+    q4 = int4_weight(n, k, 64)
+    values, scales, zeros = cpu_kernels.w4a8_parts(*packed(q4))
+    assert torch.equal(values[:, :k], q4.values()) and not values[:, k:].any()
+    assert torch.equal(scales[:, :k], q4.scales.repeat_interleave(64, 1))
+    assert torch.equal(zeros[:, :k], q4.zeros.repeat_interleave(64, 1))
+    assert not scales[:, k:].any() and not zeros[:, k:].any()
+    default = PackedInt4(q4)
+    values, scales, zeros = cpu_kernels.int4_parts(default.weight, default.scales_and_zeros, n)
+    assert torch.equal(values, q4.values())
+    assert torch.equal(scales, q4.scales) and torch.equal(zeros, q4.zeros)
+
+
+def test_thread_counts_give_the_same_bits():
+    q4, x = int4_weight(300, 2048, 32), activations(37, 2048)
+    weight, sz = packed(q4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.w4a8_mm(x, weight, sz)
+        torch.set_num_threads(2)
+        two = cpu_kernels.w4a8_mm(x, weight, sz)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_a_row_with_inf_or_nan_gives_nan_and_leaves_the_others():
+    q4, x = int4_weight(20, 704, 32), activations(3, 704)
+    weight, sz = packed(q4)
+    clean = cpu_kernels.w4a8_mm(x, weight, sz)
+    for bad in (float("inf"), float("nan")):
+        dirty = x.clone()
+        dirty[1, 650] = bad  # in the last, partial group
+        y = cpu_kernels.w4a8_mm(dirty, weight, sz)
+        assert y[1].isnan().all()
+        assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
+def test_the_kernel_refuses_bad_layouts():
+    x = torch.randn(2, 600)
+    with pytest.raises(RuntimeError, match="K rounded up to a multiple of 512, halved"):
+        cpu_kernels.w4a8_mm(x, torch.zeros(4, 256, dtype=torch.uint8),
+                            torch.zeros(4, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="sz must be"):
+        cpu_kernels.w4a8_mm(x, torch.zeros(4, 512, dtype=torch.uint8),
+                            torch.zeros(4, 64))
+
+
+def test_packed_weight_keeps_the_values_scales_and_zeros():
+    """Converted a block of rows at a time (more rows than one block here)."""
+    q4 = int4_weight(2100, 96, 32)
+    default = PackedInt4(q4)
+    routed = PackedW4A8(default)
+    assert torch.equal(routed.dequantize(), default.dequantize())
+    x = torch.randn(2, 3, 96)
+    y = routed.product(x)
+    assert y.shape == (2, 3, 2100)
+    assert torch.equal(y.view(6, 2100), cpu_kernels.w4a8_mm(
+        x.view(6, 96), *packed(q4)))
+
+
+def test_the_model_takes_the_route_for_every_int4_product(build):
+    """Every packed int4 weight becomes a PackedW4A8; the logits stay close to int4 weights
+    alone but are a different function. (A token prefilled or decoded: tests/test_session.py.)"""
+    plain = build("gqa", quantize="int4")
+    routed = build("gqa", quantize="int4", activations="int8")
+    model = routed.model
+    kinds = [type(layer.attention._qkv.packed) for layer in model.layers]
+    kinds += [type(layer.feed_forward.w2.weight) for layer in model.layers]
+    assert set(kinds) == {PackedW4A8} and isinstance(model.output.weight, PackedW4A8)
+    tokens = torch.tensor([plain.tokenizer.encode("a class is a way to bundle data", bos=True,
+                                                  eos=False)])
+    a = plain.model.forward(tokens, 0, plain.model.new_cache(1, 64))
+    b = model.forward(tokens, 0, model.new_cache(1, 64))
+    assert not torch.equal(a, b)
+    assert float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_the_script_takes_the_flag(checkpoints, tokenizer_path):
+    result = run_script(["example_text_completion.py", "--ckpt_dir", checkpoints("gqa", 1),
+                         "--tokenizer_path", tokenizer_path, "--max_seq_len", "128",
+                         "--max_gen_len", "4", "--quantize", "int4", "--activations", "int8"])
+    assert result.returncode == 0, result.stderr
+    assert "int4 weights, int8 activations (blocks of 32)" in result.stderr
+    assert result.stdout.count("\n> ") == 4
+
