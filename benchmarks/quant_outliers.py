@@ -115,7 +115,7 @@ def s_model(args: ModelArgs, state: dict, per: Optional[str] = None) -> Transfor
     """The model of `state`; per="float32": its quantized weights dequantized into a float32
     model; "tensor", "token", "block32": its int8 weights as W8A8 foils, "kernel": as our
     native int8 kernel (ActivationInt8); "w8a8": the library's int8 activations
-    (Transformer.use_int8_activations)."""
+    (Transformer.use_int8_activations; int8 or int4 weights)."""
     if per == "float32":
         state = {k: v if isinstance(v, torch.Tensor) else v.dequantize()
                  for k, v in state.items()}
@@ -177,6 +177,8 @@ def outlier_part(quick: bool, plants: List[str]) -> None:
                 "int8", None, "kernel"),
                ("int8, int8 activations in blocks of 32 (ours, opt-in: activations='int8')",
                 "int8", None, "w8a8"),
+               ("int4 g32, int8 activations in blocks of 32 (ours, opt-in)", "int4", 32,
+                "w8a8"),
                ("float32 + noise of int8's error size (reference)", "int8", None, "noise")]
     schemes = [s for s in schemes if not (quick and s[2] == 128)
                and (s[3] not in ("kernel", "w8a8") or cpu_kernels.available())]

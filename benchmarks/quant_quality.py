@@ -11,7 +11,7 @@
    decoding (64 tokens) of example_text_completion.py's prompts and example_chat_completion.py's
    dialogs (as chat_completion builds them, a batch of four as the scripts run them): tokens
    equal before the first difference, and position-by-position agreement.
-   The int8 rows include our opt-in int8 activations (activations="int8").
+   The int8 and int4 g32 rows include our opt-in int8 activations (activations="int8").
 2. A random model of bench.py's S shape with planted outlier channels, teacher-forced on
    random tokens: top-1 agreement and KL against its own float32 model for our weight-only
    int8 and int4, our int8 activations, and W8A8 foils that also round every product's
@@ -40,7 +40,7 @@ from llama import Llama
 from llama.chat_format import dialog_to_tokens
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, heldout_windows
 from llama.kernels import cpu_kernels
-from llama.layers.w8a8 import PackedW8A8
+from llama.layers.w8a8 import PackedW4A8, PackedW8A8
 from llama.quantize.formats import group_sizes_for, is_quantized, quantize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +49,10 @@ DEMO_WINDOW = 257  # BOS + 256 tokens: scripts/train_demo_model.py's evaluation 
 GREEDY_TOKENS = 64
 # (mode, group size, dequantized: the same weights in a float32 model, float32 activations)
 DEMO_VARIANTS = [("int8", None, False), ("int8", None, True), ("w8a8", None, False),
-                 ("int4", 32, False),
-                 ("int4", 32, True), ("int4", 64, False), ("int4", 128, False)]
+                 ("int4", 32, False), ("int4", 32, True), ("w4a8", 32, False),
+                 ("int4", 64, False), ("int4", 128, False)]
+# modes with int8 activations (opt-in): their weights' mode
+INT8_ACTIVATIONS = {"w8a8": "int8", "w4a8": "int4"}
 
 
 
@@ -82,6 +84,8 @@ def routes():
              (cpu_kernels, "w8a8_mm", "our int8-activation kernel (blocks of 32 rounded to "
               "int8)"),
              (cpu_kernels, "int4_mm", "our int4 kernel"),
+             (cpu_kernels, "w4a8_mm", "our int4 int8-activation kernel (blocks of 32 rounded "
+              "to int8)"),
              (torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
              (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
              (lin, "_by_row_blocks", lambda block_t, n: "dequantised bf16 GEMM ("
@@ -89,7 +93,7 @@ def routes():
     spies = [(owner, attr, spy(getattr(owner, attr), name)) for owner, attr, name in spies
              if hasattr(owner, attr)] + [(cls, "product", product(cls.product, cls))
                                          for cls in (lin.PackedInt8, lin.PackedInt4,
-                                                     PackedW8A8)]
+                                                     PackedW8A8, PackedW4A8)]
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
     for owner, attr, wrapped in spies:
         setattr(owner, attr, wrapped)
@@ -152,10 +156,11 @@ def build_demo(mode=None, group=None, dequantized=False) -> Llama:
     with float32 activations, which separates the weights' error from that of the bfloat16
     activations the CPU routes take."""
     mode, group, deq = (None, None, (mode, group)) if dequantized else (mode, group, None)
-    activations = "int8" if mode == "w8a8" else None  # int8 weights, int8 activations
+    activations = "int8" if mode in INT8_ACTIVATIONS else None
     llama = Llama.build(DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, max_seq_len=512, max_batch_size=4,
-                        verbose=False, device="cpu", quantize="int8" if activations else mode,
-                        group_size=group, activations=activations)
+                        verbose=False, device="cpu",
+                        quantize=INT8_ACTIVATIONS.get(mode, mode), group_size=group,
+                        activations=activations)
     with torch.no_grad():  # the parameters, in place
         for name, param in llama.model.named_parameters() if deq else ():
             if is_quantized(name):
@@ -216,7 +221,8 @@ def demo_part(quick: bool) -> None:
     for mode, group, dequantized in DEMO_VARIANTS:
         name = (mode if group is None else f"{mode} g{group}") + (
             ", float32 activations" if dequantized else "")
-        name = "int8, int8 activations (opt-in)" if mode == "w8a8" else name
+        if mode in INT8_ACTIVATIONS:
+            name = name.replace(mode, INT8_ACTIVATIONS[mode]) + ", int8 activations (opt-in)"
         if group is not None and group not in group_sizes_for(hidden):
             print(f"| {name} | n/a: w2's {hidden} input columns are not a multiple of {group} "
                   f"| | | | | |")

@@ -82,6 +82,7 @@ FORMATS = {  # Llama.build's arguments per format
     "int8": {"quantize": "int8"},
     "int4": {"quantize": "int4"},
     "w8a8": {"quantize": "int8", "activations": "int8"},  # int8 activations too (opt-in)
+    "w4a8": {"quantize": "int4", "activations": "int8"},
 }
 GIB = 1024 ** 3
 WORKING = GIB  # what a process holds beyond weights and cache: torch, activations, temporaries
@@ -260,7 +261,7 @@ def table(results, bandwidth: float, batches) -> str:
             kind = r["weight_dtype"]
             measured = r.get("read_bandwidth_before_after", [bandwidth])
             around = max(measured)
-            if r["format"] in ("int8", "int4", "w8a8"):
+            if r["format"] in ("int8", "int4", "w8a8", "w4a8"):
                 kind = f"{r['format']}, {kind} embedding"
             cells = ([r["format"], kind, f"{r['load_s']:.1f}",
                       f"{r['peak_rss_load'] / GIB:.2f} / {r['peak_rss'] / GIB:.2f}",

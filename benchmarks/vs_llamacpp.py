@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--llama-cpp", type=Path, required=True,
                         help="the folder of llama-bench and llama-batched-bench")
     parser.add_argument("--formats", nargs="+", default=["int8"],
-                        choices=["default", "float32", "bf16", "int8", "int4", "w8a8"])
+                        choices=["default", "float32", "bf16", "int8", "int4", "w8a8", "w4a8"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64)

@@ -289,8 +289,10 @@ class Transformer(nn.Module):
         columns (llama/layers/w8a8.py: faster prefills on AVX-512 VNNI CPUs, a coarser rounding
         than the default's int16 rows). CPU models with quantized weights only
         (ArgumentValueError otherwise); every product from now on, prefills and decode steps
-        alike."""
+        alike. Calling it again changes nothing."""
         kinds = {type(p.packed) for _, _, p in projections(self)}
+        if kinds and kinds <= {PackedW8A8, PackedW4A8}:
+            return
         quantize = "int8" if PackedInt8 in kinds else "int4" if PackedInt4 in kinds else None
         check_activations_route(quantize, self.norm.weight.device)
         repack(self, lambda p: PackedW8A8(p) if isinstance(p, PackedInt8) else

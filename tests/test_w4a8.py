@@ -141,6 +141,9 @@ def test_the_model_takes_the_route_for_every_int4_product(build):
     kinds = [type(layer.attention._qkv.packed) for layer in model.layers]
     kinds += [type(layer.feed_forward.w2.weight) for layer in model.layers]
     assert set(kinds) == {PackedW4A8} and isinstance(model.output.weight, PackedW4A8)
+    output = model.output.weight
+    model.use_int8_activations()  # again: nothing to do
+    assert model.output.weight is output
     tokens = torch.tensor([plain.tokenizer.encode("a class is a way to bundle data", bos=True,
                                                   eos=False)])
     a = plain.model.forward(tokens, 0, plain.model.new_cache(1, 64))
