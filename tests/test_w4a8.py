@@ -83,6 +83,17 @@ def test_the_layout_and_its_inverses():
     assert torch.equal(scales, q4.scales) and torch.equal(zeros, q4.zeros)
 
 
+@pytest.mark.parametrize("n, k, group_size", SHAPES)
+def test_the_native_conversion_is_the_torch_forms(n, k, group_size):
+    """w4a8_pack (from the default int4 layout, in one pass) equals w4a8_layout of the
+    values, scales and zeros int4_parts recovers from that layout."""
+    default = PackedInt4(int4_weight(n, k, group_size))
+    native = cpu_kernels.w4a8_pack(default.weight, default.scales_and_zeros, n, group_size)
+    torch_form = cpu_kernels.w4a8_layout(*cpu_kernels.int4_parts(
+        default.weight, default.scales_and_zeros, n))
+    assert all(torch.equal(a, b) for a, b in zip(native, torch_form))
+
+
 def test_thread_counts_give_the_same_bits():
     q4, x = int4_weight(300, 2048, 32), activations(37, 2048)
     weight, sz = packed(q4)
@@ -120,7 +131,6 @@ def test_the_kernel_refuses_bad_layouts():
 
 
 def test_packed_weight_keeps_the_values_scales_and_zeros():
-    """Converted a block of rows at a time (more rows than one block here)."""
     q4 = int4_weight(2100, 96, 32)
     default = PackedInt4(q4)
     routed = PackedW4A8(default)

@@ -259,6 +259,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
     model.set_kv_cache_dtype(kv_cache_dtype)
     if options.activations is not None:
         model.use_int8_activations()
+        host_memory.trim_heap()  # the old layouts' holes
     say(f"Loaded in {time.time() - start_time:.2f} seconds "
         f"({world_size} process{'es' if world_size > 1 else ''}, {files}, {device.type}, "
         f"{_name(dtype)}"

@@ -138,8 +138,8 @@ def w4a8_layout(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor)
     multiple of 32), in w4a8_mm's layout: (packed (N, P / 2) uint8, sz (N, P / 32 * 2)
     bfloat16), P = K rounded up to W8A8_GROUP. The values in w8a8_layout's order (without its
     + 128), steps 2p and 2p + 1 of each group in the low and high nibbles of 64 bytes; sz per
-    group: the 16 blocks' scales, then their zeros (zero past K). Temporaries: ~4 N x P bytes
-    (PackedW4A8 converts a weight a block of rows at a time)."""
+    group: the 16 blocks' scales, then their zeros (zero past K). The torch form of w4a8_pack,
+    which the model's conversion uses."""
     n, k = values.shape
     pad = -k % W8A8_GROUP
     v = F.pad(values, (0, pad)).view(n, -1, 16, W8A8_GROUP // 64, 4)
@@ -149,6 +149,12 @@ def w4a8_layout(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor)
     sz = torch.stack([F.pad(t.to(torch.bfloat16).repeat_interleave(per_block, dim=1),
                             (0, pad // 32)).view(n, -1, 16) for t in (scales, zeros)], dim=2)
     return packed.contiguous(), sz.reshape(n, -1).contiguous()
+
+
+def w4a8_pack(packed: torch.Tensor, sz: torch.Tensor, n: int, group_size: int):
+    """pack_int4's layout of an int4 weight (its first n rows) in w4a8_layout's, in one pass
+    (llama/kernels/cpu_w4a8.cpp): equal to w4a8_layout(*int4_parts(packed, sz, n))."""
+    return _ops().w4a8_pack(packed, sz, n, group_size)
 
 
 def w4a8_parts(packed: torch.Tensor, sz: torch.Tensor):

@@ -13,6 +13,8 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
                    int64_t K);
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
                    int64_t K);
+std::tuple<at::Tensor, at::Tensor> w4a8_pack(const at::Tensor& packed16, const at::Tensor& sz16,
+                                             int64_t n, int64_t group_size);
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
                    int64_t group_size, int64_t n_out);
 at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& sz, int64_t group_size,
@@ -30,6 +32,7 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("int8_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int K) -> Tensor");
   m.def("w4a8_mm(Tensor x, Tensor packed, Tensor sz, int K) -> Tensor");
+  m.def("w4a8_pack(Tensor packed16, Tensor sz16, int n, int group_size) -> (Tensor, Tensor)");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group_size, int n_out) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor sz, int group_size, int start, int end, "
         "bool bf16) -> Tensor");
@@ -46,6 +49,7 @@ TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("w8a8_mm", &w8a8_mm);
   m.impl("w4a8_mm", &w4a8_mm);
+  m.impl("w4a8_pack", &w4a8_pack);
   m.impl("int4_mm", &int4_mm);
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int4_pack", &int4_pack);

@@ -150,3 +150,54 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       });
   return y;
 }
+
+// An int4 weight in pack_int4's layout (cpu_int4.cpp: packed (N16, K / 2) uint8, sz (N16,
+// K / G, 2) bfloat16) laid out for w4a8_mm, its first n rows: what w4a8_layout computes in
+// torch from the unpacked values, in one pass a row at a time (the torch form's permutations
+// of small dimensions took ~20 s for 7B's weights; see PackedW4A8).
+std::tuple<at::Tensor, at::Tensor> w4a8_pack(const at::Tensor& packed16, const at::Tensor& sz16,
+                                             int64_t n, int64_t group_size) {
+  TORCH_CHECK(packed16.dim() == 2 && packed16.scalar_type() == at::kByte &&
+              packed16.is_contiguous() && packed16.size(0) % 16 == 0 && n <= packed16.size(0),
+              "w4a8_pack: packed must be pack_int4's (N16, K / 2) uint8");
+  const int64_t N16 = packed16.size(0), K = packed16.size(1) * 2, G = group_size;
+  TORCH_CHECK(G % BLOCK == 0 && K % G == 0 && sz16.scalar_type() == at::kBFloat16 &&
+              sz16.is_contiguous() && sz16.numel() == N16 * (K / G) * 2,
+              "w4a8_pack: sz must be pack_int4's (N16, K / G, 2) bfloat16, G a multiple of 32");
+  const int64_t P = (K + GROUP - 1) / GROUP * GROUP, nb = P / BLOCK, groups = K / G;
+  at::Tensor packed = new_tensor({n, P / 2}, at::kByte);
+  at::Tensor sz = new_tensor({n, 2 * nb}, at::kBFloat16);
+  const uint8_t* in = packed16.data_ptr<uint8_t>();
+  const uint16_t* szin = reinterpret_cast<const uint16_t*>(sz16.data_ptr<at::BFloat16>());
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  uint16_t* szout = reinterpret_cast<uint16_t*>(sz.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> v(P, 0);  // a row's values, zero past K
+    for (int64_t o = begin; o < end; ++o) {
+      const int64_t block = o / 16, oi = o % 16;
+      const uint8_t* rows = in + block * 16 * (K / 2);  // the block's 16 rows, step by step
+      for (int64_t c = 0; c < K; ++c) {  // word 2 oi + parity of step c / 8, nibble p
+        const int64_t step = c / 8, parity = c % 2, p = (c % 8) / 2;
+        const uint8_t byte = rows[step * 64 + 4 * oi + 2 * parity + p / 2];
+        v[c] = p % 2 ? byte >> 4 : byte & 15;
+      }
+      uint8_t* row = out + o * (P / 2);
+      for (int64_t g = 0; g < P; g += GROUP)
+        for (int64_t pair = 0; pair < 4; ++pair)
+          for (int64_t i = 0; i < 64; ++i) {  // byte i of steps 2 pair and 2 pair + 1
+            const int64_t col = g + 32 * (i / 4) + i % 4;
+            row[g / 2 + 64 * pair + i] = static_cast<uint8_t>(
+                v[col + 8 * pair] | v[col + 8 * pair + 4] << 4);
+          }
+      const uint16_t* pairs = szin + block * 16 * groups * 2;  // (group, output, 2)
+      uint16_t* s = szout + o * 2 * nb;
+      for (int64_t b = 0; b < nb; ++b) {  // per group of 16 blocks: 16 scales, 16 zeros
+        const bool inside = b * BLOCK < K;
+        const int64_t wg = b * BLOCK / G;
+        s[b / LANES * 2 * LANES + b % LANES] = inside ? pairs[(wg * 16 + oi) * 2] : 0;
+        s[b / LANES * 2 * LANES + LANES + b % LANES] = inside ? pairs[(wg * 16 + oi) * 2 + 1] : 0;
+      }
+    }
+  });
+  return {packed, sz};
+}

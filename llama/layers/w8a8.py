@@ -29,9 +29,6 @@ from llama.layers.linear import as_float32
 from llama.quantize.formats import QuantizationError
 
 ACTIVATIONS = ("int8",)
-# Weight rows laid out at a time for int4's route (a multiple of pack_int4's blocks of 16):
-# 4096 columns' temporaries are then ~32 MB, not ~4 bytes for each of the weight's values.
-_ROWS_AT_ONCE = 2048
 
 
 def check_activations_route(quantize: Optional[str], device) -> None:
@@ -100,16 +97,9 @@ class PackedW4A8:
         self.shape = int4.shape
         self.out_features, self.in_features = int4.out_features, int4.in_features
         self.group_size = int4.group_size
-        n, k = self.out_features, self.in_features
-        width = k + -k % cpu_kernels.W8A8_GROUP
-        self.weight = torch.empty(n, width // 2, dtype=torch.uint8)
-        self.scales_and_zeros = torch.empty(n, width // 16, dtype=torch.bfloat16)
-        for start in range(0, n, _ROWS_AT_ONCE):  # the layout's temporaries: ~4 bytes a value
-            end, rows = min(n, start + _ROWS_AT_ONCE), slice(start, start + _ROWS_AT_ONCE)
-            parts = cpu_kernels.int4_parts(int4.weight[rows], int4.scales_and_zeros[rows],
-                                           end - start)
-            self.weight[start:end], self.scales_and_zeros[start:end] = (
-                cpu_kernels.w4a8_layout(*parts))
+        # in one pass (w4a8_layout's torch form took ~4x as long and ~4 bytes a value)
+        self.weight, self.scales_and_zeros = cpu_kernels.w4a8_pack(
+            int4.weight, int4.scales_and_zeros, self.out_features, self.group_size)
 
     @property
     def nbytes(self) -> int:
