@@ -4,7 +4,8 @@
 // 7B prefill on 2 cores near 35 tok/s. Here activations are rounded to int8 in blocks of 32
 // columns, one float scale per block (as llama.cpp's q8_0 dot product does), and multiplied
 // with vpdpbusd: 64 multiply-adds an instruction, at the same rate on the CPUs measured
-// (docs/QUANTIZATION.md, "int8 activations").
+// (docs/QUANTIZATION.md, "int8 activations"). The rounding (quantize_row_i8) is shared with
+// int4 weights (cpu_w4a8.cpp, through cpu_blocks.h).
 //
 //   w8a8_mm(x, packed, scales, K)   y[r, o] = scales[o] * sum_b d[r, b] * sum_{k in b} q[r, k] * w[o, k]
 //                                   q, d: x's row r rounded to int8 in blocks b of 32 columns,
