@@ -2,7 +2,8 @@
 llama/kernels/cpu_w4a8.cpp, llama/layers/w8a8.py's PackedW4A8): the kernel against float64
 products of the int4 format's values and the activations rounded in torch
 (cpu_kernels.int8_blocks), rows alone or in a batch, thread counts, inf and NaN, the layout and
-its inverse; the model with the route against int4 weights alone."""
+its inverse. (Thread counts, inf and NaN, the model with the route: tests/test_w8a8.py, for
+both weights; a token prefilled or decoded: tests/test_session.py.)"""
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from llama.kernels import cpu_kernels
 from llama.layers.linear import PackedInt4
 from llama.layers.w8a8 import PackedW4A8
 from llama.quantize.formats import quantize_int4
-from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"native CPU kernels unavailable: "
@@ -94,32 +94,6 @@ def test_the_native_conversion_is_the_torch_forms(n, k, group_size):
     assert all(torch.equal(a, b) for a, b in zip(native, torch_form))
 
 
-def test_thread_counts_give_the_same_bits():
-    q4, x = int4_weight(300, 2048, 32), activations(37, 2048)
-    weight, sz = packed(q4)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.w4a8_mm(x, weight, sz)
-        torch.set_num_threads(2)
-        two = cpu_kernels.w4a8_mm(x, weight, sz)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
-
-
-def test_a_row_with_inf_or_nan_gives_nan_and_leaves_the_others():
-    q4, x = int4_weight(20, 704, 32), activations(3, 704)
-    weight, sz = packed(q4)
-    clean = cpu_kernels.w4a8_mm(x, weight, sz)
-    for bad in (float("inf"), float("nan")):
-        dirty = x.clone()
-        dirty[1, 650] = bad  # in the last, partial group
-        y = cpu_kernels.w4a8_mm(dirty, weight, sz)
-        assert y[1].isnan().all()
-        assert torch.equal(y[[0, 2]], clean[[0, 2]])
-
-
 def test_the_kernel_refuses_bad_layouts():
     x = torch.randn(2, 600)
     with pytest.raises(RuntimeError, match="K rounded up to a multiple of 512, halved"):
@@ -140,33 +114,3 @@ def test_packed_weight_keeps_the_values_scales_and_zeros():
     assert y.shape == (2, 3, 2100)
     assert torch.equal(y.view(6, 2100), cpu_kernels.w4a8_mm(
         x.view(6, 96), *packed(q4)))
-
-
-def test_the_model_takes_the_route_for_every_int4_product(build):
-    """Every packed int4 weight becomes a PackedW4A8; the logits stay close to int4 weights
-    alone but are a different function. (A token prefilled or decoded: tests/test_session.py.)"""
-    plain = build("gqa", quantize="int4")
-    routed = build("gqa", quantize="int4", activations="int8")
-    model = routed.model
-    kinds = [type(layer.attention._qkv.packed) for layer in model.layers]
-    kinds += [type(layer.feed_forward.w2.weight) for layer in model.layers]
-    assert set(kinds) == {PackedW4A8} and isinstance(model.output.weight, PackedW4A8)
-    output = model.output.weight
-    model.use_int8_activations()  # again: nothing to do
-    assert model.output.weight is output
-    tokens = torch.tensor([plain.tokenizer.encode("a class is a way to bundle data", bos=True,
-                                                  eos=False)])
-    a = plain.model.forward(tokens, 0, plain.model.new_cache(1, 64))
-    b = model.forward(tokens, 0, model.new_cache(1, 64))
-    assert not torch.equal(a, b)
-    assert float((a - b).norm() / a.norm()) < 0.05
-
-
-def test_the_script_takes_the_flag(checkpoints, tokenizer_path):
-    result = run_script(["example_text_completion.py", "--ckpt_dir", checkpoints("gqa", 1),
-                         "--tokenizer_path", tokenizer_path, "--max_seq_len", "128",
-                         "--max_gen_len", "4", "--quantize", "int4", "--activations", "int8"])
-    assert result.returncode == 0, result.stderr
-    assert "int4 weights, int8 activations (blocks of 32)" in result.stderr
-    assert result.stdout.count("\n> ") == 4
-

@@ -1,7 +1,8 @@
 """int8 activations (activations="int8", llama/layers/w8a8.py, llama/kernels/cpu_w8a8.cpp):
 the kernel against the products of the activations rounded in torch (cpu_kernels.int8_blocks,
 a restatement), its rounding bit for bit, rows alone or in a batch and thread counts, inf and
-NaN, the layout; the model with the route against int8 weights alone; and what is refused."""
+NaN (also with int4 weights: tests/test_w4a8.py), the layout; the model with the route against
+int8 weights alone; and what is refused."""
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from llama.engine.validation import ArgumentValueError
 from llama.kernels import cpu_kernels
 from llama.layers.linear import PackedInt8
-from llama.layers.w8a8 import PackedW8A8
-from llama.quantize.formats import quantize_int8
+from llama.layers.w8a8 import PackedW4A8, PackedW8A8
+from llama.quantize.formats import quantize_int4, quantize_int8
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
@@ -77,30 +78,40 @@ def test_the_rounding_is_the_torch_restatements_bit_for_bit():
     assert torch.equal(y, q.float() * d.repeat_interleave(32, dim=1)[:, :k])
 
 
-def test_thread_counts_give_the_same_bits():
-    w, x = int8_weight(300, 2048), activations(37, 2048)
-    scales = torch.full((300,), 0.01, dtype=torch.bfloat16)
-    packed = cpu_kernels.w8a8_layout(w)
+def product(weights, n, k):
+    """x -> the int8-activation route's product with random int8 or int4 (g32) weights."""
+    if weights == "int8":
+        packed = cpu_kernels.w8a8_layout(int8_weight(n, k))
+        scales = torch.full((n,), 0.01, dtype=torch.bfloat16)
+        return lambda x: cpu_kernels.w8a8_mm(x, packed, scales)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k ** 0.5
+    q4 = quantize_int4(w, 32)
+    packed, sz = cpu_kernels.w4a8_layout(q4.values(), q4.scales, q4.zeros)
+    return lambda x: cpu_kernels.w4a8_mm(x, packed, sz)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_thread_counts_give_the_same_bits(weights):
+    mm, x = product(weights, 300, 2048), activations(37, 2048)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.w8a8_mm(x, packed, scales)
+        one = mm(x)
         torch.set_num_threads(2)
-        two = cpu_kernels.w8a8_mm(x, packed, scales)
+        two = mm(x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
-def test_a_row_with_inf_or_nan_gives_nan_and_leaves_the_others():
-    w, x = int8_weight(20, 700), activations(3, 700)
-    scales = torch.full((20,), 0.01, dtype=torch.bfloat16)
-    packed = cpu_kernels.w8a8_layout(w)
-    clean = cpu_kernels.w8a8_mm(x, packed, scales)
+@pytest.mark.parametrize("weights, k", [("int8", 700), ("int4", 704)])
+def test_a_row_with_inf_or_nan_gives_nan_and_leaves_the_others(weights, k):
+    mm, x = product(weights, 20, k), activations(3, k)
+    clean = mm(x)
     for bad in (float("inf"), float("nan")):
         dirty = x.clone()
         dirty[1, 650] = bad  # in the last, partial group
-        y = cpu_kernels.w8a8_mm(dirty, packed, scales)
+        y = mm(dirty)
         assert y[1].isnan().all()
         assert torch.equal(y[[0, 2]], clean[[0, 2]])
 
@@ -128,16 +139,21 @@ def test_packed_weight_keeps_the_int8_values_and_scales():
 
 
 # ------------------------------------------------------------------------------- the model
-def test_the_model_takes_the_route_for_every_int8_product(build):
-    """Every packed int8 weight becomes a PackedW8A8 (the fused ones and the single layers');
-    the logits stay close to int8 weights alone (the demo-model and outlier figures are in
-    docs/QUANTIZATION.md) but are a different function."""
-    plain = build("gqa", quantize="int8")
-    routed = build("gqa", quantize="int8", activations="int8")
+@pytest.mark.parametrize("weights, packed", [("int8", PackedW8A8), ("int4", PackedW4A8)])
+def test_the_model_takes_the_route_for_every_product(build, weights, packed):
+    """Every packed int8 (int4) weight becomes a PackedW8A8 (PackedW4A8): the fused ones and
+    the single layers'; a second call changes nothing. The logits stay close to the weights
+    alone (the demo-model and outlier figures are in docs/QUANTIZATION.md) but are a
+    different function."""
+    plain = build("gqa", quantize=weights)
+    routed = build("gqa", quantize=weights, activations="int8")
     model = routed.model
     kinds = [type(layer.attention._qkv.packed) for layer in model.layers]
     kinds += [type(layer.feed_forward.w2.weight) for layer in model.layers]
-    assert set(kinds) == {PackedW8A8} and isinstance(model.output.weight, PackedW8A8)
+    assert set(kinds) == {packed} and isinstance(model.output.weight, packed)
+    output = model.output.weight
+    model.use_int8_activations()
+    assert model.output.weight is output
     tokens = torch.tensor([plain.tokenizer.encode("a class is a way to bundle data", bos=True,
                                                   eos=False)])
     a = plain.model.forward(tokens, 0, plain.model.new_cache(1, 64))
@@ -157,12 +173,13 @@ def test_what_is_refused(build):
 
 
 def test_the_script_takes_the_flag(checkpoints, tokenizer_path):
+    """With int4 weights (int8 ones take the same path through the flags), then none."""
     script = ["example_text_completion.py", "--ckpt_dir", checkpoints("gqa", 1),
               "--tokenizer_path", tokenizer_path, "--max_seq_len", "128", "--max_gen_len", "4",
-              "--quantize", "int8"]
+              "--quantize", "int4"]
     result = run_script(script + ["--activations", "int8"])
     assert result.returncode == 0, result.stderr
-    assert "int8 weights, int8 activations (blocks of 32)" in result.stderr
+    assert "int4 weights, int8 activations (blocks of 32)" in result.stderr
     assert result.stdout.count("\n> ") == 4
     result = run_script(script[:-2] + ["--activations", "int8"])
     assert result.returncode != 0 and "Traceback" not in result.stderr

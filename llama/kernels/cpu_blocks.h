@@ -10,12 +10,15 @@ static constexpr int64_t BLOCK = 32;  // columns per activation scale
 static constexpr int64_t LANES = 16;  // blocks per group
 static constexpr int64_t GROUP = BLOCK * LANES;
 
-// Row r of x (K columns) as int8 in the packed order (per group, 8 steps of 64 bytes: byte
-// 4j + t of step s is column 32j + 4s + t), its blocks' scales (P / 32 floats, P = K rounded
-// up to GROUP) and minus 128 times each block's sum of q. A block with an inf or NaN gets a
-// NaN scale (its row's outputs are NaN, as a float product's would be). In cpu_w8a8.cpp.
-void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
-                     int32_t* offset);
+// x (R, K) float32, each row rounded for a product of packed width P (K rounded up to
+// GROUP): q (R, P) int8 in the packed order (per group, 8 steps of 64 bytes: byte 4j + t of
+// step s is column 32j + 4s + t), d (R, P / 32) the blocks' scales, offset (R, P / 32) int32
+// minus 128 times each block's sum of q. A block with an inf or NaN gets a NaN scale (its
+// row's outputs are NaN, as a float product's would be). In cpu_w8a8.cpp.
+struct Int8Blocks {
+  at::Tensor q, d, offset;
+};
+Int8Blocks round_blocks_i8(const at::Tensor& x, int64_t P);
 
 // The 16 lanes' partial sums, added in one fixed order on every instruction set.
 static inline float lanes_total(const float* lane) {

@@ -138,8 +138,8 @@ def w4a8_layout(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor)
     multiple of 32), in w4a8_mm's layout: (packed (N, P / 2) uint8, sz (N, P / 32 * 2)
     bfloat16), P = K rounded up to W8A8_GROUP. The values in w8a8_layout's order (without its
     + 128), steps 2p and 2p + 1 of each group in the low and high nibbles of 64 bytes; sz per
-    group: the 16 blocks' scales, then their zeros (zero past K). The torch form of w4a8_pack,
-    which the model's conversion uses."""
+    group: the 16 blocks' scales, then their zeros (zero past K). The torch form of
+    w4a8_pack (which the model's conversion calls): the tests' reference."""
     n, k = values.shape
     pad = -k % W8A8_GROUP
     v = F.pad(values, (0, pad)).view(n, -1, 16, W8A8_GROUP // 64, 4)

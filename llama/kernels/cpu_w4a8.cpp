@@ -7,7 +7,7 @@
 //
 //   w4a8_mm(x, packed, sm, K)   y[r, o] = sum_b d[r, b] * (s[o, b] * S + m[o, b] * A)
 //                               S = sum_{k in b} q[r, k] * v[o, k],  A = sum_{k in b} q[r, k]
-//                               q, d: x's row r in blocks b of 32 (quantize_row_i8)
+//                               q, d: x's row r in blocks b of 32 (round_blocks_i8)
 //                               v in 0..15; s, m: the block's scale and zero - 8 * scale
 //
 // so that s * v + m is the int4 format's (v - 8) * scale + zero (m is computed in float32 as
@@ -18,7 +18,7 @@
 //
 // Layout (w4a8_layout in cpu_kernels.py): packed (N, P / 2) uint8, P = K rounded up to GROUP:
 // per group, 4 vectors of 64 bytes, vector p holding step 2p's byte i in the low nibble of its
-// byte i and step 2p + 1's in the high one (steps as in quantize_row_i8: byte 4j + t of step s
+// byte i and step 2p + 1's in the high one (steps as in round_blocks_i8: byte 4j + t of step s
 // is column 32j + 4s + t). sz (N, P / 32 * 2) bfloat16: per group, the 16 blocks' scales,
 // then their zeros (zero past K): the saved format's bytes, 20 a block of 32 with the values.
 
@@ -121,22 +121,13 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const int64_t nb = P / BLOCK;
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
               sz.numel() == N * 2 * nb, "w4a8_mm: sz must be (N, P / 32 * 2) bfloat16");
-  at::Tensor q = new_tensor({R, P}, at::kChar);
-  at::Tensor d = new_tensor({R, nb}, at::kFloat);
-  at::Tensor da = new_tensor({R, nb}, at::kFloat);
-  at::Tensor offset = new_tensor({R, nb}, at::kInt);
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* dp = d.data_ptr<float>();
+  const Int8Blocks rounded = round_blocks_i8(x, P);
+  const int8_t* qp = rounded.q.data_ptr<int8_t>();
+  const float* dp = rounded.d.data_ptr<float>();
+  const int32_t* op = rounded.offset.data_ptr<int32_t>();
+  at::Tensor da = new_tensor({R, nb}, at::kFloat);  // d x A, A = offset / -128 (exact)
   float* dap = da.data_ptr<float>();
-  int32_t* op = offset.data_ptr<int32_t>();
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      quantize_row_i8(xp + r * K, K, P, qp + r * P, dp + r * nb, op + r * nb);
-      for (int64_t b = 0; b < nb; ++b)  // A = offset / -128, exactly
-        dap[r * nb + b] = dp[r * nb + b] * static_cast<float>(op[r * nb + b] / -128);
-    }
-  });
+  for (int64_t i = 0; i < R * nb; ++i) dap[i] = dp[i] * static_cast<float>(op[i] / -128);
   at::Tensor y = new_tensor({R, N}, at::kFloat);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* szp = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());

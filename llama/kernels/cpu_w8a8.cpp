@@ -4,7 +4,7 @@
 // 7B prefill on 2 cores near 35 tok/s. Here activations are rounded to int8 in blocks of 32
 // columns, one float scale per block (as llama.cpp's q8_0 dot product does), and multiplied
 // with vpdpbusd: 64 multiply-adds an instruction, at the same rate on the CPUs measured
-// (docs/QUANTIZATION.md, "int8 activations"). The rounding (quantize_row_i8) is shared with
+// (docs/QUANTIZATION.md, "int8 activations"). The rounding (round_blocks_i8) is shared with
 // int4 weights (cpu_w4a8.cpp, through cpu_blocks.h).
 //
 //   w8a8_mm(x, packed, scales, K)   y[r, o] = scales[o] * sum_b d[r, b] * sum_{k in b} q[r, k] * w[o, k]
@@ -23,8 +23,9 @@
 
 static constexpr float I8_MAX = 127.f;
 
-void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
-                     int32_t* offset) {
+// One row of round_blocks_i8 (cpu_blocks.h).
+static void quantize_row_i8(const float* x, int64_t K, int64_t P, int8_t* q, float* d,
+                            int32_t* offset) {
   for (int64_t b = 0; b < P / BLOCK; ++b) {
     const int64_t g = b / LANES, j = b % LANES;
     int8_t* out = q + g * GROUP + 4 * j;  // column 4s + t of the block: out[64 s + t]
@@ -145,6 +146,21 @@ static constexpr int W8A8_OUTS = 6, W8A8_ROWS = 4;
 static constexpr int W8A8_OUTS = 2, W8A8_ROWS = 2;
 #endif
 
+Int8Blocks round_blocks_i8(const at::Tensor& x, int64_t P) {
+  const int64_t R = x.size(0), K = x.size(1), nb = P / BLOCK;
+  Int8Blocks out{new_tensor({R, P}, at::kChar), new_tensor({R, nb}, at::kFloat),
+                 new_tensor({R, nb}, at::kInt)};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  float* dp = out.d.data_ptr<float>();
+  int32_t* op = out.offset.data_ptr<int32_t>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      quantize_row_i8(xp + r * K, K, P, qp + r * P, dp + r * nb, op + r * nb);
+  });
+  return out;
+}
+
 at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                    int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
@@ -157,17 +173,10 @@ at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N &&
               scales.is_contiguous(), "w8a8_mm: scales must be (N,) bfloat16");
   const int64_t nb = P / BLOCK;
-  at::Tensor q = new_tensor({R, P}, at::kChar);
-  at::Tensor d = new_tensor({R, nb}, at::kFloat);
-  at::Tensor offset = new_tensor({R, nb}, at::kInt);
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* dp = d.data_ptr<float>();
-  int32_t* op = offset.data_ptr<int32_t>();
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      quantize_row_i8(xp + r * K, K, P, qp + r * P, dp + r * nb, op + r * nb);
-  });
+  const Int8Blocks rounded = round_blocks_i8(x, P);
+  const int8_t* qp = rounded.q.data_ptr<int8_t>();
+  const float* dp = rounded.d.data_ptr<float>();
+  const int32_t* op = rounded.offset.data_ptr<int32_t>();
   at::Tensor y = new_tensor({R, N}, at::kFloat);
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
