@@ -113,3 +113,18 @@ def test_each_row_is_set_against_the_bandwidth_around_it():
     # 80% of the higher of the 25 and 21 measured before and after the other
     assert "| 40.0 | 20 (50%) |" in lines[2] and "| 25.0 / 21.0 | 20 (80%) |" in lines[3]
     assert lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+
+
+def test_decode_ab_takes_turns_between_two_formats(tiny, capsys):
+    """benchmarks/decode_ab.py: both formats held at once, a row per round and row count with
+    each format's milliseconds and their ratio."""
+    from benchmarks import decode_ab
+
+    assert decode_ab.main(["--ckpt", str(tiny), "--formats", "int8", "int4", "--rows", "1",
+                           "2", "--rounds", "2", "--steps", "2", "--prompt-len", "8"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for r in rows:
+        first, second, ratio = float(r[2]), float(r[3]), float(r[4])
+        assert first > 0 and second > 0 and abs(ratio - first / second) < 0.05 * ratio + 0.01

@@ -16,8 +16,8 @@ AVX-512 VNNI compute the same function with plain C++ loops, slower than the def
 int4 weights (PackedW4A8, llama/kernels/cpu_w4a8.cpp) take the same activations: their values,
 0..15, are the instruction's unsigned operand as they are, and each block of 32 adds
 d * (scale * sum(q * v) + (zero - 8 * scale) * sum(q)): the int4 format's (v - 8) * scale +
-zero. At 7B: prefills 1.24-1.61x the int4 route's, four-row decode steps 1.16-1.45x, one-row
-ones 0.70-0.94x (docs/QUANTIZATION.md, "int4 weights").
+zero. At 7B: prefills 1.24-1.61x the int4 route's, four-row decode steps 1.24-1.47x, one-row
+ones level (docs/QUANTIZATION.md, "int4 weights").
 """
 
 from typing import Optional
