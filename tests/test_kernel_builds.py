@@ -89,7 +89,7 @@ BUILD_CHECK = textwrap.dedent('''
     for x, y in zip(xs8, ys8):
         assert torch.equal(cpu_kernels.w8a8_mm(x, packed8, scales8), y), x.shape
     for x, y in zip(xs4, ys4):  # int4 weights: the same, the scales' float work included
-        assert torch.equal(cpu_kernels.w4a8_mm(x, *packed4), y), x.shape
+        assert torch.equal(cpu_kernels.w4a8_mm(x, *packed4, 64), y), x.shape
 ''')
 
 
@@ -117,12 +117,12 @@ def test_other_instruction_sets_build_and_compute_alike(arch, isa, tmp_path):
                        generator=torch.Generator().manual_seed(4))
     scales8 = torch.full((37,), 0.01, dtype=torch.bfloat16)
     xs8 = [activations(rows, 1100, seed=rows) for rows in (1, 5, 9)]
-    q4 = quantize_int4(torch.randn(37, 1088, generator=torch.Generator().manual_seed(5)), 32)
-    parts4 = (q4.values(), q4.scales, q4.zeros)  # 2 groups of 512 and 2 blocks
+    q4 = quantize_int4(torch.randn(37, 1088, generator=torch.Generator().manual_seed(5)), 64)
+    parts4 = (q4.values(), q4.scales, q4.zeros)  # 2 groups of 512 and a group of 64
     xs4 = [activations(rows, 1088, seed=rows) for rows in (1, 5, 9)]
     torch.save(((w8, scales8, xs8, [cpu_kernels.w8a8_mm(x, cpu_kernels.w8a8_layout(w8), scales8)
                                     for x in xs8]),
-                (parts4, xs4, [cpu_kernels.w4a8_mm(x, *cpu_kernels.w4a8_layout(*parts4))
+                (parts4, xs4, [cpu_kernels.w4a8_mm(x, *cpu_kernels.w4a8_layout(*parts4), 64)
                                for x in xs4])), tmp_path / "w8a8.pt")
     result = run_script([str(script), str(cache), str(tmp_path / "int4.pt"),
                          str(tmp_path / "w8a8.pt")], timeout=600,

@@ -58,10 +58,11 @@ def test_products_of_the_blockwise_rounded_activations(n, k, group_size, rows):
     the batch; and not the int16 route's function."""
     q4, x = int4_weight(n, k, group_size), activations(rows, k, seed=rows)
     weight, sz = packed(q4)
-    y = cpu_kernels.w4a8_mm(x, weight, sz)
+    y = cpu_kernels.w4a8_mm(x, weight, sz, group_size)
     ref = float64_products(x, q4)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6
-    assert torch.equal(cpu_kernels.w4a8_mm(x[-1:].contiguous(), weight, sz), y[-1:])
+    assert torch.equal(cpu_kernels.w4a8_mm(x[-1:].contiguous(), weight, sz, group_size),
+                       y[-1:])
     y16 = PackedInt4(q4).product(x)
     assert not torch.equal(y, y16)
     assert float((y - y16).norm() / y16.norm()) < 0.05
@@ -98,10 +99,13 @@ def test_the_kernel_refuses_bad_layouts():
     x = torch.randn(2, 600)
     with pytest.raises(RuntimeError, match="K rounded up to a multiple of 512, halved"):
         cpu_kernels.w4a8_mm(x, torch.zeros(4, 256, dtype=torch.uint8),
-                            torch.zeros(4, 32, dtype=torch.bfloat16))
+                            torch.zeros(4, 32, dtype=torch.bfloat16), 32)
     with pytest.raises(RuntimeError, match="sz must be"):
         cpu_kernels.w4a8_mm(x, torch.zeros(4, 512, dtype=torch.uint8),
-                            torch.zeros(4, 64))
+                            torch.zeros(4, 64), 32)
+    with pytest.raises(RuntimeError, match="G 32, 64 or 128"):
+        cpu_kernels.w4a8_mm(x, torch.zeros(4, 512, dtype=torch.uint8),
+                            torch.zeros(4, 64, dtype=torch.bfloat16), 16)
 
 
 def test_packed_weight_keeps_the_values_scales_and_zeros():
@@ -112,5 +116,4 @@ def test_packed_weight_keeps_the_values_scales_and_zeros():
     x = torch.randn(2, 3, 96)
     y = routed.product(x)
     assert y.shape == (2, 3, 2100)
-    assert torch.equal(y.view(6, 2100), cpu_kernels.w4a8_mm(
-        x.view(6, 96), *packed(q4)))
+    assert torch.equal(y.view(6, 2100), cpu_kernels.w4a8_mm(x.view(6, 96), *packed(q4), 32))

@@ -87,7 +87,7 @@ def product(weights, n, k):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k ** 0.5
     q4 = quantize_int4(w, 32)
     packed, sz = cpu_kernels.w4a8_layout(q4.values(), q4.scales, q4.zeros)
-    return lambda x: cpu_kernels.w4a8_mm(x, packed, sz)
+    return lambda x: cpu_kernels.w4a8_mm(x, packed, sz, 32)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])

@@ -75,11 +75,10 @@ def weight_bytes(args: ModelArgs, mode: Optional[str] = None,
 def int8_activations_extra(args: ModelArgs, world_size: int = 1, mode: str = "int8",
                            group_size: int = DEFAULT_GROUP_SIZE) -> Tuple[int, int]:
     """What int8 activations (`activations="int8"`) add to one rank's int8 or int4 weights:
-    (their layout's padding of every weight's columns to W8A8_GROUP, and for int4 a scale and
-    zero per block of 32 columns instead of per group, kept; the largest product's weight laid
-    out anew at load, beside the old one until it is dropped: wq|wk|wv and w1|w3 are one
-    product each, and an int8 weight with padding is first copied padded, so it counts
-    twice)."""
+    (their layout's padding of every weight's columns to W8A8_GROUP, kept; the largest
+    product's weight laid out anew at load, beside the old one until it is dropped: wq|wk|wv
+    and w1|w3 are one product each, and an int8 weight with padding is first copied padded,
+    so it counts twice)."""
     added, products = 0, {}
     shapes = checkpoint.full_shapes(args, Quantization(mode, group_size if mode == "int4"
                                                        else None))
@@ -93,8 +92,8 @@ def int8_activations_extra(args: ModelArgs, world_size: int = 1, mode: str = "in
         if mode == "int8":
             added += rows * (width - columns)
             new = rows * width * (1 if width == columns else 2)
-        else:  # values two a byte; a bfloat16 scale and zero a block, not a group
-            new = rows * (width // 2 + width // 32 * 4)
+        else:  # values two a byte, a bfloat16 scale and zero a group
+            new = rows * (width // 2 + width // group_size * 4)
             added += new - rows * (columns // 2 + columns // group_size * 4)
         product = _product_of(weight)
         products[product] = products.get(product, 0) + new

@@ -125,29 +125,32 @@ def int8_blocks(x: torch.Tensor):
     return q.view(rows, -1)[:, :k], (amax / 127).masked_fill_(bad, float("nan"))
 
 
-def w4a8_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """(rows, N) float32 products with an int4 weight in w4a8_layout, x's rows rounded to int8
-    in blocks of 32 columns as w8a8_mm's are (int8_blocks) and each block's products summed in
-    integers; per block, with scale s and m = zero - 8 * scale in float32, d * (s * sum(q * v)
-    + m * sum(q)) (llama/kernels/cpu_w4a8.cpp)."""
-    return _ops().w4a8_mm(x, packed, sz, x.shape[1])
+def w4a8_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
+            group_size: int) -> torch.Tensor:
+    """(rows, N) float32 products with an int4 weight in w4a8_layout (groups of `group_size`
+    columns), x's rows rounded to int8 in blocks of 32 columns as w8a8_mm's are (int8_blocks)
+    and each block's products summed in integers; per block, with its group's scale s and
+    m = zero - 8 * scale in float32, d * (s * sum(q * v) + m * sum(q))
+    (llama/kernels/cpu_w4a8.cpp)."""
+    return _ops().w4a8_mm(x, packed, sz, x.shape[1], group_size)
 
 
 def w4a8_layout(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
     """An int4 weight, values (N, K) uint8 in 0..15 and scales, zeros (N, K / G) bfloat16 (G a
-    multiple of 32), in w4a8_mm's layout: (packed (N, P / 2) uint8, sz (N, P / 32 * 2)
+    multiple of 32), in w4a8_mm's layout: (packed (N, P / 2) uint8, sz (N, P / G * 2)
     bfloat16), P = K rounded up to W8A8_GROUP. The values in w8a8_layout's order (without its
     + 128), steps 2p and 2p + 1 of each group in the low and high nibbles of 64 bytes; sz per
-    group: the 16 blocks' scales, then their zeros (zero past K). The torch form of
-    w4a8_pack (which the model's conversion calls): the tests' reference."""
+    group of W8A8_GROUP columns: its 512 / G weight groups' scales, then their zeros (zero
+    past K). The torch form of w4a8_pack (which the model's conversion calls): the tests'
+    reference."""
     n, k = values.shape
     pad = -k % W8A8_GROUP
     v = F.pad(values, (0, pad)).view(n, -1, 16, W8A8_GROUP // 64, 4)
     steps = v.permute(0, 1, 3, 2, 4).reshape(n, -1, W8A8_GROUP // 128, 2, 64)
     packed = (steps[..., 0, :] | (steps[..., 1, :] << 4)).reshape(n, -1)
-    per_block = (k // scales.shape[1]) // 32  # weight groups span this many blocks
-    sz = torch.stack([F.pad(t.to(torch.bfloat16).repeat_interleave(per_block, dim=1),
-                            (0, pad // 32)).view(n, -1, 16) for t in (scales, zeros)], dim=2)
+    group = k // scales.shape[1]
+    sz = torch.stack([F.pad(t.to(torch.bfloat16), (0, pad // group)).view(
+        n, -1, W8A8_GROUP // group) for t in (scales, zeros)], dim=2)
     return packed.contiguous(), sz.reshape(n, -1).contiguous()
 
 
@@ -164,9 +167,10 @@ def w4a8_parts(packed: torch.Tensor, sz: torch.Tensor):
     pairs = packed.view(n, -1, W8A8_GROUP // 128, 1, 64)
     steps = torch.cat([pairs & 15, pairs >> 4], dim=3).view(n, -1, W8A8_GROUP // 64, 16, 4)
     values = steps.permute(0, 1, 3, 2, 4).reshape(n, -1)
-    scales, zeros = sz.view(n, -1, 2, 16).unbind(2)
-    return values, scales.reshape(n, -1).repeat_interleave(32, 1), zeros.reshape(
-        n, -1).repeat_interleave(32, 1)
+    group = values.shape[1] * 2 // sz.shape[1]
+    scales, zeros = sz.view(n, -1, 2, W8A8_GROUP // group).unbind(2)
+    return values, scales.reshape(n, -1).repeat_interleave(group, 1), zeros.reshape(
+        n, -1).repeat_interleave(group, 1)
 
 
 def int4_parts(packed: torch.Tensor, sz: torch.Tensor, n: int):
@@ -375,7 +379,7 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("llama_kernels::w4a8_mm")
-    def _(x, packed, sz, K):
+    def _(x, packed, sz, K, group_size):
         return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("llama_kernels::int4_mm")

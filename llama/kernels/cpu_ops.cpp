@@ -12,7 +12,7 @@ std::string isa();
 at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                    int64_t K);
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
-                   int64_t K);
+                   int64_t K, int64_t G);
 std::tuple<at::Tensor, at::Tensor> w4a8_pack(const at::Tensor& packed16, const at::Tensor& sz16,
                                              int64_t n, int64_t group_size);
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
@@ -31,7 +31,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY(llama_kernels, m) {
   m.def("int8_mm(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("w8a8_mm(Tensor x, Tensor packed, Tensor scales, int K) -> Tensor");
-  m.def("w4a8_mm(Tensor x, Tensor packed, Tensor sz, int K) -> Tensor");
+  m.def("w4a8_mm(Tensor x, Tensor packed, Tensor sz, int K, int group_size) -> Tensor");
   m.def("w4a8_pack(Tensor packed16, Tensor sz16, int n, int group_size) -> (Tensor, Tensor)");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor sz, int group_size, int n_out) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor sz, int group_size, int start, int end, "

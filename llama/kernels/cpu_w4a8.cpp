@@ -19,18 +19,25 @@
 // Layout (w4a8_layout in cpu_kernels.py): packed (N, P / 2) uint8, P = K rounded up to GROUP:
 // per group, 4 vectors of 64 bytes, vector p holding step 2p's byte i in the low nibble of its
 // byte i and step 2p + 1's in the high one (steps as in round_blocks_i8: byte 4j + t of step s
-// is column 32j + 4s + t). sz (N, P / 32 * 2) bfloat16: per group, the 16 blocks' scales,
-// then their zeros (zero past K): the saved format's bytes, 20 a block of 32 with the values.
+// is column 32j + 4s + t). sz (N, P / G * 2) bfloat16: per group of 512 columns, the S = 512 / G
+// weight groups' scales, then their zeros (zero past K): the saved format's bytes. A block's
+// lane takes its weight group's scale and zero by one permutation (vpermt2ps) a group.
 
 #include "cpu_blocks.h"
 
 template <int NO, int NR>
-static void w4a8_tile(const int8_t* q, const float* d, const float* da, int64_t P,
+static void w4a8_tile(const int8_t* q, const float* d, const float* da, int64_t P, int64_t G,
                       const uint8_t* w, const uint16_t* sz, float* y, int64_t N) {
-  const int64_t nb = P / BLOCK, half = P / 2;
+  const int64_t nb = P / BLOCK, half = P / 2, S = GROUP / G, row = 2 * (P / G);
 #if defined(LK_AVX512) && defined(__AVX512VNNI__)
   alignas(64) float facc[NO][NR][LANES] = {};  // in memory between groups, as w8a8_tile's
   const __m512i nibble = _mm512_set1_epi8(15);
+  // lane j: weight group j / (G / 32) of the line's S scales (then S zeros)
+  const __m512i pick_s = _mm512_srlv_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(__builtin_ctzll(G / BLOCK)));
+  const __m512i pick_z = _mm512_add_epi32(pick_s, _mm512_set1_epi32(static_cast<int>(S)));
+  const __mmask32 line = static_cast<__mmask32>((1ull << (2 * S)) - 1);
   for (int64_t g = 0; g < P; g += GROUP) {
     __asm__ volatile("" : : : "memory");
     i32acc acc[NO][NR];
@@ -56,11 +63,14 @@ static void w4a8_tile(const int8_t* q, const float* d, const float* da, int64_t 
     const int64_t b = g / BLOCK;
     __m512 sv[NO], mv[NO];
     for (int o = 0; o < NO; ++o) {
-      prefetch_l2(sz + (o + NO) * 2 * nb + 2 * b);  // the next tile's, as its values
-      const __m512i both = _mm512_loadu_si512(sz + o * 2 * nb + 2 * b);  // 16 s, 16 z
-      sv[o] = widen_bf16(_mm512_castsi512_si256(both));
+      const uint16_t* at = sz + o * row + 2 * S * (g / GROUP);  // S scales, S zeros
+      prefetch_l2(at + NO * row);  // the next tile's, as its values
+      const __m512i both = _mm512_maskz_loadu_epi16(line, at);
+      const __m512 low = widen_bf16(_mm512_castsi512_si256(both));
+      const __m512 high = widen_bf16(_mm512_extracti64x4_epi64(both, 1));
+      sv[o] = _mm512_permutex2var_ps(low, pick_s, high);
       mv[o] = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv[o],  // z - 8 s
-                               widen_bf16(_mm512_extracti64x4_epi64(both, 1)));
+                               _mm512_permutex2var_ps(low, pick_z, high));
     }
     for (int r = 0; r < NR; ++r) {
       const __m512 dv = _mm512_loadu_ps(d + r * nb + b);
@@ -91,8 +101,8 @@ static void w4a8_tile(const int8_t* q, const float* d, const float* da, int64_t 
             const int32_t v = (s / 64) % 2 ? byte >> 4 : byte & 15;
             sum += v * qr[g + s + i];
           }
-        const uint16_t* so = sz + o * 2 * nb + 2 * (b - j) + j;
-        const float s = bf16_to_float(so[0]), m = std::fma(-8.f, s, bf16_to_float(so[LANES]));
+        const uint16_t* so = sz + o * row + 2 * S * (b / LANES) + j / (G / BLOCK);
+        const float s = bf16_to_float(so[0]), m = std::fma(-8.f, s, bf16_to_float(so[S]));
         lane[j] = std::fma(d[r * nb + b] * s, static_cast<float>(sum), lane[j]);
         lane[j] = std::fma(da[r * nb + b], m, lane[j]);
       }
@@ -110,7 +120,7 @@ static constexpr int W4A8_OUTS = 2, W4A8_ROWS = 2;
 #endif
 
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
-                   int64_t K) {
+                   int64_t K, int64_t G) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
               x.size(1) == K, "w4a8_mm: x must be a contiguous (rows, K) float32 tensor");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
@@ -119,8 +129,9 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(P % GROUP == 0 && P >= K && P - K < GROUP,
               "w4a8_mm: the packed width must be K rounded up to a multiple of 512, halved");
   const int64_t nb = P / BLOCK;
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-              sz.numel() == N * 2 * nb, "w4a8_mm: sz must be (N, P / 32 * 2) bfloat16");
+  TORCH_CHECK((G == 32 || G == 64 || G == 128) && sz.scalar_type() == at::kBFloat16 &&
+              sz.is_contiguous() && sz.numel() == N * 2 * (P / G),
+              "w4a8_mm: sz must be (N, P / G * 2) bfloat16, G 32, 64 or 128");
   const Int8Blocks rounded = round_blocks_i8(x, P);
   const int8_t* qp = rounded.q.data_ptr<int8_t>();
   const float* dp = rounded.d.data_ptr<float>();
@@ -136,7 +147,8 @@ at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   tiled_product<W4A8_OUTS, W4A8_ROWS>(
       R, N, W4A8_OUTS * P / 2, budget, [&](auto no, auto nr, int64_t r, int64_t o) {
         w4a8_tile<decltype(no)::value, decltype(nr)::value>(
-            qp + r * P, dp + r * nb, dap + r * nb, P, wp + o * (P / 2), szp + o * 2 * nb,
+            qp + r * P, dp + r * nb, dap + r * nb, P, G, wp + o * (P / 2),
+            szp + o * 2 * (P / G),
             yp + r * N + o, N);
       });
   return y;
@@ -155,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> w4a8_pack(const at::Tensor& packed16, const a
   TORCH_CHECK(G % BLOCK == 0 && K % G == 0 && sz16.scalar_type() == at::kBFloat16 &&
               sz16.is_contiguous() && sz16.numel() == N16 * (K / G) * 2,
               "w4a8_pack: sz must be pack_int4's (N16, K / G, 2) bfloat16, G a multiple of 32");
-  const int64_t P = (K + GROUP - 1) / GROUP * GROUP, nb = P / BLOCK, groups = K / G;
+  const int64_t P = (K + GROUP - 1) / GROUP * GROUP, groups = K / G;
   at::Tensor packed = new_tensor({n, P / 2}, at::kByte);
-  at::Tensor sz = new_tensor({n, 2 * nb}, at::kBFloat16);
+  at::Tensor sz = new_tensor({n, 2 * (P / G)}, at::kBFloat16);
   const uint8_t* in = packed16.data_ptr<uint8_t>();
   const uint16_t* szin = reinterpret_cast<const uint16_t*>(sz16.data_ptr<at::BFloat16>());
   uint8_t* out = packed.data_ptr<uint8_t>();
@@ -181,12 +193,12 @@ std::tuple<at::Tensor, at::Tensor> w4a8_pack(const at::Tensor& packed16, const a
                 v[col + 8 * pair] | v[col + 8 * pair + 4] << 4);
           }
       const uint16_t* pairs = szin + block * 16 * groups * 2;  // (group, output, 2)
-      uint16_t* s = szout + o * 2 * nb;
-      for (int64_t b = 0; b < nb; ++b) {  // per group of 16 blocks: 16 scales, 16 zeros
-        const bool inside = b * BLOCK < K;
-        const int64_t wg = b * BLOCK / G;
-        s[b / LANES * 2 * LANES + b % LANES] = inside ? pairs[(wg * 16 + oi) * 2] : 0;
-        s[b / LANES * 2 * LANES + LANES + b % LANES] = inside ? pairs[(wg * 16 + oi) * 2 + 1] : 0;
+      uint16_t* s = szout + o * 2 * (P / G);
+      const int64_t S = GROUP / G;
+      for (int64_t wg = 0; wg < P / G; ++wg) {  // per 512 columns: S scales, then S zeros
+        const bool inside = wg < groups;
+        s[wg / S * 2 * S + wg % S] = inside ? pairs[(wg * 16 + oi) * 2] : 0;
+        s[wg / S * 2 * S + S + wg % S] = inside ? pairs[(wg * 16 + oi) * 2 + 1] : 0;
       }
     }
   });

@@ -85,10 +85,10 @@ class PackedW8A8:
 
 
 class PackedW4A8:
-    """An int4 weight (scales and zeros per group of 32, 64 or 128 columns) in w4a8_mm's layout:
-    the values two to a byte in w8a8's column order, a scale and a zero per block of 32
-    (llama/kernels/cpu_w4a8.cpp). Made from the default route's weight (linear.PackedInt4 in
-    our kernels' layout): the same values, scales and zeros."""
+    """An int4 weight (scales and zeros per group of 32, 64 or 128 columns) in w4a8_mm's
+    layout: the values two to a byte in w8a8's column order, each 512 columns' groups' scales
+    and zeros on one line (llama/kernels/cpu_w4a8.cpp). Made from the default route's weight
+    (linear.PackedInt4 in our kernels' layout): the same values, scales and zeros."""
 
     def __init__(self, int4):
         if int4.device.type != "cpu" or not int4.our_kernels:
@@ -116,7 +116,7 @@ class PackedW4A8:
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         out = cpu_kernels.w4a8_mm(as_float32(x.reshape(-1, self.in_features)), self.weight,
-                                  self.scales_and_zeros)
+                                  self.scales_and_zeros, self.group_size)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
