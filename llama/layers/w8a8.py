@@ -29,8 +29,6 @@ from llama.kernels import cpu_kernels
 from llama.layers.linear import as_float32
 from llama.quantize.formats import QuantizationError
 
-ACTIVATIONS = ("int8",)
-
 
 def check_activations_route(quantize: Optional[str], device) -> None:
     """ArgumentValueError unless int8 activations can be had here: int8 or int4 weights, on
