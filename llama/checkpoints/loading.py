@@ -279,7 +279,7 @@ def quantizer(mode: str, group_size: int, world_size: int, device, args):
     The weights used as one matrix (q/k/v, w1/w3) are quantized into consecutive rows of one
     buffer, so the model uses them as they are (no copy, and no freed pieces left between
     the weights being kept)."""
-    from llama.layers.fused import FUSED_WEIGHTS
+    from llama.layers.fused import fused_names
     from llama.quantize.formats import is_quantized, quantize, row_absmax
     from llama.quantize.shards import empty_like_rows
 
@@ -287,11 +287,10 @@ def quantizer(mode: str, group_size: int, world_size: int, device, args):
     outs = {}  # name -> the rows of its fused matrix to quantize into
 
     def out_for(name: str):
-        parts = name.split(".")  # layers.N.module.wX.weight
-        if len(parts) != 5 or parts[3] not in FUSED_WEIGHTS.get(parts[2], ()):
+        group = fused_names(name)
+        if group is None:
             return None
         if name not in outs:
-            group = [f"layers.{parts[1]}.{parts[2]}.{w}.weight" for w in FUSED_WEIGHTS[parts[2]]]
             rows = [checkpoint.shard_shape(n, shapes[n], world_size) for n in group]
             outs.update(zip(group, empty_like_rows(mode, group_size, rows, device)))
         return outs.pop(name)

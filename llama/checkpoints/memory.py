@@ -20,6 +20,7 @@ from llama.args import ModelArgs
 from llama.checkpoints import meta as checkpoint
 from llama.kernels.cpu_kernels import W8A8_GROUP
 from llama.layers.cache import KVCache
+from llama.layers.fused import fused_names
 from llama.quantize.formats import (
     DEFAULT_GROUP_SIZE,
     SAVED_DTYPES,
@@ -95,18 +96,9 @@ def int8_activations_extra(args: ModelArgs, world_size: int = 1, mode: str = "in
         else:  # values two a byte, a bfloat16 scale and zero a group
             new = rows * (width // 2 + width // group_size * 4)
             added += new - rows * (columns // 2 + columns // group_size * 4)
-        product = _product_of(weight)
+        product = tuple(fused_names(weight) or [weight])  # q/k/v and w1/w3: one product
         products[product] = products.get(product, 0) + new
     return added, max(products.values(), default=0)
-
-
-def _product_of(weight: str) -> str:
-    """The product a weight's rows belong to: its layer's fused q/k/v or w1/w3, or its own."""
-    for fused in (("wq", "wk", "wv"), ("w1", "w3")):
-        for part in fused:
-            if f".{part}." in weight:
-                return weight.replace(f".{part}.", "." + "|".join(fused) + ".")
-    return weight
 
 
 def markdown_table(tokens: int = 4096, models=None) -> str:

@@ -18,6 +18,16 @@ from llama.quantize.formats import QuantizationError
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
 
 
+def fused_names(name: str) -> Optional[List[str]]:
+    """The checkpoint names of the weights used as one matrix with `name` (e.g.
+    "layers.0.attention.wk.weight": its layer's wq, wk and wv), in order; None for a weight
+    used alone."""
+    parts = name.split(".")  # layers.N.module.wX.field
+    if len(parts) != 5 or parts[3] not in FUSED_WEIGHTS.get(parts[2], ()):
+        return None
+    return [".".join([*parts[:3], w, parts[4]]) for w in FUSED_WEIGHTS[parts[2]]]
+
+
 def pack_weights(state: Dict[str, torch.Tensor], n_layers: int, after_copy=None) -> None:
     """Lay each layer's wq/wk/wv and w1/w3 out as consecutive row blocks of one matrix, in
     place, one group at a time (so loading needs no second copy of the weights). Entries stay
