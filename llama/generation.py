@@ -128,9 +128,9 @@ class Llama:
         (every query attends to the rounded values, in float32). None (the default) keeps
         them in the activations' dtype, as the reference does (docs/MEMORY_AND_BF16.md).
 
-        `activations="int8"` (CPU, int8 weights) rounds the activations to int8 in blocks of
-        32, as llama.cpp's q8_0 does: 1.25-1.4x faster prefills on AVX-512 VNNI CPUs, a
-        coarser rounding than the default's (docs/QUANTIZATION.md).
+        `activations="int8"` (CPU, int8 or int4 weights) rounds the activations to int8 in
+        blocks of 32, as llama.cpp's q8_0 does: 1.25-1.6x faster prefills on AVX-512 VNNI
+        CPUs, a coarser rounding than the default's (docs/QUANTIZATION.md).
         """
         tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, max_seq_len,
                                                max_batch_size, model_parallel_size, seed,

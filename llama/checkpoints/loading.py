@@ -159,7 +159,7 @@ class LoadOptions:
     group_size: Optional[int] = None
     reserve_memory: int = 0
     kv_cache_dtype: Optional[torch.dtype] = None  # None: the activations' dtype
-    activations: Optional[str] = None  # "int8": int8 weights' products round them to int8
+    activations: Optional[str] = None  # "int8": quantized weights' products round them to int8
 
 
 def check_options(options: LoadOptions) -> LoadOptions:
