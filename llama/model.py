@@ -27,7 +27,7 @@ from llama.layers import plan as plans
 from llama.layers.cache import KVCache, OwnCache, Segments, attention_mask
 from llama.layers.float_linear import FEW_ROWS, native_route, row_count
 from llama.layers.fused import Projection, hooked, pack_weights, projections, repack, use_quantized
-from llama.layers.linear import PackedInt4, PackedInt8, linear
+from llama.layers.linear import linear
 from llama.layers.parallel import (
     fairscale_layers_without_init,
     gather_over_ranks,
@@ -41,7 +41,7 @@ from llama.layers.rotary import (  # noqa: F401  (Meta's names, importable from 
     precompute_freqs_cis,
     reshape_for_broadcast,
 )
-from llama.layers.w8a8 import PackedW4A8, PackedW8A8, check_activations_route
+from llama.layers.w8a8 import check_activations_route
 
 
 class RMSNorm(nn.Module):
@@ -290,13 +290,10 @@ class Transformer(nn.Module):
         than the default's int16 rows). CPU models with quantized weights only
         (ArgumentValueError otherwise); every product from now on, prefills and decode steps
         alike. Calling it again changes nothing."""
-        kinds = {type(p.packed) for _, _, p in projections(self)}
-        if kinds and kinds <= {PackedW8A8, PackedW4A8}:
-            return
-        quantize = "int8" if PackedInt8 in kinds else "int4" if PackedInt4 in kinds else None
-        check_activations_route(quantize, self.norm.weight.device)
-        repack(self, lambda p: PackedW8A8(p) if isinstance(p, PackedInt8) else
-               PackedW4A8(p) if isinstance(p, PackedInt4) else None)
+        # each packed weight knows its format and its form with int8 activations
+        formats = {p.packed.quantize for _, _, p in projections(self) if p.packed is not None}
+        check_activations_route(", ".join(sorted(formats)) or None, self.norm.weight.device)
+        repack(self, lambda packed: packed.with_int8_activations())
 
     def new_cache(self, bsz: int, length: int) -> KVCache:
         attention = self.layers[0].attention

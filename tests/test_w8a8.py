@@ -152,6 +152,8 @@ def test_the_model_takes_the_route_for_every_product(build, weights, packed):
     kinds += [type(layer.feed_forward.w2.weight) for layer in model.layers]
     assert set(kinds) == {packed} and isinstance(model.output.weight, packed)
     output = model.output.weight
+    assert plain.model.output.weight.quantize == output.quantize == weights
+    assert output.with_int8_activations() is output
     model.use_int8_activations()
     assert model.output.weight is output
     tokens = torch.tensor([plain.tokenizer.encode("a class is a way to bundle data", bos=True,

@@ -10,6 +10,13 @@ import torch.nn.functional as F
 from llama.kernels import cpu_kernels
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous float32 tensor, copied only when it is not one already."""
+    if x.dtype != torch.float32:
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def float_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear with torch's faster routes for float32 on the CPU (measured on 2 cores:
     docs/PERFORMANCE.md):

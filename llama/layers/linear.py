@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from llama.kernels import cpu_kernels
 from llama.layers import bf16
-from llama.layers.float_linear import Bf16Kernel, FloatKernel, float_product
+from llama.layers.float_linear import Bf16Kernel, FloatKernel, as_float32, float_product
+from llama.layers.w8a8 import PackedW4A8, PackedW8A8
 from llama.quantize.formats import Int4Weight, Int8Weight, QuantizationError, QuantizedWeight
 from llama.quantize.shards import concat, narrow
 
@@ -75,6 +76,8 @@ class PackedInt8:
     torch.compile fuses into one kernel (the int8 weight dequantised inside the product);
     eager, it dequantises a copy per call. (torch's CUDA _weight_int8pack_mm is a naive loop.)"""
 
+    quantize = "int8"  # Llama.build's name of the format
+
     def __init__(self, q: Int8Weight, device="cpu", dtype=torch.float32,
                  our_kernels: Optional[bool] = None):
         self.device, self.dtype = torch.device(device), dtype  # dtype: the activations'
@@ -120,6 +123,11 @@ class PackedInt8:
             out = out.to(x.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def with_int8_activations(self) -> PackedW8A8:
+        """The same weight multiplied with activations rounded to int8 (llama/layers/w8a8.py;
+        the CPU's native kernels only)."""
+        return PackedW8A8(self)
+
     def _block_t(self, start: int, end: int) -> torch.Tensor:
         # (in, rows): q itself, unscaled
         return self.weight[start:end, : self.in_features].to(torch.bfloat16).t()
@@ -134,6 +142,8 @@ class PackedInt4:
     bfloat16 a block of rows at a time for oneDNN's GEMM. CUDA (compute capability 8.0+):
     aten._weight_int4pack_mm (tinygemm). All compute (q - 8) * scale + zero per group; the
     layouts differ, so a weight is packed for its device here, at load time."""
+
+    quantize = "int4"  # Llama.build's name of the format
 
     def __init__(self, q: Int4Weight, device="cpu", dtype=torch.float32,
                  our_kernels: Optional[bool] = None):
@@ -176,6 +186,11 @@ class PackedInt4:
             raise QuantizationError("dequantize() of an int4 weight packed for CUDA is not "
                                     "supported; dequantize its saved format (Int4Weight)")
         return self._block_t(0, self.out_features, torch.float32).t().to(dtype)
+
+    def with_int8_activations(self) -> PackedW4A8:
+        """The same weight multiplied with activations rounded to int8 (llama/layers/w8a8.py;
+        the CPU's native kernels only)."""
+        return PackedW4A8(self)
 
     def _block_t(self, start: int, end: int, dtype=torch.bfloat16) -> torch.Tensor:
         """Rows start..end dequantised and transposed, (in, rows) (start a multiple of 64 in
@@ -245,13 +260,6 @@ def _cpu_int4_layout(q: Int4Weight, rows: int) -> torch.Tensor:
             values = F.pad(values, (0, 0, 0, end - start - real))
         out[start:end] = torch._convert_weight_to_int4pack_for_cpu(values, 1)
     return out
-
-
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """x as a contiguous float32 tensor, copied only when it is not one already."""
-    if x.dtype != torch.float32:
-        return x.to(torch.float32, memory_format=torch.contiguous_format)
-    return x if x.is_contiguous() else x.contiguous()
 
 
 def _bfloat16(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from llama.engine.validation import ArgumentValueError
 from llama.kernels import cpu_kernels
-from llama.layers.linear import as_float32
+from llama.layers.float_linear import as_float32
 from llama.quantize.formats import QuantizationError
 
 
@@ -53,6 +53,8 @@ class PackedW8A8:
     so that one vector instruction sums 16 blocks of 32 at once, each value + 128). Made from
     the default route's weight (linear.PackedInt8, CPU): the same int8 values and scales."""
 
+    quantize = "int8"  # Llama.build's name of the weights' format
+
     def __init__(self, int8):
         if int8.device.type != "cpu":
             raise QuantizationError("PackedW8A8: int8 activations run on the CPU only")
@@ -74,6 +76,10 @@ class PackedW8A8:
         q = self.int8_values().to(torch.float32)
         return (q * self.scales.to(torch.float32)[:, None]).to(dtype)
 
+    def with_int8_activations(self) -> "PackedW8A8":
+        """This weight: its activations are rounded to int8 already."""
+        return self
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         out = cpu_kernels.w8a8_mm(as_float32(x.reshape(-1, self.in_features)), self.weight,
                                   self.scales)
@@ -87,6 +93,8 @@ class PackedW4A8:
     layout: the values two to a byte in w8a8's column order, each 512 columns' groups' scales
     and zeros on one line (llama/kernels/cpu_w4a8.cpp). Made from the default route's weight
     (linear.PackedInt4 in our kernels' layout): the same values, scales and zeros."""
+
+    quantize = "int4"  # Llama.build's name of the weights' format
 
     def __init__(self, int4):
         if int4.device.type != "cpu" or not int4.our_kernels:
@@ -111,6 +119,10 @@ class PackedW4A8:
         k = self.in_features
         w = (values[:, :k].float() - 8) * scales[:, :k].float() + zeros[:, :k].float()
         return w.to(dtype)
+
+    def with_int8_activations(self) -> "PackedW4A8":
+        """This weight: its activations are rounded to int8 already."""
+        return self
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         out = cpu_kernels.w4a8_mm(as_float32(x.reshape(-1, self.in_features)), self.weight,
