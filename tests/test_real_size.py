@@ -2,6 +2,7 @@
 measures a format in a process of its own, or says why a format is not run."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,31 @@ def test_decode_ab_takes_turns_between_two_formats(tiny, capsys):
     for r in rows:
         first, second, ratio = float(r[2]), float(r[3]), float(r[4])
         assert first > 0 and second > 0 and abs(ratio - first / second) < 0.05 * ratio + 0.01
+
+
+def test_trees_measures_each_checkout_with_its_own_library(tiny, tmp_path, capsys):
+    """benchmarks/trees.py: each tree's rows come from a process importing that tree's llama
+    (a stand-in tree whose build refuses the format shows its refusal, where this repository's
+    runs), with every figure over the first row's."""
+    from benchmarks import trees
+
+    older = tmp_path / "older"
+    (older / "llama").mkdir(parents=True)
+    (older / "llama" / "__init__.py").write_text(
+        "class Llama:\n"
+        "    @staticmethod\n"
+        "    def build(*args, quantize=None, **kwargs):\n"
+        "        raise TypeError('no int8 in this tree')\n")
+    repo = Path(trees.__file__).resolve().parents[1]
+    assert trees.main(["--ckpt", str(tiny), "--trees", str(repo), str(older), "--formats",
+                       "int8", "--rounds", "1", "--runs", "1", "--prompt-len", "8",
+                       "--gen-len", "4"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| tree")]
+    assert len(rows) == 2
+    ours, theirs = rows
+    assert ours[1].strip() == "int8" and float(ours[2]) > 0
+    assert ours[3].strip().endswith("(1.00x)") and ours[4].strip().endswith("(1.00x)")
+    assert "Llama.build refused: TypeError: no int8 in this tree" in theirs[2]
+    with pytest.raises(SystemExit):  # not a checkout of this repository
+        trees.main(["--ckpt", str(tiny), "--trees", str(tmp_path), "--formats", "int8"])
