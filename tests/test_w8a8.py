@@ -4,11 +4,14 @@ a restatement), its rounding bit for bit, rows alone or in a batch and thread co
 NaN (also with int4 weights: tests/test_w4a8.py), the layout; the model with the route against
 int8 weights alone; and what is refused."""
 
+import os
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.engine.validation import ArgumentValueError
+from llama.engine.validation import ArgumentValueError, LlamaWarning
 from llama.kernels import cpu_kernels
 from llama.layers.linear import PackedInt8
 from llama.layers.w8a8 import PackedW4A8, PackedW8A8
@@ -172,6 +175,24 @@ def test_what_is_refused(build):
         build("gqa", quantize="int8", activations="int16")
     with pytest.raises(ArgumentValueError, match="the weights here are full precision"):
         build("gqa").model.use_int8_activations()
+
+
+def test_build_warns_where_the_route_would_be_slow(build, monkeypatch):
+    """int8 activations run on vpdpbusd where the kernels were built for AVX-512 VNNI on a CPU
+    that has it (read here from /proc/cpuinfo); elsewhere Llama.build warns, before loading,
+    that the route is slower than leaving it out."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    assert cpu_kernels.int8_dot_products() == (cpu_kernels.isa() == "avx512"
+                                               and "avx512_vnni" in flags)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build("gqa", quantize="int8", activations="int8")
+    slow = [w for w in caught if "no AVX-512 VNNI" in str(w.message)]
+    assert len(slow) == (0 if cpu_kernels.int8_dot_products() else 1)
+    monkeypatch.setattr(cpu_kernels, "int8_dot_products", lambda: False)
+    with pytest.warns(LlamaWarning, match=r"activations='int8': the CPU kernels here \(\w+\) "
+                                          r"have no AVX-512 VNNI, .* leave activations out"):
+        build("gqa", quantize="int4", activations="int8")
 
 
 def test_the_script_takes_the_flag(checkpoints, tokenizer_path):

@@ -37,7 +37,7 @@ from llama.engine.validation import (
 )
 from llama.hf import format as hf_format
 from llama.layers import bf16
-from llama.layers.w8a8 import check_activations_route
+from llama.layers.w8a8 import check_activations_route, slow_here
 from llama.model import KVCache, Transformer
 from llama.quantize.formats import DEFAULT_GROUP_SIZE
 
@@ -209,6 +209,9 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         quantize, group_size = saved.mode, saved.group_size
     if options.activations is not None:
         check_activations_route(quantize, device)
+        slow = slow_here()
+        if slow:
+            warnings.warn(slow, LlamaWarning, stacklevel=3)  # at the caller of Llama.build
     rank, world_size = init_process_groups(device, model_parallel_size, announce=verbose)
     checkpoint.check_world_size(args, world_size)
     group_size = group_size or DEFAULT_GROUP_SIZE

@@ -56,6 +56,13 @@ def isa() -> Optional[str]:
     return _state["isa"] if available() else None
 
 
+def int8_dot_products() -> bool:
+    """Whether int8 activations (w8a8_mm, w4a8_mm) run on vpdpbusd here (an AVX-512 VNNI build
+    on a CPU with it). Elsewhere they give the same bits through plain C++ loops, slower than
+    the int16 route of int8_mm / int4_mm; False too where the kernels are unavailable."""
+    return available() and bool(_ops().int8_dot_products())
+
+
 def unavailable_reason() -> Optional[str]:
     available()
     return _state["error"]

@@ -9,6 +9,7 @@
 
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales);
 std::string isa();
+bool int8_dot_products();
 at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                    int64_t K);
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
@@ -43,6 +44,7 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor starts, Tensor ends, "
         "float scale) -> Tensor");
   m.def("isa() -> str", &isa);
+  m.def("int8_dot_products() -> bool", &int8_dot_products);
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {

@@ -146,6 +146,17 @@ static constexpr int W8A8_OUTS = 6, W8A8_ROWS = 4;
 static constexpr int W8A8_OUTS = 2, W8A8_ROWS = 2;
 #endif
 
+// Whether w8a8_mm and w4a8_mm multiply with vpdpbusd here: a build for AVX-512 VNNI on a CPU
+// that runs it. Otherwise (AVX2 builds, AVX-VNNI included; plain C++) they compute the same
+// bits in plain C++ loops, slower than the int16 route of the same weights.
+bool int8_dot_products() {
+#if defined(LK_AVX512) && defined(__AVX512VNNI__)
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 Int8Blocks round_blocks_i8(const at::Tensor& x, int64_t P) {
   const int64_t R = x.size(0), K = x.size(1), nb = P / BLOCK;
   Int8Blocks out{new_tensor({R, P}, at::kChar), new_tensor({R, nb}, at::kFloat),

@@ -11,7 +11,8 @@ decoded still get the same keys and values (chat sessions, the prefix cache).
 
 The integer sums are exact and the float sums over blocks go in a fixed order: the same bits
 on every instruction set, thread count and batch (llama/kernels/cpu_w8a8.cpp). Builds without
-AVX-512 VNNI compute the same function with plain C++ loops, slower than the default route.
+AVX-512 VNNI compute the same function with plain C++ loops, slower than the default route;
+Llama.build warns there before loading (slow_here).
 
 int4 weights (PackedW4A8, llama/kernels/cpu_w4a8.cpp) take the same activations: their values,
 0..15, are the instruction's unsigned operand as they are, and each block of 32 adds
@@ -46,6 +47,16 @@ def check_activations_route(quantize: Optional[str], device) -> None:
         raise ArgumentValueError("activations", f"activations='int8' needs the native CPU "
                                                 f"kernels, which are unavailable here "
                                                 f"({cpu_kernels.unavailable_reason()})")
+
+
+def slow_here() -> Optional[str]:
+    """Why int8 activations would run slower here than the weights' own route (kernels built
+    without AVX-512 VNNI: plain C++ loops, the same bits), or None."""
+    if cpu_kernels.int8_dot_products():
+        return None
+    return (f"activations='int8': the CPU kernels here ({cpu_kernels.isa()}) have no AVX-512 "
+            f"VNNI, so its products run as plain C++ loops, slower than without it (the same "
+            f"results as on a VNNI CPU); leave activations out for speed")
 
 
 class PackedW8A8:
