@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.quant_quality import distributions, leads, routes, routes_line
+from benchmarks.quant_measures import distributions, leads, routes, routes_line
 from llama.args import ModelArgs
 from llama.checkpoints.fixtures import random_weights
 from llama.engine.distributed import init_process_groups

@@ -28,19 +28,17 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
-import llama.layers.linear as lin
+from benchmarks.quant_measures import distributions, leads, routes, routes_line
+from benchmarks.quant_outliers import PLANTS, outlier_part
 from llama import Llama
 from llama.chat_format import dialog_to_tokens
 from llama.cli.demo import DEMO_CKPT_DIR, DEMO_TOKENIZER_PATH, heldout_windows
-from llama.kernels import cpu_kernels
-from llama.layers.w8a8 import PackedW4A8, PackedW8A8
 from llama.quantize.formats import group_sizes_for, is_quantized, quantize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,68 +52,6 @@ DEMO_VARIANTS = [("int8", None, False), ("int8", None, True), ("w8a8", None, Fal
 # modes with int8 activations (opt-in): their weights' mode
 INT8_ACTIVATIONS = {"w8a8": "int8", "w4a8": "int4"}
 
-
-
-# ------------------------------------------------------------------------- routes
-@contextmanager
-def routes():
-    """Counts the packed weights' products by the route they took and the dtype of its
-    activations, from the kernels and helpers llama/layers/linear.py calls (their names as of this
-    writing; a product that reached none of them counts as 'other')."""
-    counts: Dict[str, int] = {}
-
-    def spy(original, name):
-        def wrapped(x, *rest):
-            key = f"{name(*rest) if callable(name) else name}, {str(x.dtype)[6:]} activations"
-            counts[key] = counts.get(key, 0) + 1
-            return original(x, *rest)
-        return wrapped
-
-    def product(original, cls):
-        def wrapped(self, x):
-            before = sum(counts.values())
-            out = original(self, x)
-            if sum(counts.values()) == before:
-                spy(lambda x: None, f"{cls.__name__}: other")(x)
-            return out
-        return wrapped
-
-    spies = [(cpu_kernels, "int8_mm", "our int8 kernel (rows rounded to int16)"),
-             (cpu_kernels, "w8a8_mm", "our int8-activation kernel (blocks of 32 rounded to "
-              "int8)"),
-             (cpu_kernels, "int4_mm", "our int4 kernel"),
-             (cpu_kernels, "w4a8_mm", "our int4 int8-activation kernel (blocks of 32 rounded "
-              "to int8)"),
-             (torch, "_weight_int8pack_mm", "int8 kernel _weight_int8pack_mm"),
-             (torch, "_weight_int4pack_mm_for_cpu", "int4 kernel _weight_int4pack_mm_for_cpu"),
-             (lin, "_by_row_blocks", lambda block_t, n: "dequantised bf16 GEMM ("
-              + type(block_t.__self__).__name__ + ")")]
-    spies = [(owner, attr, spy(getattr(owner, attr), name)) for owner, attr, name in spies
-             if hasattr(owner, attr)] + [(cls, "product", product(cls.product, cls))
-                                         for cls in (lin.PackedInt8, lin.PackedInt4,
-                                                     PackedW8A8, PackedW4A8)]
-    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
-    for owner, attr, wrapped in spies:
-        setattr(owner, attr, wrapped)
-    try:
-        yield counts
-    finally:
-        for owner, attr, original in originals:
-            setattr(owner, attr, original)
-
-
-def routes_line(counts: Dict[str, int]) -> str:
-    return "; ".join(f"{name}: {n}" for name, n in sorted(counts.items())) or "none"
-
-
-# ------------------------------------------------------------------------- metrics
-def distributions(ref: torch.Tensor, got: torch.Tensor) -> dict:
-    """Mean KL(ref || got) of the next-token distributions, top-1 agreement, and the logits'
-    relative difference; ref, got: logits (rows, positions, vocab)."""
-    lp_ref, lp = ref.log_softmax(-1), got.log_softmax(-1)
-    return dict(kl=float((lp_ref.exp() * (lp_ref - lp)).sum(-1).mean()),
-                top1=float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-                rel=float((got - ref).norm() / ref.norm()))
 
 
 def perplexities(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -181,12 +117,6 @@ def window_logits(llama: Llama, windows: torch.Tensor, chunk: int = 8) -> torch.
 def greedy(llama: Llama, prompt_tokens: List[List[int]], n: int) -> List[List[int]]:
     tokens, _ = llama.generate(prompt_tokens, max_gen_len=n, temperature=0.0)
     return tokens
-
-
-def leads(logits: torch.Tensor) -> torch.Tensor:
-    """How far each position's first choice leads its second, in logits."""
-    top = logits.topk(2, -1).values
-    return top[..., 0] - top[..., 1]
 
 
 def next_lead(llama: Llama, tokens: List[int]) -> float:
@@ -261,8 +191,6 @@ def demo_part(quick: bool) -> None:
 
 
 def main() -> None:
-    from benchmarks.quant_outliers import PLANTS, outlier_part  # (it imports this module)
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 windows, "
                         "16 greedy tokens; S with 2 layers, 2 x 32 tokens, no g128")
