@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 from sentencepiece import SentencePieceProcessor
 
-from llama.engine.validation import ArgumentFileNotFoundError, ArgumentValueError
+from llama.errors import ArgumentFileNotFoundError, ArgumentValueError
 
 
 class Tokenizer:

@@ -8,7 +8,7 @@ import os
 import re
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
-from llama.engine.validation import ArgumentFileNotFoundError, ArgumentValueError
+from llama.errors import ArgumentFileNotFoundError, ArgumentValueError
 
 # Llama 3, 3.1, 3.2 and 3.3 share this vocabulary.
 BASE_TOKENS = 128_000

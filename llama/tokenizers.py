@@ -6,7 +6,7 @@ tokenizer it returns."""
 import os
 from typing import List, Union
 
-from llama.engine.validation import ArgumentFileNotFoundError
+from llama.errors import ArgumentFileNotFoundError
 from llama.tokenizer import Tokenizer
 from llama.tokenizer3 import Llama3Tokenizer, looks_like_bpe_file
 

@@ -20,7 +20,7 @@ import torch
 
 from llama.args import ModelArgs, ffn_hidden_dim
 from llama.checkpoints import memory
-from llama.engine.validation import ArgumentValueError
+from llama.errors import ArgumentValueError
 from llama.layers.cache import KVCache
 from llama.quantize.formats import DEFAULT_GROUP_SIZE
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from llama.constrained.constraint import Constraint, ConstraintError
 from llama.constrained.grammar import GrammarError, GrammarSpec, vocabulary
-from llama.engine.validation import ArgumentTypeError, ArgumentValueError
+from llama.errors import ArgumentTypeError, ArgumentValueError
 
 FORMATS = ("text", "json_object", "json_schema")
 

@@ -15,35 +15,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from llama.errors import (  # noqa: F401 (LlamaWarning: importable from here, as before)
+    ArgumentError,
+    ArgumentFileNotFoundError,
+    ArgumentTypeError,
+    ArgumentValueError,
+    LlamaWarning,
+)
+
 # Llama 2 was trained on contexts of this many tokens (Llama 2 paper, section 2.2); Llama 3
 # on 8192, and Llama 3.1+ (scaled rotary positions) extended to 131072 (Meta's model cards).
 LLAMA2_CONTEXT = 4096
 LLAMA3_CONTEXT, LLAMA31_CONTEXT = 8192, 131072
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ArgumentError(Exception):
-    """A caller's argument is wrong. `param` names it; the message starts with that name."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-class ArgumentValueError(ArgumentError, ValueError):
-    """The argument has the right type but a value that cannot be used."""
-
-
-class ArgumentTypeError(ArgumentError, TypeError):
-    """The argument has the wrong type (e.g. a str where a number is expected)."""
-
-
-class ArgumentFileNotFoundError(ArgumentError, FileNotFoundError):
-    """The argument names a file that does not exist."""
-
-
-class LlamaWarning(UserWarning):
-    """Something that works but is probably not what the caller wants."""
 
 
 def _got(value: Any) -> str:

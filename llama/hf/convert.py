@@ -35,7 +35,7 @@ from llama.checkpoints import meta as checkpoint
 from llama.checkpoints.meta import CheckpointError
 from llama.checkpoints.saving import params_json
 from llama.cli.flags import ArgumentParser
-from llama.engine.validation import ArgumentError
+from llama.errors import ArgumentError
 from llama.hf import config as hf_config
 from llama.hf import llama3_tokenizer
 from llama.hf.format import (

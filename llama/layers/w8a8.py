@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from llama.engine.validation import ArgumentValueError
+from llama.errors import ArgumentValueError
 from llama.kernels import cpu_kernels
 from llama.layers.float_linear import as_float32
 from llama.quantize.formats import QuantizationError

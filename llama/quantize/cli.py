@@ -32,7 +32,7 @@ from llama.checkpoints import meta as checkpoint
 from llama.checkpoints.meta import CheckpointError
 from llama.checkpoints.saving import params_json
 from llama.cli.flags import ArgumentParser
-from llama.engine.validation import ArgumentError
+from llama.errors import ArgumentError
 from llama.hf.convert import check_destination, check_tokenizer, find_tokenizer, rope_freqs
 from llama.hf.format import HFCheckpoint, is_hf_checkpoint
 from llama.quantize.formats import (

@@ -8,7 +8,7 @@ from llama.constrained.call_stream import new_call_id
 from llama.constrained.calling import CallScanner, ToolError, grammar, parse_tools, shape
 from llama.constrained.spec import make_constraint, response_format_spec
 from llama.engine.penalties import logit_adjust
-from llama.engine.validation import ArgumentError
+from llama.errors import ArgumentError
 from llama.server.errors import ApiError
 
 MAX_N = 16  # choices per request (each takes a slot like a request of its own)
