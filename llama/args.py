@@ -4,7 +4,7 @@ validated once."""
 from dataclasses import dataclass
 from typing import Optional
 
-from llama.layers.rope_scaling import RopeScaling, RopeScalingError, check_context, meta_llama3
+from llama.rope_scaling import RopeScaling, RopeScalingError, check_context, meta_llama3
 
 
 @dataclass
@@ -22,7 +22,7 @@ class ModelArgs:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1+: Meta's "llama3" frequency scaling
-    # Ours: the scaling itself (llama/layers/rope_scaling.py): what use_scaled_rope means for this
+    # Ours: the scaling itself (llama/rope_scaling.py): what use_scaled_rope means for this
     # shape, or a Hub config's `rope_scaling` (a dict, as in JSON, is read into one).
     rope_scaling: Optional[RopeScaling] = None
 

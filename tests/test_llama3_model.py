@@ -16,9 +16,9 @@ from llama.checkpoints import meta as checkpoint
 from llama.checkpoints.meta import CheckpointError
 from llama.checkpoints.reshard import reshard
 from llama.layers.linear import PackedInt8
-from llama.layers.rope_scaling import RopeScaling, RopeScalingError
 from llama.layers.rotary import precompute_freqs_cis
 from llama.quantize.formats import is_quantized, quantize
+from llama.rope_scaling import RopeScaling, RopeScalingError
 from tests.conftest import model_args, run_workers
 
 # Meta's params.json of Llama 3.1 8B and 3.2 1B (llama-models' sku_list), as downloaded.
@@ -46,7 +46,7 @@ def test_use_scaled_rope_means_metas_constants_and_32_for_llama32_shapes():
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
     eight = ModelArgs(**LLAMA31_8B).rope_scaling
     assert eight == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
-    from llama.layers.rope_scaling import scale_frequencies
+    from llama.rope_scaling import scale_frequencies
 
     assert torch.equal(scale_frequencies(freqs, eight), meta_model.apply_scaling(freqs))
     args = ModelArgs(**LLAMA32_1B)

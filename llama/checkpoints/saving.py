@@ -12,7 +12,7 @@ import torch
 
 from llama.args import ModelArgs
 from llama.checkpoints.meta import IGNORED_KEYS, split_dim
-from llama.layers.rope_scaling import meta_llama3
+from llama.rope_scaling import meta_llama3
 
 
 def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 from llama.args import ModelArgs
 from llama.checkpoints.meta import CheckpointError
-from llama.layers.rope_scaling import RopeScaling, RopeScalingError
+from llama.rope_scaling import RopeScaling, RopeScalingError
 
 # What transformers' LlamaConfig assumes when a field is absent.
 DEFAULT_RMS_NORM_EPS = 1e-6

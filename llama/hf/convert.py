@@ -46,7 +46,7 @@ from llama.hf.format import (
     rotary_heads,
     rotary_rows_to_hf,
 )
-from llama.layers.rope_scaling import scale_frequencies
+from llama.rope_scaling import scale_frequencies
 
 MAX_SHARD_BYTES = 5 * 10 ** 9  # transformers' "5GB"
 _SAFETENSORS_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

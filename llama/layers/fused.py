@@ -11,8 +11,8 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from llama.layers import bf16
 from llama.layers.linear import linear, pack
-from llama.layers.views import consecutive_rows
 from llama.quantize.formats import QuantizationError
+from llama.views import consecutive_rows
 
 # Layers whose weights are used as one matrix: their products share the same input.
 FUSED_WEIGHTS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}

@@ -6,14 +6,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from llama.layers.rope_scaling import META_SCALING, RopeScaling, scale_frequencies
+from llama.rope_scaling import META_SCALING, RopeScaling, scale_frequencies
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False,
                          scaling: Optional[RopeScaling] = None) -> torch.Tensor:
     """Meta's table of rotations, (end, dim // 2) complex64; `use_scaled` (Meta's Llama 3.1
     argument) applies Meta's llama3 scaling with its constants, `scaling` any other (see
-    llama/layers/rope_scaling.py)."""
+    llama/rope_scaling.py)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
     if scaling is None and use_scaled:
         scaling = META_SCALING

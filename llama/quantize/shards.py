@@ -7,7 +7,6 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from llama.layers.views import consecutive_rows
 from llama.quantize.formats import (
     Int4Weight,
     Int8Weight,
@@ -17,6 +16,7 @@ from llama.quantize.formats import (
     _outputs,
     group_sizes_for,
 )
+from llama.views import consecutive_rows
 
 
 def narrow(q: QuantizedWeight, dim: int, start: int, length: int,
