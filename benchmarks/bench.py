@@ -103,7 +103,7 @@ def rss_bytes() -> int:
 def load_only(ckpt: Path, device, dtype, quantize=None) -> dict:
     """Run in a fresh process: load time (wall and this process's CPU) and peak RSS against
     the weights' bytes (and the float32 weights' bytes)."""
-    from llama.checkpoints.loading import LoadOptions, load_model
+    from llama.loading import LoadOptions, load_model
 
     baseline = rss_bytes()
     cpu = time.process_time()

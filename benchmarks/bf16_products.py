@@ -95,7 +95,7 @@ def model_runs(shape, batches, prompt_len, steps, runs, root):
     one at a time, taking turns run by run: the median of `steps` one-token steps (robust to a
     busy machine's spikes), each through Transformer.forward with a KVCache as generation
     calls it."""
-    from llama.checkpoints.loading import LoadOptions, load_model
+    from llama.loading import LoadOptions, load_model
 
     ckpt = bench.checkpoint_dir(shape, root, torch.device("cpu"))
     kinds = {"bf16 weights (default)": None, "float32 weights": torch.float32}

@@ -21,8 +21,8 @@ class Ours:
 
     def __init__(self, ckpt, device, dtype, max_seq_len, max_batch_size, compile_decode,
                  quantize=None, group_size=None):
-        from llama.checkpoints.loading import LoadOptions, load_model
         from llama.generation import Llama
+        from llama.loading import LoadOptions, load_model
 
         model = load_model(str(ckpt), VOCAB, max_seq_len, max_batch_size, LoadOptions(
             device=device, dtype=dtype, verbose=False, quantize=quantize,

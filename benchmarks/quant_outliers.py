@@ -93,7 +93,7 @@ def plant_outliers(state: Dict[str, torch.Tensor], dims: torch.Tensor, scales: t
 
 def quantized_state(state, mode: str, group: Optional[int]) -> dict:
     """The state dict with the library's saved formats for the quantized tensors: what
-    Llama.build(quantize=...) builds on one process (llama/checkpoints/loading.py's quantizer)."""
+    Llama.build(quantize=...) builds on one process (llama/loading.py's quantizer)."""
     return {k: quantize(v, mode, group or 32, name=k) if is_quantized(k) else v
             for k, v in state.items()}
 

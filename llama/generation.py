@@ -23,12 +23,6 @@ from llama.chat_format import (
     Role,
 )
 from llama.chat_formats import dialog_tokens, has_special_tags
-from llama.checkpoints.loading import (
-    LoadOptions,
-    check_build_arguments,
-    check_options,
-    load_model,
-)
 from llama.constrained.calling import library_answer, library_prompts, uses_tools
 from llama.constrained.spec import (
     check_no_stop,
@@ -49,6 +43,12 @@ from llama.engine.validation import (
     check_dialog,
     check_generation_arguments,
     check_text,
+)
+from llama.loading import (
+    LoadOptions,
+    check_build_arguments,
+    check_options,
+    load_model,
 )
 from llama.model import KVCache, Transformer
 from llama.session import ChatSession

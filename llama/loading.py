@@ -1,6 +1,6 @@
 """Loading a checkpoint directory onto this process's model-parallel rank: the one path from
-files on disk to a `Transformer`, for Meta's layout and Hugging Face's (format rules live in
-checkpoint.py and hf_format.py)."""
+files on disk to a `Transformer`, for Meta's layout and Hugging Face's (their rules live in
+llama/checkpoints/meta.py and llama/hf/format.py)."""
 
 import os
 import sys
