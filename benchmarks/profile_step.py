@@ -66,7 +66,8 @@ def product_rates(model: Transformer, batches):
         print(line)
 
 
-def make_step(model: Transformer, bsz: int, position: int, compiled: bool):
+def make_step(model: Transformer, bsz: int, position: int, compiled: bool,
+              backend: str = "inductor"):
     """One decode step at batch bsz after `position` cache slots, as generation runs it."""
     llama = Llama(model, NoEosTokenizer())
     cache = llama._cache_for(bsz, position + 8)
@@ -76,7 +77,7 @@ def make_step(model: Transformer, bsz: int, position: int, compiled: bool):
         where = torch.tensor([position], device=device)
     if not compiled:
         return lambda: model.forward(tokens, position, cache, last_logits_only=True)
-    llama.compile_decode()
+    llama.compile_decode(**({} if backend == "inductor" else {"backend": backend}))
     cache.mark_static()
     return lambda: llama._compiled_step(tokens, where, cache, None)
 
@@ -102,6 +103,10 @@ def main():
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers: faster compiles")
+    parser.add_argument("--backend", default="inductor",
+                        help="torch.compile's backend for the compiled step: aot_eager or eager "
+                             "trace the same graph without inductor's code generation (to tell "
+                             "tracing from generated code, or a quick dry run)")
     parser.add_argument("--sdpa", nargs="+", default=["default"],
                         help="attention kernel sets to time the steps with, e.g. default "
                              "flash_attention,efficient_attention (torch's SDPBackend names)")
@@ -127,7 +132,7 @@ def main():
             for compiled in (False, True):
                 for bsz in args.batch:
                     start = time.perf_counter()
-                    step = make_step(model, bsz, args.position, compiled)
+                    step = make_step(model, bsz, args.position, compiled, args.backend)
                     step()
                     first = time.perf_counter() - start
                     print(f"{'compiled' if compiled else 'eager'} step at batch {bsz}, "
