@@ -126,6 +126,13 @@ def candidates(with_lib: bool, only=None):
                                            lambda q, x, xb: linear(x, q), every)
         table["lib int4 g32 deq"] = (lambda w: pack(quantize_int4(w, 32), "cpu"),
                                      dequantised_route, deq)
+        if cpu_kernels.available():  # int8 activations (opt-in): the same weights' new form
+            table["lib w8a8"] = (
+                lambda w: pack(quantize_int8(w), "cpu").with_int8_activations(),
+                lambda q, x, xb: linear(x, q), every)
+            table["lib w4a8 g32"] = (
+                lambda w: pack(quantize_int4(w, 32), "cpu").with_int8_activations(),
+                lambda q, x, xb: linear(x, q), every)
         table["lib int4 g32 kern"] = (
             lambda w: products.PackedInt4(quantize_int4(w, 32), our_kernels=False),
             kernel_route, mid)

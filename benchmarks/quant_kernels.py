@@ -34,6 +34,8 @@ bf16):
   lib int8 deq / lib int4 g32 deq   the library's dequantised bfloat16 product, at any row
                                  count >= 8 (to place the threshold); lib int4 g32 kern:
                                  torch's int4 kernel on torch's layout at >= 32 rows
+  lib w8a8 / lib w4a8 g32        the same weights with int8 activations (activations="int8":
+                                 blocks of 32 rounded to int8, llama/layers/w8a8.py)
 """
 
 import argparse
