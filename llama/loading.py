@@ -248,7 +248,7 @@ def load_model(ckpt_dir: str, vocab_size: int, max_seq_len: int, max_batch_size:
         del shards
     weight_bytes = sum(_nbytes(t) for t in state.values())
     _report_memory(args, weight_bytes, device, kv_cache_dtype or dtype, world_size, say,
-                   quantize, dtype)
+                   quantize, state["tok_embeddings.weight"].dtype, state["norm.weight"].dtype)
 
     def after_copy(tensor):
         # the original of a weight that fusing or packing copied: its file pages are not
@@ -358,13 +358,15 @@ def _meta_rank_state(shards, n_shards: int, args, rank: int, world_size: int, dt
 
 
 def _report_memory(args, weight_bytes: int, device: torch.device, cache_dtype, world_size: int,
-                   say, quantize: Optional[str] = None, dtype=None):
+                   say, quantize: Optional[str], embedding: torch.dtype, norms: torch.dtype):
+    """The weights' bytes as loaded (`embedding`, `norms`: the dtypes they are held in) and the
+    KV cache's most."""
     cache_bytes = (KVCache.bytes_per_token(args, cache_dtype, world_size) * args.max_batch_size
                    * args.max_seq_len)
     gib = 1024 ** 3
-    kinds = "" if quantize is None else (
-        f" ({quantize} projections and output, {_name(dtype)} embedding "
-        f"and norms)")
+    kept = (f"{_name(embedding)} embedding and norms" if embedding == norms else
+            f"{_name(embedding)} embedding, {_name(norms)} norms")
+    kinds = "" if quantize is None else f" ({quantize} projections and output, {kept})"
     say(f"Memory on this rank: weights {weight_bytes / gib:.2f} GiB{kinds}; KV cache at most "
         f"{cache_bytes / gib:.2f} GiB {_name(cache_dtype)} "
         f"(max_batch_size {args.max_batch_size} x max_seq_len "

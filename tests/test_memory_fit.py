@@ -189,3 +189,21 @@ def test_scripts_end_in_one_line(checkpoints, tokenizer_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "is available (LLAMA_MEMORY_LIMIT)" in last and "nothing was loaded" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("dtype, embedding, norms, kept", [
+    (None, torch.bfloat16, torch.float32, "bfloat16 embedding, float32 norms"),
+    (torch.float32, torch.float32, torch.float32, "float32 embedding and norms")])
+def test_the_load_report_names_the_dtypes_the_model_holds(checkpoints, tokenizer_path, capsys,
+                                                        dtype, embedding, norms, kept):
+    """The memory line printed while loading a quantized model names the dtypes its embedding
+    and norms are held in (a bfloat16 checkpoint keeps a bfloat16 embedding by default), as
+    the loaded model has them."""
+    from llama import Llama
+
+    model = Llama.build(checkpoints("gqa", 1), tokenizer_path, max_seq_len=32,
+                        max_batch_size=1, device="cpu", quantize="int8", dtype=dtype).model
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("Memory on this rank"))
+    assert f"(int8 projections and output, {kept});" in line
+    assert (model.tok_embeddings.weight.dtype, model.norm.weight.dtype) == (embedding, norms)
