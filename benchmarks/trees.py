@@ -9,17 +9,18 @@ Every tree and format runs in a process of its own, whose `llama` package is tha
 `Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device="cpu",
 verbose=False, **the format's arguments)` and `generate`. So any commit whose build takes the
 format's arguments can be measured; one that refuses them (an argument it did not have yet)
-is reported as such. Per process: the load time, the prefill of one --prompt-len prompt of
-random tokens (`generate(..., max_gen_len=1)`, median of --runs), and the one-row decode
-(`generate` of --gen-len tokens less the same prompt's first-token call, median of --runs).
-Rounds go through every tree and format in turn, so a change in the machine's load shows as a
-spread between rounds; each round's table gives every row's prefill and decode over the first
-row's (the --base tree and format).
+is reported as such. Per process: the load time, its peak resident memory, the prefill of one
+--prompt-len prompt of random tokens (`generate(..., max_gen_len=1)`, median of --runs), and
+the one-row decode (`generate` of --gen-len tokens less the same prompt's first-token call,
+median of --runs). Rounds go through every tree and format in turn, so a change in the
+machine's load shows as a spread between rounds; each round's table gives every row's prefill
+and decode over the first row's (the first tree's first format).
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def child(spec: dict) -> dict:
             decode.append((made - 1) / (whole - first))
     out["prefill_tok_s"] = spec["prompt_len"] / statistics.median(prefill)
     out["decode_tok_s"] = statistics.median(decode) if decode else None
+    # the process's peak resident memory (Linux and macOS give ru_maxrss in KiB and bytes)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["peak_rss_gib"] = peak / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
     return out
 
 
@@ -111,13 +115,13 @@ def figure(value, base) -> str:
 def round_table(rows) -> str:
     """rows: (tree label, format, figures); ratios against the first row's."""
     first = rows[0][2]
-    lines = ["| tree | format | load (s) | prefill tok/s (over the first row) "
-             "| decode b1 tok/s (over the first row) |", "|---|---|---|---|---|"]
+    lines = ["| tree | format | load (s) | peak RSS (GiB) | prefill tok/s (over the first row) "
+             "| decode b1 tok/s (over the first row) |", "|---|---|---|---|---|---|"]
     for tree, fmt, r in rows:
         if "error" in r:
-            lines.append(f"| {tree} | {fmt} | {r['error']} | | |")
+            lines.append(f"| {tree} | {fmt} | {r['error']} | | | |")
             continue
-        lines.append(f"| {tree} | {fmt} | {r['load_s']:.1f} | "
+        lines.append(f"| {tree} | {fmt} | {r['load_s']:.1f} | {r['peak_rss_gib']:.2f} | "
                      f"{figure(r['prefill_tok_s'], first.get('prefill_tok_s'))} | "
                      f"{figure(r['decode_tok_s'], first.get('decode_tok_s'))} |")
     return "\n".join(lines)
