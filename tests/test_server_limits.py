@@ -195,6 +195,29 @@ def test_a_negative_queue_is_refused_before_loading(capsys):
     assert status == 2 and "--max_queue must be at least 0" in stderr
 
 
+def test_library_warnings_are_one_line_in_flag_terms(capsys, monkeypatch):
+    """A LlamaWarning while the server loads (here a context past Llama 2's, as Llama.build
+    warns it) is one `warning: ...` line naming the flag, as the scripts print it, not
+    Python's warning with a file path and a source line."""
+    import warnings
+
+    from llama.engine.validation import LlamaWarning, context_warning
+    from llama.server import app
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+
+    def serve(args, parser):
+        warnings.warn(context_warning(args.max_seq_len, 10000.0), LlamaWarning)
+        return 0
+
+    monkeypatch.setattr(app, "_serve", serve)
+    assert app.main(["--max_seq_len", "5000"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("warning: --max_seq_len=5000 is above the 4096 tokens Llama 2 was trained "
+                   "on: text past 4096 tokens will degrade, and the KV cache grows with every "
+                   "token kept\n")
+
+
 # The scheduler's loop fails (a bug) when it admits a request of 13 tokens at most.
 _FAILING_SCHEDULER = """
 import sys

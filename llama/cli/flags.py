@@ -112,7 +112,7 @@ def run(main: Callable, demo_defaults: Optional[Dict[str, Any]] = None,
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.path.basename(sys.argv[0]) or "script"
     names = list(inspect.signature(main).parameters)
-    warnings.showwarning = _warning_printer(warnings.showwarning, names)
+    show_warnings_as_lines(names)
     try:
         if "-h" in argv or "--help" in argv:
             if is_rank0():
@@ -336,12 +336,18 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _warning_printer(original, names):
+def show_warnings_as_lines(names: Sequence[str]) -> None:
+    """From here on, a LlamaWarning prints as one `warning: ...` line on rank 0, with the
+    command's flag `names` for the library's parameter names (in_flag_terms); other warnings
+    as before."""
+    original = warnings.showwarning
+
     def show(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, LlamaWarning):
             return original(message, category, filename, lineno, file, line)
         _say(f"warning: {in_flag_terms(str(message), names)}")
-    return show
+
+    warnings.showwarning = show
 
 
 def _leave(status: int) -> None:

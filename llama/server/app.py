@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
-from llama.cli.flags import EXPECTED_ERRORS, ArgumentParser, in_flag_terms
+from llama.cli.flags import EXPECTED_ERRORS, ArgumentParser, in_flag_terms, show_warnings_as_lines
 from llama.engine.validation import ArgumentValueError
 from llama.server.http_guard import decode_json, default_allowed_hosts, guard, limited_protocol
 from llama.server.metrics import CLIENT_GONE, Metrics
@@ -322,10 +322,11 @@ def main(argv=None) -> int:
         print("error: the server needs FastAPI and uvicorn: pip install -e \".[server]\"",
               file=sys.stderr)
         return 1
+    names = [action.dest for action in parser._actions]
+    show_warnings_as_lines(names)  # as the scripts show them: one line, in flag terms
     try:
         return _serve(args, parser)
     except EXPECTED_ERRORS as error:  # a person's mistake: one line, no traceback
-        names = [action.dest for action in parser._actions]
         print(f"error: {in_flag_terms(str(error), names, getattr(error, 'param', None))}",
               file=sys.stderr, flush=True)
         return 1
