@@ -20,6 +20,18 @@ struct Int8Blocks {
 };
 Int8Blocks round_blocks_i8(const at::Tensor& x, int64_t P);
 
+// The operators' own checks of what round_blocks_i8 takes (`op` names the operator): x a
+// contiguous (rows, K) float32 tensor, and a packed width of P columns, K rounded up to GROUP
+// (`note` ends the message: how the packed tensor's width relates to P).
+static inline void check_block_rows(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+              x.size(1) == K, op, ": x must be a contiguous (rows, K) float32 tensor");
+}
+static inline void check_block_width(int64_t P, int64_t K, const char* op, const char* note) {
+  TORCH_CHECK(P % GROUP == 0 && P >= K && P - K < GROUP, op,
+              ": the packed width must be K rounded up to a multiple of 512", note);
+}
+
 // The 16 lanes' partial sums, added in one fixed order on every instruction set.
 static inline float lanes_total(const float* lane) {
   float half[8];

@@ -121,13 +121,11 @@ static constexpr int W4A8_OUTS = 2, W4A8_ROWS = 2;
 
 at::Tensor w4a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
                    int64_t K, int64_t G) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-              x.size(1) == K, "w4a8_mm: x must be a contiguous (rows, K) float32 tensor");
+  check_block_rows(x, K, "w4a8_mm");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "w4a8_mm: packed must be a contiguous (N, P / 2) uint8 tensor");
   const int64_t R = x.size(0), N = packed.size(0), P = packed.size(1) * 2;
-  TORCH_CHECK(P % GROUP == 0 && P >= K && P - K < GROUP,
-              "w4a8_mm: the packed width must be K rounded up to a multiple of 512, halved");
+  check_block_width(P, K, "w4a8_mm", ", halved");
   const int64_t nb = P / BLOCK;
   TORCH_CHECK((G == 32 || G == 64 || G == 128) && sz.scalar_type() == at::kBFloat16 &&
               sz.is_contiguous() && sz.numel() == N * 2 * (P / G),

@@ -174,13 +174,11 @@ Int8Blocks round_blocks_i8(const at::Tensor& x, int64_t P) {
 
 at::Tensor w8a8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                    int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-              x.size(1) == K, "w8a8_mm: x must be a contiguous (rows, K) float32 tensor");
+  check_block_rows(x, K, "w8a8_mm");
   TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "w8a8_mm: packed must be a contiguous (N, P) uint8 tensor");
   const int64_t R = x.size(0), N = packed.size(0), P = packed.size(1);
-  TORCH_CHECK(P % GROUP == 0 && P >= K && P - K < GROUP,
-              "w8a8_mm: the packed width must be K rounded up to a multiple of 512");
+  check_block_width(P, K, "w8a8_mm", "");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == N &&
               scales.is_contiguous(), "w8a8_mm: scales must be (N,) bfloat16");
   const int64_t nb = P / BLOCK;
